@@ -1,0 +1,17 @@
+"""sgdrop-zoo: Saliency-Guided Dropout (arXiv 2409.17370) models for timm.
+
+``import sgdrop_zoo`` registers the ``sgdrop_*`` models with timm's registry, so
+``timm.create_model("sgdrop_resnet50", num_classes=10)`` works.
+"""
+from .models import *
+from .sgdrop import (
+    AttributionSource,
+    LinearRhoSchedule,
+    SaliencyGuidedDropout,
+    add_sgdrop,
+    is_sgdrop_model,
+    latent_attribution,
+    saliency_mask,
+)
+
+__version__ = '0.1.0'

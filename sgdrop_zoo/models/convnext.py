@@ -1,0 +1,58 @@
+"""ConvNeXt with Saliency-Guided Dropout
+
+ConvNeXt: `A ConvNet for the 2020s` - https://arxiv.org/abs/2201.03545
+SGDrop: `Saliency-Guided Dropout: Improving Generalization by Dropping Salient Features`
+    - https://arxiv.org/abs/2409.17370
+
+The architecture is timm's ``ConvNeXt`` unchanged, so weights load both ways with ``convnext_tiny`` and its tags.
+The latent features are the last stage's output, before the head's pooling and LayerNorm, so they can be negative:
+those have a non-positive attribution and are never dropped.
+"""
+from typing import Any, Dict
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.convnext import ConvNeXt, checkpoint_filter_fn
+
+from ..sgdrop import SaliencyGuidedDropout
+
+__all__ = ['SGDropConvNeXt']
+
+
+class SGDropConvNeXt(SaliencyGuidedDropout, ConvNeXt):
+    """timm ``ConvNeXt`` trained with Saliency-Guided Dropout on the last stage's feature map."""
+
+
+def _create_sgdrop_convnext(variant: str, pretrained: bool = False, **kwargs: Any) -> SGDropConvNeXt:
+    return build_model_with_cfg(
+        SGDropConvNeXt,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
+    return {
+        'url': url,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.0', 'classifier': 'head.fc',
+        'license': 'apache-2.0', 'paper_ids': 'arXiv:2409.17370',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'sgdrop_convnext_tiny': _cfg(),
+})
+
+
+@register_model
+def sgdrop_convnext_tiny(pretrained: bool = False, **kwargs: Any) -> SGDropConvNeXt:
+    """ConvNeXt-Tiny trained with SGDrop."""
+    model_args = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768))
+    return _create_sgdrop_convnext('sgdrop_convnext_tiny', pretrained, **dict(model_args, **kwargs))

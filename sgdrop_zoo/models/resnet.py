@@ -1,0 +1,49 @@
+"""ResNet with Saliency-Guided Dropout
+
+ResNet: `Deep Residual Learning for Image Recognition` - https://arxiv.org/abs/1512.03385
+SGDrop: `Saliency-Guided Dropout: Improving Generalization by Dropping Salient Features`
+    - https://arxiv.org/abs/2409.17370
+
+The architecture is timm's ``ResNet`` unchanged, so weights load both ways with ``resnet50`` and its tags.
+"""
+from typing import Any, Dict
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.resnet import Bottleneck, ResNet
+
+from ..sgdrop import SaliencyGuidedDropout
+
+__all__ = ['SGDropResNet']
+
+
+class SGDropResNet(SaliencyGuidedDropout, ResNet):
+    """timm ``ResNet`` trained with Saliency-Guided Dropout on the last stage's feature map."""
+
+
+def _create_sgdrop_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> SGDropResNet:
+    return build_model_with_cfg(SGDropResNet, variant, pretrained, **kwargs)
+
+
+def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
+    return {
+        'url': url,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bilinear',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'conv1', 'classifier': 'fc',
+        'license': 'apache-2.0', 'paper_ids': 'arXiv:2409.17370',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'sgdrop_resnet50': _cfg(),
+})
+
+
+@register_model
+def sgdrop_resnet50(pretrained: bool = False, **kwargs: Any) -> SGDropResNet:
+    """ResNet-50 trained with SGDrop."""
+    model_args = dict(block=Bottleneck, layers=(3, 4, 6, 3))
+    return _create_sgdrop_resnet('sgdrop_resnet50', pretrained, **dict(model_args, **kwargs))

@@ -1,0 +1,408 @@
+"""Saliency-Guided Dropout (SGDrop)
+
+Paper: `Saliency-Guided Dropout: Improving Generalization by Dropping Salient Features`
+    - https://arxiv.org/abs/2409.17370
+
+A classifier is split into an encoder ``forward_features`` (latent features z) and a head ``forward_head``.
+During training, for an input x with true label y:
+
+    A = ReLU(d logit_y / d z) * z            (attribution, computed by the EMA network or the online one)
+    mask = 0 where A is in the sample's top-rho share, 1 elsewhere
+    loss = cross_entropy(head(z * mask), y)
+
+At inference nothing changes: an SGDrop model is its base architecture.
+
+Mask rule, exact (``saliency_mask``): with N latent features per sample, k = floor(rho * N) (rho * N is rounded to
+6 decimals first so that e.g. 0.29 * 100 gives 29, not 28). t is the k-th largest attribution of the sample. A
+feature is dropped when its attribution is >= t and > 0. So ties at t are all dropped (the count can exceed k only
+through exact ties), a feature with zero or negative attribution is never dropped, and k = 0 drops nothing.
+
+EMA (``ema`` attribution): a copy of the whole network taken at the first SGDrop forward, updated by
+``update_ema()`` after each optimizer step with timm's ``ModelEmaV3``. The n-th update uses
+``decay_n = min(decay, (n - 1) / (n + 9))``: the first update copies the weights and the average warms up over the
+first few hundred steps. Without that warmup a slow EMA barely moves early on, the mask becomes a near-fixed function
+of (x, y), and the online network learns to read the label from the position of the zeros.
+"""
+import contextlib
+import enum
+import functools
+import math
+from typing import Any, Callable, Dict, Iterator, Optional, Type, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.utils import ModelEmaV3, unwrap_model
+
+__all__ = [
+    'AttributionSource', 'LinearRhoSchedule', 'SaliencyGuidedDropout', 'add_sgdrop', 'is_sgdrop_model',
+    'latent_attribution', 'saliency_mask',
+]
+
+DEFAULT_RHO = 0.01
+DEFAULT_EMA_DECAY = 0.999
+# ModelEmaV3 warmup 1 - (1 + t / gamma) ** -power with gamma 10, power 1 gives decay (n - 1) / (n + 9) at update n.
+EMA_WARMUP_GAMMA = 10.0
+EMA_WARMUP_POWER = 1.0
+
+
+class AttributionSource(str, enum.Enum):
+    """Which weights compute the attribution map."""
+    EMA = 'ema'
+    ONLINE = 'online'
+
+
+def _check_rho(rho: float, name: str = 'rho') -> float:
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)):
+        raise TypeError(f'{name} must be a float in [0, 1), got {type(rho).__name__}.')
+    if not 0.0 <= rho < 1.0 or math.isnan(rho):
+        raise ValueError(
+            f'{name} must be in [0, 1) (the share of latent features dropped per sample; the paper uses 0.01), '
+            f'got {rho}.')
+    return float(rho)
+
+
+def _check_attribution(source: Union[str, AttributionSource]) -> AttributionSource:
+    try:
+        return AttributionSource(source)
+    except ValueError:
+        choices = ', '.join(repr(s.value) for s in AttributionSource)
+        raise ValueError(f'Unknown sgdrop_attribution {source!r}: choose one of {choices}.') from None
+
+
+def _check_ema_decay(decay: float) -> float:
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+        raise ValueError(f'sgdrop_ema_decay must be a float in [0, 1), e.g. {DEFAULT_EMA_DECAY}, got {decay!r}.')
+    return float(decay)
+
+
+def _check_drop_rate(rate: float) -> float:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+        raise ValueError(f'latent_drop_rate must be a float in [0, 1), got {rate!r}.')
+    return float(rate)
+
+
+def latent_attribution(
+        head: Callable[[torch.Tensor], torch.Tensor],
+        features: torch.Tensor,
+        target: torch.Tensor,
+) -> torch.Tensor:
+    """Attribution of the true-class logit to each latent feature, ReLU(d logit_y / d z) * z.
+
+    The gradient is taken through ``head`` only, on a detached copy of ``features``: no graph reaches the encoder
+    and no parameter gradient is accumulated (``torch.autograd.grad`` returns the input gradient alone).
+
+    Args:
+        head: Maps latent features to logits (a model's ``forward_head``). It must treat samples independently.
+        features: Latent features z, shape (B, ...).
+        target: True class indices, shape (B,).
+
+    Returns:
+        Attribution map with the shape, dtype and memory format of ``features``.
+    """
+    with torch.enable_grad():
+        latent = features.detach().requires_grad_(True)
+        logits = head(latent)
+        # Samples are independent, so the gradient of the summed true-class logits is the per-sample gradient.
+        class_score = logits.gather(1, target.unsqueeze(1)).sum()
+        grad, = torch.autograd.grad(class_score, latent)
+    return grad.clamp_min(0) * latent.detach()
+
+
+def num_dropped_features(rho: float, num_features: int) -> int:
+    """k = floor(rho * N), with rho * N rounded to 6 decimals so binary fractions do not lose one feature."""
+    return math.floor(round(rho * num_features, 6))
+
+
+def saliency_mask(attribution: torch.Tensor, rho: float) -> torch.Tensor:
+    """Keep-mask of the SGDrop rule: False for the most salient rho share of each sample's features.
+
+    See the module docstring for the exact rule (k = floor(rho * N), drop attribution >= k-th largest and > 0).
+
+    Args:
+        attribution: Attribution map, shape (B, ...).
+        rho: Share of features to drop per sample, in [0, 1).
+
+    Returns:
+        Boolean tensor shaped like ``attribution``, True where the feature is kept.
+    """
+    rho = _check_rho(rho)
+    num_features = attribution[0].numel()
+    k = num_dropped_features(rho, num_features)
+    if k == 0:
+        return torch.ones_like(attribution, dtype=torch.bool)
+    # topk in float32: bf16 is not supported by every backend, and the comparison below must use the same values
+    scores = attribution.float()
+    kth_largest = scores.flatten(1).topk(k, dim=1, sorted=False).values.amin(dim=1)
+    kth_largest = kth_largest.view(-1, *([1] * (attribution.dim() - 1)))
+    dropped = (scores >= kth_largest) & (scores > 0)
+    return ~dropped
+
+
+class LinearRhoSchedule:
+    """Curriculum for rho (paper section 4.5): linear from ``start`` at epoch 0 to ``end`` at the last epoch.
+
+    Args:
+        start: rho of the first epoch.
+        end: rho of the last epoch; None keeps rho constant at ``start``.
+        num_epochs: Number of training epochs.
+    """
+
+    def __init__(self, start: float, end: Optional[float] = None, num_epochs: int = 1):
+        self.start = _check_rho(start, 'start rho')
+        self.end = self.start if end is None else _check_rho(end, 'end rho')
+        if num_epochs < 1:
+            raise ValueError(f'num_epochs must be >= 1, got {num_epochs}.')
+        self.num_epochs = num_epochs
+
+    def __call__(self, epoch: int) -> float:
+        if self.num_epochs == 1:
+            return self.start
+        progress = min(max(epoch, 0), self.num_epochs - 1) / (self.num_epochs - 1)
+        return self.start + (self.end - self.start) * progress
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(start={self.start}, end={self.end}, num_epochs={self.num_epochs})'
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Puts a module in eval mode for a block, then restores each submodule's own mode."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+class SaliencyGuidedDropout:
+    """Mixin that adds SGDrop training to a timm classifier with ``forward_features`` / ``forward_head``.
+
+    Put it first in the bases, ``class SGDropVGG(SaliencyGuidedDropout, VGG)``, or use ``add_sgdrop(model)`` on any
+    built model. The state dict keeps exactly the base architecture's keys: the EMA network is held outside the
+    module tree and saved with ``ema_state_dict()``.
+
+    Behaviour of ``forward(x, target=None)``:
+        - eval mode: the base model, ``target`` is ignored;
+        - train mode with ``target``: logits of the SGDrop-masked latent features (and latent dropout if set);
+        - train mode without ``target``: the base model (plus latent dropout if set), no SGDrop.
+
+    Args:
+        sgdrop_rho: Share of latent features dropped per sample, in [0, 1). 0 disables SGDrop.
+        sgdrop_attribution: 'ema' (paper default) or 'online' (the paper's "w/o EMA" variant).
+        sgdrop_ema_decay: Decay of the EMA network (after warmup, see the module docstring).
+        latent_drop_rate: Standard dropout on the same latent features (the paper's Dropout baseline), 0 = off.
+    """
+
+    def __init__(
+            self,
+            *args: Any,
+            sgdrop_rho: float = DEFAULT_RHO,
+            sgdrop_attribution: Union[str, AttributionSource] = AttributionSource.EMA,
+            sgdrop_ema_decay: float = DEFAULT_EMA_DECAY,
+            latent_drop_rate: float = 0.0,
+            **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        self._init_sgdrop(sgdrop_rho, sgdrop_attribution, sgdrop_ema_decay, latent_drop_rate)
+
+    def _init_sgdrop(
+            self,
+            rho: float,
+            attribution: Union[str, AttributionSource],
+            ema_decay: float,
+            latent_drop_rate: float,
+    ) -> None:
+        self.sgdrop_rho = rho
+        self.sgdrop_attribution = _check_attribution(attribution)
+        self.sgdrop_ema_decay = _check_ema_decay(ema_decay)
+        self.latent_drop_rate = _check_drop_rate(latent_drop_rate)
+        self._drop_ema()
+
+    @property
+    def sgdrop_rho(self) -> float:
+        return self._sgdrop_rho
+
+    @sgdrop_rho.setter
+    def sgdrop_rho(self, rho: float) -> None:
+        self._sgdrop_rho = _check_rho(rho, 'sgdrop_rho')
+
+    @property
+    def sgdrop_config(self) -> Dict[str, Any]:
+        """The SGDrop settings as plain values, for logs, checkpoints and model cards."""
+        return dict(
+            sgdrop_rho=self.sgdrop_rho,
+            sgdrop_attribution=self.sgdrop_attribution.value,
+            sgdrop_ema_decay=self.sgdrop_ema_decay,
+            latent_drop_rate=self.latent_drop_rate,
+        )
+
+    # The EMA lives in __dict__, not in _modules: it must stay out of state_dict(), parameters() and DDP's broadcast.
+    @property
+    def ema_model(self) -> Optional[nn.Module]:
+        """The EMA network used for attribution, or None before the first SGDrop step (and for 'online')."""
+        ema = self.__dict__.get('_sgdrop_ema')
+        return None if ema is None else ema.module
+
+    def _drop_ema(self) -> None:
+        self.__dict__['_sgdrop_ema'] = None
+        self.__dict__['_sgdrop_ema_updates'] = 0
+
+    def _ensure_ema(self) -> ModelEmaV3:
+        ema = self.__dict__.get('_sgdrop_ema')
+        if ema is None:
+            ema = ModelEmaV3(
+                self,
+                decay=self.sgdrop_ema_decay,
+                use_warmup=True,
+                warmup_gamma=EMA_WARMUP_GAMMA,
+                warmup_power=EMA_WARMUP_POWER,
+            )
+            ema.module.requires_grad_(False)
+            self.__dict__['_sgdrop_ema'] = ema
+            self.__dict__['_sgdrop_ema_updates'] = 0
+        return ema
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """Update the EMA network from the current weights; call it after each optimizer step.
+
+        A no-op for 'online' attribution. The first call creates the EMA if no SGDrop forward has yet.
+        """
+        if self.sgdrop_attribution is not AttributionSource.EMA:
+            return
+        ema = self._ensure_ema()
+        self.__dict__['_sgdrop_ema_updates'] += 1
+        ema.update(self, step=self.__dict__['_sgdrop_ema_updates'])
+
+    @property
+    def ema_updates(self) -> int:
+        """Number of ``update_ema()`` calls applied to the current EMA."""
+        return self.__dict__.get('_sgdrop_ema_updates', 0)
+
+    def ema_state_dict(self) -> Optional[Dict[str, Any]]:
+        """EMA weights and update count, for checkpoints; None when there is no EMA yet."""
+        ema = self.ema_model
+        if ema is None:
+            return None
+        return {'num_updates': self.ema_updates, 'state_dict': ema.state_dict()}
+
+    def load_ema_state_dict(self, state: Optional[Dict[str, Any]]) -> None:
+        """Restore what ``ema_state_dict()`` returned (None clears the EMA)."""
+        if state is None:
+            self._drop_ema()
+            return
+        if set(state) != {'num_updates', 'state_dict'}:
+            raise ValueError(
+                f'Not an SGDrop EMA state: expected keys num_updates and state_dict, got {sorted(state)}.')
+        ema = self._ensure_ema()
+        ema.module.load_state_dict(state['state_dict'])
+        self.__dict__['_sgdrop_ema_updates'] = int(state['num_updates'])
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> nn.Module:
+        # .to() / .cuda() / .half() must move the EMA network along with the model.
+        super()._apply(fn, *args, **kwargs)
+        ema = self.__dict__.get('_sgdrop_ema')
+        if ema is not None:
+            ema._apply(fn, *args, **kwargs)
+        return self
+
+    def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
+        super().reset_classifier(num_classes, *args, **kwargs)
+        # A new head makes the averaged one meaningless; the EMA restarts from the new weights.
+        self._drop_ema()
+
+    def _check_target(self, x: torch.Tensor, target: Any) -> None:
+        if not isinstance(target, torch.Tensor):
+            raise TypeError(f'target must be a tensor of class indices, got {type(target).__name__}.')
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(
+                f'target must hold integer class indices (torch.long), got {target.dtype}. SGDrop drops the '
+                f'features salient for the true class, so soft or mixed labels need their hard labels here.')
+        if target.shape != (x.shape[0],):
+            raise ValueError(
+                f'target must have shape ({x.shape[0]},), one class index per image, got {tuple(target.shape)}.')
+        if target.device != x.device:
+            raise ValueError(f'target is on {target.device} but the images are on {x.device}: move it with .to().')
+        if self.num_classes <= 0:
+            raise ValueError('SGDrop needs a classifier head: this model has num_classes=0. '
+                             'Call reset_classifier(num_classes) first.')
+        low, high = torch.aminmax(target)
+        low, high = int(low), int(high)
+        if low < 0 or high >= self.num_classes:
+            raise ValueError(
+                f'target holds class {low if low < 0 else high}, outside [0, {self.num_classes}) for this model: '
+                f'check the labels or build the model with num_classes={max(high + 1, self.num_classes)}.')
+
+    def saliency_keep_mask(self, x: torch.Tensor, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Keep-mask for the online ``features`` of ``x``, from the configured attribution source."""
+        if self.sgdrop_attribution is AttributionSource.EMA:
+            attribution_net = self._ensure_ema().module
+            with torch.no_grad():
+                attribution_features = attribution_net.forward_features(x)
+        else:
+            attribution_net = self
+            attribution_features = features
+        # Eval mode so dropout or batch statistics in the head neither randomise nor couple the attributions.
+        with _eval_mode(attribution_net):
+            attribution = latent_attribution(attribution_net.forward_head, attribution_features, target)
+        return saliency_mask(attribution, self.sgdrop_rho)
+
+    def forward(self, x: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        if target is not None:
+            self._check_target(x, target)
+        apply_sgdrop = target is not None and self.sgdrop_rho > 0
+        if not apply_sgdrop and self.latent_drop_rate == 0:
+            return super().forward(x)
+        features = self.forward_features(x)
+        if apply_sgdrop:
+            features = features * self.saliency_keep_mask(x, features, target).to(features.dtype)
+        if self.latent_drop_rate > 0:
+            features = F.dropout(features, self.latent_drop_rate, training=True)
+        return self.forward_head(features)
+
+
+@functools.lru_cache(maxsize=None)
+def _sgdrop_class(base: Type[nn.Module]) -> Type[nn.Module]:
+    return type(f'SGDrop{base.__name__}', (SaliencyGuidedDropout, base), {'__doc__': base.__doc__})
+
+
+def add_sgdrop(
+        model: nn.Module,
+        rho: float = DEFAULT_RHO,
+        attribution: Union[str, AttributionSource] = AttributionSource.EMA,
+        ema_decay: float = DEFAULT_EMA_DECAY,
+        latent_drop_rate: float = 0.0,
+) -> nn.Module:
+    """Give any built timm classifier SGDrop training, in place; weights and state-dict keys are unchanged.
+
+    Args:
+        model: A classifier with ``forward_features`` and ``forward_head`` (every timm CNN has them).
+        rho: Share of latent features dropped per sample.
+        attribution: 'ema' or 'online'.
+        ema_decay: EMA decay after warmup.
+        latent_drop_rate: Dropout on the latent features (the Dropout baseline), 0 = off.
+
+    Returns:
+        The same model object, now an instance of ``SaliencyGuidedDropout``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f'add_sgdrop expects an nn.Module, got {type(model).__name__}.')
+    missing = [name for name in ('forward_features', 'forward_head', 'num_classes') if not hasattr(model, name)]
+    if missing:
+        raise TypeError(
+            f'{type(model).__name__} has no {", ".join(missing)}: SGDrop needs a timm-style classifier split into '
+            f'forward_features (encoder) and forward_head (classifier).')
+    if not isinstance(model, SaliencyGuidedDropout):
+        model.__class__ = _sgdrop_class(type(model))
+    model._init_sgdrop(rho, attribution, ema_decay, latent_drop_rate)
+    return model
+
+
+def is_sgdrop_model(model: nn.Module) -> bool:
+    """True when ``model`` (or the model inside a DDP or torch.compile wrapper) trains with SGDrop."""
+    return isinstance(unwrap_model(model), SaliencyGuidedDropout)
