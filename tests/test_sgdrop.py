@@ -1,0 +1,313 @@
+"""The SGDrop method against hand-computed references (sgdrop_zoo/sgdrop.py)."""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+from sgdrop_zoo import AttributionSource, LinearRhoSchedule, add_sgdrop, is_sgdrop_model, saliency_mask
+from sgdrop_zoo.sgdrop import latent_attribution, num_dropped_features
+
+# Head weight of the reference classifier: 3 classes, 4 latent features (a 2x1x2 map).
+HEAD_WEIGHT = torch.tensor([
+    [1., -1., 2., 0.],
+    [0., 3., -2., 1.],
+    [-1., 1., 1., 1.],
+])
+# Latent features of two samples (the encoder is a per-feature scale initialised to 1, so z = x) and their labels.
+LATENT = torch.tensor([
+    [2., 1., 3., 4.],
+    [1., 5., 2., 0.],
+]).view(2, 2, 1, 2)
+LABELS = torch.tensor([0, 1])
+# By hand: A = ReLU(W[y]) * z.
+# sample 0, y=0: ReLU(W[0]) = [1, 0, 2, 0] -> A = [2, 0, 6, 0]
+# sample 1, y=1: ReLU(W[1]) = [0, 3, 0, 1] -> A = [0, 15, 0, 0]
+ATTRIBUTION = torch.tensor([
+    [2., 0., 6., 0.],
+    [0., 15., 0., 0.],
+]).view(2, 2, 1, 2)
+# rho = 0.5, N = 4 -> k = 2. Sample 0 drops features 0 and 2 (A = 6, 2). Sample 1 has one positive attribution and
+# drops only feature 1: zero attributions are never dropped.
+KEEP_RHO_HALF = torch.tensor([
+    [False, True, False, True],
+    [True, False, True, True],
+]).view(2, 2, 1, 2)
+# Logits of the masked features W @ (z * mask): sample 0 -> W @ [0, 1, 0, 4], sample 1 -> W @ [1, 0, 2, 0].
+LOGITS_RHO_HALF = torch.tensor([
+    [-1., 7., 5.],
+    [5., -4., 1.],
+])
+
+
+class ReferenceClassifier(nn.Module):
+    """Linear head on a 2x1x2 latent map; the encoder multiplies each feature by a learnable scale."""
+
+    def __init__(self, head_weight: torch.Tensor = HEAD_WEIGHT):
+        super().__init__()
+        self.num_classes = head_weight.shape[0]
+        self.scale = nn.Parameter(torch.ones(1, 2, 1, 2))
+        self.fc = nn.Linear(4, self.num_classes, bias=False)
+        with torch.no_grad():
+            self.fc.weight.copy_(head_weight)
+
+    def forward_features(self, x):
+        return x * self.scale
+
+    def forward_head(self, x, pre_logits=False):
+        x = x.flatten(1)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes):
+        self.num_classes = num_classes
+        self.fc = nn.Linear(4, num_classes, bias=False) if num_classes > 0 else nn.Identity()
+
+
+def reference_model(rho=0.5, attribution='online', **kwargs):
+    return add_sgdrop(ReferenceClassifier(), rho=rho, attribution=attribution, **kwargs).train()
+
+
+def test_attribution_matches_hand_computation():
+    model = ReferenceClassifier()
+    attribution = latent_attribution(model.forward_head, LATENT, LABELS)
+    assert torch.equal(attribution, ATTRIBUTION)
+
+
+def test_mask_matches_hand_computation():
+    assert torch.equal(saliency_mask(ATTRIBUTION, 0.5), KEEP_RHO_HALF)
+    # rho = 0.25 -> k = 1: only the top feature of each sample.
+    expected = torch.tensor([[True, True, False, True], [True, False, True, True]]).view(2, 2, 1, 2)
+    assert torch.equal(saliency_mask(ATTRIBUTION, 0.25), expected)
+
+
+def test_forward_logits_match_hand_computation():
+    model = reference_model(rho=0.5)
+    logits = model(LATENT.clone(), target=LABELS)
+    assert torch.equal(logits, LOGITS_RHO_HALF)
+
+
+def test_ties_at_threshold_are_all_dropped():
+    attribution = torch.tensor([[3., 3., 1., 0.]])
+    # k = floor(0.25 * 4) = 1, threshold 3: both tied features go.
+    assert saliency_mask(attribution, 0.25).tolist() == [[False, False, True, True]]
+
+
+@pytest.mark.parametrize('rho, num_features, expected_k', [
+    (0.01, 25088, 250),  # the paper's VGG16 example: 250.88 -> 250
+    (0.25, 10, 2),  # 2.5 -> 2
+    (0.29, 100, 29),  # 0.29 * 100 = 28.999999999999996 in floating point
+    (0.01, 99, 0),  # below one feature: nothing dropped
+    (0.0, 4096, 0),
+])
+def test_number_dropped_is_floor_of_rho_n(rho, num_features, expected_k):
+    assert num_dropped_features(rho, num_features) == expected_k
+    # distinct positive attributions: exactly k dropped per sample
+    attribution = torch.randperm(num_features * 3).float().add(1).view(3, num_features)
+    keep = saliency_mask(attribution, rho)
+    assert (~keep).sum(dim=1).tolist() == [expected_k] * 3
+    # and they are the k largest of each sample
+    if expected_k:
+        dropped_min = attribution.masked_fill(keep, float('inf')).amin(dim=1)
+        kept_max = attribution.masked_fill(~keep, float('-inf')).amax(dim=1)
+        assert torch.all(dropped_min > kept_max)
+
+
+def test_non_positive_attribution_never_dropped():
+    attribution = torch.tensor([[-5., 0., 0., 2.], [0., 0., 0., 0.], [-1., -2., -3., -4.]])
+    keep = saliency_mask(attribution, 0.75)  # k = 3
+    assert keep.tolist() == [[True, True, True, False], [True] * 4, [True] * 4]
+
+
+def test_gradient_reaches_encoder_only_through_kept_features():
+    model = reference_model(rho=0.5)
+    x = LATENT.clone().requires_grad_(True)
+    logits = model(x, target=LABELS)
+    # The attribution pass must not leave gradients anywhere.
+    assert all(p.grad is None for p in model.parameters())
+    logits.sum().backward()
+    column_sums = HEAD_WEIGHT.sum(dim=0)  # d(sum of logits)/dz for a kept feature
+    expected = torch.where(KEEP_RHO_HALF, column_sums.view(1, 2, 1, 2), torch.zeros(()))
+    assert torch.equal(x.grad, expected)
+    # d/d scale = sum over the batch of z * column_sums at kept positions
+    expected_scale_grad = (LATENT * expected).sum(dim=0, keepdim=True)
+    assert torch.equal(model.scale.grad, expected_scale_grad)
+
+
+def test_ema_attribution_uses_ema_weights_and_masks_online_features():
+    # The EMA head ranks the features differently from the online head: the mask must follow the EMA.
+    ema_weight = torch.tensor([
+        [0., 1., 0., 1.],
+        [1., 0., 0., 0.],
+        [0., 0., 0., 0.],
+    ])
+    model = reference_model(rho=0.25, attribution='ema')
+    ema_state = {'num_updates': 3, 'state_dict': {'scale': torch.ones(1, 2, 1, 2), 'fc.weight': ema_weight}}
+    model.load_ema_state_dict(ema_state)
+    logits = model(LATENT.clone(), target=LABELS)
+    # EMA attributions: sample 0 (y=0) [0, 1, 0, 4] -> drop feature 3; sample 1 (y=1) [1, 0, 0, 0] -> drop feature 0
+    masked = LATENT.flatten(1) * torch.tensor([[1., 1., 1., 0.], [0., 1., 1., 1.]])
+    assert torch.equal(logits, masked @ HEAD_WEIGHT.T)
+    assert model.ema_updates == 3
+    # online attribution with the same weights picks other features
+    online = reference_model(rho=0.25, attribution='online')
+    assert not torch.equal(online(LATENT.clone(), target=LABELS), logits)
+
+
+def test_ema_and_online_masks_differ_once_weights_move():
+    torch.manual_seed(0)
+    model = timm.create_model('sgdrop_cifar_cnn', num_classes=10, sgdrop_rho=0.05, sgdrop_attribution='ema').train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.randn(8, 3, 32, 32)
+    y = torch.arange(8)
+    features = model.forward_features(x)
+    # before any update the EMA is a copy of the online network: same masks
+    assert torch.equal(model.saliency_keep_mask(x, features, y), _online_mask(model, x, features, y))
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(model(x, target=y), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model.update_ema()
+    assert all(p.grad is None and not p.requires_grad for p in model.ema_model.parameters())
+    assert not torch.equal(model.ema_model.fc.weight, model.fc.weight)
+    features = model.forward_features(x)
+    assert not torch.equal(model.saliency_keep_mask(x, features, y), _online_mask(model, x, features, y))
+
+
+def _online_mask(model, x, features, y):
+    online = copy.copy(model)
+    online.sgdrop_attribution = AttributionSource.ONLINE
+    return online.saliency_keep_mask(x, features, y)
+
+
+def test_update_ema_arithmetic():
+    decay = 0.5
+    model = reference_model(attribution='ema', ema_decay=decay)
+    weights = [torch.full_like(HEAD_WEIGHT, float(v)) for v in (1., 3., 7., 15.)]
+    expected = None
+    for n, w in enumerate(weights, start=1):
+        with torch.no_grad():
+            model.fc.weight.copy_(w)
+        model.update_ema()
+        # n-th update: decay_n = min(decay, (n - 1) / (n + 9)); the first copies the weights
+        decay_n = min(decay, (n - 1) / (n + 9))
+        expected = w.clone() if n == 1 else decay_n * expected + (1 - decay_n) * w
+        assert model.ema_updates == n
+        torch.testing.assert_close(model.ema_model.fc.weight, expected, rtol=1e-6, atol=0)
+    # after warmup the cap holds: update 30 would use (29 / 39) > 0.5 -> 0.5
+    model.load_ema_state_dict({'num_updates': 29, 'state_dict': model.ema_model.state_dict()})
+    before = model.ema_model.fc.weight.clone()
+    with torch.no_grad():
+        model.fc.weight.zero_()
+    model.update_ema()
+    torch.testing.assert_close(model.ema_model.fc.weight, before * decay)
+
+
+def test_update_ema_is_noop_for_online():
+    model = reference_model(attribution='online')
+    model(LATENT.clone(), target=LABELS)
+    model.update_ema()
+    assert model.ema_model is None and model.ema_state_dict() is None
+
+
+def test_ema_stays_out_of_state_dict_and_parameters_and_roundtrips():
+    model = reference_model(attribution='ema')
+    model(LATENT.clone(), target=LABELS)
+    model.update_ema()
+    assert list(model.state_dict()) == ['scale', 'fc.weight']
+    assert len(list(model.parameters())) == 2
+    state = copy.deepcopy(model.ema_state_dict())
+    assert state['num_updates'] == 1 and list(state['state_dict']) == ['scale', 'fc.weight']
+    restored = reference_model(attribution='ema')
+    restored.load_ema_state_dict(state)
+    assert restored.ema_updates == 1
+    assert torch.equal(restored.ema_model.fc.weight, model.ema_model.fc.weight)
+
+
+def test_eval_and_untargeted_train_forward_are_the_base_model():
+    base = ReferenceClassifier()
+    model = reference_model(rho=0.5)
+    assert torch.equal(model(LATENT), base(LATENT))
+    model.eval()
+    assert torch.equal(model(LATENT, target=LABELS), base(LATENT))
+
+
+def test_latent_dropout_baseline():
+    torch.manual_seed(0)
+    # identity head: the logits are the latent features that reach the head
+    model = add_sgdrop(ReferenceClassifier(torch.eye(4)), rho=0.0, latent_drop_rate=0.5).train()
+    out = model(torch.ones(4000, 2, 1, 2))
+    assert 0.45 < out.eq(0).float().mean().item() < 0.55
+    assert set(out.unique().tolist()) == {0.0, 2.0}  # inverted dropout scaling by 1 / (1 - p)
+    model.eval()
+    assert torch.equal(model(torch.ones(3, 2, 1, 2)), torch.ones(3, 4))
+
+
+def test_linear_rho_schedule():
+    schedule = LinearRhoSchedule(0.01, 0.05, num_epochs=5)
+    assert [round(schedule(e), 10) for e in range(5)] == [0.01, 0.02, 0.03, 0.04, 0.05]
+    assert schedule(7) == pytest.approx(0.05)
+    constant = LinearRhoSchedule(0.02, num_epochs=80)
+    assert {constant(e) for e in range(80)} == {0.02}
+    with pytest.raises(ValueError, match='end rho'):
+        LinearRhoSchedule(0.01, 1.5, num_epochs=3)
+
+
+@pytest.mark.parametrize('rho', [1.0, -0.1, float('nan'), 2])
+def test_bad_rho(rho):
+    with pytest.raises(ValueError, match=r'\[0, 1\)'):
+        reference_model(rho=rho)
+    model = reference_model()
+    with pytest.raises(ValueError, match=r'\[0, 1\)'):
+        model.sgdrop_rho = rho
+
+
+def test_bad_attribution_source():
+    with pytest.raises(ValueError, match="choose one of 'ema', 'online'"):
+        reference_model(attribution='gradcam')
+
+
+@pytest.mark.parametrize('target, error, message', [
+    (torch.tensor([0.0, 1.0]), TypeError, 'integer class indices'),
+    (torch.tensor([[0], [1]]), ValueError, r'shape \(2,\)'),
+    (torch.tensor([0, 3]), ValueError, r'class 3, outside \[0, 3\)'),
+    (torch.tensor([-1, 0]), ValueError, r'class -1, outside'),
+    ([0, 1], TypeError, 'tensor of class indices'),
+])
+def test_bad_target(target, error, message):
+    model = reference_model()
+    with pytest.raises(error, match=message):
+        model(LATENT.clone(), target=target)
+
+
+def test_headless_model_is_rejected():
+    model = reference_model()
+    model.reset_classifier(0)
+    with pytest.raises(ValueError, match='num_classes=0'):
+        model(LATENT.clone(), target=LABELS)
+
+
+def test_add_sgdrop_rejects_non_timm_module():
+    with pytest.raises(TypeError, match='forward_features'):
+        add_sgdrop(nn.Linear(2, 2))
+
+
+def test_is_sgdrop_model_unwraps():
+    model = reference_model()
+    assert is_sgdrop_model(model)
+    assert is_sgdrop_model(torch.compile(model, backend='eager'))
+    assert not is_sgdrop_model(ReferenceClassifier())
+
+
+def test_reset_classifier_restarts_ema():
+    model = reference_model(attribution='ema')
+    model(LATENT.clone(), target=LABELS)
+    model.update_ema()
+    model.reset_classifier(5)
+    assert model.ema_model is None and model.ema_updates == 0
+    logits = model(LATENT.clone(), target=torch.tensor([4, 0]))
+    assert logits.shape == (2, 5) and model.ema_model.fc.out_features == 5
