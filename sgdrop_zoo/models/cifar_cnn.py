@@ -119,7 +119,7 @@ def _create_sgdrop_cifar_cnn(variant: str, pretrained: bool = False, **kwargs: A
         SGDropCifarCNN,
         variant,
         pretrained,
-        feature_cfg=dict(flatten_sequential=True),
+        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2)),
         **kwargs,
     )
 
