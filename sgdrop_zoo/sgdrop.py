@@ -27,7 +27,7 @@ import contextlib
 import enum
 import functools
 import math
-from typing import Any, Callable, Dict, Iterator, Optional, Type, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -80,6 +80,20 @@ def _check_drop_rate(rate: float) -> float:
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
         raise ValueError(f'latent_drop_rate must be a float in [0, 1), got {rate!r}.')
     return float(rate)
+
+
+def _check_settings(
+        rho: float,
+        attribution: Union[str, AttributionSource],
+        ema_decay: float,
+        latent_drop_rate: float,
+) -> Tuple[float, AttributionSource, float, float]:
+    return (
+        _check_rho(rho, 'sgdrop_rho'),
+        _check_attribution(attribution),
+        _check_ema_decay(ema_decay),
+        _check_drop_rate(latent_drop_rate),
+    )
 
 
 def latent_attribution(
@@ -205,8 +219,10 @@ class SaliencyGuidedDropout:
             latent_drop_rate: float = 0.0,
             **kwargs: Any,
     ):
+        # validate before building the network: a bad setting should not cost a full model init
+        settings = _check_settings(sgdrop_rho, sgdrop_attribution, sgdrop_ema_decay, latent_drop_rate)
         super().__init__(*args, **kwargs)
-        self._init_sgdrop(sgdrop_rho, sgdrop_attribution, sgdrop_ema_decay, latent_drop_rate)
+        self._init_sgdrop(*settings)
 
     def _init_sgdrop(
             self,
@@ -215,10 +231,8 @@ class SaliencyGuidedDropout:
             ema_decay: float,
             latent_drop_rate: float,
     ) -> None:
-        self.sgdrop_rho = rho
-        self.sgdrop_attribution = _check_attribution(attribution)
-        self.sgdrop_ema_decay = _check_ema_decay(ema_decay)
-        self.latent_drop_rate = _check_drop_rate(latent_drop_rate)
+        self.sgdrop_rho, self.sgdrop_attribution, self.sgdrop_ema_decay, self.latent_drop_rate = _check_settings(
+            rho, attribution, ema_decay, latent_drop_rate)
         self._drop_ema()
 
     @property
@@ -397,9 +411,10 @@ def add_sgdrop(
         raise TypeError(
             f'{type(model).__name__} has no {", ".join(missing)}: SGDrop needs a timm-style classifier split into '
             f'forward_features (encoder) and forward_head (classifier).')
+    settings = _check_settings(rho, attribution, ema_decay, latent_drop_rate)  # before touching the model
     if not isinstance(model, SaliencyGuidedDropout):
         model.__class__ = _sgdrop_class(type(model))
-    model._init_sgdrop(rho, attribution, ema_decay, latent_drop_rate)
+    model._init_sgdrop(*settings)
     return model
 
 

@@ -296,6 +296,27 @@ def test_add_sgdrop_rejects_non_timm_module():
         add_sgdrop(nn.Linear(2, 2))
 
 
+def test_add_sgdrop_with_bad_settings_leaves_the_model_untouched():
+    model = ReferenceClassifier()
+    with pytest.raises(ValueError, match='sgdrop_ema_decay'):
+        add_sgdrop(model, ema_decay=1.5)
+    assert type(model) is ReferenceClassifier
+
+
+def test_add_sgdrop_on_a_plain_timm_model():
+    base = timm.create_model('resnet18', num_classes=4)
+    keys = list(base.state_dict())
+    model = add_sgdrop(base, rho=0.05)
+    assert model is base and is_sgdrop_model(model) and list(model.state_dict()) == keys
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 3])
+    model.eval()
+    reference = timm.create_model('resnet18', num_classes=4).eval()
+    reference.load_state_dict(model.state_dict())
+    assert torch.equal(model(x), reference(x))
+    model.train()
+    assert model(x, target=y).shape == (2, 4) and model.ema_model is not None
+
+
 def test_is_sgdrop_model_unwraps():
     model = reference_model()
     assert is_sgdrop_model(model)
