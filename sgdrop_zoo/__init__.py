@@ -15,3 +15,8 @@ from .sgdrop import (
 )
 
 __version__ = '0.1.0'
+
+__all__ = [
+    'AttributionSource', 'LinearRhoSchedule', 'SaliencyGuidedDropout', 'add_sgdrop', 'is_sgdrop_model',
+    'latent_attribution', 'saliency_mask',
+]

@@ -1,6 +1,6 @@
 """Saliency-Guided Dropout (SGDrop)
 
-Paper: `Saliency-Guided Dropout: Improving Generalization by Dropping Salient Features`
+Paper: `The Overfocusing Bias of Convolutional Neural Networks: A Saliency-Guided Regularization Approach`
     - https://arxiv.org/abs/2409.17370
 
 A classifier is split into an encoder ``forward_features`` (latent features z) and a head ``forward_head``.

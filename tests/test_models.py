@@ -174,7 +174,8 @@ def test_pretrained_cfg_overlay_file_loads_base_weights(tmp_path):
     state = model.state_dict()
     assert all(torch.equal(state[key], value) for key, value in base.state_dict().items())
     # a different num_classes keeps the encoder and gets a new head, as timm does
-    model = timm.create_model('sgdrop_resnet50', pretrained=True, num_classes=NUM_CLASSES, pretrained_cfg_overlay=overlay)
+    model = timm.create_model(
+        'sgdrop_resnet50', pretrained=True, num_classes=NUM_CLASSES, pretrained_cfg_overlay=overlay)
     state = model.state_dict()
     assert state['fc.weight'].shape == (NUM_CLASSES, 2048)
     assert all(torch.equal(state[key], value) for key, value in base.state_dict().items() if not key.startswith('fc.'))

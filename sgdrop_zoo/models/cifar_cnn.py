@@ -1,6 +1,6 @@
 """The SGDrop paper's CIFAR-10 network, with Saliency-Guided Dropout
 
-SGDrop: `Saliency-Guided Dropout: Improving Generalization by Dropping Salient Features`
+SGDrop: `The Overfocusing Bias of Convolutional Neural Networks: A Saliency-Guided Regularization Approach`
     - https://arxiv.org/abs/2409.17370 (Appendix B, Table 12)
 
 Three convolution blocks (96, 128 and 256 filters, 5x5, stride 1, padding 2, ReLU, then 3x3 max-pool stride 2) and

@@ -1,7 +1,7 @@
 """ConvNeXt with Saliency-Guided Dropout
 
 ConvNeXt: `A ConvNet for the 2020s` - https://arxiv.org/abs/2201.03545
-SGDrop: `Saliency-Guided Dropout: Improving Generalization by Dropping Salient Features`
+SGDrop: `The Overfocusing Bias of Convolutional Neural Networks: A Saliency-Guided Regularization Approach`
     - https://arxiv.org/abs/2409.17370
 
 The architecture is timm's ``ConvNeXt`` unchanged, so weights load both ways with ``convnext_tiny`` and its tags.

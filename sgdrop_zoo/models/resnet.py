@@ -1,7 +1,7 @@
 """ResNet with Saliency-Guided Dropout
 
 ResNet: `Deep Residual Learning for Image Recognition` - https://arxiv.org/abs/1512.03385
-SGDrop: `Saliency-Guided Dropout: Improving Generalization by Dropping Salient Features`
+SGDrop: `The Overfocusing Bias of Convolutional Neural Networks: A Saliency-Guided Regularization Approach`
     - https://arxiv.org/abs/2409.17370
 
 The architecture is timm's ``ResNet`` unchanged, so weights load both ways with ``resnet50`` and its tags.

@@ -1,7 +1,7 @@
 """VGG with Saliency-Guided Dropout
 
 VGG: `Very Deep Convolutional Networks for Large-Scale Image Recognition` - https://arxiv.org/abs/1409.1556
-SGDrop: `Saliency-Guided Dropout: Improving Generalization by Dropping Salient Features`
+SGDrop: `The Overfocusing Bias of Convolutional Neural Networks: A Saliency-Guided Regularization Approach`
     - https://arxiv.org/abs/2409.17370
 
 The architecture is timm's ``VGG`` unchanged, so weights load both ways with ``vgg16`` / ``vgg16.tv_in1k``.
