@@ -1,0 +1,328 @@
+"""Tests of the training recipe train/main.py on CPU, on a tiny ImageFolder cut from ../shared/data/cifar10_subset.
+
+Training runs go through the command line in subprocesses, as a user runs them; the bad-input checks call `main()`
+in-process because they stop before any training.
+"""
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MAIN = REPO_ROOT / "train" / "main.py"
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "cifar10_subset"
+TRAIN_PER_CLASS = 4
+VAL_PER_CLASS = 3
+# smallest registered architecture at the dataset's native 32 px, resize-only so evaluation is deterministic
+TINY_RUN = ["-a", "sgdrop_vgg_tiny", "--image-size", "32", "-b", "8", "-j", "0", "--seed", "0", "--optimizer", "adam",
+            "--lr", "1e-3", "--train-transform", "resize", "--train-eval-samples", "8", "-p", "100"]
+
+
+def load_recipe() -> Any:
+    spec = importlib.util.spec_from_file_location("recipe_main", MAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+recipe = load_recipe()
+
+
+def run_recipe(*args: str, timeout: float = 300, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1" if launcher else os.environ.get(
+        "OMP_NUM_THREADS", "2"))
+    command = [*launcher, str(MAIN), *args] if launcher else [sys.executable, str(MAIN), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def read_log(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+
+
+def reported_val_acc1(stdout: str) -> float:
+    line = next(line for line in stdout.splitlines() if line.startswith("=> val Acc@1"))
+    return float(line.split()[3])
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 classes, 4 train and 3 val images each, plus one extra val image so 2 processes get unequal shards."""
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"{SHARED_DATA} is missing: the recipe tests need the shared CIFAR-10 subset next to the repo")
+    root = tmp_path_factory.mktemp("data")
+    for split, per_class in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
+        for class_dir in sorted((SHARED_DATA / split).iterdir()):
+            (root / split / class_dir.name).mkdir(parents=True)
+            extra = 1 if split == "val" and class_dir.name == "airplane" else 0
+            for image in sorted(class_dir.iterdir())[:per_class + extra]:
+                shutil.copy(image, root / split / class_dir.name / image.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def num_val(data_dir: Path) -> int:
+    return sum(1 for _ in (data_dir / "val").rglob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    output = tmp_path_factory.mktemp("run")
+    result = run_recipe(str(data_dir), *TINY_RUN, "--epochs", "2", "--output", str(output))
+    return output, result.stdout
+
+
+def test_two_epoch_run_writes_checkpoints_log_and_export(two_epoch_run: tuple[Path, str], data_dir: Path,
+                                                         num_val: int):
+    output, stdout = two_epoch_run
+    classes = sorted(p.name for p in (data_dir / "train").iterdir())
+
+    checkpoint = torch.load(output / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
+    assert {"epoch", "arch", "state_dict", "best_acc1", "optimizer", "scheduler"} <= set(checkpoint)
+    assert {"sgdrop_ema", "scaler", "rng_state", "sgdrop_rho", "rho_schedule"} <= set(checkpoint)
+    assert checkpoint["epoch"] == 2 and checkpoint["arch"] == "sgdrop_vgg_tiny"
+    assert not any(key.startswith("module.") for key in checkpoint["state_dict"])
+    assert checkpoint["sgdrop_ema"]["num_updates"] == 2 * TRAIN_PER_CLASS * len(classes) // 8
+    assert checkpoint["class_names"] == classes
+
+    log = read_log(output)
+    assert [record["epoch"] for record in log] == [1, 2]
+    for record in log:
+        assert {"train_loss", "train_acc1", "train_clean_acc1", "val_acc1", "val_acc5", "lr", "sgdrop_rho",
+                "img_per_s", "epoch_time_s"} <= set(record)
+        assert record["val_count"] == num_val and record["sgdrop_rho"] == 0.01 and record["lr"] == 1e-3
+    assert checkpoint["best_acc1"] == max(record["val_acc1"] for record in log)
+
+    best = torch.load(output / "model_best.pth.tar", map_location="cpu", weights_only=True)
+    exported = load_file(output / "model.safetensors")
+    assert exported.keys() == best["state_dict"].keys()
+    assert all(torch.equal(exported[k], best["state_dict"][k]) for k in exported)
+    config = json.loads((output / "config.json").read_text())
+    assert config["architecture"] == "sgdrop_vgg_tiny"
+    assert config["num_classes"] == len(classes) and config["label_names"] == classes
+    assert config["sgdrop"]["rho"] == 0.01 and config["sgdrop"]["attribution"] == "ema"
+    assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+
+    assert f"best val Acc@1 {checkpoint['best_acc1']:.3f}" in stdout
+    assert str(output / "model_best.pth.tar") in stdout
+
+
+@pytest.mark.parametrize("in_memory", [False, True], ids=["imagefolder", "in_memory"])
+def test_evaluate_reproduces_best_accuracy(two_epoch_run: tuple[Path, str], data_dir: Path, num_val: int,
+                                           in_memory: bool):
+    output, _ = two_epoch_run
+    best = torch.load(output / "model_best.pth.tar", map_location="cpu", weights_only=True)
+    result = run_recipe(str(data_dir), *TINY_RUN, "--resume", str(output / "model_best.pth.tar"), "--evaluate",
+                        "--output", str(output / "eval"), *(["--in-memory"] if in_memory else []))
+    assert reported_val_acc1(result.stdout) == pytest.approx(best["best_acc1"], abs=1e-3)
+    assert f"on {num_val} images" in result.stdout
+
+
+def test_resume_gives_identical_weights(data_dir: Path, tmp_path: Path):
+    # the default crop-flip transform makes the data order and the augmentation depend on the restored RNG state
+    args = [str(data_dir), *TINY_RUN, "--train-transform", "crop-flip"]
+    run_recipe(*args, "--epochs", "2", "--output", str(tmp_path / "straight"))
+    run_recipe(*args, "--epochs", "1", "--output", str(tmp_path / "resumed"))
+    run_recipe(*args, "--epochs", "2", "--resume", str(tmp_path / "resumed" / "checkpoint.pth.tar"),
+               "--output", str(tmp_path / "resumed"))
+
+    straight = torch.load(tmp_path / "straight" / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
+    assert resumed["epoch"] == straight["epoch"] == 2
+    for name in ("state_dict",):
+        assert all(torch.equal(straight[name][k], resumed[name][k]) for k in straight[name])
+    ema_straight, ema_resumed = straight["sgdrop_ema"], resumed["sgdrop_ema"]
+    assert ema_straight["num_updates"] == ema_resumed["num_updates"]
+    assert all(torch.equal(ema_straight["state_dict"][k], ema_resumed["state_dict"][k])
+               for k in ema_straight["state_dict"])
+    assert read_log(tmp_path / "straight")[-1]["val_acc1"] == read_log(tmp_path / "resumed")[-1]["val_acc1"]
+
+
+@pytest.mark.parametrize("in_memory", [False, True], ids=["imagefolder", "in_memory"])
+def test_torchrun_two_processes_count_every_val_sample_once(data_dir: Path, num_val: int, tmp_path: Path,
+                                                            in_memory: bool):
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
+    extra = ["--in-memory"] if in_memory else []
+    result = run_recipe(str(data_dir), *TINY_RUN, "--epochs", "1", "--dist-url", "env://", "--output",
+                        str(tmp_path), *extra, launcher=torchrun)
+    assert num_val % 2 == 1  # the two shards differ in size
+    [record] = read_log(tmp_path)
+    assert record["val_count"] == num_val
+    assert result.stdout.count("=> creating model") == 1  # progress on rank 0 only
+
+    checkpoint = torch.load(tmp_path / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
+    assert not any(key.startswith("module.") for key in checkpoint["state_dict"])
+    single = run_recipe(str(data_dir), *TINY_RUN, "--resume", str(tmp_path / "checkpoint.pth.tar"), "--evaluate",
+                        "--output", str(tmp_path / "eval"), *extra)
+    assert reported_val_acc1(single.stdout) == pytest.approx(record["val_acc1"], abs=1e-3)
+
+
+def test_multiprocessing_distributed_on_cpu(data_dir: Path, tmp_path: Path, num_val: int):
+    run_recipe(str(data_dir), *TINY_RUN, "--epochs", "1", "--multiprocessing-distributed", "--world-size", "1",
+               "--rank", "0", "--dist-url", "tcp://127.0.0.1:29517", "--output", str(tmp_path))
+    assert read_log(tmp_path)[0]["val_count"] == num_val
+
+
+SLOW_SAVE = """
+import importlib.util, time, torch
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("recipe_main", {main!r})
+recipe = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(recipe)
+
+class BlocksWhilePickled:
+    # stands for the rest of a large checkpoint: torch.save has opened the file when it pickles this
+    def __reduce__(self):
+        Path({marker!r}).touch()
+        time.sleep(60)
+        return (int, (0,))
+
+state = torch.load({checkpoint!r}, map_location="cpu", weights_only=True)
+state["epoch"] += 1
+state["padding"] = BlocksWhilePickled()
+recipe.save_checkpoint(state, True, Path({output!r}))
+"""
+
+
+def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(data_dir: Path, tmp_path: Path):
+    run_recipe(str(data_dir), *TINY_RUN, "--epochs", "1", "--output", str(tmp_path))
+    checkpoint_path = tmp_path / "checkpoint.pth.tar"
+    before = checkpoint_path.read_bytes()
+    best_before = (tmp_path / "model_best.pth.tar").read_bytes()
+
+    marker = tmp_path / "writing"
+    script = SLOW_SAVE.format(main=str(MAIN), marker=str(marker), checkpoint=str(checkpoint_path),
+                              output=str(tmp_path))
+    writer = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert writer.poll() is None, "the checkpoint writer exited before writing"
+            assert time.time() < deadline, "the checkpoint writer never started writing"
+            time.sleep(0.05)
+        assert list(tmp_path.glob(".checkpoint.pth.tar.*.tmp")), "the write should be under way in a temporary file"
+        writer.send_signal(signal.SIGKILL)
+    finally:
+        writer.wait(timeout=30)
+    assert writer.returncode == -signal.SIGKILL
+
+    assert checkpoint_path.read_bytes() == before
+    assert (tmp_path / "model_best.pth.tar").read_bytes() == best_before
+    assert torch.load(checkpoint_path, map_location="cpu", weights_only=True)["epoch"] == 1
+    # the killed run resumes from the last complete checkpoint
+    run_recipe(str(data_dir), *TINY_RUN, "--epochs", "2", "--resume", str(checkpoint_path), "--output", str(tmp_path))
+    assert [record["epoch"] for record in read_log(tmp_path)] == [1, 2]
+
+
+def test_sigkill_during_training_resumes_from_last_complete_epoch(data_dir: Path, tmp_path: Path):
+    args = [str(data_dir), *TINY_RUN, "--epochs", "30", "--output", str(tmp_path)]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    run = subprocess.Popen([sys.executable, str(MAIN), *args], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "log.jsonl").exists() or not read_log(tmp_path):
+            assert run.poll() is None and time.time() < deadline, "the run ended before its first epoch was logged"
+            time.sleep(0.05)
+        run.send_signal(signal.SIGKILL)
+    finally:
+        run.wait(timeout=30)
+    epoch = torch.load(tmp_path / "checkpoint.pth.tar", map_location="cpu", weights_only=True)["epoch"]
+    assert 1 <= epoch < 30
+    run_recipe(*args[:-4], "--epochs", str(epoch + 1), "--resume", str(tmp_path / "checkpoint.pth.tar"),
+               "--output", str(tmp_path))
+    assert torch.load(tmp_path / "checkpoint.pth.tar", map_location="cpu", weights_only=True)["epoch"] == epoch + 1
+
+
+def run_bad_input(capsys: pytest.CaptureFixture, *args: str) -> str:
+    """Runs main() in-process, checks it stops with exit code 2 before training, returns its one-line message."""
+    with pytest.raises(SystemExit) as stopped:
+        recipe.main([*args, *TINY_RUN])
+    assert stopped.value.code == 2
+    captured = capsys.readouterr()
+    assert "=> creating model" not in captured.out
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    return lines[0]
+
+
+def test_missing_data_folder(capsys: pytest.CaptureFixture, tmp_path: Path):
+    message = run_bad_input(capsys, str(tmp_path / "nowhere"))
+    assert "nowhere does not exist" in message and "train/<class>/<image>" in message
+
+
+def test_empty_data_folder(capsys: pytest.CaptureFixture, tmp_path: Path):
+    assert "train does not exist" in run_bad_input(capsys, str(tmp_path))
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    assert "has no class folders" in run_bad_input(capsys, str(tmp_path))
+    (tmp_path / "train" / "cat").mkdir()
+    (tmp_path / "val" / "cat").mkdir()
+    assert "holds no images" in run_bad_input(capsys, str(tmp_path))
+
+
+def test_class_in_train_but_not_in_val(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):
+    shutil.copytree(data_dir, tmp_path / "data")
+    shutil.rmtree(tmp_path / "data" / "val" / "frog")
+    message = run_bad_input(capsys, str(tmp_path / "data"))
+    assert "only in train: ['frog']" in message and "needs a folder in both" in message
+
+
+def test_unreadable_image(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):
+    shutil.copytree(data_dir, tmp_path / "data")
+    broken = tmp_path / "data" / "train" / "cat" / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    message = run_bad_input(capsys, str(tmp_path / "data"))
+    assert f"unreadable image {broken}" in message and "delete or replace it" in message
+
+
+def test_resume_from_nothing(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):
+    message = run_bad_input(capsys, str(data_dir), "--resume", str(tmp_path / "missing.pth.tar"))
+    assert "no such checkpoint file" in message
+
+
+def test_resume_from_a_corrupt_checkpoint(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):
+    truncated = tmp_path / "checkpoint.pth.tar"
+    torch.save({"arch": "sgdrop_vgg_tiny", "state_dict": {"w": torch.zeros(1000)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    assert "not a readable checkpoint" in run_bad_input(capsys, str(data_dir), "--resume", str(truncated))
+
+
+def test_resume_from_another_architecture(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):
+    other = tmp_path / "checkpoint.pth.tar"
+    torch.save({"epoch": 1, "arch": "sgdrop_cifar_cnn", "state_dict": {}}, other)
+    message = run_bad_input(capsys, str(data_dir), "--resume", str(other))
+    assert "holds a 'sgdrop_cifar_cnn' model, not 'sgdrop_vgg_tiny'" in message and "-a sgdrop_cifar_cnn" in message
+
+
+def test_unknown_arch(capsys: pytest.CaptureFixture, data_dir: Path):
+    with pytest.raises(SystemExit) as stopped:
+        recipe.main([str(data_dir), *TINY_RUN, "-a", "sgdrop_resnet5"])
+    assert stopped.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("error: unknown --arch 'sgdrop_resnet5'") and "sgdrop_resnet50" in message
+    assert "\n" not in message
+
+
+def test_presets_are_plain_data_and_command_line_wins():
+    args = recipe.parse_args(["data", "--preset", "lowdata", "-a", "sgdrop_convnext_tiny"])
+    assert (args.optimizer, args.lr, args.epochs, args.train_transform, args.sgdrop_rho) == (
+        "adam", 1e-4, 80, "resize", 0.1)
+    assert recipe.parse_args(["data", "--preset", "lowdata", "-a", "sgdrop_vgg16"]).sgdrop_rho == 0.01
+    args = recipe.parse_args(["data", "--preset", "lowdata", "--epochs", "3", "--sgdrop-rho", "0.02"])
+    assert (args.epochs, args.sgdrop_rho) == (3, 0.02)
+    official = recipe.parse_args([])
+    assert (official.data, official.epochs, official.batch_size, official.lr, official.momentum,
+            official.weight_decay, official.optimizer, official.lr_step_size, official.lr_gamma) == (
+        "imagenet", 90, 256, 0.1, 0.9, 1e-4, "sgd", 30, 0.1)

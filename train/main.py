@@ -1,0 +1,955 @@
+"""Train a timm classifier with Saliency-Guided Dropout (SGDrop) on an ImageFolder dataset.
+
+The interface and defaults are those of the official PyTorch ImageNet example (pytorch/examples `imagenet/main.py`),
+which the SGDrop paper used for its ImageNet and Places365 results: same arguments, SGD + StepLR, RandomResizedCrop +
+flip, `checkpoint.pth.tar` / `model_best.pth.tar`. On top of it: any timm architecture, the SGDrop options and the
+paper's baselines (`--regularizer`), plain-data presets (`--preset lowdata` is the paper's low-data protocol), torchrun,
+bf16 autocast, channels_last, torch.compile and an in-memory dataset for small data.
+
+Paper: Saliency-Guided Dropout, Bertoin et al., https://arxiv.org/abs/2409.17370
+
+Examples:
+    python train/main.py ../shared/data/imagenette --preset demo --output runs/demo
+    python train/main.py DATA --preset lowdata -a sgdrop_vgg16 --output runs/vgg16
+    torchrun --nproc-per-node 8 train/main.py DATA -a sgdrop_resnet50 --dist-url env:// --amp --channels-last
+    python train/main.py DATA -a sgdrop_resnet50 --resume runs/r50/model_best.pth.tar --evaluate
+"""
+import argparse
+import difflib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from enum import Enum
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import torch.backends.cudnn as cudnn
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.data
+import torch.utils.data.distributed
+import torchvision.datasets as datasets
+import torchvision.transforms as transforms
+from PIL import Image
+
+import timm
+from timm.models import save_for_hf
+
+import sgdrop_zoo
+
+PRESETS_PATH = Path(__file__).with_name("presets.json")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CENTER_CROP_PCT = 224 / 256  # the official Resize(256) + CenterCrop(224), at any --image-size
+
+
+class RecipeError(Exception):
+    """Bad input found before training starts; the message says what is wrong and what to do."""
+
+
+def load_presets() -> dict[str, dict]:
+    with PRESETS_PATH.open() as f:
+        return {name: preset for name, preset in json.load(f).items() if not name.startswith("_")}
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="PyTorch ImageNet Training with Saliency-Guided Dropout (SGDrop)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    # The official script's arguments, names and defaults.
+    parser.add_argument("data", metavar="DIR", nargs="?", default="imagenet",
+                        help="path to dataset, holding train/<class>/* and val/<class>/*")
+    parser.add_argument("-a", "--arch", metavar="ARCH", default="sgdrop_resnet50",
+                        help="any timm model name; sgdrop_* names are registered by sgdrop_zoo")
+    parser.add_argument("-j", "--workers", default=4, type=int, metavar="N", help="number of data loading workers")
+    parser.add_argument("--epochs", default=90, type=int, metavar="N", help="number of total epochs to run")
+    parser.add_argument("--start-epoch", default=0, type=int, metavar="N",
+                        help="manual epoch number (useful on restarts)")
+    parser.add_argument("-b", "--batch-size", default=256, type=int, metavar="N",
+                        help="mini-batch size, the total of all processes on this node when distributed")
+    parser.add_argument("--lr", "--learning-rate", default=0.1, type=float, metavar="LR", help="initial learning rate",
+                        dest="lr")
+    parser.add_argument("--momentum", default=0.9, type=float, metavar="M", help="momentum (SGD only)")
+    parser.add_argument("--wd", "--weight-decay", default=1e-4, type=float, metavar="W", help="weight decay",
+                        dest="weight_decay")
+    parser.add_argument("-p", "--print-freq", default=10, type=int, metavar="N", help="print frequency")
+    parser.add_argument("--resume", default="", type=str, metavar="PATH", help="path to a checkpoint to resume from")
+    parser.add_argument("-e", "--evaluate", dest="evaluate", action="store_true",
+                        help="evaluate model on validation set")
+    parser.add_argument("--pretrained", dest="pretrained", action="store_true", help="use pre-trained model")
+    parser.add_argument("--world-size", default=-1, type=int, help="number of nodes for distributed training")
+    parser.add_argument("--rank", default=-1, type=int, help="node rank for distributed training")
+    parser.add_argument("--dist-url", default="tcp://224.66.41.62:23456", type=str,
+                        help="url used to set up distributed training; env:// under torchrun")
+    parser.add_argument("--dist-backend", default=None, type=str,
+                        help="distributed backend (default: nccl with GPUs, gloo on CPU)")
+    parser.add_argument("--seed", default=None, type=int, help="seed for initializing training")
+    parser.add_argument("--gpu", default=None, type=int, help="GPU id to use")
+    parser.add_argument("--multiprocessing-distributed", action="store_true",
+                        help="launch N processes per node, one per GPU (one on CPU), as the official script does")
+    parser.add_argument("--dummy", action="store_true", help="use fake data to benchmark")
+
+    group = parser.add_argument_group("SGDrop and the paper's protocols")
+    group.add_argument("--preset", default=None, choices=sorted(load_presets()),
+                       help=f"named defaults from {PRESETS_PATH.name}; explicit flags still win")
+    group.add_argument("--regularizer", default="sgdrop", choices=("none", "dropout", "sgdrop"),
+                       help="sgdrop, or one of the paper's baselines on the same latent features")
+    group.add_argument("--sgdrop-rho", default=None, type=float, metavar="RHO",
+                       help="fraction of latent features dropped per sample (default: 0.01, or the preset's value "
+                            "for the architecture family)")
+    group.add_argument("--sgdrop-rho-end", default=None, type=float, metavar="RHO",
+                       help="if set, rho grows linearly from --sgdrop-rho to this value over the epochs (curriculum)")
+    group.add_argument("--sgdrop-attribution", default="ema", choices=("ema", "online"),
+                       help="weights that compute the attribution: EMA of the network (paper) or the online network")
+    group.add_argument("--sgdrop-ema-decay", default=0.999, type=float, help="decay of the attribution EMA")
+    group.add_argument("--dropout-p", default=0.5, type=float, help="drop probability of --regularizer dropout")
+    group.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"), help="optimizer")
+    group.add_argument("--lr-step-size", default=30, type=int, help="StepLR: epochs between lr decays")
+    group.add_argument("--lr-gamma", default=0.1, type=float, help="StepLR: lr factor per step (1.0 = constant lr)")
+    group.add_argument("--image-size", default=224, type=int, help="training and validation image size")
+    group.add_argument("--train-transform", default="crop-flip", choices=("crop-flip", "resize"),
+                       help="crop-flip: official RandomResizedCrop + flip, val resize + center crop; "
+                            "resize: train and val images only resized to a square (paper's low-data protocol)")
+    group.add_argument("--train-subset", default=0, type=int, metavar="N",
+                       help="train on a fixed random subset of N training images (0: all)")
+    group.add_argument("--train-eval-samples", default=1000, type=int, metavar="N",
+                       help="per epoch, accuracy of the unmasked eval-mode model on N fixed training images; far "
+                            "below the masked train accuracy means the SGDrop mask leaks the label (0: off)")
+
+    group = parser.add_argument_group("performance and output")
+    group.add_argument("--amp", action="store_true", help="autocast (bf16 by default)")
+    group.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"),
+                       help="autocast dtype; float16 adds a gradient scaler")
+    group.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    group.add_argument("--compile", action="store_true", help="torch.compile the model")
+    group.add_argument("--in-memory", action="store_true",
+                       help="decode the dataset once into a uint8 tensor kept in memory (on the GPU when there is "
+                            "one); for small datasets")
+    group.add_argument("--output", default=".", metavar="DIR",
+                       help="directory for checkpoints, log.jsonl and the exported model")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the command line; a preset changes the defaults, so flags given explicitly override it."""
+    parser = get_parser()
+    preset_name = parser.parse_known_args(argv)[0].preset
+    preset = load_presets()[preset_name] if preset_name else {}
+    unknown = set(preset.get("args", {})) - set(vars(parser.parse_args([])))
+    if unknown:
+        parser.error(f"preset {preset_name!r} sets unknown options {sorted(unknown)}; fix {PRESETS_PATH}")
+    parser.set_defaults(**preset.get("args", {}))
+    args = parser.parse_args(argv)
+    if args.sgdrop_rho is None:
+        args.sgdrop_rho = rho_for_arch(args.arch, preset.get("sgdrop_rho_by_arch", []))
+    return args
+
+
+def rho_for_arch(arch: str, rho_by_arch: list[list]) -> float:
+    """First rho whose architecture pattern occurs in `arch`, else the paper's default 0.01."""
+    for pattern, rho in rho_by_arch:
+        if pattern in arch:
+            return rho
+    return 0.01
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+
+    if args.seed is not None and torch.cuda.is_available():
+        warnings.warn("You have chosen to seed training. This will turn on the CUDNN deterministic setting, "
+                      "which can slow down your training considerably!")
+    if args.gpu is not None:
+        warnings.warn("You have chosen a specific GPU. This will completely disable data parallelism.")
+
+    if args.dist_url == "env://" and args.world_size == -1:
+        args.world_size = int(os.environ["WORLD_SIZE"])
+    args.distributed = args.world_size > 1 or args.multiprocessing_distributed
+    if torch.cuda.is_available():
+        ngpus_per_node = torch.cuda.device_count()
+    else:
+        ngpus_per_node = 1
+    if args.dist_backend is None:
+        args.dist_backend = "nccl" if torch.cuda.is_available() else "gloo"
+
+    try:
+        check_inputs(args)
+    except RecipeError as e:
+        # under torchrun every process finds the same problem; one line is enough
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    if args.multiprocessing_distributed:
+        # world_size is the number of nodes here; it becomes the total number of processes
+        args.world_size = ngpus_per_node * args.world_size
+        mp.spawn(main_worker, nprocs=ngpus_per_node, args=(ngpus_per_node, args))
+    else:
+        if args.distributed and torch.cuda.is_available() and args.gpu is None and "LOCAL_RANK" in os.environ:
+            args.gpu = int(os.environ["LOCAL_RANK"])  # torchrun: one process per GPU
+        main_worker(args.gpu, ngpus_per_node, args)
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Stop with one clear line for every problem that can be seen before training starts.
+
+    Sets `args.class_names` from the dataset (or the fake dataset of `--dummy`).
+    """
+    if not timm.is_model(args.arch):
+        close = difflib.get_close_matches(args.arch, timm.list_models(), n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise RecipeError(f"unknown --arch {args.arch!r}: not a timm model; {hint}"
+                          f"list names with timm.list_models('*{args.arch.split('_')[-1]}*')")
+    if args.multiprocessing_distributed and (args.world_size < 1 or args.rank < 0):
+        raise RecipeError("--multiprocessing-distributed needs --world-size (number of nodes) and --rank (node rank), "
+                          "e.g. --world-size 1 --rank 0 on one machine")
+    if args.regularizer == "sgdrop" and not 0.0 <= args.sgdrop_rho < 1.0:
+        raise RecipeError(f"--sgdrop-rho {args.sgdrop_rho} is outside [0, 1); the paper uses 0.01 to 0.1")
+
+    if args.dummy:
+        args.class_names = [str(i) for i in range(1000)]
+    else:
+        args.class_names = check_image_folders(Path(args.data), args.workers)
+
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        if checkpoint.get("arch") != args.arch:
+            raise RecipeError(f"--resume {args.resume} holds a {checkpoint.get('arch')!r} model, not {args.arch!r}; "
+                              f"pass -a {checkpoint.get('arch')} or a checkpoint of {args.arch}")
+        saved_classes = checkpoint.get("class_names")
+        if saved_classes is not None and saved_classes != args.class_names:
+            raise RecipeError(f"--resume {args.resume} was trained on {len(saved_classes)} other classes than the "
+                              f"{len(args.class_names)} in {args.data}; resume on the same dataset")
+
+
+def check_image_folders(root: Path, workers: int) -> list[str]:
+    """Check the ImageFolder layout of `root`/train and `root`/val and that every image can be opened.
+
+    Returns:
+        The class names, in ImageFolder's (sorted) order.
+    """
+    layout = f"expected {root}/train/<class>/<image> and {root}/val/<class>/<image>"
+    if not root.is_dir():
+        raise RecipeError(f"data folder {root} does not exist; {layout}")
+    classes = {}
+    samples = []
+    for split in ("train", "val"):
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise RecipeError(f"data folder {split_dir} does not exist; {layout}")
+        classes[split] = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+        if not classes[split]:
+            raise RecipeError(f"{split_dir} has no class folders; {layout}")
+        class_to_idx = {name: i for i, name in enumerate(classes[split])}
+        split_samples = datasets.folder.make_dataset(split_dir, class_to_idx, datasets.folder.IMG_EXTENSIONS,
+                                                     allow_empty=True)
+        if not split_samples:
+            raise RecipeError(f"{split_dir} holds no images ({', '.join(datasets.folder.IMG_EXTENSIONS)}); {layout}")
+        samples += split_samples
+    if classes["train"] != classes["val"]:
+        only_train = sorted(set(classes["train"]) - set(classes["val"]))
+        only_val = sorted(set(classes["val"]) - set(classes["train"]))
+        raise RecipeError(f"class folders differ between {root}/train and {root}/val (only in train: {only_train}, "
+                          f"only in val: {only_val}); every class needs a folder in both")
+
+    # Only the headers are read: cheap even for ImageNet, and it catches files that are not images at all.
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for path, error in zip((p for p, _ in samples), pool.map(image_header_error, (p for p, _ in samples))):
+            if error:
+                raise RecipeError(f"unreadable image {path} ({error}); delete or replace it and rerun")
+    return classes["train"]
+
+
+def image_header_error(path: str) -> Optional[str]:
+    try:
+        with Image.open(path) as img:
+            img.size
+    except Exception as e:  # noqa: BLE001, Pillow raises many types for bad files
+        return str(e) or type(e).__name__
+    return None
+
+
+def load_rgb(path: str) -> Image.Image:
+    """ImageFolder's loader, with the path of the failing file in its error."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except OSError as e:
+        raise OSError(f"unreadable image {path}: {e}") from e
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """Load a checkpoint written by this script, tensors on the CPU, without executing pickled code."""
+    if not os.path.isfile(path):
+        raise RecipeError(f"--resume {path}: no such checkpoint file; pass a checkpoint.pth.tar written by this script")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001, a corrupt zip, a pickle with foreign classes, ...
+        raise RecipeError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}); "
+                          f"pass an intact checkpoint.pth.tar") from e
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise RecipeError(f"--resume {path}: not a checkpoint of this script (no 'state_dict'); pass checkpoint.pth.tar")
+    return checkpoint
+
+
+def sgdrop_options(args: argparse.Namespace) -> dict[str, Any]:
+    """SGDrop settings of the chosen regularizer; the paper's baselines use the same model with rho = 0."""
+    if args.regularizer == "sgdrop":
+        return dict(rho=args.sgdrop_rho, attribution=args.sgdrop_attribution, ema_decay=args.sgdrop_ema_decay,
+                    latent_drop_rate=0.0)
+    # Online attribution keeps no EMA copy of the weights, which a run without SGDrop never reads.
+    return dict(rho=0.0, attribution="online", ema_decay=args.sgdrop_ema_decay,
+                latent_drop_rate=args.dropout_p if args.regularizer == "dropout" else 0.0)
+
+
+def create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
+    """The timm model `args.arch` with the regularizer of `args`; plain timm names get SGDrop added."""
+    options = sgdrop_options(args)
+    if args.arch.startswith("sgdrop_"):
+        return timm.create_model(args.arch, pretrained=args.pretrained, num_classes=num_classes,
+                                 **{f"sgdrop_{k}" if k != "latent_drop_rate" else k: v for k, v in options.items()})
+    model = timm.create_model(args.arch, pretrained=args.pretrained, num_classes=num_classes)
+    return sgdrop_zoo.add_sgdrop(model, **options)
+
+
+def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespace) -> None:
+    args.gpu = gpu
+    if args.distributed:
+        if args.dist_url == "env://" and args.rank == -1:
+            args.rank = int(os.environ["RANK"])
+        if args.multiprocessing_distributed:
+            # the global rank of this process among all processes
+            args.rank = args.rank * ngpus_per_node + gpu
+        dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
+                                world_size=args.world_size, rank=args.rank)
+    else:
+        args.rank, args.world_size = 0, 1
+    args.is_main = args.rank == 0
+    output = Path(args.output)
+    if args.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda", args.gpu if args.gpu is not None else 0)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if args.seed is not None:
+        # the same seed on every process would give every process the same dropout masks
+        random.seed(args.seed + args.rank)
+        torch.manual_seed(args.seed + args.rank)
+        cudnn.deterministic = True
+        cudnn.benchmark = False
+    else:
+        cudnn.benchmark = True
+
+    # create model
+    if args.is_main:
+        print(f"=> creating model '{args.arch}'{' (pretrained)' if args.pretrained else ''} "
+              f"with regularizer {args.regularizer}", flush=True)
+    model = create_model(args, num_classes=len(args.class_names)).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.compile:
+        # in place, so state_dict keys and the SGDrop methods stay those of the model
+        model.compile()
+    model_without_ddp = model
+    if args.distributed:
+        # the batch size and workers are totals for this node, as in the official script
+        procs_per_node = ngpus_per_node if args.multiprocessing_distributed else int(
+            os.environ.get("LOCAL_WORLD_SIZE", 1))
+        args.batch_size = max(1, args.batch_size // procs_per_node)
+        args.workers = (args.workers + procs_per_node - 1) // procs_per_node
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    criterion = nn.CrossEntropyLoss().to(device)
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
+                                    weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), args.lr, weight_decay=args.weight_decay)
+    # "Sets the learning rate to the initial LR decayed by 10 every 30 epochs" with the defaults
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step_size, gamma=args.lr_gamma)
+    amp_dtype = getattr(torch, args.amp_dtype)
+    # bf16 has float32's range and needs no loss scaling; the scaler is a no-op unless float16
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and amp_dtype == torch.float16)
+    rho_schedule = sgdrop_zoo.LinearRhoSchedule(args.sgdrop_rho, args.sgdrop_rho_end, args.epochs)
+
+    best_acc1 = 0.0
+    rng_state = None
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        args.start_epoch = checkpoint["epoch"]
+        best_acc1 = checkpoint["best_acc1"]
+        model_without_ddp.load_state_dict(checkpoint["state_dict"])
+        if checkpoint.get("sgdrop_ema") is not None:
+            model_without_ddp.load_ema_state_dict(checkpoint["sgdrop_ema"])
+        if not args.evaluate:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            if checkpoint.get("scaler"):
+                scaler.load_state_dict(checkpoint["scaler"])
+            rng_state = checkpoint.get("rng_state")
+        if args.is_main:
+            print(f"=> loaded checkpoint '{args.resume}' (epoch {checkpoint['epoch']})", flush=True)
+        del checkpoint
+
+    # Data loading code
+    train_loader, val_loader, train_eval_loader = build_loaders(args, model_without_ddp, device)
+
+    if args.evaluate:
+        metrics = validate(val_loader, model_without_ddp, criterion, device, args)
+        if args.is_main:
+            print(f"=> val Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f} on {metrics['count']} images "
+                  f"({args.resume or 'no checkpoint'})", flush=True)
+        cleanup(args)
+        return
+
+    if rng_state is not None and not args.distributed:
+        # continues exactly where the interrupted run stopped: shuffling, augmentation, dropout
+        set_rng_state(rng_state)
+
+    log_path = output / "log.jsonl"
+    for epoch in range(args.start_epoch, args.epochs):
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        if args.regularizer == "sgdrop":
+            model_without_ddp.sgdrop_rho = rho_schedule(epoch)
+
+        # train for one epoch
+        start = time.time()
+        train_metrics = train(train_loader, model, model_without_ddp, criterion, optimizer, scaler, epoch, device,
+                              args)
+        epoch_time = time.time() - start
+
+        # evaluate on validation set
+        val_metrics = validate(val_loader, model_without_ddp, criterion, device, args)
+        clean_metrics = validate(train_eval_loader, model_without_ddp, criterion, device, args, "Train (clean)") \
+            if train_eval_loader is not None else None
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+
+        # remember best acc@1 and save checkpoint
+        acc1 = val_metrics["acc1"]
+        is_best = acc1 > best_acc1
+        best_acc1 = max(acc1, best_acc1)
+        if args.is_main:
+            save_checkpoint({
+                "epoch": epoch + 1,
+                "arch": args.arch,
+                "state_dict": model_without_ddp.state_dict(),
+                "best_acc1": best_acc1,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "sgdrop_ema": model_without_ddp.ema_state_dict(),
+                "sgdrop_rho": model_without_ddp.sgdrop_rho,
+                "rho_schedule": {"start": args.sgdrop_rho, "end": args.sgdrop_rho_end, "num_epochs": args.epochs},
+                "scaler": scaler.state_dict(),
+                "rng_state": get_rng_state(),
+                "class_names": args.class_names,
+                "args": {k: v for k, v in vars(args).items() if k != "class_names"},
+            }, is_best, output)
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": train_metrics["loss"],
+                "train_acc1": train_metrics["acc1"],
+                "train_clean_acc1": clean_metrics["acc1"] if clean_metrics else None,
+                "val_loss": val_metrics["loss"],
+                "val_acc1": val_metrics["acc1"],
+                "val_acc5": val_metrics["acc5"],
+                "val_count": val_metrics["count"],
+                "lr": lr,
+                "sgdrop_rho": model_without_ddp.sgdrop_rho,
+                "img_per_s": train_metrics["count"] / epoch_time,
+                "epoch_time_s": epoch_time,
+            }
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    if args.is_main and (output / "model_best.pth.tar").exists():
+        export_dir = export_for_hub(output / "model_best.pth.tar", output, args)
+        print(f"=> best val Acc@1 {best_acc1:.3f}; checkpoints {output / 'checkpoint.pth.tar'} and "
+              f"{output / 'model_best.pth.tar'}; weights {export_dir / 'model.safetensors'}", flush=True)
+    cleanup(args)
+
+
+def cleanup(args: argparse.Namespace) -> None:
+    if args.distributed:
+        dist.destroy_process_group()
+
+
+def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.device) -> tuple[Any, Any, Any]:
+    """Train and val loaders, plus a loader of fixed training images with the val transform (or None).
+
+    Loaders yield (images, targets); the in-memory ones yield batches already normalised on `device`.
+    """
+    mean = model.pretrained_cfg.get("mean", IMAGENET_MEAN)
+    std = model.pretrained_cfg.get("std", IMAGENET_STD)
+    size = args.image_size
+    normalize = transforms.Normalize(mean=mean, std=std)
+    if args.train_transform == "resize":
+        train_resize = [transforms.Resize((size, size))]
+        val_resize = [transforms.Resize((size, size))]
+    else:
+        train_resize = [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()]
+        val_resize = [transforms.Resize(round(size / CENTER_CROP_PCT)), transforms.CenterCrop(size)]
+
+    if args.dummy:
+        if args.is_main:
+            print("=> Dummy data is used!", flush=True)
+        train_dataset = datasets.FakeData(1281167, (3, size, size), 1000, transforms.ToTensor())
+        val_dataset = datasets.FakeData(50000, (3, size, size), 1000, transforms.ToTensor())
+        return (make_loader(train_dataset, True, args), make_loader(val_dataset, False, args), None)
+
+    traindir = os.path.join(args.data, "train")
+    valdir = os.path.join(args.data, "val")
+    num_train = len(datasets.ImageFolder(traindir, loader=load_rgb))
+    # Fixed subsets, independent of --seed, so that runs with different seeds see the same images.
+    train_indices = torch.randperm(num_train, generator=torch.Generator().manual_seed(0)).tolist()
+    if args.train_subset:
+        train_indices = train_indices[:args.train_subset]
+    train_eval_indices = train_indices[:args.train_eval_samples]
+
+    if not args.in_memory:
+        train_dataset = datasets.ImageFolder(traindir, transforms.Compose(train_resize + [transforms.ToTensor(),
+                                                                                          normalize]), loader=load_rgb)
+        val_dataset = datasets.ImageFolder(valdir, transforms.Compose(val_resize + [transforms.ToTensor(), normalize]),
+                                           loader=load_rgb)
+        train_eval_dataset = datasets.ImageFolder(traindir, val_dataset.transform, loader=load_rgb)
+        if len(train_indices) < num_train:
+            train_dataset = torch.utils.data.Subset(train_dataset, sorted(train_indices))
+        train_loader = make_loader(train_dataset, True, args)
+        val_loader = make_loader(val_dataset, False, args)
+        train_eval_loader = make_loader(torch.utils.data.Subset(train_eval_dataset, train_eval_indices), False, args) \
+            if train_eval_indices else None
+        return train_loader, val_loader, train_eval_loader
+
+    # In memory: decode every image once, after the deterministic part of the transform; the random crop and flip
+    # run per batch on `device`.
+    store_device = device if device.type == "cuda" else torch.device("cpu")
+    train_store = [transforms.Resize((size, size))] if args.train_transform == "resize" else [
+        transforms.Resize((round(size / CENTER_CROP_PCT),) * 2)]
+    decode = dict(workers=args.workers, device=store_device, verbose=args.is_main)
+    train_images = decode_images(datasets.ImageFolder(traindir, transforms.Compose(train_store), loader=load_rgb),
+                                 sorted(train_indices), **decode)
+    val_images = decode_images(datasets.ImageFolder(valdir, transforms.Compose(val_resize), loader=load_rgb), None,
+                               **decode)
+    common = dict(mean=mean, std=std, rank=args.rank, world_size=args.world_size, device=device)
+    train_loader = InMemoryLoader(*train_images, args.batch_size, shuffle=True, seed=args.seed or 0,
+                                  crop_flip_size=size if args.train_transform == "crop-flip" else None, **common)
+    val_loader = InMemoryLoader(*val_images, args.batch_size, shuffle=False, **common)
+    train_eval_loader = None
+    if train_eval_indices:
+        train_eval_images = decode_images(datasets.ImageFolder(traindir, transforms.Compose(val_resize),
+                                                               loader=load_rgb), train_eval_indices, **decode)
+        train_eval_loader = InMemoryLoader(*train_eval_images, args.batch_size, shuffle=False, **common)
+    return train_loader, val_loader, train_eval_loader
+
+
+def make_loader(dataset: torch.utils.data.Dataset, train: bool, args: argparse.Namespace
+                ) -> torch.utils.data.DataLoader:
+    if train:
+        sampler = torch.utils.data.distributed.DistributedSampler(dataset, seed=args.seed or 0) \
+            if args.distributed else None
+    else:
+        sampler = ShardSampler(len(dataset), args.rank, args.world_size)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=train and sampler is None, sampler=sampler,
+        num_workers=args.workers, pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Every `world_size`-th index from `rank`, without the padding of DistributedSampler.
+
+    Each sample is evaluated by exactly one process; the metrics are then summed over processes.
+    """
+
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1):
+        self.indices = range(rank, num_samples, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def decode_images(dataset: datasets.ImageFolder, indices: Optional[list[int]], workers: int, device: torch.device,
+                  verbose: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode (a subset of) an ImageFolder into a uint8 [N, 3, H, W] tensor and its int64 targets."""
+    dataset.transform = transforms.Compose([dataset.transform, transforms.PILToTensor()])
+    if indices is not None:
+        dataset = torch.utils.data.Subset(dataset, indices)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers)
+    start = time.time()
+    images, targets = [], []
+    for batch_images, batch_targets in loader:
+        images.append(batch_images.to(device))
+        targets.append(batch_targets.to(device))
+    images, targets = torch.cat(images), torch.cat(targets)
+    if verbose:
+        print(f"=> decoded {len(images)} images into memory ({images.numel() / 2 ** 20:.0f} MiB on {device}) "
+              f"in {time.time() - start:.1f}s", flush=True)
+    return images, targets
+
+
+class InMemoryLoader:
+    """Batches of a uint8 image tensor, normalised on `device`; this process's shard when distributed.
+
+    Training shards are shuffled with a generator seeded by (seed, epoch), identical on every process, and truncated to
+    equal length so that all processes run the same number of steps. Evaluation shards take every `world_size`-th
+    image, so each image is counted exactly once.
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, batch_size: int, shuffle: bool,
+                 mean: Sequence[float], std: Sequence[float], rank: int, world_size: int, device: torch.device,
+                 seed: int = 0, crop_flip_size: Optional[int] = None):
+        self.images, self.targets = images, targets
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.crop_flip_size = crop_flip_size
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.epoch = 0
+        num_images = len(images)
+        self.num_samples = num_images // world_size if shuffle else len(range(rank, num_images, world_size))
+        self.sampler = self  # the training loop calls loader.sampler.set_epoch, as for a DistributedSampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.shuffle:
+            order = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            indices = order[self.rank::self.world_size][:self.num_samples]
+        else:
+            indices = torch.arange(self.rank, len(self.images), self.world_size)
+        indices = indices.to(self.images.device)
+        for start in range(0, self.num_samples, self.batch_size):
+            batch = indices[start:start + self.batch_size]
+            images = self.images[batch].to(self.device, non_blocking=True)
+            # the same arithmetic as ToTensor + Normalize, so both data paths give identical inputs
+            images = images.float().div_(255).sub_(self.mean).div_(self.std)
+            if self.crop_flip_size:
+                images = random_resized_crop_flip(images, self.crop_flip_size)
+            yield images, self.targets[batch].to(self.device, non_blocking=True)
+
+
+def random_resized_crop_flip(images: torch.Tensor, size: int, scale: tuple[float, float] = (0.08, 1.0),
+                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """RandomResizedCrop(size) + RandomHorizontalFlip with an independent crop per image, as one batched op.
+
+    Crops whose side would exceed the image are clipped to it, instead of torchvision's ten retries.
+    """
+    n = images.shape[0]
+    area = torch.empty(n).uniform_(*scale)
+    aspect = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+    width = (area * aspect).sqrt().clamp(max=1.0)  # as fractions of the image side
+    height = (area / aspect).sqrt().clamp(max=1.0)
+    flip = torch.where(torch.rand(n) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = width * flip
+    theta[:, 1, 1] = height
+    theta[:, 0, 2] = (torch.rand(n) * 2 - 1) * (1 - width)  # crop centre, in [-1, 1] coordinates
+    theta[:, 1, 2] = (torch.rand(n) * 2 - 1) * (1 - height)
+    grid = F.affine_grid(theta.to(images.device), [n, images.shape[1], size, size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def train(train_loader: Any, model: nn.Module, model_without_ddp: nn.Module, criterion: nn.Module,
+          optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, epoch: int, device: torch.device,
+          args: argparse.Namespace) -> dict[str, float]:
+    """Train for one epoch; returns the loss and the accuracy of the (SGDrop-masked) training logits."""
+    batch_time = AverageMeter("Time", ":6.3f")
+    data_time = AverageMeter("Data", ":6.3f")
+    losses = AverageMeter("Loss", ":.4e")
+    top1 = AverageMeter("Acc@1", ":6.2f")
+    top5 = AverageMeter("Acc@5", ":6.2f")
+    progress = ProgressMeter(len(train_loader), [batch_time, data_time, losses, top1, top5],
+                             prefix=f"Epoch: [{epoch}]", enabled=args.is_main)
+    amp_dtype = getattr(torch, args.amp_dtype)
+
+    # switch to train mode
+    model.train()
+
+    end = time.time()
+    for i, (images, target) in enumerate(train_loader):
+        # measure data loading time
+        data_time.update(time.time() - end)
+
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+
+        # compute output: the logits of the SGDrop-masked latent features (the target picks the attributed class)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
+            output = model(images, target=target)
+            loss = criterion(output, target)
+
+        # measure accuracy and record loss
+        acc1, acc5 = accuracy(output, target, topk=(1, 5))
+        losses.update(loss.item(), images.size(0))
+        top1.update(acc1[0].item(), images.size(0))
+        top5.update(acc5[0].item(), images.size(0))
+
+        # compute gradient and do optimizer step
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        model_without_ddp.update_ema()
+
+        # measure elapsed time
+        batch_time.update(time.time() - end)
+        end = time.time()
+
+        if i % args.print_freq == 0:
+            progress.display(i + 1)
+
+    if args.distributed:
+        for meter in (losses, top1, top5):
+            meter.all_reduce(device)
+    return {"loss": losses.avg, "acc1": top1.avg, "acc5": top5.avg, "count": top1.count}
+
+
+def validate(val_loader: Any, model: nn.Module, criterion: nn.Module, device: torch.device, args: argparse.Namespace,
+             name: str = "Test") -> dict[str, float]:
+    """Evaluate the unwrapped eval-mode model on this process's shard, then sum the metrics over processes.
+
+    The unwrapped model is used so that processes with one batch more or less than the others never wait on a DDP
+    collective.
+    """
+    batch_time = AverageMeter("Time", ":6.3f", Summary.NONE)
+    losses = AverageMeter("Loss", ":.4e", Summary.NONE)
+    top1 = AverageMeter("Acc@1", ":6.2f", Summary.AVERAGE)
+    top5 = AverageMeter("Acc@5", ":6.2f", Summary.AVERAGE)
+    progress = ProgressMeter(len(val_loader), [batch_time, losses, top1, top5], prefix=f"{name}: ",
+                             enabled=args.is_main)
+    amp_dtype = getattr(torch, args.amp_dtype)
+
+    # switch to evaluate mode
+    model.eval()
+
+    with torch.no_grad():
+        end = time.time()
+        for i, (images, target) in enumerate(val_loader):
+            images = images.to(device, non_blocking=True)
+            target = target.to(device, non_blocking=True)
+            if args.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+
+            # compute output
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
+                output = model(images)
+                loss = criterion(output, target)
+
+            # measure accuracy and record loss
+            acc1, acc5 = accuracy(output, target, topk=(1, 5))
+            losses.update(loss.item(), images.size(0))
+            top1.update(acc1[0].item(), images.size(0))
+            top5.update(acc5[0].item(), images.size(0))
+
+            # measure elapsed time
+            batch_time.update(time.time() - end)
+            end = time.time()
+
+            if i % args.print_freq == 0:
+                progress.display(i + 1)
+
+    if args.distributed:
+        for meter in (losses, top1, top5):
+            meter.all_reduce(device)
+    progress.display_summary()
+    return {"loss": losses.avg, "acc1": top1.avg, "acc5": top5.avg, "count": int(top1.count)}
+
+
+def save_checkpoint(state: dict[str, Any], is_best: bool, output: Path, filename: str = "checkpoint.pth.tar") -> None:
+    """Write `state` to `output`/`filename`, and copy it to model_best.pth.tar when best.
+
+    Each file is written to a temporary file in the same directory and renamed over the old one, so a run killed at any
+    moment leaves the previous complete checkpoint in place.
+    """
+    path = output / filename
+    atomic_write(path, lambda f: torch.save(state, f))
+    if is_best:
+        with path.open("rb") as src:
+            atomic_write(output / "model_best.pth.tar", lambda f: shutil.copyfileobj(src, f))
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        os.unlink(tmp_name)
+        raise
+
+
+def export_for_hub(checkpoint_path: Path, output: Path, args: argparse.Namespace) -> Path:
+    """Export the weights of a checkpoint as `model.safetensors` + timm's `config.json`, in `output`.
+
+    The model is rebuilt on the CPU from the checkpoint, so the export holds plain contiguous float32 weights whatever
+    the training memory format or compile state.
+    """
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    model = create_model(argparse.Namespace(**{**vars(args), "pretrained": False}), len(args.class_names))
+    model.load_state_dict(checkpoint["state_dict"])
+    resize_only = args.train_transform == "resize"
+    data_config = {
+        "input_size": (3, args.image_size, args.image_size),
+        "interpolation": "bilinear",
+        "crop_pct": 1.0 if resize_only else CENTER_CROP_PCT,
+        "crop_mode": "squash" if resize_only else "center",
+        "mean": tuple(model.pretrained_cfg.get("mean", IMAGENET_MEAN)),
+        "std": tuple(model.pretrained_cfg.get("std", IMAGENET_STD)),
+    }
+    model_config = {
+        "label_names": args.class_names,
+        "sgdrop": {
+            "regularizer": args.regularizer,
+            "rho": args.sgdrop_rho,
+            "rho_end": args.sgdrop_rho_end,
+            "attribution": args.sgdrop_attribution,
+            "ema_decay": args.sgdrop_ema_decay,
+            "dropout_p": args.dropout_p if args.regularizer == "dropout" else None,
+        },
+        "training": {"epoch": checkpoint["epoch"], "val_acc1": checkpoint["best_acc1"], "data": str(args.data),
+                     "optimizer": args.optimizer, "lr": args.lr, "epochs": args.epochs,
+                     "train_transform": args.train_transform, "image_size": args.image_size},
+    }
+    with tempfile.TemporaryDirectory(dir=output, prefix=".export.") as tmp:
+        save_for_hf(model, tmp, model_config=model_config, data_config=data_config, safe_serialization=True)
+        for name in ("model.safetensors", "config.json"):
+            os.replace(Path(tmp) / name, output / name)
+    return output
+
+
+def get_rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Summary(Enum):
+    NONE = 0
+    AVERAGE = 1
+    SUM = 2
+    COUNT = 3
+
+
+class AverageMeter:
+    """Computes and stores the average and current value"""
+
+    def __init__(self, name: str, fmt: str = ":f", summary_type: Summary = Summary.AVERAGE):
+        self.name = name
+        self.fmt = fmt
+        self.summary_type = summary_type
+        self.reset()
+
+    def reset(self) -> None:
+        self.val = 0.0
+        self.avg = 0.0
+        self.sum = 0.0
+        self.count = 0
+
+    def update(self, val: float, n: int = 1) -> None:
+        self.val = val
+        self.sum += val * n
+        self.count += n
+        self.avg = self.sum / self.count
+
+    def all_reduce(self, device: torch.device) -> None:
+        # float64: the counts of large validation sets stay exact
+        total = torch.tensor([self.sum, self.count], dtype=torch.float64, device=device)
+        dist.all_reduce(total, dist.ReduceOp.SUM, async_op=False)
+        self.sum, self.count = total[0].item(), int(total[1].item())
+        self.avg = self.sum / max(self.count, 1)
+
+    def __str__(self) -> str:
+        fmtstr = "{name} {val" + self.fmt + "} ({avg" + self.fmt + "})"
+        return fmtstr.format(**self.__dict__)
+
+    def summary(self) -> str:
+        if self.summary_type is Summary.NONE:
+            return ""
+        if self.summary_type is Summary.AVERAGE:
+            return "{name} {avg:.3f}".format(**self.__dict__)
+        if self.summary_type is Summary.SUM:
+            return "{name} {sum:.3f}".format(**self.__dict__)
+        return "{name} {count:.3f}".format(**self.__dict__)
+
+
+class ProgressMeter:
+    """Prints the meters every few batches, on the main process only."""
+
+    def __init__(self, num_batches: int, meters: list[AverageMeter], prefix: str = "", enabled: bool = True):
+        self.batch_fmtstr = self._get_batch_fmtstr(num_batches)
+        self.meters = meters
+        self.prefix = prefix
+        self.enabled = enabled
+
+    def display(self, batch: int) -> None:
+        if self.enabled:
+            entries = [self.prefix + self.batch_fmtstr.format(batch)]
+            entries += [str(meter) for meter in self.meters]
+            print("\t".join(entries), flush=True)
+
+    def display_summary(self) -> None:
+        if self.enabled:
+            entries = [" *"]
+            entries += [meter.summary() for meter in self.meters if meter.summary()]
+            entries += [f"({self.meters[-1].count} images)"]
+            print(" ".join(entries), flush=True)
+
+    def _get_batch_fmtstr(self, num_batches: int) -> str:
+        num_digits = len(str(num_batches // 1))
+        fmt = "{:" + str(num_digits) + "d}"
+        return "[" + fmt + "/" + fmt.format(num_batches) + "]"
+
+
+def accuracy(output: torch.Tensor, target: torch.Tensor, topk: tuple[int, ...] = (1,)) -> list[torch.Tensor]:
+    """Computes the accuracy over the k top predictions for the specified values of k (k capped at the classes)"""
+    with torch.no_grad():
+        maxk = min(max(topk), output.shape[1])
+        batch_size = target.size(0)
+
+        _, pred = output.topk(maxk, 1, True, True)
+        pred = pred.t()
+        correct = pred.eq(target.view(1, -1).expand_as(pred))
+
+        res = []
+        for k in topk:
+            correct_k = correct[:k].reshape(-1).float().sum(0, keepdim=True)
+            res.append(correct_k.mul_(100.0 / batch_size))
+        return res
+
+
+if __name__ == "__main__":
+    main()
