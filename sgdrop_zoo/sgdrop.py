@@ -244,6 +244,30 @@ class SaliencyGuidedDropout:
         self._sgdrop_rho = _check_rho(rho, 'sgdrop_rho')
 
     @property
+    def sgdrop_attribution(self) -> AttributionSource:
+        return self._sgdrop_attribution
+
+    @sgdrop_attribution.setter
+    def sgdrop_attribution(self, source: Union[str, AttributionSource]) -> None:
+        self._sgdrop_attribution = _check_attribution(source)
+
+    @property
+    def sgdrop_ema_decay(self) -> float:
+        return self._sgdrop_ema_decay
+
+    @sgdrop_ema_decay.setter
+    def sgdrop_ema_decay(self, decay: float) -> None:
+        self._sgdrop_ema_decay = _check_ema_decay(decay)
+
+    @property
+    def latent_drop_rate(self) -> float:
+        return self._latent_drop_rate
+
+    @latent_drop_rate.setter
+    def latent_drop_rate(self, rate: float) -> None:
+        self._latent_drop_rate = _check_drop_rate(rate)
+
+    @property
     def sgdrop_config(self) -> Dict[str, Any]:
         """The SGDrop settings as plain values, for logs, checkpoints and model cards."""
         return dict(
@@ -288,6 +312,7 @@ class SaliencyGuidedDropout:
         if self.sgdrop_attribution is not AttributionSource.EMA:
             return
         ema = self._ensure_ema()
+        ema.decay = self.sgdrop_ema_decay  # follow changes made to the setting after the EMA was created
         self.__dict__['_sgdrop_ema_updates'] += 1
         ema.update(self, step=self.__dict__['_sgdrop_ema_updates'])
 

@@ -269,6 +269,24 @@ def test_bad_rho(rho):
 def test_bad_attribution_source():
     with pytest.raises(ValueError, match="choose one of 'ema', 'online'"):
         reference_model(attribution='gradcam')
+    model = reference_model()
+    with pytest.raises(ValueError, match="choose one of 'ema', 'online'"):
+        model.sgdrop_attribution = 'gradcam'
+    model.sgdrop_attribution = 'ema'
+    assert model.sgdrop_attribution is AttributionSource.EMA
+
+
+def test_ema_decay_setting_is_validated_and_followed():
+    model = reference_model(attribution='ema', ema_decay=0.5)
+    with pytest.raises(ValueError, match='sgdrop_ema_decay'):
+        model.sgdrop_ema_decay = 1.0
+    model.load_ema_state_dict({'num_updates': 100, 'state_dict': model.state_dict()})
+    model.sgdrop_ema_decay = 0.25  # changed after the EMA exists: the next update uses it
+    before = model.ema_model.fc.weight.clone()
+    with torch.no_grad():
+        model.fc.weight.zero_()
+    model.update_ema()
+    torch.testing.assert_close(model.ema_model.fc.weight, before * 0.25)
 
 
 @pytest.mark.parametrize('target, error, message', [
