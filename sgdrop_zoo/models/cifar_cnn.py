@@ -15,8 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
+from ..pretrained import build_model_with_checked_weights, pretrained_cfgs
 from ..sgdrop import SaliencyGuidedDropout
 
 __all__ = ['CifarCNN', 'SGDropCifarCNN']
@@ -115,7 +116,7 @@ class SGDropCifarCNN(SaliencyGuidedDropout, CifarCNN):
 
 
 def _create_sgdrop_cifar_cnn(variant: str, pretrained: bool = False, **kwargs: Any) -> SGDropCifarCNN:
-    return build_model_with_cfg(
+    return build_model_with_checked_weights(
         SGDropCifarCNN,
         variant,
         pretrained,
@@ -136,9 +137,9 @@ def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
     }
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = generate_default_cfgs(pretrained_cfgs({
     'sgdrop_cifar_cnn': _cfg(),
-})
+}, _cfg))
 
 
 @register_model

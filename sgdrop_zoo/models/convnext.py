@@ -11,9 +11,10 @@ those have a non-positive attribution and are never dropped.
 from typing import Any, Dict
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.convnext import ConvNeXt, checkpoint_filter_fn
 
+from ..pretrained import build_model_with_checked_weights, pretrained_cfgs
 from ..sgdrop import SaliencyGuidedDropout
 
 __all__ = ['SGDropConvNeXt']
@@ -24,7 +25,7 @@ class SGDropConvNeXt(SaliencyGuidedDropout, ConvNeXt):
 
 
 def _create_sgdrop_convnext(variant: str, pretrained: bool = False, **kwargs: Any) -> SGDropConvNeXt:
-    return build_model_with_cfg(
+    return build_model_with_checked_weights(
         SGDropConvNeXt,
         variant,
         pretrained,
@@ -46,9 +47,9 @@ def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
     }
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = generate_default_cfgs(pretrained_cfgs({
     'sgdrop_convnext_tiny': _cfg(),
-})
+}, _cfg))
 
 
 @register_model

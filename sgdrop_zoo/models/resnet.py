@@ -9,9 +9,10 @@ The architecture is timm's ``ResNet`` unchanged, so weights load both ways with 
 from typing import Any, Dict
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck, ResNet
 
+from ..pretrained import build_model_with_checked_weights, pretrained_cfgs
 from ..sgdrop import SaliencyGuidedDropout
 
 __all__ = ['SGDropResNet']
@@ -22,7 +23,7 @@ class SGDropResNet(SaliencyGuidedDropout, ResNet):
 
 
 def _create_sgdrop_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> SGDropResNet:
-    return build_model_with_cfg(SGDropResNet, variant, pretrained, **kwargs)
+    return build_model_with_checked_weights(SGDropResNet, variant, pretrained, **kwargs)
 
 
 def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
@@ -37,9 +38,9 @@ def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
     }
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = generate_default_cfgs(pretrained_cfgs({
     'sgdrop_resnet50': _cfg(),
-})
+}, _cfg))
 
 
 @register_model

@@ -10,9 +10,10 @@ The architecture is timm's ``VGG`` unchanged, so weights load both ways with ``v
 from typing import Any, Dict
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.vgg import VGG, _filter_fn, cfgs
 
+from ..pretrained import build_model_with_checked_weights, pretrained_cfgs
 from ..sgdrop import SaliencyGuidedDropout
 
 __all__ = ['SGDropVGG']
@@ -31,7 +32,7 @@ def _create_sgdrop_vgg(variant: str, pretrained: bool = False, **kwargs: Any) ->
     cfg = model_cfgs[variant.removeprefix('sgdrop_')]
     # VGG is one of few models with stride==1 features, hence 6 out_indices [0..5] for a 5-stage network.
     out_indices = kwargs.pop('out_indices', tuple(range(cfg.count('M') + 1)))
-    return build_model_with_cfg(
+    return build_model_with_checked_weights(
         SGDropVGG,
         variant,
         pretrained,
@@ -54,10 +55,10 @@ def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
     }
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = generate_default_cfgs(pretrained_cfgs({
     'sgdrop_vgg16': _cfg(),
     'sgdrop_vgg_tiny': _cfg(input_size=(3, 64, 64), pool_size=(4, 4), crop_pct=1.0),
-})
+}, _cfg))
 
 
 @register_model

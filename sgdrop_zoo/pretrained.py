@@ -1,0 +1,211 @@
+"""Pretrained tags of the zoo: ``hub_configs/*.json`` -> timm ``default_cfgs``, and sha256-checked downloads.
+
+Each JSON file in ``hub_configs/`` describes one published checkpoint (see ``hub_configs/README.md``). The model files
+merge them into their ``default_cfgs`` with ``pretrained_cfgs()``, so ``timm.create_model("sgdrop_resnet50.<tag>",
+pretrained=True)`` downloads ``model.safetensors`` from the record's ``hf_hub_id`` and
+``build_model_with_checked_weights()`` refuses it unless its sha256 is the record's.
+
+``SGDROP_ZOO_HUB_CONFIGS=/some/dir`` replaces the packaged ``hub_configs/`` (read once, when sgdrop_zoo is imported).
+"""
+import hashlib
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Type
+
+import torch.nn as nn
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from timm.models import build_model_with_cfg
+from timm.models._builder import resolve_pretrained_cfg
+from timm.models._hub import hf_split
+
+__all__ = [
+    'HUB_CONFIGS_ENV', 'WEIGHTS_NAME', 'HubError', 'build_model_with_checked_weights', 'download_checked_weights',
+    'hub_configs_dir', 'load_hub_configs', 'pretrained_cfgs', 'sha256_of_file',
+]
+
+HUB_CONFIGS_ENV = 'SGDROP_ZOO_HUB_CONFIGS'
+WEIGHTS_NAME = 'model.safetensors'
+REQUIRED_FIELDS = {
+    'architecture': str, 'tag': str, 'hf_hub_id': str, 'dataset': str, 'num_classes': int, 'label_names': list,
+    'input_size': list, 'mean': list, 'std': list, 'crop_pct': float, 'interpolation': str, 'sgdrop': dict,
+    'metrics': dict, 'sha256': str, 'license': str,
+}
+
+
+class HubError(RuntimeError):
+    """A checkpoint could not be published or loaded; the message says why and what to do."""
+
+
+def hub_configs_dir() -> Path:
+    """The directory of checkpoint records: ``$SGDROP_ZOO_HUB_CONFIGS``, else the packaged ``hub_configs/``."""
+    override = os.environ.get(HUB_CONFIGS_ENV)
+    if override:
+        return Path(override)
+    installed = Path(__file__).parent / 'hub_configs'  # a wheel installs the top-level folder here
+    return installed if installed.is_dir() else Path(__file__).parent.parent / 'hub_configs'  # a source checkout
+
+
+def _check_record(record: Any, path: Path) -> Dict[str, Any]:
+    if not isinstance(record, dict):
+        raise ValueError(f'{path}: a hub config is one JSON object, got {type(record).__name__}.')
+    problems = [
+        f'{name} ({kind.__name__})' for name, kind in REQUIRED_FIELDS.items()
+        if not isinstance(record.get(name), (int, float) if kind is float else kind)
+    ]
+    if problems:
+        raise ValueError(f'{path}: missing or mistyped fields {", ".join(problems)}; see hub_configs/README.md.')
+    if len(record['label_names']) != record['num_classes']:
+        raise ValueError(f'{path}: {len(record["label_names"])} label_names for num_classes={record["num_classes"]}.')
+    if len(record['sha256']) != 64:
+        raise ValueError(f'{path}: sha256 must be the 64 hex digits of {WEIGHTS_NAME}.')
+    return record
+
+
+def load_hub_configs(directory: Optional[Path] = None) -> List[Dict[str, Any]]:
+    """Read and validate every ``*.json`` checkpoint record of ``directory`` (default ``hub_configs_dir()``).
+
+    Raises:
+        ValueError: A file is not valid JSON, lacks a field, or repeats another file's ``architecture.tag``.
+    """
+    directory = Path(directory) if directory is not None else hub_configs_dir()
+    records, seen = [], {}
+    for path in sorted(directory.glob('*.json')):
+        try:
+            record = _check_record(json.loads(path.read_text(encoding='utf-8')), path)
+        except json.JSONDecodeError as e:
+            raise ValueError(f'{path}: not valid JSON ({e}).') from e
+        name = f'{record["architecture"]}.{record["tag"]}'
+        if name in seen:
+            raise ValueError(f'{path}: {name} is already defined by {seen[name]}; each tag needs its own name.')
+        seen[name] = path
+        records.append(record)
+    return records
+
+
+@lru_cache(maxsize=None)
+def _records() -> Dict[str, Dict[str, Any]]:
+    # read once per process: timm's registry is filled at import time and cannot follow later changes
+    return {f'{r["architecture"]}.{r["tag"]}': r for r in load_hub_configs()}
+
+
+def _record_to_cfg(record: Dict[str, Any]) -> Dict[str, Any]:
+    """The pretrained_cfg fields a checkpoint record sets; the family's ``_cfg`` supplies the rest."""
+    top1 = record['metrics'].get('top1')
+    return dict(
+        hf_hub_id=record['hf_hub_id'],
+        num_classes=record['num_classes'],
+        label_names=tuple(record['label_names']),
+        input_size=tuple(record['input_size']),
+        mean=tuple(record['mean']),
+        std=tuple(record['std']),
+        crop_pct=record['crop_pct'],
+        interpolation=record['interpolation'],
+        license=record['license'],
+        description=f'SGDrop, {record["dataset"]}' + (f', top-1 {top1}' if top1 is not None else ''),
+    )
+
+
+def pretrained_cfgs(cfgs: Dict[str, Dict[str, Any]], make_cfg: Callable[..., Dict[str, Any]]) -> Dict[str, Any]:
+    """A family's cfgs with the ``hub_configs/`` tags of its architectures.
+
+    Used as ``default_cfgs = generate_default_cfgs(pretrained_cfgs({'sgdrop_vgg16': _cfg(), ...}, _cfg))``. An
+    architecture with published tags loses its untagged entry, so ``timm.list_models(pretrained=True)`` lists exactly
+    the published checkpoints and the first tag is the default, as in timm; one without keeps it, without weights.
+
+    Args:
+        cfgs: The family's untagged cfgs keyed by architecture.
+        make_cfg: The family's ``_cfg(url='', **kwargs)``.
+    """
+    tagged = {
+        name: make_cfg(**_record_to_cfg(record))
+        for name, record in _records().items() if record['architecture'] in cfgs
+    }
+    published = {name.split('.')[0] for name in tagged}
+    return {**{arch: cfg for arch, cfg in cfgs.items() if arch not in published}, **tagged}
+
+
+def sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _evict_from_cache(path: Path) -> None:
+    """Remove a bad download from the huggingface_hub cache (the snapshot link and its blob), so a retry refetches."""
+    blob = Path(path).resolve()
+    Path(path).unlink(missing_ok=True)
+    blob.unlink(missing_ok=True)
+
+
+def download_checked_weights(name: str, hf_hub_id: str, sha256: str) -> Path:
+    """Download ``model.safetensors`` of ``hf_hub_id`` ("org/name" or "org/name@revision") and check its sha256.
+
+    The download honours ``HF_ENDPOINT``, ``HF_HOME`` and ``HF_HUB_OFFLINE`` and retries as huggingface_hub does.
+
+    Args:
+        name: The model name the weights are for, used in error messages.
+        hf_hub_id: Hub repo, optionally pinned to a revision.
+        sha256: Expected hex digest of the file.
+
+    Raises:
+        HubError: The repo, revision or file does not exist, the download failed, or the digest differs; a file
+            with the wrong digest is removed from the cache.
+    """
+    repo_id, revision = hf_split(hf_hub_id)
+    where = f'{repo_id}@{revision or "main"} on {os.environ.get("HF_ENDPOINT", "https://huggingface.co")}'
+    try:
+        path = Path(hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision))
+    except RepositoryNotFoundError as e:
+        raise HubError(f'{name}: repo {where} does not exist (or is private: log in with `hf auth login`). '
+                       f'Check hf_hub_id in its hub_configs/ file.') from e
+    except RevisionNotFoundError as e:
+        raise HubError(f'{name}: revision not found: {where}. Check hf_hub_id in its hub_configs/ file.') from e
+    except LocalEntryNotFoundError as e:
+        raise HubError(f'{name}: {WEIGHTS_NAME} of {where} is not in the local cache and cannot be downloaded '
+                       f'(offline, or the server is unreachable). Connect, unset HF_HUB_OFFLINE, and retry.') from e
+    except EntryNotFoundError as e:
+        raise HubError(f'{name}: {where} has no {WEIGHTS_NAME}; the repo is not a published SGDrop checkpoint.') from e
+    except Exception as e:  # noqa: BLE001, HTTP errors and the transport errors of huggingface_hub's HTTP client
+        raise HubError(f'{name}: downloading {WEIGHTS_NAME} from {where} failed after retries ({e}). '
+                       f'Retry later; nothing was kept in the cache.') from e
+    actual = sha256_of_file(path)
+    if actual != sha256:
+        _evict_from_cache(path)
+        raise HubError(f'{name}: {WEIGHTS_NAME} from {where} has sha256 {actual}, but hub_configs/ expects {sha256}. '
+                       f'The download was corrupt or the repo changed; it was removed from the cache. Retry, and if '
+                       f'it persists, report it: do not use these weights.')
+    return path
+
+
+def build_model_with_checked_weights(
+        model_cls: Type[nn.Module],
+        variant: str,
+        pretrained: bool = False,
+        **kwargs: Any,
+) -> nn.Module:
+    """``timm.models.build_model_with_cfg`` that checks the sha256 of weights a ``hub_configs/`` tag points at.
+
+    The checked file is handed to timm as ``pretrained_cfg_overlay['file']``, so timm's own loading (safetensors,
+    head adaptation when ``num_classes`` differs, filter function) runs unchanged. Weights named by the caller
+    (``hf-hub:``, ``local-dir:``, an overlay ``file``) are loaded as timm loads them.
+    """
+    if pretrained:
+        overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
+        cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), overlay)
+        record = _records().get(f'{variant}.{cfg.tag}')
+        own_source = cfg.source or cfg.file or cfg.state_dict is not None or cfg.url
+        if record is not None and not own_source and cfg.hf_hub_id == record['hf_hub_id']:
+            overlay['file'] = str(download_checked_weights(f'{variant}.{cfg.tag}', cfg.hf_hub_id, record['sha256']))
+            kwargs['pretrained_cfg_overlay'] = overlay
+    return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
