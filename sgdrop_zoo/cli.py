@@ -2,14 +2,20 @@
 
     sgdrop-zoo models                                   # the registered SGDrop models
     sgdrop-zoo info sgdrop_vgg16 --image-size 224       # latent map and features dropped per sample
+    sgdrop-zoo publish runs/vgg16 --repo-id ORG/NAME    # upload a trained checkpoint to the Hugging Face Hub
+    sgdrop-zoo model-card --output MODEL_CARD.md        # regenerate the zoo's card from hub_configs/
 """
 import argparse
+import json
 import sys
 from typing import List, Optional
 
 import timm
 import torch
 
+from .hub import publish_checkpoint
+from .model_card import render_model_card
+from .pretrained import HubError, load_hub_configs
 from .sgdrop import DEFAULT_RHO, num_dropped_features
 
 
@@ -37,6 +43,27 @@ def info_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def publish_command(args: argparse.Namespace) -> int:
+    dry_run_dir = (args.output or args.repo_id.split('/')[-1]) if args.dry_run else None
+    result = publish_checkpoint(
+        args.checkpoint, args.repo_id, revision=args.revision, private=args.private,
+        token_from_env=args.token_from_env, dry_run_dir=dry_run_dir, dataset=args.dataset, tag=args.tag,
+        license=args.license)
+    print(f'{"wrote" if args.dry_run else "published"} {result.location}', file=sys.stderr)
+    # the hub_configs/ record, to save as hub_configs/<architecture>.<tag>.json once the upload is checked
+    print(json.dumps(result.hub_config, indent=2))
+    return 0
+
+
+def model_card_command(args: argparse.Namespace) -> int:
+    card = render_model_card(load_hub_configs())
+    if args.output:
+        card.save(args.output)
+    else:
+        print(card.content)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='sgdrop-zoo', description='Saliency-Guided Dropout models for timm.')
     commands = parser.add_subparsers(dest='command', required=True)
@@ -49,6 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument('--rho', type=float, default=DEFAULT_RHO, help=f'share of features dropped ({DEFAULT_RHO})')
     info.add_argument('--num-classes', type=int, default=10)
     info.set_defaults(func=info_command)
+    publish = commands.add_parser('publish', help='upload a trained checkpoint to the Hugging Face Hub')
+    publish.add_argument('checkpoint', metavar='CHECKPOINT_OR_DIR',
+                         help='output folder of train/main.py (model.safetensors + config.json) or a .pth.tar')
+    publish.add_argument('--repo-id', required=True, metavar='ORG/NAME', help='Hub repo to create')
+    publish.add_argument('--revision', default=None, help='new branch to publish to (default: main of a new repo)')
+    publish.add_argument('--private', action='store_true', help='create a private repo')
+    publish.add_argument('--token-from-env', action='store_true',
+                         help='read the token from HF_TOKEN only (default: HF_TOKEN, then the `hf auth login` token)')
+    publish.add_argument('--dry-run', action='store_true', help='write the repo folder locally, upload nothing')
+    publish.add_argument('--output', default=None, metavar='DIR', help='dry-run folder (default: ./NAME)')
+    publish.add_argument('--dataset', default=None, help='dataset name for the card (default: from the config)')
+    publish.add_argument('--tag', default=None, help="pretrained tag (default: NAME after its last '.')")
+    publish.add_argument('--license', default='apache-2.0', help='license of the weights (apache-2.0)')
+    publish.set_defaults(func=publish_command)
+    card = commands.add_parser('model-card', help="render the zoo's model card from hub_configs/")
+    card.add_argument('--output', default=None, metavar='PATH', help='write it here (default: print it)')
+    card.set_defaults(func=model_card_command)
     return parser
 
 
@@ -58,7 +102,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, HubError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
 

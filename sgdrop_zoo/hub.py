@@ -1,0 +1,400 @@
+"""Publish SGDrop checkpoints to the Hugging Face Hub, and load them back for further training.
+
+A published repo holds ``model.safetensors``, a timm ``config.json`` whose ``architecture`` is the base timm model
+(``vgg16``, ``resnet50``, ``convnext_tiny``), so plain timm loads it with ``timm.create_model("hf-hub:ORG/NAME",
+pretrained=True)``, and a ``README.md`` rendered from the zoo's model card template. The SGDrop settings are kept in
+``config.json["sgdrop"]`` (ignored by timm) and ``load_sgdrop_model()`` rebuilds the SGDrop model from them.
+
+    publish_checkpoint('runs/vgg16', 'my-org/sgdrop_vgg16.imagenette')     # what `sgdrop-zoo publish` runs
+"""
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import timm
+import torch
+import torch.nn as nn
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
+from huggingface_hub.utils import get_token
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from timm.models import save_for_hf
+
+from .model_card import render_model_card
+from .pretrained import WEIGHTS_NAME, HubError, sha256_of_file
+from .sgdrop import add_sgdrop
+
+__all__ = ['PublishResult', 'hub_config_record', 'load_sgdrop_model', 'prepare_hub_folder', 'publish_checkpoint']
+
+CONFIG_NAME = 'config.json'
+README_NAME = 'README.md'
+# constructor arguments of an SGDrop model that plain timm's base architecture does not accept
+SGDROP_MODEL_ARGS = ('sgdrop_rho', 'sgdrop_attribution', 'sgdrop_ema_decay', 'latent_drop_rate')
+DEFAULT_LICENSE = 'apache-2.0'
+
+
+@dataclasses.dataclass
+class PublishResult:
+    """Where a checkpoint went: the repo (or dry-run folder), the commit, and its ``hub_configs/`` record."""
+    repo_id: str
+    location: str
+    commit: Optional[str]
+    hub_config: Dict[str, Any]
+
+
+def base_architecture(name: str) -> str:
+    """The plain timm architecture an SGDrop model is, e.g. ``sgdrop_vgg16`` -> ``vgg16``.
+
+    Families without a timm counterpart (``sgdrop_vgg_tiny``, ``sgdrop_cifar_cnn``) keep their own name and need
+    ``import sgdrop_zoo`` to load.
+    """
+    base = name.removeprefix('sgdrop_')
+    return base if base != name and timm.is_model(base) else name
+
+
+def _read_checkpoint(path: Path, folder: Path) -> Dict[str, Any]:
+    """Write the recipe's export (``model.safetensors`` + ``config.json``) of a ``*.pth.tar`` checkpoint to ``folder``.
+
+    Returns:
+        The exported config.
+    """
+    try:
+        # weights_only: a checkpoint is data, and unpickling anything else would run its code
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001, a truncated zip, foreign classes, ...
+        raise HubError(f'{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}).') from e
+    missing = [k for k in ('arch', 'state_dict', 'class_names', 'args') if k not in checkpoint]
+    if missing:
+        raise HubError(f'{path}: not a checkpoint of train/main.py (no {", ".join(missing)}); pass its '
+                       f'model_best.pth.tar or the folder holding {WEIGHTS_NAME} and {CONFIG_NAME}.')
+    args, arch = checkpoint['args'], checkpoint['arch']
+    sgdrop = dict(regularizer=args.get('regularizer', 'sgdrop'), rho=args.get('sgdrop_rho'),
+                  rho_end=args.get('sgdrop_rho_end'), attribution=args.get('sgdrop_attribution', 'ema'),
+                  ema_decay=args.get('sgdrop_ema_decay'))
+    model = timm.create_model(arch, num_classes=len(checkpoint['class_names']))
+    try:
+        model.load_state_dict(checkpoint['state_dict'])
+    except RuntimeError as e:
+        raise HubError(f'{path}: its state_dict does not fit {arch} with {len(checkpoint["class_names"])} classes '
+                       f'({str(e)[:200]}).') from e
+    image_size = args.get('image_size', model.pretrained_cfg['input_size'][-1])
+    resize_only = args.get('train_transform') == 'resize'
+    data_config = dict(input_size=(3, image_size, image_size), crop_pct=1.0 if resize_only else 0.875,
+                       crop_mode='squash' if resize_only else 'center')
+    training = dict(epoch=checkpoint.get('epoch'), val_acc1=checkpoint.get('best_acc1'), data=args.get('data'),
+                    train_transform=args.get('train_transform'), image_size=image_size)
+    save_for_hf(model, folder, model_config=dict(label_names=checkpoint['class_names'], sgdrop=sgdrop,
+                                                 training=training),
+                data_config=data_config, safe_serialization=True)
+    return json.loads((folder / CONFIG_NAME).read_text())
+
+
+def _read_export(source: Path, folder: Path) -> Dict[str, Any]:
+    """Copy the recipe's export folder (``model.safetensors`` + ``config.json``) into ``folder``."""
+    missing = [name for name in (WEIGHTS_NAME, CONFIG_NAME) if not (source / name).is_file()]
+    if missing:
+        raise HubError(f'{source}: no {" or ".join(missing)}. Pass the output folder of train/main.py (it exports '
+                       f'both at the end of training) or its model_best.pth.tar.')
+    try:
+        config = json.loads((source / CONFIG_NAME).read_text(encoding='utf-8'))
+    except json.JSONDecodeError as e:
+        raise HubError(f'{source / CONFIG_NAME}: not valid JSON ({e}).') from e
+    shutil.copyfile(source / WEIGHTS_NAME, folder / WEIGHTS_NAME)
+    return config
+
+
+def _sgdrop_settings(config: Dict[str, Any], model_args: Dict[str, Any]) -> Dict[str, Any]:
+    """The SGDrop training settings of an export, from its ``sgdrop`` section or its SGDrop model arguments."""
+    settings = dict(config.get('sgdrop') or {})
+    from_args = {k.removeprefix('sgdrop_'): model_args[k] for k in SGDROP_MODEL_ARGS if k in model_args}
+    for key, value in from_args.items():
+        settings.setdefault(key, value)
+    if settings.get('rho') is None:
+        raise HubError('config.json records no SGDrop settings (no "sgdrop" section and no sgdrop_rho argument): '
+                       'publish the export of a model trained with SGDrop (train/main.py writes them).')
+    return settings
+
+
+def _eval_command(architecture: str, training: Dict[str, Any]) -> Optional[str]:
+    if not training.get('data'):
+        return None
+    command = f'python train/main.py {training["data"]} -a {architecture} --resume model_best.pth.tar --evaluate'
+    if training.get('image_size'):
+        command += f' --image-size {training["image_size"]}'
+    if training.get('train_transform'):
+        command += f' --train-transform {training["train_transform"]}'
+    return command
+
+
+def to_hub_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    """Turn an export's config into the published one: base timm architecture, SGDrop settings in ``sgdrop``."""
+    config = json.loads(json.dumps(config))  # deep copy
+    sgdrop_architecture = config['architecture']
+    model_args = config.get('model_args', {})
+    settings = _sgdrop_settings(config, model_args)
+    for key in SGDROP_MODEL_ARGS:
+        model_args.pop(key, None)
+    config['architecture'] = base_architecture(sgdrop_architecture)
+    config['sgdrop'] = dict(settings, architecture=sgdrop_architecture if sgdrop_architecture.startswith('sgdrop_')
+                            else config['architecture'])
+    config['pretrained_cfg'].pop('tag', None)
+    return config
+
+
+def _check_weights(folder: Path, config: Dict[str, Any]) -> None:
+    """Check that the weights are an intact safetensors file that the base architecture loads exactly."""
+    try:
+        state_dict = load_file(folder / WEIGHTS_NAME)
+    except (SafetensorError, OSError) as e:
+        raise HubError(f'{WEIGHTS_NAME} is not a readable safetensors file (truncated or corrupt?): {e}. '
+                       f'Export it again with train/main.py.') from e
+    architecture = config['architecture']
+    if not timm.is_model(architecture):
+        raise HubError(f'config.json names architecture {architecture!r}, which is not registered: upgrade timm or '
+                       f'sgdrop-zoo.')
+    with torch.device('meta'):
+        model = timm.create_model(architecture, **config.get('model_args', {}))
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as e:
+        raise HubError(f'{WEIGHTS_NAME} does not load into {architecture} with the config\'s model_args: '
+                       f'{str(e)[:300]}') from e
+
+
+def hub_config_record(config: Dict[str, Any], sha256: str, hf_hub_id: str, dataset: str, tag: str,
+                      license: str = DEFAULT_LICENSE) -> Dict[str, Any]:
+    """The ``hub_configs/`` record of a published config: add it as ``hub_configs/<arch>.<tag>.json``."""
+    pretrained_cfg = config['pretrained_cfg']
+    training = config.get('training') or {}
+    metrics = {}
+    if training.get('val_acc1') is not None:
+        metrics = dict(top1=round(float(training['val_acc1']), 3), split='val',
+                       eval_command=_eval_command(config['sgdrop']['architecture'], training))
+    label_names = config.get('label_names') or [str(i) for i in range(config['num_classes'])]
+    return dict(
+        architecture=config['sgdrop']['architecture'],
+        base_architecture=config['architecture'],
+        tag=tag,
+        hf_hub_id=hf_hub_id,
+        dataset=dataset,
+        num_classes=config['num_classes'],
+        label_names=list(label_names),
+        input_size=list(pretrained_cfg['input_size']),
+        mean=list(pretrained_cfg['mean']),
+        std=list(pretrained_cfg['std']),
+        crop_pct=pretrained_cfg['crop_pct'],
+        interpolation=pretrained_cfg['interpolation'],
+        model_args={k: v for k, v in config.get('model_args', {}).items() if k not in ('num_classes', 'in_chans')},
+        sgdrop={k: v for k, v in config['sgdrop'].items() if k != 'architecture'},
+        metrics=metrics,
+        sha256=sha256,
+        license=license,
+    )
+
+
+def prepare_hub_folder(
+        source: Union[str, Path],
+        folder: Union[str, Path],
+        repo_id: str,
+        dataset: Optional[str] = None,
+        tag: Optional[str] = None,
+        license: str = DEFAULT_LICENSE,
+) -> Dict[str, Any]:
+    """Write the repo contents of a checkpoint (``model.safetensors``, ``config.json``, ``README.md``) to ``folder``.
+
+    Args:
+        source: The recipe's output folder (``model.safetensors`` + ``config.json``) or a ``*.pth.tar`` checkpoint.
+        folder: An existing, empty folder.
+        repo_id: The Hub repo it is meant for, ``ORG/NAME``; named in the model card.
+        dataset: Dataset name for the card; default: the last part of the training data path.
+        tag: Pretrained tag for ``hub_configs/``; default: the repo name after its last '.', else the dataset.
+        license: License of the weights (a Hub license id).
+
+    Returns:
+        The checkpoint's ``hub_configs/`` record, with ``hf_hub_id=repo_id``.
+    """
+    source, folder = Path(source), Path(folder)
+    if source.is_dir():
+        config = _read_export(source, folder)
+    elif source.is_file():
+        config = _read_checkpoint(source, folder)
+    else:
+        raise HubError(f'{source}: no such checkpoint file or folder.')
+    if not isinstance(config, dict) or 'architecture' not in config or 'pretrained_cfg' not in config:
+        raise HubError(f'{source}: config.json is not a timm config (no architecture / pretrained_cfg).')
+    config = to_hub_config(config)
+    _check_weights(folder, config)
+    training = config.get('training') or {}
+    dataset = dataset or (Path(training['data']).name if training.get('data') else None)
+    if not dataset:
+        raise HubError(f'{source}: the config does not say which dataset trained it: pass --dataset NAME.')
+    name = repo_id.split('/')[-1]
+    tag = tag or (name.rsplit('.', 1)[-1] if '.' in name else dataset.lower())
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + '\n', encoding='utf-8')
+    record = hub_config_record(config, sha256_of_file(folder / WEIGHTS_NAME), repo_id, dataset, tag, license)
+    render_model_card([record], checkpoint=record).save(folder / README_NAME)
+    return record
+
+
+def _resolve_token(token_from_env: bool) -> str:
+    token = os.environ.get('HF_TOKEN') if token_from_env else get_token()
+    if not token:
+        where = 'HF_TOKEN is not set' if token_from_env else 'no HF_TOKEN and no `hf auth login` token'
+        raise HubError(f'Uploading needs a Hugging Face token with write access: {where}. Set HF_TOKEN or run '
+                       f'`hf auth login`, or pass --dry-run to write the folder locally.')
+    return token
+
+
+def _upload(api: HfApi, folder: Path, repo_id: str, revision: Optional[str], private: bool) -> Tuple[str, str]:
+    """Create the repo (and branch) if needed and upload ``folder``; a target that holds weights is never replaced."""
+    target = f'branch {revision!r} of {repo_id}' if revision else repo_id
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        if api.file_exists(repo_id, WEIGHTS_NAME, revision=revision):
+            raise HubError(f'{target} already holds a {WEIGHTS_NAME}: published weights are never replaced '
+                           f'(hub_configs/ pins their sha256). Choose another --repo-id or a new --revision.')
+        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
+                                   commit_message='Add SGDrop checkpoint')
+    except (HfHubHTTPError, OSError, RuntimeError) as e:  # huggingface_hub wraps failed LFS uploads in RuntimeError
+        cause = f' ({e.__cause__})' if e.__cause__ else ''
+        raise HubError(f'Publishing to {target} failed after retries: {e}{cause}. Nothing was committed; run the same '
+                       f'command again once the Hub is reachable.') from e
+    return commit.oid, commit.commit_url
+
+
+def publish_checkpoint(
+        source: Union[str, Path],
+        repo_id: str,
+        revision: Optional[str] = None,
+        private: bool = False,
+        token_from_env: bool = False,
+        dry_run_dir: Optional[Union[str, Path]] = None,
+        dataset: Optional[str] = None,
+        tag: Optional[str] = None,
+        license: str = DEFAULT_LICENSE,
+) -> PublishResult:
+    """Publish an SGDrop checkpoint as a new Hub repo (or a new branch of one), or write it locally.
+
+    The token comes from ``HF_TOKEN`` (only, with ``token_from_env``) or the huggingface_hub login; it is never
+    printed or written. Nothing is uploaded before the folder is complete and its weights checked.
+
+    Args:
+        source: The recipe's output folder or a ``*.pth.tar`` checkpoint.
+        repo_id: ``ORG/NAME``.
+        revision: Branch to create and publish to; default: the new repo's ``main``.
+        private: Create a private repo.
+        token_from_env: Read the token from ``HF_TOKEN`` only.
+        dry_run_dir: Write the repo folder here instead of uploading; it must not exist yet.
+        dataset: Dataset name for the card (see ``prepare_hub_folder``).
+        tag: Pretrained tag for ``hub_configs/`` (see ``prepare_hub_folder``).
+        license: License of the weights.
+
+    Returns:
+        Where it went and its ``hub_configs/`` record (``hf_hub_id`` pinned to the commit after an upload).
+    """
+    if repo_id.count('/') != 1 or not all(repo_id.split('/')):
+        raise HubError(f'--repo-id must be ORG/NAME, got {repo_id!r}.')
+    if dry_run_dir is not None:
+        dry_run_dir = Path(dry_run_dir)
+        if dry_run_dir.exists():
+            raise HubError(f'{dry_run_dir} already exists: choose a new folder for the dry run.')
+        dry_run_dir.parent.mkdir(parents=True, exist_ok=True)
+        # built next to its destination and renamed into place, so a failure leaves no partial folder
+        with tempfile.TemporaryDirectory(dir=dry_run_dir.parent, prefix=f'.{dry_run_dir.name}.') as tmp:
+            record = prepare_hub_folder(source, tmp, repo_id, dataset=dataset, tag=tag, license=license)
+            os.replace(tmp, dry_run_dir)
+            Path(tmp).mkdir()  # TemporaryDirectory removes its path on exit
+        return PublishResult(repo_id, str(dry_run_dir), None, record)
+
+    token = _resolve_token(token_from_env)
+    with tempfile.TemporaryDirectory(prefix='sgdrop-publish.') as tmp:
+        record = prepare_hub_folder(source, tmp, repo_id, dataset=dataset, tag=tag, license=license)
+        api = HfApi(token=token, library_name='sgdrop-zoo')
+        commit, url = _upload(api, Path(tmp), repo_id, revision, private)
+    record['hf_hub_id'] = f'{repo_id}@{commit}'
+    return PublishResult(repo_id, url, commit, record)
+
+
+def _download(repo_id: str, revision: Optional[str], filename: str, repo_exists: bool = False) -> Path:
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision))
+    except (RepositoryNotFoundError, EntryNotFoundError) as e:
+        # some servers answer a missing file of an existing repo as a missing repo
+        if repo_exists or not isinstance(e, RepositoryNotFoundError):
+            raise HubError(f'{repo_id} has no {filename}: it is not a published SGDrop checkpoint (only '
+                           f'safetensors weights are loaded, never pickled ones).') from e
+        raise HubError(f'Repo {repo_id} does not exist on {os.environ.get("HF_ENDPOINT", "the Hub")} (or is private: '
+                       f'log in with `hf auth login`).') from e
+    except LocalEntryNotFoundError as e:
+        raise HubError(f'{filename} of {repo_id} is not cached and cannot be downloaded (offline or unreachable): '
+                       f'connect, unset HF_HUB_OFFLINE, and retry.') from e
+    except Exception as e:  # noqa: BLE001, HTTP errors and the transport errors of huggingface_hub's HTTP client
+        raise HubError(f'Downloading {filename} of {repo_id} failed after retries: {e}') from e
+
+
+def load_sgdrop_model(model_id: str, pretrained: bool = True, **kwargs: Any) -> nn.Module:
+    """Rebuild a published SGDrop model, with the SGDrop settings it was trained with, for further training.
+
+    Only ``config.json`` and ``model.safetensors`` are read: no pickle from a download is ever loaded. The EMA used
+    for attribution is not published; it restarts from the loaded weights at the first SGDrop step.
+
+    Args:
+        model_id: ``hf-hub:ORG/NAME[@REVISION]`` or ``local-dir:PATH`` (a published or dry-run folder).
+        pretrained: Load the weights (False: the architecture and settings only).
+        **kwargs: ``timm.create_model`` arguments; they win over the recorded ones (e.g. ``num_classes``,
+            ``sgdrop_rho``).
+    """
+    scheme, _, location = model_id.partition(':')
+    if scheme == 'hf-hub':
+        repo_id, _, revision = location.partition('@')
+        config_path = _download(repo_id, revision or None, CONFIG_NAME)
+        weights_path = _download(repo_id, revision or None, WEIGHTS_NAME, repo_exists=True) if pretrained else None
+    elif scheme == 'local-dir':
+        config_path, weights_path = Path(location) / CONFIG_NAME, Path(location) / WEIGHTS_NAME
+    else:
+        raise HubError(f'model_id must start with hf-hub: or local-dir:, got {model_id!r}.')
+    config = json.loads(config_path.read_text(encoding='utf-8'))
+    settings = config.get('sgdrop') or {}
+    architecture = settings.get('architecture', config['architecture'])
+    if not timm.is_model(architecture):
+        raise HubError(f'{model_id} is a {architecture!r} model, which is not registered: `import sgdrop_zoo` '
+                       f'before loading it, or upgrade sgdrop-zoo and timm if it is already imported.')
+    sgdrop_args = _sgdrop_model_args(settings)
+    if architecture.startswith('sgdrop_'):
+        model_args = {**config.get('model_args', {}), **sgdrop_args, **kwargs}
+    else:
+        model_args = {**config.get('model_args', {}), **kwargs}
+    pretrained_cfg = dict(config['pretrained_cfg'], label_names=config.get('label_names'))
+    overlay = dict(file=str(weights_path)) if pretrained else None
+    try:
+        model = timm.create_model(architecture, pretrained=pretrained, pretrained_cfg=pretrained_cfg,
+                                  pretrained_cfg_overlay=overlay, **model_args)
+    except SafetensorError as e:
+        raise HubError(f'{WEIGHTS_NAME} of {model_id} is truncated or corrupt ({e}); delete it from the cache '
+                       f'(`hf cache rm`) and download it again.') from e
+    if architecture.startswith('sgdrop_'):
+        return model
+    return add_sgdrop(model, **{k.removeprefix('sgdrop_'): v for k, v in sgdrop_args.items()})
+
+
+def _sgdrop_model_args(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """SGDrop constructor arguments reproducing recorded training settings (the paper's baselines have rho 0)."""
+    regularizer = settings.get('regularizer', 'sgdrop')
+    return dict(
+        sgdrop_rho=settings['rho'] if regularizer == 'sgdrop' else 0.0,
+        sgdrop_attribution=settings.get('attribution', 'ema'),
+        sgdrop_ema_decay=settings.get('ema_decay', 0.999),
+        latent_drop_rate=(settings.get('dropout_p') or 0.0) if regularizer == 'dropout' else 0.0,
+    )
