@@ -1,0 +1,457 @@
+"""Publishing and loading through the Hugging Face Hub (sgdrop_zoo/hub.py, pretrained.py, model_card.py).
+
+Downloads go to a real third-party server, olah, started on 127.0.0.1 in offline mode over a local git mirror.
+Uploads go to tests/hub_test_server.py, a documented test double of the Hub's upload routes that commits into that
+same mirror, so what is published is downloaded again by the real client through olah and compared bit for bit.
+huggingface_hub reads HF_ENDPOINT and HF_HOME when it is imported, so every client call runs in a subprocess.
+"""
+import json
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from timm.models import save_for_hf
+
+from sgdrop_zoo.cli import main
+from sgdrop_zoo.hub import publish_checkpoint
+from sgdrop_zoo.model_card import render_model_card
+from sgdrop_zoo.pretrained import HubError, hub_configs_dir, load_hub_configs, sha256_of_file
+
+from hub_test_server import HubTestServer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ORG = 'sgdrop-test'
+TINY_ARGS = dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64))  # a 62k-parameter convnext_tiny: 250 kB of weights
+LABELS = ['cat', 'dog', 'bird']
+SERVER_START_TIMEOUT_S = 30
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f'olah exited with code {process.returncode}')
+        try:
+            socket.create_connection(('127.0.0.1', port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f'olah did not answer on 127.0.0.1:{port} within {SERVER_START_TIMEOUT_S} s')
+
+
+def make_mirror_repo(mirrors: Path, repo_id: str, files: Dict[str, bytes]) -> None:
+    """A repo olah serves: a git repository with one commit on main under ``mirrors/models/ORG/NAME``."""
+    path = mirrors / 'models' / repo_id
+    path.mkdir(parents=True)
+    for name, data in files.items():
+        (path / name).write_bytes(data)
+    git = ['git', '-c', 'user.name=test', '-c', 'user.email=test@localhost', '-c', 'init.defaultBranch=main']
+    for args in (['init', '-q'], ['add', '-A'], ['commit', '-q', '-m', 'add files']):
+        subprocess.run(git + args, cwd=path, check=True, capture_output=True)
+
+
+@pytest.fixture(scope='session')
+def mirrors(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp('hub') / 'mirrors'
+
+
+@pytest.fixture(scope='session')
+def olah(mirrors: Path, tmp_path_factory) -> str:
+    """olah on 127.0.0.1 serving ``mirrors`` offline; its URL. Stopped by its PID at the end of the session."""
+    olah_cli = shutil.which('olah-cli', path=str(Path(sys.executable).parent)) or shutil.which('olah-cli')
+    if olah_cli is None:
+        pytest.skip('olah is not installed: pip install -e .[test]')
+    work = tmp_path_factory.mktemp('olah')  # olah writes ./logs in its working directory
+    (mirrors / 'models').mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    (work / 'olah.toml').write_text(textwrap.dedent(f'''
+        [basic]
+        host = "127.0.0.1"
+        port = {port}
+        repos-path = "{work / 'repos'}"
+        mirror-scheme = "http"
+        mirror-netloc = "127.0.0.1:{port}"
+        mirror-lfs-netloc = "127.0.0.1:{port}"
+        mirrors-path = ["{mirrors}"]
+
+        [accessibility]
+        offline = true
+    '''))
+    process = subprocess.Popen([olah_cli, '-c', 'olah.toml'], cwd=work, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_port(port, process)
+        yield f'http://127.0.0.1:{port}'
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope='session')
+def upload_server(mirrors: Path) -> str:
+    server = HubTestServer(mirrors).start()
+    yield server.url
+    server.stop()
+
+
+def hub_env(endpoint: str, hf_home: Path, **extra: str) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'SGDROP_ZOO_'))}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(hf_home), HF_HUB_DISABLE_XET='1', HF_HUB_DISABLE_TELEMETRY='1',
+               HF_HUB_DISABLE_PROGRESS_BARS='1', HF_HUB_ETAG_TIMEOUT='10', HF_HUB_DOWNLOAD_TIMEOUT='10',
+               PYTHONPATH=str(REPO_ROOT))
+    env.update(extra)
+    return env
+
+
+def run_python(code: str, env: Dict[str, str], timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, '-c', textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO_ROOT)
+
+
+def run_cli(args: list, env: Dict[str, str], timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, '-m', 'sgdrop_zoo.cli', *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO_ROOT)
+
+
+@pytest.fixture(scope='session')
+def export_dir(tmp_path_factory) -> Path:
+    """What train/main.py exports after training: model.safetensors + timm config.json, for a tiny SGDrop model."""
+    torch.manual_seed(0)
+    sgdrop = dict(regularizer='sgdrop', rho=0.05, rho_end=None, attribution='ema', ema_decay=0.99, dropout_p=None)
+    model = timm.create_model('sgdrop_convnext_tiny', num_classes=len(LABELS), sgdrop_rho=0.05,
+                              sgdrop_attribution='ema', sgdrop_ema_decay=0.99, latent_drop_rate=0.0, **TINY_ARGS)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, len(LABELS), (8,))
+    for _ in range(3):
+        loss = F.cross_entropy(model(images, target=labels), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model.update_ema()
+    out = tmp_path_factory.mktemp('run')
+    training = dict(epoch=3, val_acc1=66.667, data='/data/tiny-pets', optimizer='sgd', lr=0.1, epochs=3,
+                    train_transform='resize', image_size=32)
+    data_config = dict(input_size=(3, 32, 32), interpolation='bilinear', crop_pct=1.0, crop_mode='squash',
+                       mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    save_for_hf(model.eval(), out, model_config=dict(label_names=LABELS, sgdrop=sgdrop, training=training),
+                data_config=data_config, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope='session')
+def published(export_dir: Path, upload_server: str, tmp_path_factory) -> dict:
+    """The export published with the CLI to the upload test double; its hub_configs record."""
+    env = hub_env(upload_server, tmp_path_factory.mktemp('hf-upload'), HF_TOKEN='hf_test_token')
+    result = run_cli(['publish', str(export_dir), '--repo-id', f'{ORG}/convnext-tiny.pets', '--token-from-env'], env)
+    assert result.returncode == 0, result.stderr
+    assert 'hf_test_token' not in result.stdout + result.stderr
+    return json.loads(result.stdout)
+
+
+def test_publish_then_download_through_olah_is_bit_identical(published, export_dir, olah, tmp_path):
+    assert published['hf_hub_id'].startswith(f'{ORG}/convnext-tiny.pets@')
+    assert published['sha256'] == sha256_of_file(export_dir / 'model.safetensors')
+    code = f'''
+        import json, sys
+        from huggingface_hub import hf_hub_download, list_repo_files
+        repo = "{ORG}/convnext-tiny.pets"
+        files = sorted(list_repo_files(repo, revision="main"))
+        paths = {{name: hf_hub_download(repo, name) for name in ("model.safetensors", "config.json", "README.md")}}
+        print(json.dumps(dict(files=files, paths=paths)))
+    '''
+    result = run_python(code, hub_env(olah, tmp_path / 'hf'))
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert [f for f in out['files'] if f != '.gitattributes'] == ['README.md', 'config.json', 'model.safetensors']
+    assert Path(out['paths']['model.safetensors']).read_bytes() == (export_dir / 'model.safetensors').read_bytes()
+    config = json.loads(Path(out['paths']['config.json']).read_text())
+    assert config['architecture'] == 'convnext_tiny'
+    assert not any(k.startswith('sgdrop') for k in config['model_args'])
+    assert config['sgdrop']['architecture'] == 'sgdrop_convnext_tiny' and config['sgdrop']['rho'] == 0.05
+    readme = Path(out['paths']['README.md']).read_text()
+    assert 'library_name: timm' in readme and 'cat, dog, bird' in readme and 'tiny-pets' in readme
+
+
+def test_plain_timm_loads_the_published_repo_without_sgdrop_zoo(published, export_dir, olah, tmp_path):
+    code = f'''
+        import sys, timm, torch
+        model = timm.create_model("hf-hub:{ORG}/convnext-tiny.pets", pretrained=True).eval()
+        assert not any(name.startswith("sgdrop_zoo") for name in sys.modules), "sgdrop_zoo was imported"
+        print(type(model).__name__, model.num_classes, model.pretrained_cfg["label_names"])
+        torch.save(model.state_dict(), "{tmp_path / 'loaded.pt'}")
+    '''
+    result = run_python(code, hub_env(olah, tmp_path / 'hf', PYTHONPATH=''))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[:2] == ['ConvNeXt', '3']
+    expected = load_file(export_dir / 'model.safetensors')
+    loaded = torch.load(tmp_path / 'loaded.pt', weights_only=True)
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+def test_registry_tag_downloads_checks_and_adapts(published, export_dir, olah, tmp_path):
+    configs = tmp_path / 'hub_configs'
+    configs.mkdir()
+    (configs / 'sgdrop_convnext_tiny.pets.json').write_text(json.dumps(published))
+    code = f'''
+        import json, timm, torch, sgdrop_zoo
+        from safetensors.torch import load_file
+        names = timm.list_models("sgdrop_*", pretrained=True)
+        model = timm.create_model("sgdrop_convnext_tiny.pets", pretrained=True, **{TINY_ARGS!r}).eval()
+        expected = load_file("{export_dir / 'model.safetensors'}")
+        identical = all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+        adapted = timm.create_model("sgdrop_convnext_tiny.pets", pretrained=True, num_classes=5, **{TINY_ARGS!r})
+        body_kept = all(torch.equal(adapted.state_dict()[k], v) for k, v in expected.items() if "head.fc" not in k)
+        cfg = model.pretrained_cfg
+        print(json.dumps(dict(names=names, identical=identical, body_kept=body_kept, head=adapted.num_classes,
+                              rho=model.sgdrop_rho, cfg={{k: cfg[k] for k in ("hf_hub_id", "input_size", "mean",
+                              "crop_pct", "interpolation", "num_classes", "label_names")}})))
+    '''
+    env = hub_env(olah, tmp_path / 'hf', SGDROP_ZOO_HUB_CONFIGS=str(configs))
+    result = run_python(code, env)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out['names'] == ['sgdrop_convnext_tiny.pets']
+    assert out['identical'] and out['body_kept'] and out['head'] == 5
+    assert out['cfg'] == dict(hf_hub_id=published['hf_hub_id'], input_size=[3, 32, 32],
+                              mean=list(published['mean']), crop_pct=1.0, interpolation='bilinear', num_classes=3,
+                              label_names=LABELS)
+    # the cache now serves the tag offline, still checked
+    offline = run_python(code, dict(env, HF_HUB_OFFLINE='1', HF_ENDPOINT='http://127.0.0.1:9'))
+    assert offline.returncode == 0, offline.stderr
+    assert json.loads(offline.stdout)['identical']
+
+
+def test_dry_run_writes_the_repo_folder_and_loads_locally(export_dir, tmp_path):
+    target = tmp_path / 'dry'
+    result = publish_checkpoint(export_dir, f'{ORG}/convnext-tiny.pets', dry_run_dir=target)
+    assert result.commit is None and sorted(p.name for p in target.iterdir()) == [
+        'README.md', 'config.json', 'model.safetensors']
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['dry']  # no temporary folder left behind
+    assert (target / 'model.safetensors').read_bytes() == (export_dir / 'model.safetensors').read_bytes()
+    record = result.hub_config
+    assert record['architecture'] == 'sgdrop_convnext_tiny' and record['base_architecture'] == 'convnext_tiny'
+    assert record['tag'] == 'pets' and record['dataset'] == 'tiny-pets' and record['label_names'] == LABELS
+    assert record['metrics']['top1'] == 66.667 and '--evaluate' in record['metrics']['eval_command']
+    plain = timm.create_model(f'local-dir:{target}', pretrained=True)
+    assert type(plain).__name__ == 'ConvNeXt'
+    from sgdrop_zoo.hub import load_sgdrop_model
+    model = load_sgdrop_model(f'local-dir:{target}', num_classes=4)
+    assert model.sgdrop_config['sgdrop_rho'] == 0.05 and model.sgdrop_config['sgdrop_ema_decay'] == 0.99
+    assert model.num_classes == 4
+
+
+def test_model_card_renders_checkpoint_facts(export_dir, tmp_path):
+    record = publish_checkpoint(export_dir, f'{ORG}/convnext-tiny.pets', dry_run_dir=tmp_path / 'dry').hub_config
+    card = render_model_card([record], checkpoint=record)
+    assert card.data.library_name == 'timm' and card.data.license == 'apache-2.0'
+    assert card.data.datasets == ['tiny-pets'] and 'sgdrop' in card.data.tags
+    text = card.text
+    for fact in ('`convnext_tiny`', 'cat, dog, bird', '3x32x32', 'mean 0.485, 0.456, 0.406', 'rho=0.05',
+                 'attribution=ema', record['sha256'], '66.667%', record['metrics']['eval_command'],
+                 '@article{bertoin2024overfocusing', 'ResNet50', 'CNNs only'):
+        assert fact in text, fact
+    zoo = render_model_card([record]).text
+    assert '| `sgdrop_convnext_tiny.pets` | `convnext_tiny` | tiny-pets | 3 | 32x32 | 66.667 |' in zoo
+
+
+def test_model_card_md_is_generated_from_hub_configs():
+    assert load_hub_configs() == []  # nothing is trained yet, so no tag may point anywhere
+    assert (REPO_ROOT / 'MODEL_CARD.md').read_text(encoding='utf-8') == render_model_card([]).content
+    assert hub_configs_dir().resolve() == (REPO_ROOT / 'hub_configs').resolve()
+
+
+def test_hub_configs_errors_name_the_file(tmp_path, published):
+    (tmp_path / 'bad.json').write_text('{"architecture": ')
+    with pytest.raises(ValueError, match='bad.json: not valid JSON'):
+        load_hub_configs(tmp_path)
+    (tmp_path / 'bad.json').write_text(json.dumps({k: v for k, v in published.items() if k != 'sha256'}))
+    with pytest.raises(ValueError, match=r'bad.json: missing or mistyped fields sha256'):
+        load_hub_configs(tmp_path)
+    (tmp_path / 'bad.json').write_text(json.dumps(published))
+    (tmp_path / 'copy.json').write_text(json.dumps(published))
+    with pytest.raises(ValueError, match='already defined by'):
+        load_hub_configs(tmp_path)
+
+
+def test_download_faults_are_clear_and_leave_no_bad_file(published, olah, mirrors, tmp_path):
+    record = dict(published, sha256='0' * 64)
+    records = {
+        'badsha': record,
+        'norepo': dict(published, tag='norepo', hf_hub_id=f'{ORG}/does-not-exist'),
+    }
+    configs = tmp_path / 'hub_configs'
+    configs.mkdir()
+    for tag, rec in records.items():
+        (configs / f'{tag}.json').write_text(json.dumps(dict(rec, tag=tag)))
+    config = json.loads((mirrors / 'models' / ORG / 'convnext-tiny.pets' / 'config.json').read_text())
+    weights = (mirrors / 'models' / ORG / 'convnext-tiny.pets' / 'model.safetensors').read_bytes()
+    make_mirror_repo(mirrors, f'{ORG}/future', {'config.json': json.dumps(
+        dict(config, architecture='sgdrop_future_net', sgdrop=dict(config['sgdrop'], architecture='sgdrop_future_net'))
+    ).encode(), 'model.safetensors': weights})
+    make_mirror_repo(mirrors, f'{ORG}/truncated', {'config.json': json.dumps(config).encode(),
+                                                    'model.safetensors': weights[:len(weights) // 2]})
+    marker = tmp_path / 'pickle-ran'
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f'touch {marker}',))
+
+    make_mirror_repo(mirrors, f'{ORG}/pickled', {'config.json': json.dumps(config).encode(),
+                                                  'pytorch_model.bin': pickle.dumps(Exploit())})
+    code = f'''
+        import json, pathlib, timm, sgdrop_zoo
+        from sgdrop_zoo.hub import load_sgdrop_model
+        from sgdrop_zoo.pretrained import HubError
+        errors = {{}}
+        for name in ("sgdrop_convnext_tiny.badsha", "sgdrop_convnext_tiny.norepo"):
+            try:
+                timm.create_model(name, pretrained=True, **{TINY_ARGS!r})
+            except HubError as e:
+                errors[name] = str(e)
+        for repo in ("future", "truncated", "pickled"):
+            try:
+                load_sgdrop_model("hf-hub:{ORG}/" + repo)
+            except HubError as e:
+                errors[repo] = str(e)
+        cached = [str(p) for p in pathlib.Path("{tmp_path / 'hf'}").rglob("model.safetensors")]
+        print(json.dumps(dict(errors=errors, cached=cached)))
+    '''
+    result = run_python(code, hub_env(olah, tmp_path / 'hf', SGDROP_ZOO_HUB_CONFIGS=str(configs)))
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    errors = out['errors']
+    assert 'has sha256' in errors['sgdrop_convnext_tiny.badsha'] and 'removed from the cache' in \
+        errors['sgdrop_convnext_tiny.badsha']
+    assert 'does not exist' in errors['sgdrop_convnext_tiny.norepo']
+    assert '`import sgdrop_zoo`' in errors['future'] and 'upgrade' in errors['future']
+    assert 'truncated or corrupt' in errors['truncated']
+    assert 'has no model.safetensors' in errors['pickled'] and not marker.exists()
+    # the rejected download is gone; the ones left are the intact or corrupt-at-source files of other repos
+    assert not any('convnext-tiny.pets' in path for path in out['cached'])
+
+
+def test_network_error_mid_download_is_retried_then_reported(published, olah, tmp_path):
+    """A proxy in front of olah cuts every weights response halfway: huggingface_hub retries, then gives up."""
+    code = f'''
+        import http.client, threading, json, os, pathlib
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+        upstream = urlsplit("{olah}")
+        class Cut(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            def log_message(self, *args): pass
+            def do_GET(self):
+                conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=10)
+                headers = {{k: v for k, v in self.headers.items() if k.lower() not in ("host", "range")}}
+                conn.request(self.command, self.path, headers=headers)
+                reply = conn.getresponse()
+                body = reply.read() if self.command == "GET" else b""
+                self.send_response(reply.status)
+                for k, v in reply.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                length = reply.getheader("content-length") or str(len(body))
+                self.send_header("Content-Length", length)
+                self.end_headers()
+                cut = self.command == "GET" and self.path.endswith("model.safetensors")
+                self.wfile.write(body[:len(body) // 2] if cut else body)
+                if cut:
+                    self.close_connection = True
+            do_HEAD = do_GET
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Cut)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        os.environ["HF_ENDPOINT"] = "http://127.0.0.1:%d" % server.server_address[1]
+        import timm, sgdrop_zoo
+        from sgdrop_zoo.pretrained import HubError
+        try:
+            timm.create_model("sgdrop_convnext_tiny.pets", pretrained=True, **{TINY_ARGS!r})
+            print(json.dumps(dict(error=None)))
+        except HubError as e:
+            done = [str(p) for p in pathlib.Path("{tmp_path / 'hf'}").rglob("model.safetensors")]
+            print(json.dumps(dict(error=str(e), complete=done)))
+        server.shutdown()
+    '''
+    configs = tmp_path / 'hub_configs'
+    configs.mkdir()
+    (configs / 'pets.json').write_text(json.dumps(published))
+    result = run_python(code, hub_env(olah, tmp_path / 'hf', SGDROP_ZOO_HUB_CONFIGS=str(configs)))
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out['error'] and 'failed after retries' in out['error']
+    assert out['complete'] == []
+
+
+def test_publish_name_collision_is_refused(published, export_dir, upload_server, mirrors, tmp_path):
+    repo = mirrors / 'models' / ORG / 'convnext-tiny.pets'
+    head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=repo, capture_output=True, text=True).stdout
+    env = hub_env(upload_server, tmp_path / 'hf', HF_TOKEN='hf_test_token')
+    result = run_cli(['publish', str(export_dir), '--repo-id', f'{ORG}/convnext-tiny.pets'], env)
+    assert result.returncode == 2
+    assert 'already holds a model.safetensors' in result.stderr and 'never replaced' in result.stderr
+    assert subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=repo, capture_output=True, text=True).stdout == head
+
+
+def test_publish_without_token_uploads_nothing(export_dir, monkeypatch, capsys):
+    monkeypatch.delenv('HF_TOKEN', raising=False)
+    with pytest.raises(HubError, match='needs a Hugging Face token'):
+        publish_checkpoint(export_dir, f'{ORG}/x', token_from_env=True)
+    assert main(['publish', str(export_dir), '--repo-id', f'{ORG}/x', '--token-from-env']) == 2
+    assert 'HF_TOKEN is not set' in capsys.readouterr().err
+
+
+def test_publish_rejects_bad_input_and_writes_nothing(export_dir, tmp_path):
+    broken = tmp_path / 'broken'
+    shutil.copytree(export_dir, broken)
+    data = (broken / 'model.safetensors').read_bytes()
+    (broken / 'model.safetensors').write_bytes(data[:len(data) // 2])
+    out = tmp_path / 'out'
+    out.mkdir()
+    with pytest.raises(HubError, match='not a readable safetensors file'):
+        publish_checkpoint(broken, f'{ORG}/x', dry_run_dir=out / 'dry')
+    assert list(out.iterdir()) == []
+    (broken / 'model.safetensors').unlink()
+    with pytest.raises(HubError, match='no model.safetensors'):
+        publish_checkpoint(broken, f'{ORG}/x', dry_run_dir=out / 'dry')
+    with pytest.raises(HubError, match='already exists'):
+        publish_checkpoint(export_dir, f'{ORG}/x', dry_run_dir=out)
+    with pytest.raises(HubError, match='ORG/NAME'):
+        publish_checkpoint(export_dir, 'no-org', dry_run_dir=out / 'dry')
+    assert list(out.iterdir()) == []
+
+
+def test_publish_from_a_recipe_checkpoint(tmp_path, capsys):
+    model = timm.create_model('test_convnext', num_classes=2)
+    checkpoint = dict(arch='test_convnext', state_dict=model.state_dict(), class_names=['a', 'b'], epoch=1,
+                      best_acc1=50.0, sgdrop_ema=None,
+                      args=dict(data='/data/ab', sgdrop_rho=0.01, sgdrop_attribution='ema', sgdrop_ema_decay=0.999,
+                                regularizer='sgdrop', image_size=64, train_transform='resize'))
+    torch.save(checkpoint, tmp_path / 'model_best.pth.tar')
+    assert main(['publish', str(tmp_path / 'model_best.pth.tar'), '--repo-id', f'{ORG}/ab', '--dry-run',
+                 '--output', str(tmp_path / 'dry')]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record['architecture'] == 'test_convnext' and record['input_size'] == [3, 64, 64]
+    loaded = load_file(tmp_path / 'dry' / 'model.safetensors')
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
