@@ -15,7 +15,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import pytest
 import timm
