@@ -240,6 +240,7 @@ def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(data_dir: Pat
     # the killed run resumes from the last complete checkpoint
     run_recipe(str(data_dir), *TINY_RUN, "--epochs", "2", "--resume", str(checkpoint_path), "--output", str(tmp_path))
     assert [record["epoch"] for record in read_log(tmp_path)] == [1, 2]
+    assert not list(tmp_path.glob(".*.tmp")), "the resumed run removes the killed write's temporary file"
     assert_same_training_state(two_epoch_run[0] / "checkpoint.pth.tar", checkpoint_path)
 
 
@@ -250,9 +251,10 @@ def test_sigkill_during_training_resumes_from_last_complete_epoch(data_dir: Path
                            stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
-        while not (tmp_path / "log.jsonl").exists() or not read_log(tmp_path):
-            assert run.poll() is None and time.time() < deadline, "the run ended before its first epoch was logged"
+        while not (tmp_path / "checkpoint.pth.tar").exists():
+            assert run.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
             time.sleep(0.05)
+        time.sleep(0.5)  # into the next epoch, or its log line, or its checkpoint write: any moment will do
         run.send_signal(signal.SIGKILL)
     finally:
         run.wait(timeout=30)
@@ -261,6 +263,9 @@ def test_sigkill_during_training_resumes_from_last_complete_epoch(data_dir: Path
     run_recipe(*args[:-4], "--epochs", str(epoch + 1), "--resume", str(tmp_path / "checkpoint.pth.tar"),
                "--output", str(tmp_path))
     assert torch.load(tmp_path / "checkpoint.pth.tar", map_location="cpu", weights_only=True)["epoch"] == epoch + 1
+    # one log line per epoch, none repeated by the resumed run
+    assert [record["epoch"] for record in read_log(tmp_path)] == list(range(1, epoch + 2))
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def run_bad_input(capsys: pytest.CaptureFixture, *args: str) -> str:

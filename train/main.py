@@ -339,6 +339,8 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
     output = Path(args.output)
     if args.is_main:
         output.mkdir(parents=True, exist_ok=True)
+        for stale in output.glob(".*.tmp"):
+            stale.unlink()  # left by a run killed while writing a checkpoint; the previous file is intact
 
     if torch.cuda.is_available():
         device = torch.device("cuda", args.gpu if args.gpu is not None else 0)
@@ -421,6 +423,8 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
         set_rng_state(rng_state)
 
     log_path = output / "log.jsonl"
+    if args.is_main:
+        keep_log_until(log_path, args.start_epoch)
     for epoch in range(args.start_epoch, args.epochs):
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
@@ -445,6 +449,22 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
         is_best = acc1 > best_acc1
         best_acc1 = max(acc1, best_acc1)
         if args.is_main:
+            # the log line goes first: a run killed before its checkpoint is written repeats this epoch on resume,
+            # and resuming drops the lines of epochs the checkpoint does not hold
+            append_log(log_path, {
+                "epoch": epoch + 1,
+                "train_loss": train_metrics["loss"],
+                "train_acc1": train_metrics["acc1"],
+                "train_clean_acc1": clean_metrics["acc1"] if clean_metrics else None,
+                "val_loss": val_metrics["loss"],
+                "val_acc1": val_metrics["acc1"],
+                "val_acc5": val_metrics["acc5"],
+                "val_count": val_metrics["count"],
+                "lr": lr,
+                "sgdrop_rho": model_without_ddp.sgdrop_rho,
+                "img_per_s": train_metrics["count"] / epoch_time,
+                "epoch_time_s": epoch_time,
+            })
             save_checkpoint({
                 "epoch": epoch + 1,
                 "arch": args.arch,
@@ -460,28 +480,29 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
                 "class_names": args.class_names,
                 "args": {k: v for k, v in vars(args).items() if k != "class_names"},
             }, is_best, output)
-            record = {
-                "epoch": epoch + 1,
-                "train_loss": train_metrics["loss"],
-                "train_acc1": train_metrics["acc1"],
-                "train_clean_acc1": clean_metrics["acc1"] if clean_metrics else None,
-                "val_loss": val_metrics["loss"],
-                "val_acc1": val_metrics["acc1"],
-                "val_acc5": val_metrics["acc5"],
-                "val_count": val_metrics["count"],
-                "lr": lr,
-                "sgdrop_rho": model_without_ddp.sgdrop_rho,
-                "img_per_s": train_metrics["count"] / epoch_time,
-                "epoch_time_s": epoch_time,
-            }
-            with log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
 
     if args.is_main and (output / "model_best.pth.tar").exists():
         export_dir = export_for_hub(output / "model_best.pth.tar", output, args)
         print(f"=> best val Acc@1 {best_acc1:.3f}; checkpoints {output / 'checkpoint.pth.tar'} and "
               f"{output / 'model_best.pth.tar'}; weights {export_dir / 'model.safetensors'}", flush=True)
     cleanup(args)
+
+
+def append_log(log_path: Path, record: dict[str, Any]) -> None:
+    with log_path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def keep_log_until(log_path: Path, last_epoch: int) -> None:
+    """Drop the log lines of epochs after `last_epoch`, which the run is about to train (again)."""
+    if not log_path.exists():
+        return
+    lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["epoch"] <= last_epoch]
+    if kept != lines:
+        atomic_write(log_path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
 
 
 def cleanup(args: argparse.Namespace) -> None:
@@ -826,11 +847,8 @@ def export_for_hub(checkpoint_path: Path, output: Path, args: argparse.Namespace
         "label_names": args.class_names,
         "sgdrop": {
             "regularizer": args.regularizer,
-            "rho": args.sgdrop_rho,
-            "rho_end": args.sgdrop_rho_end,
-            "attribution": args.sgdrop_attribution,
-            "ema_decay": args.sgdrop_ema_decay,
-            "dropout_p": args.dropout_p if args.regularizer == "dropout" else None,
+            **sgdrop_options(args),
+            "rho_end": args.sgdrop_rho_end if args.regularizer == "sgdrop" else None,
         },
         "training": {"epoch": checkpoint["epoch"], "val_acc1": checkpoint["best_acc1"], "data": str(args.data),
                      "optimizer": args.optimizer, "lr": args.lr, "epochs": args.epochs,
