@@ -273,9 +273,10 @@ def check_image_folders(root: Path, workers: int) -> list[str]:
 
 def image_header_error(path: str) -> Optional[str]:
     try:
-        with Image.open(path) as img:
-            img.size
-    except Exception as e:  # noqa: BLE001, Pillow raises many types for bad files
+        # opening reads and identifies the header; the pixels are decoded later, by the data loader
+        with Image.open(path):
+            pass
+    except Exception as e:  # Pillow raises many types for bad files
         return str(e) or type(e).__name__
     return None
 
@@ -295,7 +296,7 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         raise RecipeError(f"--resume {path}: no such checkpoint file; pass a checkpoint.pth.tar written by this script")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001, a corrupt zip, a pickle with foreign classes, ...
+    except Exception as e:  # a truncated zip, a pickle with foreign classes, ...
         raise RecipeError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}); "
                           f"pass an intact checkpoint.pth.tar") from e
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
@@ -370,7 +371,7 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
     if args.distributed:
         # the batch size and workers are totals for this node, as in the official script
         procs_per_node = ngpus_per_node if args.multiprocessing_distributed else int(
-            os.environ.get("LOCAL_WORLD_SIZE", 1))
+            os.environ.get("LOCAL_WORLD_SIZE", "1"))
         args.batch_size = max(1, args.batch_size // procs_per_node)
         args.workers = (args.workers + procs_per_node - 1) // procs_per_node
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -395,7 +396,7 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
         args.start_epoch = checkpoint["epoch"]
         best_acc1 = checkpoint["best_acc1"]
         model_without_ddp.load_state_dict(checkpoint["state_dict"])
-        if checkpoint.get("sgdrop_ema") is not None:
+        if checkpoint.get("sgdrop_ema") is not None and sgdrop_options(args)["attribution"] == "ema":
             model_without_ddp.load_ema_state_dict(checkpoint["sgdrop_ema"])
         if not args.evaluate:
             optimizer.load_state_dict(checkpoint["optimizer"])
