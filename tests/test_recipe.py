@@ -19,6 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import sgdrop_zoo
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAIN = REPO_ROOT / "train" / "main.py"
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "cifar10_subset"
@@ -349,3 +351,19 @@ def test_presets_are_plain_data_and_command_line_wins():
     assert (official.data, official.epochs, official.batch_size, official.lr, official.momentum,
             official.weight_decay, official.optimizer, official.lr_step_size, official.lr_gamma) == (
         "imagenet", 90, 256, 0.1, 0.9, 1e-4, "sgd", 30, 0.1)
+
+
+@pytest.mark.parametrize("regularizer, rho, drop_rate, attribution", [
+    ("sgdrop", 0.01, 0.0, "ema"),
+    ("dropout", 0.0, 0.3, "online"),
+    ("none", 0.0, 0.0, "online"),
+])
+@pytest.mark.parametrize("arch", ["sgdrop_vgg_tiny", "resnet18"])
+def test_regularizer_builds_the_paper_baselines_on_any_timm_arch(arch: str, regularizer: str, rho: float,
+                                                                 drop_rate: float, attribution: str):
+    args = recipe.parse_args(["data", "-a", arch, "--regularizer", regularizer, "--dropout-p", "0.3"])
+    model = recipe.create_model(args, num_classes=3)
+    assert sgdrop_zoo.is_sgdrop_model(model)
+    assert (model.sgdrop_rho, model.latent_drop_rate, model.sgdrop_config["sgdrop_attribution"]) == (
+        rho, drop_rate, attribution)
+    assert model.num_classes == 3
