@@ -15,6 +15,7 @@ Examples:
     python train/main.py DATA -a sgdrop_resnet50 --resume runs/r50/model_best.pth.tar --evaluate
 """
 import argparse
+import copy
 import difflib
 import json
 import math
@@ -28,7 +29,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.backends.cudnn as cudnn
@@ -276,7 +277,7 @@ def image_header_error(path: str) -> Optional[str]:
         # opening reads and identifies the header; the pixels are decoded later, by the data loader
         with Image.open(path):
             pass
-    except Exception as e:  # Pillow raises many types for bad files
+    except Exception as e:  # noqa: BLE001, Pillow raises many types for bad files
         return str(e) or type(e).__name__
     return None
 
@@ -534,9 +535,10 @@ def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devi
         val_dataset = datasets.FakeData(50000, (3, size, size), 1000, transforms.ToTensor())
         return (make_loader(train_dataset, True, args), make_loader(val_dataset, False, args), None)
 
-    traindir = os.path.join(args.data, "train")
-    valdir = os.path.join(args.data, "val")
-    num_train = len(datasets.ImageFolder(traindir, loader=load_rgb))
+    # scanned once: listing the files of a large dataset takes a while
+    train_folder = datasets.ImageFolder(os.path.join(args.data, "train"), loader=load_rgb)
+    val_folder = datasets.ImageFolder(os.path.join(args.data, "val"), loader=load_rgb)
+    num_train = len(train_folder)
     # Fixed subsets, independent of --seed, so that runs with different seeds see the same images.
     train_indices = torch.randperm(num_train, generator=torch.Generator().manual_seed(0)).tolist()
     if args.train_subset:
@@ -544,17 +546,17 @@ def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devi
     train_eval_indices = train_indices[:args.train_eval_samples]
 
     if not args.in_memory:
-        train_dataset = datasets.ImageFolder(traindir, transforms.Compose(train_resize + [transforms.ToTensor(),
-                                                                                          normalize]), loader=load_rgb)
-        val_dataset = datasets.ImageFolder(valdir, transforms.Compose(val_resize + [transforms.ToTensor(), normalize]),
-                                           loader=load_rgb)
-        train_eval_dataset = datasets.ImageFolder(traindir, val_dataset.transform, loader=load_rgb)
+        to_tensor = [transforms.ToTensor(), normalize]
+        train_dataset = with_transform(train_folder, transforms.Compose(train_resize + to_tensor))
         if len(train_indices) < num_train:
             train_dataset = torch.utils.data.Subset(train_dataset, sorted(train_indices))
         train_loader = make_loader(train_dataset, True, args)
-        val_loader = make_loader(val_dataset, False, args)
-        train_eval_loader = make_loader(torch.utils.data.Subset(train_eval_dataset, train_eval_indices), False, args) \
-            if train_eval_indices else None
+        val_loader = make_loader(with_transform(val_folder, transforms.Compose(val_resize + to_tensor)), False, args)
+        train_eval_loader = None
+        if train_eval_indices:
+            train_eval_dataset = with_transform(train_folder, transforms.Compose(val_resize + to_tensor))
+            train_eval_loader = make_loader(torch.utils.data.Subset(train_eval_dataset, train_eval_indices), False,
+                                            args)
         return train_loader, val_loader, train_eval_loader
 
     # In memory: decode every image once, after the deterministic part of the transform; the random crop and flip
@@ -563,20 +565,26 @@ def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devi
     train_store = [transforms.Resize((size, size))] if args.train_transform == "resize" else [
         transforms.Resize((round(size / CENTER_CROP_PCT),) * 2)]
     decode = dict(workers=args.workers, device=store_device, verbose=args.is_main)
-    train_images = decode_images(datasets.ImageFolder(traindir, transforms.Compose(train_store), loader=load_rgb),
-                                 sorted(train_indices), **decode)
-    val_images = decode_images(datasets.ImageFolder(valdir, transforms.Compose(val_resize), loader=load_rgb), None,
-                               **decode)
+    train_images = decode_images(with_transform(train_folder, transforms.Compose(train_store)), sorted(train_indices),
+                                 **decode)
+    val_images = decode_images(with_transform(val_folder, transforms.Compose(val_resize)), None, **decode)
     common = dict(mean=mean, std=std, rank=args.rank, world_size=args.world_size, device=device)
     train_loader = InMemoryLoader(*train_images, args.batch_size, shuffle=True, seed=args.seed or 0,
                                   crop_flip_size=size if args.train_transform == "crop-flip" else None, **common)
     val_loader = InMemoryLoader(*val_images, args.batch_size, shuffle=False, **common)
     train_eval_loader = None
     if train_eval_indices:
-        train_eval_images = decode_images(datasets.ImageFolder(traindir, transforms.Compose(val_resize),
-                                                               loader=load_rgb), train_eval_indices, **decode)
+        train_eval_images = decode_images(with_transform(train_folder, transforms.Compose(val_resize)),
+                                          train_eval_indices, **decode)
         train_eval_loader = InMemoryLoader(*train_eval_images, args.batch_size, shuffle=False, **common)
     return train_loader, val_loader, train_eval_loader
+
+
+def with_transform(folder: datasets.ImageFolder, transform: Callable) -> datasets.ImageFolder:
+    """A view of `folder` (same file list) with its own transform."""
+    view = copy.copy(folder)
+    view.transform = transform
+    return view
 
 
 def make_loader(dataset: torch.utils.data.Dataset, train: bool, args: argparse.Namespace
@@ -588,7 +596,7 @@ def make_loader(dataset: torch.utils.data.Dataset, train: bool, args: argparse.N
         sampler = ShardSampler(len(dataset), args.rank, args.world_size)
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, shuffle=train and sampler is None, sampler=sampler,
-        num_workers=args.workers, pin_memory=torch.cuda.is_available(), persistent_workers=False)
+        num_workers=args.workers, pin_memory=torch.cuda.is_available())
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -610,7 +618,7 @@ class ShardSampler(torch.utils.data.Sampler):
 def decode_images(dataset: datasets.ImageFolder, indices: Optional[list[int]], workers: int, device: torch.device,
                   verbose: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode (a subset of) an ImageFolder into a uint8 [N, 3, H, W] tensor and its int64 targets."""
-    dataset.transform = transforms.Compose([dataset.transform, transforms.PILToTensor()])
+    dataset = with_transform(dataset, transforms.Compose([dataset.transform, transforms.PILToTensor()]))
     if indices is not None:
         dataset = torch.utils.data.Subset(dataset, indices)
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers)
