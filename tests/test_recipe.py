@@ -367,3 +367,8 @@ def test_regularizer_builds_the_paper_baselines_on_any_timm_arch(arch: str, regu
     assert (model.sgdrop_rho, model.latent_drop_rate, model.sgdrop_config["sgdrop_attribution"]) == (
         rho, drop_rate, attribution)
     assert model.num_classes == 3
+
+
+def test_env_dist_url_without_torchrun(capsys: pytest.CaptureFixture, data_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert "start the script with torchrun" in run_bad_input(capsys, str(data_dir), "--dist-url", "env://")

@@ -174,6 +174,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.gpu is not None:
         warnings.warn("You have chosen a specific GPU. This will completely disable data parallelism.")
 
+    try:
+        check_inputs(args)
+    except RecipeError as e:
+        # under torchrun every process finds the same problem; one line is enough
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
     if args.dist_url == "env://" and args.world_size == -1:
         args.world_size = int(os.environ["WORLD_SIZE"])
     args.distributed = args.world_size > 1 or args.multiprocessing_distributed
@@ -183,14 +191,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         ngpus_per_node = 1
     if args.dist_backend is None:
         args.dist_backend = "nccl" if torch.cuda.is_available() else "gloo"
-
-    try:
-        check_inputs(args)
-    except RecipeError as e:
-        # under torchrun every process finds the same problem; one line is enough
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
     if args.multiprocessing_distributed:
         # world_size is the number of nodes here; it becomes the total number of processes
@@ -212,6 +212,9 @@ def check_inputs(args: argparse.Namespace) -> None:
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise RecipeError(f"unknown --arch {args.arch!r}: not a timm model; {hint}"
                           f"list names with timm.list_models('*{args.arch.split('_')[-1]}*')")
+    if args.dist_url == "env://" and "WORLD_SIZE" not in os.environ:
+        raise RecipeError("--dist-url env:// reads WORLD_SIZE and RANK from the launcher; start the script with "
+                          "torchrun, e.g. torchrun --nproc-per-node 2 train/main.py DATA --dist-url env://")
     if args.multiprocessing_distributed and (args.world_size < 1 or args.rank < 0):
         raise RecipeError("--multiprocessing-distributed needs --world-size (number of nodes) and --rank (node rank), "
                           "e.g. --world-size 1 --rank 0 on one machine")
