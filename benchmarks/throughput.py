@@ -46,7 +46,8 @@ def run_config(dataset: Path, output: Path, arch: str, regularizer: str, in_memo
                args: argparse.Namespace) -> dict:
     num_train = args.batch_size * args.steps
     command = [sys.executable, str(RECIPE), str(dataset), "-a", arch, "--regularizer", regularizer,
-               "--image-size", str(args.image_size), "-b", str(args.batch_size), "--epochs", str(1 + args.measure_epochs),
+               "--image-size", str(args.image_size), "-b", str(args.batch_size),
+               "--epochs", str(1 + args.measure_epochs),
                "--train-subset", str(num_train), "--train-eval-samples", "0", "-j", str(args.workers),
                "-p", "1000", "--seed", "0", "--output", str(output)]
     if in_memory:

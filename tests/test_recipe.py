@@ -29,8 +29,8 @@ VAL_PER_CLASS = 3
 # The smallest registered architecture at the dataset's native 32 px. The official random crop + flip stays on, so
 # that the data order and the augmentation of a resumed run depend on the restored RNG state.
 BATCH_SIZE = 20
-TINY_RUN = ["-a", "sgdrop_vgg_tiny", "--image-size", "32", "-b", str(BATCH_SIZE), "-j", "0", "--seed", "0", "--optimizer", "adam",
-            "--lr", "1e-3", "--train-eval-samples", "8", "-p", "100"]
+TINY_RUN = ["-a", "sgdrop_vgg_tiny", "--image-size", "32", "-b", str(BATCH_SIZE), "-j", "0", "--seed", "0",
+            "--optimizer", "adam", "--lr", "1e-3", "--train-eval-samples", "8", "-p", "100"]
 
 
 def load_recipe() -> Any:

@@ -304,7 +304,8 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         raise RecipeError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}); "
                           f"pass an intact checkpoint.pth.tar") from e
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise RecipeError(f"--resume {path}: not a checkpoint of this script (no 'state_dict'); pass checkpoint.pth.tar")
+        raise RecipeError(f"--resume {path}: not a checkpoint of this script (no 'state_dict'); "
+                          f"pass checkpoint.pth.tar")
     return checkpoint
 
 
