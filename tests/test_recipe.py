@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -186,9 +187,15 @@ def test_torchrun_two_processes_count_every_val_sample_once(data_dir: Path, num_
     assert reported_val_acc1(single.stdout) == pytest.approx(record["val_acc1"], abs=1e-3)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_multiprocessing_distributed_on_cpu(data_dir: Path, tmp_path: Path, num_val: int):
     run_recipe(str(data_dir), *TINY_RUN, "--epochs", "1", "--multiprocessing-distributed", "--world-size", "1",
-               "--rank", "0", "--dist-url", "tcp://127.0.0.1:29517", "--output", str(tmp_path))
+               "--rank", "0", "--dist-url", f"tcp://127.0.0.1:{free_port()}", "--output", str(tmp_path))
     assert read_log(tmp_path)[0]["val_count"] == num_val
 
 
