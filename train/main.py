@@ -345,8 +345,12 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
     output = Path(args.output)
     if args.is_main:
         output.mkdir(parents=True, exist_ok=True)
+        # left by a run killed while writing a checkpoint or the export; the previous files are intact
         for stale in output.glob(".*.tmp"):
-            stale.unlink()  # left by a run killed while writing a checkpoint; the previous file is intact
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
 
     if torch.cuda.is_available():
         device = torch.device("cuda", args.gpu if args.gpu is not None else 0)
@@ -867,7 +871,7 @@ def export_for_hub(checkpoint_path: Path, output: Path, args: argparse.Namespace
                      "optimizer": args.optimizer, "lr": args.lr, "epochs": args.epochs,
                      "train_transform": args.train_transform, "image_size": args.image_size},
     }
-    with tempfile.TemporaryDirectory(dir=output, prefix=".export.") as tmp:
+    with tempfile.TemporaryDirectory(dir=output, prefix=".export.", suffix=".tmp") as tmp:
         save_for_hf(model, tmp, model_config=model_config, data_config=data_config, safe_serialization=True)
         for name in ("model.safetensors", "config.json"):
             os.replace(Path(tmp) / name, output / name)
