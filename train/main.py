@@ -15,10 +15,8 @@ Examples:
     python train/main.py DATA -a sgdrop_resnet50 --resume runs/r50/model_best.pth.tar --evaluate
 """
 import argparse
-import copy
 import difflib
 import json
-import math
 import os
 import random
 import shutil
@@ -26,32 +24,37 @@ import sys
 import tempfile
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.backends.cudnn as cudnn
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.data
 import torch.utils.data.distributed
 import torchvision.datasets as datasets
 import torchvision.transforms as transforms
-from PIL import Image
 
 import timm
 from timm.models import save_for_hf
 
 import sgdrop_zoo
+from sgdrop_zoo.data import (
+    CENTER_CROP_PCT,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DatasetError,
+    InMemoryLoader,
+    check_image_folders,
+    decode_images,
+    load_rgb,
+    with_transform,
+)
 
 PRESETS_PATH = Path(__file__).with_name("presets.json")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CENTER_CROP_PCT = 224 / 256  # the official Resize(256) + CenterCrop(224), at any --image-size
 
 
 class RecipeError(Exception):
@@ -176,7 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     try:
         check_inputs(args)
-    except RecipeError as e:
+    except (RecipeError, DatasetError) as e:
         # under torchrun every process finds the same problem; one line is enough
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
@@ -235,63 +238,6 @@ def check_inputs(args: argparse.Namespace) -> None:
         if saved_classes is not None and saved_classes != args.class_names:
             raise RecipeError(f"--resume {args.resume} was trained on {len(saved_classes)} other classes than the "
                               f"{len(args.class_names)} in {args.data}; resume on the same dataset")
-
-
-def check_image_folders(root: Path, workers: int) -> list[str]:
-    """Check the ImageFolder layout of `root`/train and `root`/val and that every image can be opened.
-
-    Returns:
-        The class names, in ImageFolder's (sorted) order.
-    """
-    layout = f"expected {root}/train/<class>/<image> and {root}/val/<class>/<image>"
-    if not root.is_dir():
-        raise RecipeError(f"data folder {root} does not exist; {layout}")
-    classes = {}
-    samples = []
-    for split in ("train", "val"):
-        split_dir = root / split
-        if not split_dir.is_dir():
-            raise RecipeError(f"data folder {split_dir} does not exist; {layout}")
-        classes[split] = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
-        if not classes[split]:
-            raise RecipeError(f"{split_dir} has no class folders; {layout}")
-        class_to_idx = {name: i for i, name in enumerate(classes[split])}
-        split_samples = datasets.folder.make_dataset(split_dir, class_to_idx, datasets.folder.IMG_EXTENSIONS,
-                                                     allow_empty=True)
-        if not split_samples:
-            raise RecipeError(f"{split_dir} holds no images ({', '.join(datasets.folder.IMG_EXTENSIONS)}); {layout}")
-        samples += split_samples
-    if classes["train"] != classes["val"]:
-        only_train = sorted(set(classes["train"]) - set(classes["val"]))
-        only_val = sorted(set(classes["val"]) - set(classes["train"]))
-        raise RecipeError(f"class folders differ between {root}/train and {root}/val (only in train: {only_train}, "
-                          f"only in val: {only_val}); every class needs a folder in both")
-
-    # Only the headers are read: cheap even for ImageNet, and it catches files that are not images at all.
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for path, error in zip((p for p, _ in samples), pool.map(image_header_error, (p for p, _ in samples))):
-            if error:
-                raise RecipeError(f"unreadable image {path} ({error}); delete or replace it and rerun")
-    return classes["train"]
-
-
-def image_header_error(path: str) -> Optional[str]:
-    try:
-        # opening reads and identifies the header; the pixels are decoded later, by the data loader
-        with Image.open(path):
-            pass
-    except Exception as e:  # noqa: BLE001, Pillow raises many types for bad files
-        return str(e) or type(e).__name__
-    return None
-
-
-def load_rgb(path: str) -> Image.Image:
-    """ImageFolder's loader, with the path of the failing file in its error."""
-    try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except OSError as e:
-        raise OSError(f"unreadable image {path}: {e}") from e
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
@@ -588,13 +534,6 @@ def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devi
     return train_loader, val_loader, train_eval_loader
 
 
-def with_transform(folder: datasets.ImageFolder, transform: Callable) -> datasets.ImageFolder:
-    """A view of `folder` (same file list) with its own transform."""
-    view = copy.copy(folder)
-    view.transform = transform
-    return view
-
-
 def make_loader(dataset: torch.utils.data.Dataset, train: bool, args: argparse.Namespace
                 ) -> torch.utils.data.DataLoader:
     if train:
@@ -621,91 +560,6 @@ class ShardSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.indices)
-
-
-def decode_images(dataset: datasets.ImageFolder, indices: Optional[list[int]], workers: int, device: torch.device,
-                  verbose: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode (a subset of) an ImageFolder into a uint8 [N, 3, H, W] tensor and its int64 targets."""
-    dataset = with_transform(dataset, transforms.Compose([dataset.transform, transforms.PILToTensor()]))
-    if indices is not None:
-        dataset = torch.utils.data.Subset(dataset, indices)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers)
-    start = time.time()
-    images, targets = [], []
-    for batch_images, batch_targets in loader:
-        images.append(batch_images.to(device))
-        targets.append(batch_targets.to(device))
-    images, targets = torch.cat(images), torch.cat(targets)
-    if verbose:
-        print(f"=> decoded {len(images)} images into memory ({images.numel() / 2 ** 20:.0f} MiB on {device}) "
-              f"in {time.time() - start:.1f}s", flush=True)
-    return images, targets
-
-
-class InMemoryLoader:
-    """Batches of a uint8 image tensor, normalised on `device`; this process's shard when distributed.
-
-    Training shards are shuffled with a generator seeded by (seed, epoch), identical on every process, and truncated to
-    equal length so that all processes run the same number of steps. Evaluation shards take every `world_size`-th
-    image, so each image is counted exactly once.
-    """
-
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, batch_size: int, shuffle: bool,
-                 mean: Sequence[float], std: Sequence[float], rank: int, world_size: int, device: torch.device,
-                 seed: int = 0, crop_flip_size: Optional[int] = None):
-        self.images, self.targets = images, targets
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.rank, self.world_size, self.device = rank, world_size, device
-        self.crop_flip_size = crop_flip_size
-        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
-        self.epoch = 0
-        num_images = len(images)
-        self.num_samples = num_images // world_size if shuffle else len(range(rank, num_images, world_size))
-        self.sampler = self  # the training loop calls loader.sampler.set_epoch, as for a DistributedSampler
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.shuffle:
-            order = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed + self.epoch))
-            indices = order[self.rank::self.world_size][:self.num_samples]
-        else:
-            indices = torch.arange(self.rank, len(self.images), self.world_size)
-        indices = indices.to(self.images.device)
-        for start in range(0, self.num_samples, self.batch_size):
-            batch = indices[start:start + self.batch_size]
-            images = self.images[batch].to(self.device, non_blocking=True)
-            # the same arithmetic as ToTensor + Normalize, so both data paths give identical inputs
-            images = images.float().div_(255).sub_(self.mean).div_(self.std)
-            if self.crop_flip_size:
-                images = random_resized_crop_flip(images, self.crop_flip_size)
-            yield images, self.targets[batch].to(self.device, non_blocking=True)
-
-
-def random_resized_crop_flip(images: torch.Tensor, size: int, scale: tuple[float, float] = (0.08, 1.0),
-                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
-    """RandomResizedCrop(size) + RandomHorizontalFlip with an independent crop per image, as one batched op.
-
-    Crops whose side would exceed the image are clipped to it, instead of torchvision's ten retries.
-    """
-    n = images.shape[0]
-    area = torch.empty(n).uniform_(*scale)
-    aspect = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
-    width = (area * aspect).sqrt().clamp(max=1.0)  # as fractions of the image side
-    height = (area / aspect).sqrt().clamp(max=1.0)
-    flip = torch.where(torch.rand(n) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = width * flip
-    theta[:, 1, 1] = height
-    theta[:, 0, 2] = (torch.rand(n) * 2 - 1) * (1 - width)  # crop centre, in [-1, 1] coordinates
-    theta[:, 1, 2] = (torch.rand(n) * 2 - 1) * (1 - height)
-    grid = F.affine_grid(theta.to(images.device), [n, images.shape[1], size, size], align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def train(train_loader: Any, model: nn.Module, model_without_ddp: nn.Module, criterion: nn.Module,

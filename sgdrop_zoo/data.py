@@ -1,0 +1,182 @@
+"""Image data shared by the training recipe and the fine-tuning and saliency tools.
+
+ImageFolder checks that fail with one clear line before any work starts, and an in-memory dataset for small data: the
+images are decoded once into a uint8 tensor (after the deterministic resize) and batches are normalised, cropped and
+flipped on the device.
+"""
+import copy
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+import torch.utils.data
+import torchvision.datasets as datasets
+import torchvision.transforms as transforms
+from PIL import Image
+
+__all__ = [
+    'CENTER_CROP_PCT', 'DatasetError', 'IMAGENET_MEAN', 'IMAGENET_STD', 'InMemoryLoader', 'check_image_folders',
+    'decode_images', 'image_header_error', 'load_rgb', 'random_resized_crop_flip', 'with_transform',
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CENTER_CROP_PCT = 224 / 256  # the official Resize(256) + CenterCrop(224), at any image size
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used as it is; the message says what is wrong and what to do."""
+
+
+def check_image_folders(root: Path, workers: int) -> list[str]:
+    """Check the ImageFolder layout of `root`/train and `root`/val and that every image can be opened.
+
+    Returns:
+        The class names, in ImageFolder's (sorted) order.
+    """
+    layout = f"expected {root}/train/<class>/<image> and {root}/val/<class>/<image>"
+    if not root.is_dir():
+        raise DatasetError(f"data folder {root} does not exist; {layout}")
+    classes = {}
+    samples = []
+    for split in ("train", "val"):
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise DatasetError(f"data folder {split_dir} does not exist; {layout}")
+        classes[split] = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+        if not classes[split]:
+            raise DatasetError(f"{split_dir} has no class folders; {layout}")
+        class_to_idx = {name: i for i, name in enumerate(classes[split])}
+        split_samples = datasets.folder.make_dataset(split_dir, class_to_idx, datasets.folder.IMG_EXTENSIONS,
+                                                     allow_empty=True)
+        if not split_samples:
+            raise DatasetError(f"{split_dir} holds no images ({', '.join(datasets.folder.IMG_EXTENSIONS)}); {layout}")
+        samples += split_samples
+    if classes["train"] != classes["val"]:
+        only_train = sorted(set(classes["train"]) - set(classes["val"]))
+        only_val = sorted(set(classes["val"]) - set(classes["train"]))
+        raise DatasetError(f"class folders differ between {root}/train and {root}/val (only in train: {only_train}, "
+                          f"only in val: {only_val}); every class needs a folder in both")
+
+    # Only the headers are read: cheap even for ImageNet, and it catches files that are not images at all.
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for path, error in zip((p for p, _ in samples), pool.map(image_header_error, (p for p, _ in samples))):
+            if error:
+                raise DatasetError(f"unreadable image {path} ({error}); delete or replace it and rerun")
+    return classes["train"]
+
+
+def image_header_error(path: str) -> Optional[str]:
+    try:
+        # opening reads and identifies the header; the pixels are decoded later, by the data loader
+        with Image.open(path):
+            pass
+    except Exception as e:  # noqa: BLE001, Pillow raises many types for bad files
+        return str(e) or type(e).__name__
+    return None
+
+
+def load_rgb(path: str) -> Image.Image:
+    """ImageFolder's loader, with the path of the failing file in its error."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except OSError as e:
+        raise OSError(f"unreadable image {path}: {e}") from e
+
+
+def with_transform(folder: datasets.ImageFolder, transform: Callable) -> datasets.ImageFolder:
+    """A view of `folder` (same file list) with its own transform."""
+    view = copy.copy(folder)
+    view.transform = transform
+    return view
+
+
+def decode_images(dataset: datasets.ImageFolder, indices: Optional[list[int]], workers: int, device: torch.device,
+                  verbose: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode (a subset of) an ImageFolder into a uint8 [N, 3, H, W] tensor and its int64 targets."""
+    dataset = with_transform(dataset, transforms.Compose([dataset.transform, transforms.PILToTensor()]))
+    if indices is not None:
+        dataset = torch.utils.data.Subset(dataset, indices)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers)
+    start = time.time()
+    images, targets = [], []
+    for batch_images, batch_targets in loader:
+        images.append(batch_images.to(device))
+        targets.append(batch_targets.to(device))
+    images, targets = torch.cat(images), torch.cat(targets)
+    if verbose:
+        print(f"=> decoded {len(images)} images into memory ({images.numel() / 2 ** 20:.0f} MiB on {device}) "
+              f"in {time.time() - start:.1f}s", flush=True)
+    return images, targets
+
+
+class InMemoryLoader:
+    """Batches of a uint8 image tensor, normalised on `device`; this process's shard when distributed.
+
+    Training shards are shuffled with a generator seeded by (seed, epoch), identical on every process, and truncated to
+    equal length so that all processes run the same number of steps. Evaluation shards take every `world_size`-th
+    image, so each image is counted exactly once.
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, batch_size: int, shuffle: bool,
+                 mean: Sequence[float], std: Sequence[float], rank: int, world_size: int, device: torch.device,
+                 seed: int = 0, crop_flip_size: Optional[int] = None):
+        self.images, self.targets = images, targets
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.crop_flip_size = crop_flip_size
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.epoch = 0
+        num_images = len(images)
+        self.num_samples = num_images // world_size if shuffle else len(range(rank, num_images, world_size))
+        self.sampler = self  # the training loop calls loader.sampler.set_epoch, as for a DistributedSampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.shuffle:
+            order = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            indices = order[self.rank::self.world_size][:self.num_samples]
+        else:
+            indices = torch.arange(self.rank, len(self.images), self.world_size)
+        indices = indices.to(self.images.device)
+        for start in range(0, self.num_samples, self.batch_size):
+            batch = indices[start:start + self.batch_size]
+            images = self.images[batch].to(self.device, non_blocking=True)
+            # the same arithmetic as ToTensor + Normalize, so both data paths give identical inputs
+            images = images.float().div_(255).sub_(self.mean).div_(self.std)
+            if self.crop_flip_size:
+                images = random_resized_crop_flip(images, self.crop_flip_size)
+            yield images, self.targets[batch].to(self.device, non_blocking=True)
+
+
+def random_resized_crop_flip(images: torch.Tensor, size: int, scale: tuple[float, float] = (0.08, 1.0),
+                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """RandomResizedCrop(size) + RandomHorizontalFlip with an independent crop per image, as one batched op.
+
+    Crops whose side would exceed the image are clipped to it, instead of torchvision's ten retries.
+    """
+    n = images.shape[0]
+    area = torch.empty(n).uniform_(*scale)
+    aspect = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+    width = (area * aspect).sqrt().clamp(max=1.0)  # as fractions of the image side
+    height = (area / aspect).sqrt().clamp(max=1.0)
+    flip = torch.where(torch.rand(n) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = width * flip
+    theta[:, 1, 1] = height
+    theta[:, 0, 2] = (torch.rand(n) * 2 - 1) * (1 - width)  # crop centre, in [-1, 1] coordinates
+    theta[:, 1, 2] = (torch.rand(n) * 2 - 1) * (1 - height)
+    grid = F.affine_grid(theta.to(images.device), [n, images.shape[1], size, size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
