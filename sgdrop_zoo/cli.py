@@ -4,6 +4,7 @@
     sgdrop-zoo info sgdrop_vgg16 --image-size 224       # latent map and features dropped per sample
     sgdrop-zoo publish runs/vgg16 --repo-id ORG/NAME    # upload a trained checkpoint to the Hugging Face Hub
     sgdrop-zoo model-card --output MODEL_CARD.md        # regenerate the zoo's card from hub_configs/
+    sgdrop-zoo finetune --model runs/vgg --data DIR --output runs/probe   # linear probe (or --mode full)
 """
 import argparse
 import json
@@ -13,6 +14,7 @@ from typing import List, Optional
 import timm
 import torch
 
+from .finetune import MODES, TRAIN_TRANSFORMS, finetune
 from .hub import publish_checkpoint
 from .model_card import render_model_card
 from .pretrained import HubError, load_hub_configs
@@ -64,6 +66,15 @@ def model_card_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def finetune_command(args: argparse.Namespace) -> int:
+    metrics = finetune(
+        args.model, args.data, args.output, mode=args.mode, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+        image_size=args.image_size, sgdrop_rho=args.sgdrop_rho, train_transform=args.train_transform,
+        evaluate_only=args.evaluate, seed=args.seed, workers=args.workers)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='sgdrop-zoo', description='Saliency-Guided Dropout models for timm.')
     commands = parser.add_subparsers(dest='command', required=True)
@@ -93,6 +104,27 @@ def build_parser() -> argparse.ArgumentParser:
     card = commands.add_parser('model-card', help="render the zoo's model card from hub_configs/")
     card.add_argument('--output', default=None, metavar='PATH', help='write it here (default: print it)')
     card.set_defaults(func=model_card_command)
+    tune = commands.add_parser('finetune', help='fine-tune a model on an ImageFolder dataset (linear probe or full)')
+    tune.add_argument('--model', required=True, metavar='NAME_OR_PATH',
+                      help='zoo name (NAME or NAME.TAG), hf-hub:ORG/NAME, local-dir:PATH, an export folder or '
+                           'model.safetensors, or a model_best.pth.tar of train/main.py')
+    tune.add_argument('--data', required=True, metavar='DIR',
+                      help='dataset root holding train/<class>/ and val/<class>/')
+    tune.add_argument('--output', required=True, metavar='DIR', help='folder for the weights, config and metrics')
+    tune.add_argument('--mode', default='linear-probe', choices=MODES,
+                      help='linear-probe: frozen encoder, new classifier; full: train everything (linear-probe)')
+    tune.add_argument('--sgdrop-rho', type=float, default=0.0, help='SGDrop share of latent features (0: off)')
+    tune.add_argument('--epochs', type=int, default=10, help='training epochs (10)')
+    tune.add_argument('--lr', type=float, default=None, help='Adam learning rate (1e-3 linear-probe, 1e-4 full)')
+    tune.add_argument('--batch-size', type=int, default=64, help='images per step (64)')
+    tune.add_argument('--image-size', type=int, default=None, help="input side (default: the model's)")
+    tune.add_argument('--train-transform', default='resize', choices=TRAIN_TRANSFORMS,
+                      help='resize (paper low-data protocol) or crop-flip (random resized crop + flip) (resize)')
+    tune.add_argument('--evaluate', action='store_true',
+                      help="only measure the model on val/; the dataset must have the model's classes")
+    tune.add_argument('--seed', type=int, default=0, help='seed of the new head, shuffling and crops (0)')
+    tune.add_argument('--workers', type=int, default=2, help='image decoding workers (2)')
+    tune.set_defaults(func=finetune_command)
     return parser
 
 

@@ -1,0 +1,349 @@
+"""Fine-tune a zoo model on a new ImageFolder dataset: a linear probe on the frozen encoder, or full fine-tuning.
+
+The encoder is what ``forward_features`` runs (the paper's f, whose output z SGDrop masks); the classifier is what
+``forward_head`` runs (g). ``linear-probe`` is the paper's transfer protocol (section 4.4): the encoder trained on one
+dataset stays frozen, parameters and batch-norm statistics included, and only the classifier, resized to the new
+classes, is trained. ``full`` trains everything, with SGDrop when ``sgdrop_rho > 0``.
+
+    finetune('sgdrop_vgg_tiny', 'data/eurosat', 'runs/probe', mode='linear-probe')   # what `sgdrop-zoo finetune` runs
+
+The output folder gets the best weights as ``model.safetensors`` + timm ``config.json`` (with the new label names and
+the SGDrop settings, ready for ``sgdrop-zoo publish``), ``metrics.json`` and ``log.jsonl`` (one line per epoch).
+"""
+import copy
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Set, Tuple, Union
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.datasets as datasets
+import torchvision.transforms as transforms
+from timm.models import save_for_hf
+from tqdm import tqdm
+
+from .data import (
+    CENTER_CROP_PCT,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DatasetError,
+    InMemoryLoader,
+    check_image_folders,
+    decode_images,
+    load_rgb,
+    with_transform,
+)
+from .sgdrop import add_sgdrop, is_sgdrop_model
+
+__all__ = ['evaluate', 'finetune', 'load_model', 'load_split', 'split_encoder_head']
+
+MODES = ('linear-probe', 'full')
+TRAIN_TRANSFORMS = ('resize', 'crop-flip')
+# Adam, as in the paper's low-data runs; a new linear head on frozen features learns faster at a larger rate
+DEFAULT_LR = {'linear-probe': 1e-3, 'full': 1e-4}
+
+
+def load_model(name_or_path: str) -> nn.Module:
+    """Build a model from a zoo name, a ``hf-hub:`` / ``local-dir:`` id, or a file written by the recipe.
+
+    Args:
+        name_or_path: ``sgdrop_vgg16`` (random init), ``sgdrop_vgg16.TAG`` (zoo weights), ``hf-hub:ORG/NAME``,
+            ``local-dir:PATH``, a folder holding ``model.safetensors`` + ``config.json``, such a
+            ``model.safetensors`` file, or a ``*.pth.tar`` checkpoint of ``train/main.py``.
+
+    Returns:
+        The model, with ``pretrained_cfg['label_names']`` set when the source records them.
+    """
+    path = Path(name_or_path)
+    # the SGDrop settings a checkpoint was trained with do not matter here: fine-tuning sets its own
+    if name_or_path.startswith(('hf-hub:', 'local-dir:')):
+        return timm.create_model(name_or_path, pretrained=True)
+    if path.is_file() and path.suffix == '.safetensors':
+        path = path.parent
+    if path.is_dir():
+        if not (path / 'config.json').is_file() or not (path / 'model.safetensors').is_file():
+            raise ValueError(f'{path}: expected model.safetensors and config.json (the export of train/main.py or '
+                             f'sgdrop-zoo finetune), or pass a model_best.pth.tar.')
+        return timm.create_model(f'local-dir:{path}', pretrained=True)
+    if path.is_file():
+        return _load_recipe_checkpoint(path)
+    if timm.is_model(name_or_path) or timm.is_model(name_or_path.split('.')[0]):
+        return timm.create_model(name_or_path, pretrained='.' in name_or_path)
+    raise ValueError(f'{name_or_path!r} is neither a file, a folder nor a timm model name; `sgdrop-zoo models` lists '
+                     f'the zoo, and hf-hub:ORG/NAME or local-dir:PATH load published checkpoints.')
+
+
+def _load_recipe_checkpoint(path: Path) -> nn.Module:
+    try:
+        # weights_only: a checkpoint is data, and unpickling anything else would run its code
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001, a truncated zip, foreign classes, a file that is no checkpoint at all
+        raise ValueError(f'{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}).') from e
+    if not isinstance(checkpoint, dict) or not {'arch', 'state_dict', 'class_names'} <= set(checkpoint):
+        raise ValueError(f'{path}: not a checkpoint of train/main.py (it needs arch, state_dict and class_names).')
+    model = timm.create_model(checkpoint['arch'], num_classes=len(checkpoint['class_names']))
+    model.load_state_dict(checkpoint['state_dict'])
+    model.pretrained_cfg = dict(model.pretrained_cfg, label_names=list(checkpoint['class_names']))
+    return model
+
+
+def _input_size(model: nn.Module) -> int:
+    return model.pretrained_cfg['input_size'][-1]
+
+
+def split_encoder_head(model: nn.Module, image_size: Optional[int] = None) -> Tuple[List[nn.Module], Set[str]]:
+    """The modules ``forward_features`` calls (encoder) and the names of the parameters ``forward_head`` uses.
+
+    Found by running both on one blank image with forward hooks, so it holds for any timm classifier whatever its
+    attribute names (VGG's ``pre_logits`` MLP is part of the head, ResNet's head is ``fc`` alone).
+
+    Returns:
+        Encoder modules in call order, and the head's parameter names.
+    """
+    for name in ('forward_features', 'forward_head'):
+        if not hasattr(model, name):
+            raise TypeError(f'{type(model).__name__} has no {name}: fine-tuning and saliency need a timm classifier '
+                            f'split into forward_features (encoder) and forward_head (classifier).')
+    called: List[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda module, inputs, output: called.append(module)) for m in model.modules()]
+    size = image_size or _input_size(model)
+    device = next(model.parameters()).device
+    # the blank image must fit the stem, which may not take RGB: check_input_channels reports that case
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    in_chans = first_conv.in_channels if first_conv is not None else 3
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            features = model.forward_features(torch.zeros(1, in_chans, size, size, device=device))
+            encoder = list(dict.fromkeys(called))
+            called.clear()
+            model.forward_head(features)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    head_modules = set(called)
+    head_params = {f'{module_name}.{param_name}' if module_name else param_name
+                   for module_name, module in model.named_modules() if module in head_modules
+                   for param_name, _ in module.named_parameters(recurse=False)}
+    return encoder, head_params
+
+
+def check_input_channels(model: nn.Module, encoder: List[nn.Module]) -> None:
+    """Images are decoded as RGB; stop with a clear line when the model's first convolution expects otherwise."""
+    first_conv = next((m for m in encoder if isinstance(m, nn.Conv2d)), None)
+    if first_conv is not None and first_conv.in_channels != 3:
+        raise DatasetError(f'the model takes {first_conv.in_channels}-channel images, but the images are read as RGB '
+                           f'(3 channels); use a model built with in_chans=3.')
+
+
+def load_split(root: Path, split: str, class_names: List[str], size: int, train: bool, train_transform: str,
+               workers: int = 2) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Decode one split into uint8 images and targets, after the recipe's deterministic resize."""
+    if train and train_transform == 'crop-flip':
+        resize = transforms.Resize((round(size / CENTER_CROP_PCT),) * 2)  # random crops are taken per batch
+    elif train_transform == 'crop-flip':
+        resize = transforms.Compose([transforms.Resize(round(size / CENTER_CROP_PCT)), transforms.CenterCrop(size)])
+    else:
+        resize = transforms.Resize((size, size))
+    folder = datasets.ImageFolder(os.fspath(root / split), loader=load_rgb)
+    if folder.classes != class_names:
+        raise DatasetError(f'{root / split} has classes {folder.classes}, expected {class_names}.')
+    return decode_images(with_transform(folder, resize), None, workers=workers, device=torch.device('cpu'),
+                         verbose=False)
+
+
+def _loader(images: torch.Tensor, targets: torch.Tensor, model: nn.Module, batch_size: int, shuffle: bool,
+            device: torch.device, seed: int = 0, crop_flip_size: Optional[int] = None) -> InMemoryLoader:
+    mean = model.pretrained_cfg.get('mean', IMAGENET_MEAN)
+    std = model.pretrained_cfg.get('std', IMAGENET_STD)
+    return InMemoryLoader(images.to(device), targets.to(device), batch_size, shuffle=shuffle, mean=mean, std=std,
+                          rank=0, world_size=1, device=device, seed=seed, crop_flip_size=crop_flip_size)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: InMemoryLoader) -> Dict[str, float]:
+    """Loss and top-1 accuracy (%) of the eval-mode model."""
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for images, target in loader:
+        output = model(images)
+        loss_sum += F.cross_entropy(output, target, reduction='sum').item()
+        correct += (output.argmax(1) == target).sum().item()
+        count += target.numel()
+    return {'loss': loss_sum / count, 'acc1': 100.0 * correct / count, 'count': count}
+
+
+def _short(names: List[str], limit: int = 10) -> str:
+    names = list(names)
+    return str(names[:limit])[:-1] + (', ...]' if len(names) > limit else ']')
+
+
+def check_label_names(model: nn.Module, class_names: List[str], source: str) -> None:
+    """Evaluating a model as it is needs the dataset's classes to be the ones its head was trained on."""
+    label_names = model.pretrained_cfg.get('label_names')
+    if label_names is not None and list(label_names) != class_names:
+        raise DatasetError(f'{source} was trained on classes {_short(label_names)} but the dataset has '
+                           f'{_short(class_names)}; fine-tune it first (sgdrop-zoo finetune, which '
+                           f'gives it a new head), or evaluate on data with the same classes.')
+    if model.num_classes != len(class_names):
+        raise DatasetError(f'{source} has {model.num_classes} outputs but the dataset has {len(class_names)} classes; '
+                           f'fine-tune it first (sgdrop-zoo finetune gives it a new head).')
+
+
+def _train_mode(model: nn.Module, mode: str, encoder: List[nn.Module]) -> None:
+    model.train()
+    if mode == 'linear-probe':
+        # a frozen encoder must not update its batch-norm statistics either
+        for module in encoder:
+            module.eval()
+
+
+def finetune(
+        model_name: str,
+        data: Union[str, Path],
+        output: Union[str, Path],
+        mode: str = 'linear-probe',
+        epochs: int = 10,
+        lr: Optional[float] = None,
+        batch_size: int = 64,
+        image_size: Optional[int] = None,
+        sgdrop_rho: float = 0.0,
+        train_transform: str = 'resize',
+        evaluate_only: bool = False,
+        seed: int = 0,
+        workers: int = 2,
+        progress: bool = True,
+) -> Dict[str, Any]:
+    """Fine-tune ``model_name`` on ``data`` (``train/`` and ``val/`` ImageFolders) and export the best epoch.
+
+    Args:
+        model_name: Anything ``load_model`` accepts.
+        data: Dataset root holding ``train/<class>/*`` and ``val/<class>/*``.
+        output: Folder for ``model.safetensors``, ``config.json``, ``metrics.json`` and ``log.jsonl``.
+        mode: 'linear-probe' (frozen encoder, new classifier) or 'full' (everything trains).
+        epochs: Training epochs.
+        lr: Adam learning rate; default 1e-3 for a linear probe, 1e-4 for full fine-tuning.
+        batch_size: Images per step.
+        image_size: Square input side; default: the model's.
+        sgdrop_rho: Share of latent features SGDrop drops per image while training (0: plain fine-tuning).
+        train_transform: 'resize' (the paper's low-data protocol) or 'crop-flip' (the recipe's default).
+        evaluate_only: Only measure the model as it is on ``val/``; its classes must be the dataset's.
+        seed: Seed of the new head, the shuffling and the crops.
+        workers: Image decoding threads.
+        progress: Show a progress bar.
+
+    Returns:
+        The metrics written to ``metrics.json``.
+    """
+    if mode not in MODES:
+        raise ValueError(f'mode must be one of {", ".join(MODES)}, got {mode!r}.')
+    if train_transform not in TRAIN_TRANSFORMS:
+        raise ValueError(f'train_transform must be one of {", ".join(TRAIN_TRANSFORMS)}, got {train_transform!r}.')
+    if epochs < 1:
+        raise ValueError(f'epochs must be at least 1, got {epochs}.')
+    data, output = Path(data), Path(output)
+    class_names = check_image_folders(data, workers)
+    torch.manual_seed(seed)
+    model = load_model(model_name)
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    model.to(device)
+    size = image_size or _input_size(model)
+    encoder, _ = split_encoder_head(model, size)
+    check_input_channels(model, encoder)
+    val_images = load_split(data, 'val', class_names, size, False, train_transform, workers)
+    val_loader = _loader(*val_images, model, batch_size, False, device)
+    output.mkdir(parents=True, exist_ok=True)
+
+    if evaluate_only:
+        check_label_names(model, class_names, model_name)
+        metrics = dict(model=model_name, data=str(data), evaluate=True, val=evaluate(model, val_loader))
+        (output / 'metrics.json').write_text(json.dumps(metrics, indent=2) + '\n')
+        return metrics
+
+    # a new head for the new classes; timm re-initialises the last layer, SGDrop restarts its EMA
+    model.reset_classifier(len(class_names))
+    model.to(device)
+    if not is_sgdrop_model(model):
+        add_sgdrop(model, rho=sgdrop_rho)
+    model.sgdrop_rho = sgdrop_rho
+    # the only regularizer here is SGDrop; without it, no EMA copy is needed for attribution
+    model.latent_drop_rate = 0.0
+    if sgdrop_rho == 0:
+        model.sgdrop_attribution = 'online'
+    encoder, head_params = split_encoder_head(model, size)
+    for name, param in model.named_parameters():
+        param.requires_grad_(mode == 'full' or name in head_params)
+    train_images = load_split(data, 'train', class_names, size, True, train_transform, workers)
+    train_loader = _loader(*train_images, model, batch_size, True, device, seed=seed,
+                           crop_flip_size=size if train_transform == 'crop-flip' else None)
+    lr = lr if lr is not None else DEFAULT_LR[mode]
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+    log_path = output / 'log.jsonl'
+    log_path.unlink(missing_ok=True)
+    best: Dict[str, Any] = {}
+    for epoch in range(epochs):
+        train_loader.set_epoch(epoch)
+        _train_mode(model, mode, encoder)
+        start, loss_sum, correct, count = time.time(), 0.0, 0, 0
+        bar = tqdm(train_loader, desc=f'epoch {epoch + 1}/{epochs}', leave=False, disable=not progress)
+        for images, target in bar:
+            output_logits = model(images, target=target)
+            loss = F.cross_entropy(output_logits, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            model.update_ema()
+            loss_sum += loss.item() * target.numel()
+            correct += (output_logits.argmax(1) == target).sum().item()
+            count += target.numel()
+            bar.set_postfix(loss=f'{loss_sum / count:.3f}')
+        val_metrics = evaluate(model, val_loader)
+        record = dict(epoch=epoch + 1, train_loss=loss_sum / count, train_acc1=100.0 * correct / count,
+                      val_loss=val_metrics['loss'], val_acc1=val_metrics['acc1'], val_count=val_metrics['count'],
+                      lr=lr, sgdrop_rho=sgdrop_rho, epoch_time_s=time.time() - start)
+        with log_path.open('a') as f:
+            f.write(json.dumps(record) + '\n')
+        if progress:
+            print(f'epoch {epoch + 1}/{epochs}: train loss {record["train_loss"]:.4f}, val acc@1 '
+                  f'{record["val_acc1"]:.2f}%', flush=True)
+        if not best or record['val_acc1'] > best['val_acc1']:
+            best = dict(record, state_dict=copy.deepcopy(model.state_dict()))
+
+    model.load_state_dict(best.pop('state_dict'))
+    model.cpu()
+    _export(model, output, class_names, mode, size, train_transform, sgdrop_rho, dict(
+        source=model_name, data=str(data), mode=mode, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+        epoch=best['epoch'], val_acc1=best['val_acc1']))
+    metrics = dict(model=model_name, data=str(data), mode=mode, classes=class_names, best_epoch=best['epoch'],
+                   val_acc1=best['val_acc1'], val_count=best['val_count'],
+                   trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                   total_params=sum(p.numel() for p in model.parameters()))
+    (output / 'metrics.json').write_text(json.dumps(metrics, indent=2) + '\n')
+    return metrics
+
+
+def _export(model: nn.Module, output: Path, class_names: List[str], mode: str, size: int,
+            train_transform: str, sgdrop_rho: float, training: Dict[str, Any]) -> None:
+    """Write ``model.safetensors`` + timm ``config.json``, both replaced at once so a crash leaves no half export."""
+    resize_only = train_transform == 'resize'
+    data_config = dict(input_size=(3, size, size), interpolation='bilinear',
+                       crop_pct=1.0 if resize_only else CENTER_CROP_PCT,
+                       crop_mode='squash' if resize_only else 'center',
+                       mean=tuple(model.pretrained_cfg.get('mean', IMAGENET_MEAN)),
+                       std=tuple(model.pretrained_cfg.get('std', IMAGENET_STD)))
+    sgdrop = dict(regularizer='sgdrop' if sgdrop_rho > 0 else 'none', rho=sgdrop_rho,
+                  attribution=model.sgdrop_attribution.value, ema_decay=model.sgdrop_ema_decay, rho_end=None)
+    model_config = dict(label_names=class_names, sgdrop=sgdrop, training=dict(training, image_size=size,
+                                                                               train_transform=train_transform))
+    with tempfile.TemporaryDirectory(dir=output, prefix='.export.', suffix='.tmp') as tmp:
+        save_for_hf(model, tmp, model_config=model_config, data_config=data_config, safe_serialization=True)
+        for name in ('model.safetensors', 'config.json'):
+            os.replace(Path(tmp) / name, output / name)

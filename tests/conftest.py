@@ -1,0 +1,27 @@
+"""Fixtures shared by the fine-tuning and saliency tests."""
+import shutil
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'cifar10_subset'
+SMALL_CLASSES = ('airplane', 'automobile', 'bird')
+
+
+def make_image_folder(root: Path, classes=SMALL_CLASSES, per_split=(('train', 4), ('val', 2))) -> Path:
+    """Copy a few images per class of ../shared/data/cifar10_subset into ``root``/{train,val}/<class>/."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f'shared data not found at {SHARED_DATA}')
+    for split, count in per_split:
+        for name in classes:
+            target = root / split / name
+            target.mkdir(parents=True)
+            for image in sorted((SHARED_DATA / split / name).iterdir())[:count]:
+                shutil.copyfile(image, target / image.name)
+    return root
+
+
+@pytest.fixture(scope='session')
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three CIFAR-10 classes, 4 training and 2 validation images each (32 px)."""
+    return make_image_folder(tmp_path_factory.mktemp('small_data'))

@@ -1,0 +1,102 @@
+"""Fine-tuning (linear probe and full) on a tiny ImageFolder, CPU, sgdrop_vgg_tiny at 32 px."""
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+from timm.models import save_for_hf
+
+import sgdrop_zoo  # noqa: F401  (registers sgdrop_vgg_tiny, which the local-dir configs name)
+from sgdrop_zoo.data import DatasetError
+from sgdrop_zoo.finetune import finetune, load_model, split_encoder_head
+
+from conftest import SMALL_CLASSES, make_image_folder
+
+ARCH = 'sgdrop_vgg_tiny'
+RUN = dict(epochs=1, batch_size=4, image_size=32, progress=False, workers=0)
+
+
+@pytest.fixture(scope='module')
+def source_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 'pretrained' encoder: a random sgdrop_vgg_tiny with 5 classes, exported as the recipe exports."""
+    folder = tmp_path_factory.mktemp('source')
+    torch.manual_seed(1)
+    model = timm.create_model(ARCH, num_classes=5)
+    save_for_hf(model, folder, model_config=dict(label_names=list('abcde')), safe_serialization=True)
+    return folder
+
+
+def _changed(before: dict, after: dict, keys: set) -> set:
+    return {k for k in keys if not torch.equal(before[k], after[k])}
+
+
+def test_linear_probe_freezes_the_encoder_and_trains_a_new_head(small_data: Path, source_dir: Path, tmp_path: Path):
+    metrics = finetune(str(source_dir), small_data, tmp_path, mode='linear-probe', **RUN)
+    before, after = load_file(source_dir / 'model.safetensors'), load_file(tmp_path / 'model.safetensors')
+    _, head_params = split_encoder_head(timm.create_model(ARCH, num_classes=3), 32)
+    encoder_keys = set(after) - head_params
+    assert encoder_keys and head_params <= set(after)
+    assert not _changed(before, after, encoder_keys)  # every encoder tensor bit-identical
+    assert after['head.fc.weight'].shape[0] == 3 and before['head.fc.weight'].shape[0] == 5
+    assert _changed(before, after, head_params - {'head.fc.weight', 'head.fc.bias'})  # the pre-logits MLP trained
+    assert metrics['mode'] == 'linear-probe' and metrics['classes'] == list(SMALL_CLASSES)
+    assert metrics['trainable_params'] < metrics['total_params']
+    log = [json.loads(line) for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
+    assert [r['epoch'] for r in log] == [1] and 0 <= log[0]['val_acc1'] <= 100
+    assert json.loads((tmp_path / 'metrics.json').read_text())['val_acc1'] == metrics['val_acc1']
+
+
+def test_full_finetuning_with_sgdrop_changes_encoder_and_head(small_data: Path, source_dir: Path, tmp_path: Path):
+    finetune(str(source_dir), small_data, tmp_path, mode='full', sgdrop_rho=0.05, lr=1e-3, **RUN)
+    before, after = load_file(source_dir / 'model.safetensors'), load_file(tmp_path / 'model.safetensors')
+    assert _changed(before, after, {'features.0.weight', 'pre_logits.fc1.weight'}) == {
+        'features.0.weight', 'pre_logits.fc1.weight'}
+    config = json.loads((tmp_path / 'config.json').read_text())
+    assert config['sgdrop']['regularizer'] == 'sgdrop' and config['sgdrop']['rho'] == 0.05
+
+
+def test_output_loads_with_timm_local_dir(small_data: Path, tmp_path: Path):
+    finetune(ARCH, small_data, tmp_path, mode='full', **RUN)
+    model = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    assert model.num_classes == 3 and model.pretrained_cfg['label_names'] == list(SMALL_CLASSES)
+    weights = load_file(tmp_path / 'model.safetensors')
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    # and it evaluates on the same classes without a new head
+    metrics = finetune(str(tmp_path), small_data, tmp_path / 'eval', evaluate_only=True, **RUN)
+    assert metrics['val']['count'] == 6
+
+
+def test_evaluate_needs_the_checkpoint_classes(small_data: Path, source_dir: Path, tmp_path: Path):
+    with pytest.raises(DatasetError, match='trained on classes .* fine-tune it first'):
+        finetune(str(source_dir), small_data, tmp_path, evaluate_only=True, **RUN)
+
+
+def test_loads_recipe_checkpoints(tmp_path: Path):
+    model = timm.create_model(ARCH, num_classes=2)
+    path = tmp_path / 'model_best.pth.tar'
+    torch.save({'arch': ARCH, 'state_dict': model.state_dict(), 'class_names': ['x', 'y']}, path)
+    loaded = load_model(str(path))
+    assert loaded.pretrained_cfg['label_names'] == ['x', 'y']
+    assert torch.equal(loaded.state_dict()['head.fc.weight'], model.state_dict()['head.fc.weight'])
+
+
+def test_bad_inputs_say_what_to_do(small_data: Path, tmp_path: Path):
+    with pytest.raises(ValueError, match='neither a file, a folder nor a timm model'):
+        load_model('no_such_model')
+    with pytest.raises(ValueError, match='mode must be one of'):
+        finetune(ARCH, small_data, tmp_path, mode='probe', **RUN)
+    empty_val = make_image_folder(tmp_path / 'empty_val', per_split=(('train', 1),))
+    for name in SMALL_CLASSES:
+        (empty_val / 'val' / name).mkdir(parents=True)
+    with pytest.raises(DatasetError, match='holds no images'):
+        finetune(ARCH, empty_val, tmp_path / 'out', **RUN)
+    with pytest.raises(DatasetError, match='takes 1-channel images'):
+        finetune('local-dir:' + str(_gray_model(tmp_path / 'gray')), small_data, tmp_path / 'out', **RUN)
+
+
+def _gray_model(folder: Path) -> Path:
+    save_for_hf(timm.create_model(ARCH, num_classes=3, in_chans=1), folder, model_args=dict(in_chans=1),
+                safe_serialization=True)
+    return folder
