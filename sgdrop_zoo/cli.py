@@ -5,6 +5,8 @@
     sgdrop-zoo publish runs/vgg16 --repo-id ORG/NAME    # upload a trained checkpoint to the Hugging Face Hub
     sgdrop-zoo model-card --output MODEL_CARD.md        # regenerate the zoo's card from hub_configs/
     sgdrop-zoo finetune --model runs/vgg --data DIR --output runs/probe   # linear probe (or --mode full)
+    sgdrop-zoo saliency --model runs/a --model runs/b --data DIR --output runs/saliency   # area, coverage, grid
+    sgdrop-zoo plot runs/a/log.jsonl runs/b/log.jsonl --output curves.png           # accuracy (and area) per epoch
 """
 import argparse
 import json
@@ -16,8 +18,10 @@ import torch
 
 from .finetune import MODES, TRAIN_TRANSFORMS, finetune
 from .hub import publish_checkpoint
+from .plots import plot_runs
 from .model_card import render_model_card
 from .pretrained import HubError, load_hub_configs
+from .saliency import format_table, saliency_report
 from .sgdrop import DEFAULT_RHO, num_dropped_features
 
 
@@ -75,6 +79,19 @@ def finetune_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def saliency_command(args: argparse.Namespace) -> int:
+    results = saliency_report(args.model, args.data, args.output, split=args.split, image_size=args.image_size,
+                              batch_size=args.batch_size, grid_images=args.grid_images, workers=args.workers)
+    print(format_table(results))
+    print(f'wrote {args.output}/saliency.json and {args.output}/saliency_grid.png', file=sys.stderr)
+    return 0
+
+
+def plot_command(args: argparse.Namespace) -> int:
+    print(f'wrote {plot_runs(args.logs, args.output, labels=args.label)}', file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='sgdrop-zoo', description='Saliency-Guided Dropout models for timm.')
     commands = parser.add_subparsers(dest='command', required=True)
@@ -125,6 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument('--seed', type=int, default=0, help='seed of the new head, shuffling and crops (0)')
     tune.add_argument('--workers', type=int, default=2, help='image decoding workers (2)')
     tune.set_defaults(func=finetune_command)
+    saliency = commands.add_parser('saliency', help='attribution area ratio, neuron coverage, accuracy, Grad-CAM grid')
+    saliency.add_argument('--model', required=True, action='append', metavar='NAME_OR_PATH',
+                          help='a model as for finetune, with the dataset\'s classes; repeat to compare models')
+    saliency.add_argument('--data', required=True, metavar='DIR', help='dataset root holding train/ and val/')
+    saliency.add_argument('--output', required=True, metavar='DIR', help='folder for saliency.json and the PNG grid')
+    saliency.add_argument('--split', default='val', help='split measured (val)')
+    saliency.add_argument('--image-size', type=int, default=None, help="input side (default: the first model's)")
+    saliency.add_argument('--batch-size', type=int, default=32, help='images per batch (32)')
+    saliency.add_argument('--grid-images', type=int, default=8, help='rows of the PNG grid (8)')
+    saliency.add_argument('--workers', type=int, default=2, help='image decoding workers (2)')
+    saliency.set_defaults(func=saliency_command)
+    plot = commands.add_parser('plot', help='validation accuracy (and area ratio) per epoch of several runs')
+    plot.add_argument('logs', nargs='+', metavar='LOG', help='log.jsonl files or run folders')
+    plot.add_argument('--output', required=True, metavar='PATH', help='image file (.png, .svg or .pdf)')
+    plot.add_argument('--label', action='append', default=None, help='legend name per log (default: folder names)')
+    plot.set_defaults(func=plot_command)
     return parser
 
 

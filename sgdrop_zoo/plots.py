@@ -1,0 +1,66 @@
+"""Training curves of several runs on one figure, from the ``log.jsonl`` files of the recipe or ``finetune``.
+
+    plot_runs(['runs/vanilla/log.jsonl', 'runs/sgdrop/log.jsonl'], 'curves.png')   # `sgdrop-zoo plot`
+
+Validation top-1 per epoch, and the attribution area ratio per epoch when the logs hold ``val_area_ratio``. Files
+only (matplotlib's ``Figure`` with its Agg canvas, no display), with the Okabe-Ito colorblind-safe palette.
+"""
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+from matplotlib.figure import Figure
+
+__all__ = ['OKABE_ITO', 'plot_runs', 'read_log']
+
+OKABE_ITO = ('#0072B2', '#D55E00', '#009E73', '#CC79A7', '#E69F00', '#56B4E9', '#F0E442', '#000000')
+PANELS = (('val_acc1', 'validation top-1 (%)'), ('val_area_ratio', 'attribution area ratio'))
+
+
+def read_log(path: Union[str, Path]) -> List[Dict]:
+    """The records of a ``log.jsonl`` (one JSON object per epoch)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / 'log.jsonl'
+    if not path.is_file():
+        raise ValueError(f'{path}: no such log; pass the log.jsonl of a run (or its output folder).')
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records or any('epoch' not in r or 'val_acc1' not in r for r in records):
+        raise ValueError(f'{path}: not a training log (each line needs epoch and val_acc1).')
+    return records
+
+
+def plot_runs(logs: Sequence[Union[str, Path]], path: Union[str, Path], labels: Optional[Sequence[str]] = None,
+              width_px: int = 1200, height_px: int = 450, dpi: int = 100) -> Path:
+    """Draw the runs' curves to ``path`` (PNG, SVG or PDF by its suffix), ``width_px`` x ``height_px`` pixels.
+
+    Args:
+        logs: ``log.jsonl`` files or run folders.
+        path: Output file.
+        labels: Legend names; default: each log's folder name.
+        width_px: Figure width.
+        height_px: Figure height.
+        dpi: Pixels per inch of the saved figure.
+    """
+    if labels is not None and len(labels) != len(logs):
+        raise ValueError(f'{len(labels)} labels for {len(logs)} logs: give one label per log.')
+    if len(logs) > len(OKABE_ITO):
+        raise ValueError(f'at most {len(OKABE_ITO)} runs per figure, got {len(logs)}.')
+    runs = [read_log(log) for log in logs]
+    labels = labels or [Path(log).parent.name if Path(log).is_file() else Path(log).name for log in logs]
+    panels = [(key, title) for key, title in PANELS if any(key in r for run in runs for r in run)]
+    figure = Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi, layout='constrained')
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for axis, (key, title) in zip(axes, panels):
+        for run, label, color in zip(runs, labels, OKABE_ITO):
+            points = [(r['epoch'], r[key]) for r in run if r.get(key) is not None]
+            if points:
+                axis.plot(*zip(*points), marker='o', markersize=3, color=color, label=label)
+        axis.set_xlabel('epoch')
+        axis.set_ylabel(title)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    return path

@@ -1,0 +1,135 @@
+"""Attribution area ratio, neuron coverage, Grad-CAM grid and training-curve plots, on CPU."""
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from PIL import Image
+from timm.models import save_for_hf
+
+import sgdrop_zoo  # noqa: F401  (registers sgdrop_vgg_tiny)
+from sgdrop_zoo.data import DatasetError
+from sgdrop_zoo.plots import plot_runs
+from sgdrop_zoo.saliency import (
+    GRID_CELL_PX,
+    attribution_area_ratio,
+    check_grad_cam_support,
+    grad_cam_maps,
+    neuron_coverage,
+    saliency_report,
+)
+
+
+def test_area_ratio_of_a_hand_built_map():
+    maps = torch.zeros(3, 4, 5)
+    maps[0, 0, :3] = 4.0          # 3 pixels at the maximum
+    maps[0, 1, 0] = 2.0           # exactly half the maximum: not above 0.5
+    maps[0, 2, 0] = 2.5           # above
+    maps[1] = 0.75                # constant: every pixel is the maximum
+    # 4 of 20 pixels; an all-zero map attributes nothing
+    assert torch.equal(attribution_area_ratio(maps), torch.tensor([4 / 20, 1.0, 0.0]))
+
+
+class HandNet(nn.Module):
+    """forward_features: conv (weights fixed) + ReLU; forward_head: mean pool + ReLU on a fixed linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(2, 3)
+        self.head_act = nn.ReLU()
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+            self.conv.bias.zero_()
+            self.fc.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]]))
+            self.fc.bias.zero_()
+
+    def forward_features(self, x):
+        return self.act(self.conv(x))
+
+    def forward_head(self, z):
+        return self.head_act(self.fc(z.mean((2, 3))))
+
+
+def test_neuron_coverage_matches_a_hand_count():
+    x = torch.tensor([[1.0, -2.0], [3.0, 0.0]]).view(1, 1, 2, 2)
+    # channel 0 = relu(x): 2 of 4 positive; channel 1 = relu(-x): 1 of 4 positive -> z: 3 of 8
+    # head: fc = [mean(ch0), -mean(ch0), 0] = [1, -1, 0] -> relu: 1 of 3 positive
+    coverage = neuron_coverage(HandNet(), [(x, torch.tensor([0]))])
+    assert coverage == {'global': (3 + 1) / (8 + 3), 'last_conv': 3 / 8}
+
+
+def test_grad_cam_follows_the_class_evidence():
+    x = torch.zeros(1, 1, 4, 4)
+    x[0, 0, 0, 0] = 1.0  # only one pixel carries class-0 evidence
+    maps = grad_cam_maps(HandNet(), x, torch.tensor([0]))
+    assert maps.shape == (1, 4, 4) and maps[0, 0, 0] == maps.max() > 0
+    assert attribution_area_ratio(maps)[0] < 0.5
+
+
+class MlpNet(nn.Module):
+    """A classifier split into encoder and head, with no convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4), nn.ReLU())
+        self.fc = nn.Linear(4, 2)
+
+    def forward_features(self, x):
+        return self.encoder(x)
+
+    def forward_head(self, z):
+        return self.fc(z)
+
+
+def test_no_conv_layer_is_a_clear_error():
+    with pytest.raises(ValueError, match='no convolutional layer in its encoder'):
+        check_grad_cam_support(MlpNet(), 8)
+
+
+def test_saliency_report_json_table_and_grid(small_data: Path, tmp_path: Path):
+    classes = ['airplane', 'automobile', 'bird']
+    names = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        folder = tmp_path / f'model{seed}'
+        save_for_hf(timm.create_model('sgdrop_vgg_tiny', num_classes=3), folder,
+                    model_config=dict(label_names=classes), safe_serialization=True)
+        names.append(str(folder))
+    results = saliency_report(names, small_data, tmp_path / 'out', image_size=32, grid_images=3, workers=0)
+    saved = json.loads((tmp_path / 'out' / 'saliency.json').read_text())
+    assert saved == results and list(saved['models']) == names
+    for metrics in saved['models'].values():
+        assert metrics['images'] == 6 and 0 <= metrics['area_ratio'] <= 1 and 0 <= metrics['acc1'] <= 100
+        assert 0 <= metrics['coverage_global'] <= 1 and 0 <= metrics['coverage_last_conv'] <= 1
+    with Image.open(tmp_path / 'out' / 'saliency_grid.png') as grid:
+        assert grid.size == (3 * GRID_CELL_PX, 3 * GRID_CELL_PX)  # input + 2 models, 3 rows
+
+
+def test_saliency_rejects_other_classes_and_empty_val(small_data: Path, tmp_path: Path):
+    folder = tmp_path / 'five'
+    save_for_hf(timm.create_model('sgdrop_vgg_tiny', num_classes=5), folder,
+                model_config=dict(label_names=list('abcde')), safe_serialization=True)
+    with pytest.raises(DatasetError, match='fine-tune it first'):
+        saliency_report([str(folder)], small_data, tmp_path / 'out', image_size=32, workers=0)
+
+
+def test_plot_runs_draws_accuracy_and_area(tmp_path: Path):
+    logs = []
+    for name, area in (('vanilla', 0.3), ('sgdrop', None)):
+        (tmp_path / name).mkdir()
+        log = tmp_path / name / 'log.jsonl'
+        records = [dict(epoch=e, val_acc1=10.0 * e, **({'val_area_ratio': area / e} if area else {}))
+                   for e in (1, 2, 3)]
+        log.write_text(''.join(json.dumps(r) + '\n' for r in records))
+        logs.append(log)
+    path = plot_runs(logs, tmp_path / 'curves.png', width_px=800, height_px=300)
+    with Image.open(path) as image:
+        assert image.size == (800, 300)
+    assert path.stat().st_size > 1000
+    with pytest.raises(ValueError, match='not a training log'):
+        (tmp_path / 'bad.jsonl').write_text('{"loss": 1}\n')
+        plot_runs([tmp_path / 'bad.jsonl'], tmp_path / 'bad.png')
