@@ -32,7 +32,7 @@ from timm.models import save_for_hf
 
 from .model_card import render_model_card
 from .pretrained import WEIGHTS_NAME, HubError, sha256_of_file
-from .sgdrop import add_sgdrop
+from .sgdrop import DEFAULT_RHO, add_sgdrop
 
 __all__ = ['PublishResult', 'hub_config_record', 'load_sgdrop_model', 'prepare_hub_folder', 'publish_checkpoint']
 
@@ -390,10 +390,13 @@ def load_sgdrop_model(model_id: str, pretrained: bool = True, **kwargs: Any) -> 
 
 
 def _sgdrop_model_args(settings: Dict[str, Any]) -> Dict[str, Any]:
-    """SGDrop constructor arguments reproducing recorded training settings (the paper's baselines have rho 0)."""
+    """SGDrop constructor arguments reproducing recorded training settings (the paper's baselines have rho 0).
+
+    A model published without SGDrop settings (plain timm weights) gets the method's defaults.
+    """
     regularizer = settings.get('regularizer', 'sgdrop')
     return dict(
-        sgdrop_rho=settings['rho'] if regularizer == 'sgdrop' else 0.0,
+        sgdrop_rho=settings.get('rho', DEFAULT_RHO) if regularizer == 'sgdrop' else 0.0,
         sgdrop_attribution=settings.get('attribution', 'ema'),
         sgdrop_ema_decay=settings.get('ema_decay', 0.999),
         latent_drop_rate=(settings.get('dropout_p') or 0.0) if regularizer == 'dropout' else 0.0,

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from timm.models import save_for_hf
 
+from sgdrop_zoo import is_sgdrop_model
 from sgdrop_zoo.cli import main
-from sgdrop_zoo.hub import publish_checkpoint
+from sgdrop_zoo.hub import load_sgdrop_model, publish_checkpoint
 from sgdrop_zoo.model_card import render_model_card
 from sgdrop_zoo.pretrained import HubError, hub_configs_dir, load_hub_configs, sha256_of_file
 
@@ -455,3 +456,12 @@ def test_publish_from_a_recipe_checkpoint(tmp_path, capsys):
     assert record['architecture'] == 'test_convnext' and record['input_size'] == [3, 64, 64]
     loaded = load_file(tmp_path / 'dry' / 'model.safetensors')
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+
+
+def test_load_sgdrop_model_from_plain_timm_weights_uses_the_method_defaults(tmp_path):
+    torch.manual_seed(0)
+    plain = timm.create_model('resnet18', num_classes=3)
+    save_for_hf(plain, tmp_path / 'plain', safe_serialization=True)
+    model = load_sgdrop_model(f'local-dir:{tmp_path / "plain"}')
+    assert is_sgdrop_model(model) and model.sgdrop_config['sgdrop_rho'] == 0.01
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in plain.state_dict().items())
