@@ -38,6 +38,7 @@ from .data import (
     load_rgb,
     with_transform,
 )
+from .hub import load_recipe_checkpoint
 from .sgdrop import add_sgdrop, is_sgdrop_model
 
 __all__ = ['evaluate', 'finetune', 'load_model', 'load_split', 'split_encoder_head']
@@ -79,15 +80,7 @@ def load_model(name_or_path: str) -> nn.Module:
 
 
 def _load_recipe_checkpoint(path: Path) -> nn.Module:
-    try:
-        # weights_only: a checkpoint is data, and unpickling anything else would run its code
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # noqa: BLE001, a truncated zip, foreign classes, a file that is no checkpoint at all
-        raise ValueError(f'{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}).') from e
-    if not isinstance(checkpoint, dict) or not {'arch', 'state_dict', 'class_names'} <= set(checkpoint):
-        raise ValueError(f'{path}: not a checkpoint of train/main.py (it needs arch, state_dict and class_names).')
-    model = timm.create_model(checkpoint['arch'], num_classes=len(checkpoint['class_names']))
-    model.load_state_dict(checkpoint['state_dict'])
+    model, checkpoint = load_recipe_checkpoint(path)
     model.pretrained_cfg = dict(model.pretrained_cfg, label_names=list(checkpoint['class_names']))
     return model
 
