@@ -231,8 +231,9 @@ class SaliencyGuidedDropout:
             ema_decay: float,
             latent_drop_rate: float,
     ) -> None:
-        self.sgdrop_rho, self.sgdrop_attribution, self.sgdrop_ema_decay, self.latent_drop_rate = _check_settings(
-            rho, attribution, ema_decay, latent_drop_rate)
+        # the property setters validate each value
+        self.sgdrop_rho, self.sgdrop_attribution = rho, attribution
+        self.sgdrop_ema_decay, self.latent_drop_rate = ema_decay, latent_drop_rate
         self._drop_ema()
 
     @property
