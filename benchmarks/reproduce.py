@@ -41,13 +41,13 @@ METHODS: Dict[str, List[str]] = {
 PROTOCOLS: Dict[str, Dict] = {
     "cpu": {
         "description": "The paper's CIFAR-10 network (sgdrop_cifar_cnn) from scratch on a fixed 2,500-image subset "
-                       "of ../shared/data/cifar10_subset (about 250 per class) at 32 px, 15 epochs of the low-data "
+                       "of ../shared/data/cifar10_subset (about 250 per class) at 32 px, 12 epochs of the low-data "
                        "protocol (Adam 1e-4, batch 64, no augmentation), validated on the full 10,000-image CIFAR-10 "
                        "test set; clean train accuracy on 1,000 fixed training images. 2 CPU threads.",
         "archs": ["sgdrop_cifar_cnn"],
         "methods": ["vanilla", "dropout", "sgdrop"],
         "seeds": [0, 1, 2],
-        "args": ["--preset", "lowdata", "--image-size", "32", "--epochs", "15", "--train-subset", "2500",
+        "args": ["--preset", "lowdata", "--image-size", "32", "--epochs", "12", "--train-subset", "2500",
                  "--in-memory", "--channels-last", "--train-eval-samples", "1000", "-j", "2", "-p", "1000"],
         "paper_dataset": "CIFAR-10 (full 50,000 training images, 100 epochs)",
         "paper": {"sgdrop_cifar_cnn": {"vanilla": 79.11, "dropout": 81.60, "sgdrop": 81.57}},
