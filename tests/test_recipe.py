@@ -17,10 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import timm
 import torch
 from safetensors.torch import load_file
+from torchvision import datasets, transforms
 
 import sgdrop_zoo
+from sgdrop_zoo.data import CENTER_CROP_PCT
+from sgdrop_zoo.saliency import attribution_area_ratio, grad_cam_maps
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAIN = REPO_ROOT / "train" / "main.py"
@@ -32,6 +36,11 @@ VAL_PER_CLASS = 3
 BATCH_SIZE = 20
 TINY_RUN = ["-a", "sgdrop_vgg_tiny", "--image-size", "32", "-b", str(BATCH_SIZE), "-j", "0", "--seed", "0",
             "--optimizer", "adam", "--lr", "1e-3", "--train-eval-samples", "8", "-p", "100"]
+# At 32 px the latent map z is 2x2 and nearly every area ratio is 0 or 1; at 64 px (4x4) they spread over [0, 1], so
+# that a wrong image, label or normalisation shows in the mean.
+AREA_SIZE = 64
+AREA_IMAGES = 8
+AREA_RUN = [*TINY_RUN, "--image-size", str(AREA_SIZE)]
 
 
 def load_recipe() -> Any:
@@ -199,6 +208,68 @@ def test_multiprocessing_distributed_on_cpu(data_dir: Path, tmp_path: Path, num_
     assert read_log(tmp_path)[0]["val_count"] == num_val
 
 
+def recomputed_area_ratio(checkpoint_path: Path, data_dir: Path) -> float:
+    """The area ratio of a checkpoint's weights on the recipe's fixed validation images, computed here from the files.
+
+    The images are the first AREA_IMAGES of the seed-independent permutation of the val split, with the recipe's
+    validation transform (resize, center crop, normalisation by the model's mean and std).
+    """
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    model = timm.create_model(checkpoint["arch"], num_classes=len(checkpoint["class_names"]))
+    model.load_state_dict(checkpoint["state_dict"])
+    transform = transforms.Compose([
+        transforms.Resize(round(AREA_SIZE / CENTER_CROP_PCT)), transforms.CenterCrop(AREA_SIZE), transforms.ToTensor(),
+        transforms.Normalize(model.pretrained_cfg["mean"], model.pretrained_cfg["std"])])
+    val = datasets.ImageFolder(data_dir / "val", transform=transform)
+    indices = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:AREA_IMAGES].tolist()
+    images = torch.stack([val[i][0] for i in indices])
+    targets = torch.tensor([val[i][1] for i in indices])
+    return attribution_area_ratio(grad_cam_maps(model, images, targets)).mean().item()
+
+
+@pytest.fixture(scope="module")
+def area_ratio_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    output = tmp_path_factory.mktemp("area_ratio")
+    result = run_recipe(str(data_dir), *AREA_RUN, "--epochs", "2", "--log-area-ratio", str(AREA_IMAGES), "--output",
+                        str(output))
+    return output, result.stdout
+
+
+@pytest.mark.parametrize("launch", ["imagefolder", "in_memory", "torchrun"])
+def test_log_area_ratio_matches_grad_cam_of_saved_weights(area_ratio_run: tuple[Path, str], data_dir: Path,
+                                                          tmp_path: Path, launch: str):
+    if launch == "imagefolder":
+        output, stdout = area_ratio_run
+    else:
+        # under torchrun rank 0 measures alone while rank 1 goes on; a collective inside would hang the run
+        torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
+        extra = ["--in-memory", "--epochs", "2"] if launch == "in_memory" else ["--dist-url", "env://", "--epochs", "1"]
+        output = tmp_path
+        stdout = run_recipe(str(data_dir), *AREA_RUN, "--log-area-ratio", str(AREA_IMAGES), "--output", str(output),
+                            *extra, launcher=torchrun if launch == "torchrun" else ()).stdout
+    log = read_log(output)
+    assert all(0.0 <= record["val_area_ratio"] <= 1.0 for record in log)
+    assert stdout.count(" * Area ratio ") == len(log)  # with the epoch's summary, by rank 0 only
+
+    # the last checkpoint holds the weights the last epoch was measured with; model_best those of its own epoch
+    for name in ("checkpoint.pth.tar", "model_best.pth.tar"):
+        epoch = torch.load(output / name, map_location="cpu", weights_only=True)["epoch"]
+        assert log[epoch - 1]["val_area_ratio"] == pytest.approx(recomputed_area_ratio(output / name, data_dir),
+                                                                 abs=1e-6)
+
+
+def test_log_area_ratio_leaves_training_unchanged(area_ratio_run: tuple[Path, str], data_dir: Path, tmp_path: Path):
+    run_recipe(str(data_dir), *AREA_RUN, "--epochs", "2", "--output", str(tmp_path))
+    measured, _ = area_ratio_run
+    assert_same_training_state(measured / "checkpoint.pth.tar", tmp_path / "checkpoint.pth.tar")
+    unmeasured = read_log(tmp_path)
+    assert all("val_area_ratio" not in record for record in unmeasured)
+    assert unmeasured == [
+        {key: value for key, value in record.items() if key != "val_area_ratio"} | {
+            "img_per_s": plain["img_per_s"], "epoch_time_s": plain["epoch_time_s"]}
+        for plain, record in zip(unmeasured, read_log(measured))]
+
+
 SLOW_SAVE = """
 import importlib.util, time, torch
 from pathlib import Path
@@ -336,6 +407,13 @@ def test_resume_from_another_architecture(capsys: pytest.CaptureFixture, data_di
     torch.save({"epoch": 1, "arch": "sgdrop_cifar_cnn", "state_dict": {}}, other)
     message = run_bad_input(capsys, str(data_dir), "--resume", str(other))
     assert "holds a 'sgdrop_cifar_cnn' model, not 'sgdrop_vgg_tiny'" in message and "-a sgdrop_cifar_cnn" in message
+
+
+def test_log_area_ratio_beyond_the_val_split(capsys: pytest.CaptureFixture, data_dir: Path, num_val: int):
+    message = run_bad_input(capsys, str(data_dir), "--log-area-ratio", str(num_val + 1))
+    assert f"--log-area-ratio {num_val + 1} asks for more images than the {num_val}" in message
+    assert f"pass at most {num_val}" in message
+    assert "is negative" in run_bad_input(capsys, str(data_dir), "--log-area-ratio", "-1")
 
 
 def test_unknown_arch(capsys: pytest.CaptureFixture, data_dir: Path):

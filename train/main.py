@@ -55,6 +55,7 @@ from sgdrop_zoo.data import (
 )
 
 PRESETS_PATH = Path(__file__).with_name("presets.json")
+DUMMY_TRAIN_IMAGES, DUMMY_VAL_IMAGES = 1281167, 50000  # ImageNet's sizes
 
 
 class RecipeError(Exception):
@@ -130,6 +131,10 @@ def get_parser() -> argparse.ArgumentParser:
     group.add_argument("--train-eval-samples", default=1000, type=int, metavar="N",
                        help="per epoch, accuracy of the unmasked eval-mode model on N fixed training images; far "
                             "below the masked train accuracy means the SGDrop mask leaks the label (0: off)")
+    group.add_argument("--log-area-ratio", default=0, type=int, metavar="N",
+                       help="per epoch (and with --evaluate), the attribution area ratio (paper section 4.2) of the "
+                            "eval-mode model on N fixed validation images, logged as val_area_ratio: the share of "
+                            "each image where the Grad-CAM map of the true class at z exceeds half its peak (0: off)")
 
     group = parser.add_argument_group("performance and output")
     group.add_argument("--amp", action="store_true", help="autocast (bf16 by default)")
@@ -223,11 +228,26 @@ def check_inputs(args: argparse.Namespace) -> None:
                           "e.g. --world-size 1 --rank 0 on one machine")
     if args.regularizer == "sgdrop" and not 0.0 <= args.sgdrop_rho < 1.0:
         raise RecipeError(f"--sgdrop-rho {args.sgdrop_rho} is outside [0, 1); the paper uses 0.01 to 0.1")
+    if args.log_area_ratio < 0:
+        raise RecipeError(f"--log-area-ratio {args.log_area_ratio} is negative; pass a number of validation images, "
+                          f"or 0 to turn it off")
 
     if args.dummy:
         args.class_names = [str(i) for i in range(1000)]
     else:
         args.class_names = check_image_folders(Path(args.data), args.workers)
+
+    if args.log_area_ratio:
+        if args.dummy:
+            num_val = DUMMY_VAL_IMAGES
+        else:
+            # the images ImageFolder will list, without decoding any
+            class_to_idx = {name: i for i, name in enumerate(args.class_names)}
+            num_val = len(datasets.folder.make_dataset(os.path.join(args.data, "val"), class_to_idx,
+                                                       datasets.folder.IMG_EXTENSIONS))
+        if args.log_area_ratio > num_val:
+            raise RecipeError(f"--log-area-ratio {args.log_area_ratio} asks for more images than the {num_val} of the "
+                              f"validation split; pass at most {num_val}")
 
     if args.resume:
         checkpoint = load_checkpoint(args.resume)
@@ -364,10 +384,12 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
         del checkpoint
 
     # Data loading code
-    train_loader, val_loader, train_eval_loader = build_loaders(args, model_without_ddp, device)
+    train_loader, val_loader, train_eval_loader, area_loader = build_loaders(args, model_without_ddp, device)
 
     if args.evaluate:
         metrics = validate(val_loader, model_without_ddp, criterion, device, args)
+        if area_loader is not None:
+            validate_area_ratio(area_loader, model_without_ddp, device, args)
         if args.is_main:
             print(f"=> val Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f} on {metrics['count']} images "
                   f"({args.resume or 'no checkpoint'})", flush=True)
@@ -397,6 +419,10 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
         val_metrics = validate(val_loader, model_without_ddp, criterion, device, args)
         clean_metrics = validate(train_eval_loader, model_without_ddp, criterion, device, args, "Train (clean)") \
             if train_eval_loader is not None else None
+        # main process only (the others hold no area loader), and without collectives: the other processes simply
+        # wait for it at the first collective of the next epoch
+        area_ratio = validate_area_ratio(area_loader, model_without_ddp, device, args) \
+            if area_loader is not None else None
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
 
@@ -416,6 +442,8 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
                 "val_acc1": val_metrics["acc1"],
                 "val_acc5": val_metrics["acc5"],
                 "val_count": val_metrics["count"],
+                # only when measured, so that plots draw no empty area-ratio panel for the runs without it
+                **({"val_area_ratio": area_ratio} if area_ratio is not None else {}),
                 "lr": lr,
                 "sgdrop_rho": model_without_ddp.sgdrop_rho,
                 "img_per_s": train_metrics["count"] / epoch_time,
@@ -466,8 +494,9 @@ def cleanup(args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
-def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.device) -> tuple[Any, Any, Any]:
-    """Train and val loaders, plus a loader of fixed training images with the val transform (or None).
+def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.device) -> tuple[Any, Any, Any, Any]:
+    """Train and val loaders, a loader of fixed training images with the val transform (or None), and the loader of
+    the fixed validation images of `--log-area-ratio` (None when off, and on every process but the main one).
 
     Loaders yield (images, targets); the in-memory ones yield batches already normalised on `device`.
     """
@@ -485,9 +514,12 @@ def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devi
     if args.dummy:
         if args.is_main:
             print("=> Dummy data is used!", flush=True)
-        train_dataset = datasets.FakeData(1281167, (3, size, size), 1000, transforms.ToTensor())
-        val_dataset = datasets.FakeData(50000, (3, size, size), 1000, transforms.ToTensor())
-        return (make_loader(train_dataset, True, args), make_loader(val_dataset, False, args), None)
+        train_dataset = datasets.FakeData(DUMMY_TRAIN_IMAGES, (3, size, size), 1000, transforms.ToTensor())
+        val_dataset = datasets.FakeData(DUMMY_VAL_IMAGES, (3, size, size), 1000, transforms.ToTensor())
+        area_indices = fixed_val_indices(len(val_dataset), args)
+        area_loader = make_loader(torch.utils.data.Subset(val_dataset, area_indices), False, args, shard=False) \
+            if area_indices else None
+        return make_loader(train_dataset, True, args), make_loader(val_dataset, False, args), None, area_loader
 
     # scanned once: listing the files of a large dataset takes a while
     train_folder = datasets.ImageFolder(os.path.join(args.data, "train"), loader=load_rgb)
@@ -498,6 +530,7 @@ def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devi
     if args.train_subset:
         train_indices = train_indices[:args.train_subset]
     train_eval_indices = train_indices[:args.train_eval_samples]
+    area_indices = fixed_val_indices(len(val_folder), args)
 
     if not args.in_memory:
         to_tensor = [transforms.ToTensor(), normalize]
@@ -505,13 +538,16 @@ def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devi
         if len(train_indices) < num_train:
             train_dataset = torch.utils.data.Subset(train_dataset, sorted(train_indices))
         train_loader = make_loader(train_dataset, True, args)
-        val_loader = make_loader(with_transform(val_folder, transforms.Compose(val_resize + to_tensor)), False, args)
+        val_dataset = with_transform(val_folder, transforms.Compose(val_resize + to_tensor))
+        val_loader = make_loader(val_dataset, False, args)
         train_eval_loader = None
         if train_eval_indices:
             train_eval_dataset = with_transform(train_folder, transforms.Compose(val_resize + to_tensor))
             train_eval_loader = make_loader(torch.utils.data.Subset(train_eval_dataset, train_eval_indices), False,
                                             args)
-        return train_loader, val_loader, train_eval_loader
+        area_loader = make_loader(torch.utils.data.Subset(val_dataset, area_indices), False, args, shard=False) \
+            if area_indices else None
+        return train_loader, val_loader, train_eval_loader, area_loader
 
     # In memory: decode every image once, after the deterministic part of the transform; the random crop and flip
     # run per batch on `device`.
@@ -531,19 +567,40 @@ def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devi
         train_eval_images = decode_images(with_transform(train_folder, transforms.Compose(val_resize)),
                                           train_eval_indices, **decode)
         train_eval_loader = InMemoryLoader(*train_eval_images, args.batch_size, shuffle=False, **common)
-    return train_loader, val_loader, train_eval_loader
+    area_loader = None
+    if area_indices:
+        # all N images on the main process alone: no shard
+        subset = torch.tensor(area_indices, device=store_device)
+        area_loader = InMemoryLoader(val_images[0][subset], val_images[1][subset], args.batch_size, shuffle=False,
+                                     **{**common, "rank": 0, "world_size": 1})
+    return train_loader, val_loader, train_eval_loader, area_loader
 
 
-def make_loader(dataset: torch.utils.data.Dataset, train: bool, args: argparse.Namespace
+def fixed_val_indices(num_val: int, args: argparse.Namespace) -> list[int]:
+    """The validation images of `--log-area-ratio`: the first N of a permutation independent of --seed, so that runs
+    with different seeds are measured on the same images; none when off or on processes other than the main one.
+    """
+    if not args.log_area_ratio or not args.is_main:
+        return []
+    return torch.randperm(num_val, generator=torch.Generator().manual_seed(0))[:args.log_area_ratio].tolist()
+
+
+def make_loader(dataset: torch.utils.data.Dataset, train: bool, args: argparse.Namespace, shard: bool = True
                 ) -> torch.utils.data.DataLoader:
+    """Training: shuffled (one shard per process when distributed). Evaluation: in order, this process's shard, or
+    all of `dataset` when not `shard`.
+    """
     if train:
         sampler = torch.utils.data.distributed.DistributedSampler(dataset, seed=args.seed or 0) \
             if args.distributed else None
     else:
-        sampler = ShardSampler(len(dataset), args.rank, args.world_size)
+        sampler = ShardSampler(len(dataset), args.rank, args.world_size) if shard else None
+    # Starting an iteration draws a base seed from the global RNG unless the loader has its own generator; an
+    # unsharded loader (the area ratio's) gets one, so measuring leaves the training's random stream as it was.
+    generator = None if shard else torch.Generator().manual_seed(0)
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, shuffle=train and sampler is None, sampler=sampler,
-        num_workers=args.workers, pin_memory=torch.cuda.is_available())
+        num_workers=args.workers, pin_memory=torch.cuda.is_available(), generator=generator)
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -668,6 +725,37 @@ def validate(val_loader: Any, model: nn.Module, criterion: nn.Module, device: to
             meter.all_reduce(device)
     progress.display_summary()
     return {"loss": losses.avg, "acc1": top1.avg, "acc5": top5.avg, "count": int(top1.count)}
+
+
+def validate_area_ratio(loader: Any, model: nn.Module, device: torch.device, args: argparse.Namespace) -> float:
+    """Mean attribution area ratio (paper section 4.2, Figure 3) of the eval-mode `model` on all images of `loader`.
+
+    The Grad-CAM map of the true class at the latent map z, upsampled to the image, is divided by its maximum; the
+    ratio is the share of its pixels above 0.5. Computed in float32, outside autocast, on the unwrapped model (a
+    backward through a DDP wrapper would wait for the other processes); the train/eval mode is restored afterwards.
+    """
+    # imported here: Grad-CAM brings matplotlib, OpenCV and scikit-learn, seconds of start-up that runs without
+    # --log-area-ratio should not pay
+    from sgdrop_zoo.saliency import attribution_area_ratio, grad_cam_maps
+
+    was_training = model.training
+    ratios = []
+    try:
+        # bf16 or fp16 activations and gradients would shift which pixels clear the 0.5 threshold
+        with torch.autocast(device.type, enabled=False):
+            for images, target in loader:
+                images = images.to(device, non_blocking=True)
+                if args.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                # class indices on the CPU: Grad-CAM reads them one by one, which would sync a GPU each time
+                ratios.append(attribution_area_ratio(grad_cam_maps(model, images, target.cpu())))
+    finally:
+        model.train(was_training)
+        # Grad-CAM's backward leaves gradients on the weights; the next step would set them to None anyway
+        model.zero_grad(set_to_none=True)
+    area_ratio = torch.cat(ratios).mean().item()
+    print(f" * Area ratio {area_ratio:.4f} ({sum(len(r) for r in ratios)} images)", flush=True)
+    return area_ratio
 
 
 def save_checkpoint(state: dict[str, Any], is_best: bool, output: Path, filename: str = "checkpoint.pth.tar") -> None:
