@@ -128,6 +128,9 @@ def get_parser() -> argparse.ArgumentParser:
                             "resize: train and val images only resized to a square (paper's low-data protocol)")
     group.add_argument("--train-subset", default=0, type=int, metavar="N",
                        help="train on a fixed random subset of N training images (0: all)")
+    group.add_argument("--val-subset", default=0, type=int, metavar="N",
+                       help="validate each epoch on N fixed validation images, the same for every seed (0: all); "
+                            "--log-area-ratio takes its images among them")
     group.add_argument("--train-eval-samples", default=1000, type=int, metavar="N",
                        help="per epoch, accuracy of the unmasked eval-mode model on N fixed training images; far "
                             "below the masked train accuracy means the SGDrop mask leaks the label (0: off)")
@@ -237,7 +240,13 @@ def check_inputs(args: argparse.Namespace) -> None:
     else:
         args.class_names = check_image_folders(Path(args.data), args.workers)
 
-    if args.log_area_ratio:
+    if args.val_subset < 0:
+        raise RecipeError(f"--val-subset {args.val_subset} is negative; pass a number of validation images, or 0 for "
+                          f"all of them")
+    if args.val_subset and args.log_area_ratio > args.val_subset:
+        raise RecipeError(f"--log-area-ratio {args.log_area_ratio} is larger than --val-subset {args.val_subset}; its "
+                          f"images are taken among the validated ones, so pass at most {args.val_subset}")
+    if args.log_area_ratio or args.val_subset:
         if args.dummy:
             num_val = DUMMY_VAL_IMAGES
         else:
@@ -245,9 +254,10 @@ def check_inputs(args: argparse.Namespace) -> None:
             class_to_idx = {name: i for i, name in enumerate(args.class_names)}
             num_val = len(datasets.folder.make_dataset(os.path.join(args.data, "val"), class_to_idx,
                                                        datasets.folder.IMG_EXTENSIONS))
-        if args.log_area_ratio > num_val:
-            raise RecipeError(f"--log-area-ratio {args.log_area_ratio} asks for more images than the {num_val} of the "
-                              f"validation split; pass at most {num_val}")
+        for flag, value in (("--log-area-ratio", args.log_area_ratio), ("--val-subset", args.val_subset)):
+            if value > num_val:
+                raise RecipeError(f"{flag} {value} asks for more images than the {num_val} of the validation split; "
+                                  f"pass at most {num_val}")
 
     if args.resume:
         checkpoint = load_checkpoint(args.resume)
@@ -516,10 +526,11 @@ def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devi
             print("=> Dummy data is used!", flush=True)
         train_dataset = datasets.FakeData(DUMMY_TRAIN_IMAGES, (3, size, size), 1000, transforms.ToTensor())
         val_dataset = datasets.FakeData(DUMMY_VAL_IMAGES, (3, size, size), 1000, transforms.ToTensor())
-        area_indices = fixed_val_indices(len(val_dataset), args)
+        val_indices, area_indices = fixed_val_indices(len(val_dataset), args)
         area_loader = make_loader(torch.utils.data.Subset(val_dataset, area_indices), False, args, shard=False) \
             if area_indices else None
-        return make_loader(train_dataset, True, args), make_loader(val_dataset, False, args), None, area_loader
+        val_loader = make_loader(torch.utils.data.Subset(val_dataset, val_indices), False, args)
+        return make_loader(train_dataset, True, args), val_loader, None, area_loader
 
     # scanned once: listing the files of a large dataset takes a while
     train_folder = datasets.ImageFolder(os.path.join(args.data, "train"), loader=load_rgb)
@@ -530,7 +541,7 @@ def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devi
     if args.train_subset:
         train_indices = train_indices[:args.train_subset]
     train_eval_indices = train_indices[:args.train_eval_samples]
-    area_indices = fixed_val_indices(len(val_folder), args)
+    val_indices, area_indices = fixed_val_indices(len(val_folder), args)
 
     if not args.in_memory:
         to_tensor = [transforms.ToTensor(), normalize]
@@ -539,7 +550,7 @@ def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devi
             train_dataset = torch.utils.data.Subset(train_dataset, sorted(train_indices))
         train_loader = make_loader(train_dataset, True, args)
         val_dataset = with_transform(val_folder, transforms.Compose(val_resize + to_tensor))
-        val_loader = make_loader(val_dataset, False, args)
+        val_loader = make_loader(torch.utils.data.Subset(val_dataset, val_indices), False, args)
         train_eval_loader = None
         if train_eval_indices:
             train_eval_dataset = with_transform(train_folder, transforms.Compose(val_resize + to_tensor))
@@ -557,7 +568,7 @@ def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devi
     decode = dict(workers=args.workers, device=store_device, verbose=args.is_main)
     train_images = decode_images(with_transform(train_folder, transforms.Compose(train_store)), sorted(train_indices),
                                  **decode)
-    val_images = decode_images(with_transform(val_folder, transforms.Compose(val_resize)), None, **decode)
+    val_images = decode_images(with_transform(val_folder, transforms.Compose(val_resize)), val_indices, **decode)
     common = dict(mean=mean, std=std, rank=args.rank, world_size=args.world_size, device=device)
     train_loader = InMemoryLoader(*train_images, args.batch_size, shuffle=True, seed=args.seed or 0,
                                   crop_flip_size=size if args.train_transform == "crop-flip" else None, **common)
@@ -570,19 +581,22 @@ def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devi
     area_loader = None
     if area_indices:
         # all N images on the main process alone: no shard
-        subset = torch.tensor(area_indices, device=store_device)
+        position = {index: i for i, index in enumerate(val_indices)}
+        subset = torch.tensor([position[index] for index in area_indices], device=store_device)
         area_loader = InMemoryLoader(val_images[0][subset], val_images[1][subset], args.batch_size, shuffle=False,
                                      **{**common, "rank": 0, "world_size": 1})
     return train_loader, val_loader, train_eval_loader, area_loader
 
 
-def fixed_val_indices(num_val: int, args: argparse.Namespace) -> list[int]:
-    """The validation images of `--log-area-ratio`: the first N of a permutation independent of --seed, so that runs
-    with different seeds are measured on the same images; none when off or on processes other than the main one.
+def fixed_val_indices(num_val: int, args: argparse.Namespace) -> tuple[list[int], list[int]]:
+    """The validation images: all, or the first N of a permutation independent of --seed with `--val-subset N`, so
+    that runs with different seeds are measured on the same images (sorted, in folder order); and the images of
+    `--log-area-ratio N`, the first N of the same permutation (none when off, or on processes other than the main one).
     """
-    if not args.log_area_ratio or not args.is_main:
-        return []
-    return torch.randperm(num_val, generator=torch.Generator().manual_seed(0))[:args.log_area_ratio].tolist()
+    order = torch.randperm(num_val, generator=torch.Generator().manual_seed(0)).tolist()
+    val_indices = sorted(order[:args.val_subset]) if args.val_subset else list(range(num_val))
+    area_indices = order[:args.log_area_ratio] if args.log_area_ratio and args.is_main else []
+    return val_indices, area_indices
 
 
 def make_loader(dataset: torch.utils.data.Dataset, train: bool, args: argparse.Namespace, shard: bool = True
