@@ -208,23 +208,45 @@ def test_multiprocessing_distributed_on_cpu(data_dir: Path, tmp_path: Path, num_
     assert read_log(tmp_path)[0]["val_count"] == num_val
 
 
-def recomputed_area_ratio(checkpoint_path: Path, data_dir: Path) -> float:
-    """The area ratio of a checkpoint's weights on the recipe's fixed validation images, computed here from the files.
+def fixed_val_images(data_dir: Path, model: torch.nn.Module, size: int, count: int) -> tuple[torch.Tensor,
+                                                                                            torch.Tensor]:
+    """The first `count` images of the seed-independent permutation of the val split, with the recipe's validation
+    transform (resize, center crop, normalisation by the model's mean and std), built here from the files."""
+    transform = transforms.Compose([
+        transforms.Resize(round(size / CENTER_CROP_PCT)), transforms.CenterCrop(size), transforms.ToTensor(),
+        transforms.Normalize(model.pretrained_cfg["mean"], model.pretrained_cfg["std"])])
+    val = datasets.ImageFolder(data_dir / "val", transform=transform)
+    indices = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:count].tolist()
+    return torch.stack([val[i][0] for i in indices]), torch.tensor([val[i][1] for i in indices])
 
-    The images are the first AREA_IMAGES of the seed-independent permutation of the val split, with the recipe's
-    validation transform (resize, center crop, normalisation by the model's mean and std).
-    """
+
+def load_checkpoint_model(checkpoint_path: Path) -> torch.nn.Module:
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     model = timm.create_model(checkpoint["arch"], num_classes=len(checkpoint["class_names"]))
     model.load_state_dict(checkpoint["state_dict"])
-    transform = transforms.Compose([
-        transforms.Resize(round(AREA_SIZE / CENTER_CROP_PCT)), transforms.CenterCrop(AREA_SIZE), transforms.ToTensor(),
-        transforms.Normalize(model.pretrained_cfg["mean"], model.pretrained_cfg["std"])])
-    val = datasets.ImageFolder(data_dir / "val", transform=transform)
-    indices = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:AREA_IMAGES].tolist()
-    images = torch.stack([val[i][0] for i in indices])
-    targets = torch.tensor([val[i][1] for i in indices])
+    return model.eval()
+
+
+def recomputed_area_ratio(checkpoint_path: Path, data_dir: Path) -> float:
+    """The area ratio of a checkpoint's weights on the recipe's fixed validation images, computed here from the files."""
+    model = load_checkpoint_model(checkpoint_path)
+    images, targets = fixed_val_images(data_dir, model, AREA_SIZE, AREA_IMAGES)
     return attribution_area_ratio(grad_cam_maps(model, images, targets)).mean().item()
+
+
+@pytest.mark.parametrize("in_memory", [False, True], ids=["imagefolder", "in_memory"])
+def test_val_subset_validates_the_fixed_images(two_epoch_run: tuple[Path, str], data_dir: Path, in_memory: bool):
+    output, _ = two_epoch_run
+    subset = 13
+    result = run_recipe(str(data_dir), *TINY_RUN, "--resume", str(output / "checkpoint.pth.tar"), "--evaluate",
+                        "--val-subset", str(subset), "--output", str(output / "eval_subset"),
+                        *(["--in-memory"] if in_memory else []))
+    model = load_checkpoint_model(output / "checkpoint.pth.tar")
+    images, targets = fixed_val_images(data_dir, model, 32, subset)
+    with torch.no_grad():
+        expected = 100.0 * (model(images).argmax(1) == targets).sum().item() / subset
+    assert f"on {subset} images" in result.stdout
+    assert reported_val_acc1(result.stdout) == pytest.approx(expected, abs=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -414,6 +436,14 @@ def test_log_area_ratio_beyond_the_val_split(capsys: pytest.CaptureFixture, data
     assert f"--log-area-ratio {num_val + 1} asks for more images than the {num_val}" in message
     assert f"pass at most {num_val}" in message
     assert "is negative" in run_bad_input(capsys, str(data_dir), "--log-area-ratio", "-1")
+
+
+def test_val_subset_beyond_the_val_split(capsys: pytest.CaptureFixture, data_dir: Path, num_val: int):
+    message = run_bad_input(capsys, str(data_dir), "--val-subset", str(num_val + 1))
+    assert f"--val-subset {num_val + 1} asks for more images than the {num_val}" in message
+    assert "is negative" in run_bad_input(capsys, str(data_dir), "--val-subset", "-1")
+    message = run_bad_input(capsys, str(data_dir), "--val-subset", "5", "--log-area-ratio", "6")
+    assert "--log-area-ratio 6 is larger than --val-subset 5" in message
 
 
 def test_unknown_arch(capsys: pytest.CaptureFixture, data_dir: Path):
