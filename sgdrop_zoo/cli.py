@@ -81,7 +81,8 @@ def finetune_command(args: argparse.Namespace) -> int:
 
 def saliency_command(args: argparse.Namespace) -> int:
     results = saliency_report(args.model, args.data, args.output, split=args.split, image_size=args.image_size,
-                              batch_size=args.batch_size, grid_images=args.grid_images, workers=args.workers)
+                              batch_size=args.batch_size, grid_images=args.grid_images, workers=args.workers,
+                              num_images=args.num_images, labels=args.label)
     print(format_table(results))
     print(f'wrote {args.output}/saliency.json and {args.output}/saliency_grid.png', file=sys.stderr)
     return 0
@@ -152,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     saliency.add_argument('--batch-size', type=int, default=32, help='images per batch (32)')
     saliency.add_argument('--grid-images', type=int, default=8, help='rows of the PNG grid (8)')
     saliency.add_argument('--workers', type=int, default=2, help='image decoding workers (2)')
+    saliency.add_argument('--num-images', type=int, default=None, metavar='N',
+                          help='measure N images of the split drawn by a fixed seed, the same for every model '
+                               '(default: all)')
+    saliency.add_argument('--label', action='append', default=None,
+                          help='name per --model in the JSON, table and grid (default: the --model values)')
     saliency.set_defaults(func=saliency_command)
     plot = commands.add_parser('plot', help='validation accuracy (and area ratio) per epoch of several runs')
     plot.add_argument('logs', nargs='+', metavar='LOG', help='log.jsonl files or run folders')

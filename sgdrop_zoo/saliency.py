@@ -178,6 +178,8 @@ def saliency_report(
         batch_size: int = 32,
         grid_images: int = 8,
         workers: int = 2,
+        num_images: Optional[int] = None,
+        labels: Optional[Sequence[str]] = None,
 ) -> Dict[str, Any]:
     """Accuracy, attribution area ratio and neuron coverage of each model on ``data/split``, plus the PNG grid.
 
@@ -188,23 +190,36 @@ def saliency_report(
         split: The split measured.
         image_size: Square input side; default: the first model's.
         batch_size: Images per batch.
-        grid_images: Rows of the PNG grid (the first images of the split).
+        grid_images: Rows of the PNG grid (the first images measured).
         workers: Image decoding workers.
+        num_images: Measure a fixed random subset of this many images of the split, the same for every model and
+            every call (a permutation seeded with 0); default: the whole split, in folder order.
+        labels: Names of the models in the JSON, the table and the grid; default: ``model_names``.
 
     Returns:
         What ``saliency.json`` holds.
     """
+    if labels is not None and len(labels) != len(model_names):
+        raise ValueError(f'{len(labels)} labels for {len(model_names)} models: give one label per model.')
+    if num_images is not None and num_images < 1:
+        raise ValueError(f'num_images must be at least 1, got {num_images}.')
     data, output = Path(data), Path(output)
     class_names = check_image_folders(data, workers)
     output.mkdir(parents=True, exist_ok=True)
     results: Dict[str, Any] = dict(data=str(data), split=split, area_threshold=AREA_THRESHOLD, models={})
     grid_maps, grid_predictions, shown = {}, {}, None
-    for name in model_names:
-        model = load_model(name).eval()
+    for source, name in zip(model_names, labels or model_names):
+        model = load_model(source).eval()
         size = image_size or model.pretrained_cfg['input_size'][-1]
-        check_label_names(model, class_names, name)
+        check_label_names(model, class_names, source)
         check_grad_cam_support(model, size)
         images, targets = load_split(data, split, class_names, size, False, 'resize', workers)
+        if num_images is not None:
+            if num_images > len(targets):
+                raise DatasetError(f'num_images {num_images} is more than the {len(targets)} images of '
+                                   f'{data / split}; pass at most {len(targets)}.')
+            subset = torch.randperm(len(targets), generator=torch.Generator().manual_seed(0))[:num_images]
+            images, targets = images[subset], targets[subset]
         loader = _loader(images, targets, model, batch_size, False, torch.device('cpu'))
         correct, ratios = 0, []
         for batch_images, batch_targets in loader:
@@ -212,7 +227,7 @@ def saliency_report(
                 correct += int((model(batch_images).argmax(1) == batch_targets).sum())
             ratios.append(attribution_area_ratio(grad_cam_maps(model, batch_images, batch_targets)))
         coverage = neuron_coverage(model, loader)
-        results['models'][name] = dict(acc1=100.0 * correct / len(targets), area_ratio=float(torch.cat(ratios).mean()),
+        results['models'][name] = dict(source=source, acc1=100.0 * correct / len(targets), area_ratio=float(torch.cat(ratios).mean()),
                                        coverage_global=coverage['global'], coverage_last_conv=coverage['last_conv'],
                                        images=len(targets), image_size=size)
         first_batch, _ = next(iter(_loader(images[:grid_images], targets[:grid_images], model, grid_images, False,

@@ -109,6 +109,25 @@ def test_saliency_report_json_table_and_grid(small_data: Path, tmp_path: Path):
         assert grid.size == (3 * GRID_CELL_PX, 3 * GRID_CELL_PX)  # input + 2 models, 3 rows
 
 
+def test_saliency_report_fixed_subset_and_labels(small_data: Path, tmp_path: Path):
+    folder = tmp_path / 'model'
+    torch.manual_seed(0)
+    save_for_hf(timm.create_model('sgdrop_vgg_tiny', num_classes=3), folder,
+                model_config=dict(label_names=['airplane', 'automobile', 'bird']), safe_serialization=True)
+    kwargs = dict(image_size=32, grid_images=2, workers=0, num_images=4)
+    results = saliency_report([str(folder), str(folder)], small_data, tmp_path / 'a', labels=['first', 'second'],
+                              **kwargs)
+    assert list(results['models']) == ['first', 'second']
+    first, second = results['models'].values()
+    assert first == second and first['images'] == 4 and first['source'] == str(folder)
+    # the subset is fixed: a second call measures the same images
+    assert saliency_report([str(folder)], small_data, tmp_path / 'b', **kwargs)['models'][str(folder)] == first
+    with pytest.raises(DatasetError, match='pass at most 6'):
+        saliency_report([str(folder)], small_data, tmp_path / 'c', **{**kwargs, 'num_images': 7})
+    with pytest.raises(ValueError, match='one label per model'):
+        saliency_report([str(folder)], small_data, tmp_path / 'c', labels=['a', 'b'], **kwargs)
+
+
 def test_saliency_rejects_other_classes_and_empty_val(small_data: Path, tmp_path: Path):
     folder = tmp_path / 'five'
     save_for_hf(timm.create_model('sgdrop_vgg_tiny', num_classes=5), folder,
