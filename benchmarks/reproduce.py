@@ -183,10 +183,10 @@ def train_one(protocol: str, config: Dict, data: str, arch: str, method: str, se
     return result
 
 
-def mean_std(values: List[float]) -> str:
+def mean_std(values: List[float], digits: int = 2) -> str:
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def write_table(protocol: str, config: Dict, results_dir: Path) -> str:
@@ -200,10 +200,11 @@ def write_table(protocol: str, config: Dict, results_dir: Path) -> str:
         "split. Curve peak: the best epoch of the per-epoch validation curve (on the curve's subset where there is "
         "one), an optimistic figure since it picks the epoch on that data. Train: clean (unmasked, eval-mode) top-1 "
         "on the fixed training images at the last epoch; gap = train minus final val. "
-        f"Paper: {config['paper_dataset']}.",
+        "Area: attribution area ratio at the last epoch (paper section 4.2), on the fixed images of the recipe's "
+        f"--log-area-ratio, where it was logged. Paper: {config['paper_dataset']}.",
         "",
-        "| arch | method | seeds | final val top-1 | curve peak | train top-1 | train-val gap | img/s | paper |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| arch | method | seeds | final val top-1 | curve peak | train top-1 | train-val gap | area | img/s | paper |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arch in dict.fromkeys(r["arch"] for r in runs):
         for method in METHODS:
@@ -217,6 +218,8 @@ def write_table(protocol: str, config: Dict, results_dir: Path) -> str:
                 mean_std([r["curve_peak_val_acc1"] for r in group]),
                 mean_std([r["final_train_acc1"] for r in group]),
                 mean_std([r["final_train_val_gap"] for r in group]),
+                mean_std([r["curve"][-1]["val_area_ratio"] for r in group], digits=3)
+                if all("val_area_ratio" in r["curve"][-1] for r in group) else "-",
                 f"{statistics.mean(r['img_per_s'] for r in group):.0f}",
                 f"{paper:.2f}" if paper is not None else "-",
             ]) + " |")
