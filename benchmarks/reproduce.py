@@ -11,7 +11,6 @@ numbers. Re-running skips finished runs and resumes an interrupted one from its 
 """
 import argparse
 import json
-import os
 import platform
 import re
 import statistics
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+
+from sgdrop_zoo.plots import read_log
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -98,16 +99,6 @@ def method_args(method: str, arch: str) -> List[str]:
 def git_commit() -> str:
     out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
     return out.stdout.strip() or "unknown"
-
-
-def read_log(path: Path) -> List[Dict]:
-    """Per-epoch records, keeping the last record of an epoch that was run twice around a resume."""
-    by_epoch = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            by_epoch[record["epoch"]] = record
-    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 
 def summarize_run(curve: List[Dict], final_val: Optional[Dict] = None) -> Dict:

@@ -19,13 +19,13 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sgdrop_zoo.finetune import finetune  # noqa: E402
-from sgdrop_zoo.plots import plot_runs  # noqa: E402
+from sgdrop_zoo.plots import plot_runs, read_log  # noqa: E402
 from sgdrop_zoo.saliency import format_table, saliency_report  # noqa: E402
 
 # Paper, VGG16: transfer RESISC45 -> RSICD (section 4.4); area ratio and coverage on ImageNet (section 4.2).
@@ -73,7 +73,7 @@ def main() -> None:
                      image_size=args.image_size, seed=0, progress=False)
         for name in ("metrics.json", "log.jsonl"):
             shutil.copy(probe_dir / name, output / f"probe_{method}_{name}")
-        log: List[Dict] = [json.loads(line) for line in (probe_dir / "log.jsonl").read_text().splitlines()]
+        log = read_log(probe_dir / "log.jsonl")
         summary[method].update(probe_final_val_acc1=log[-1]["val_acc1"], probe_best_val_acc1=max(
             r["val_acc1"] for r in log), probe_val_count=log[-1]["val_count"])
 
