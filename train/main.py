@@ -15,6 +15,7 @@ Examples:
     python train/main.py DATA -a sgdrop_resnet50 --resume runs/r50/model_best.pth.tar --evaluate
 """
 import argparse
+import collections
 import difflib
 import json
 import os
@@ -128,6 +129,9 @@ def get_parser() -> argparse.ArgumentParser:
                             "resize: train and val images only resized to a square (paper's low-data protocol)")
     group.add_argument("--train-subset", default=0, type=int, metavar="N",
                        help="train on a fixed random subset of N training images (0: all)")
+    group.add_argument("--train-subset-per-class", default=0, type=int, metavar="N",
+                       help="train on a fixed, class-balanced random subset: N training images of each class "
+                            "(0: off; not with --train-subset)")
     group.add_argument("--val-subset", default=0, type=int, metavar="N",
                        help="validate each epoch on N fixed validation images, the same for every seed (0: all); "
                             "--log-area-ratio takes its images among them")
@@ -231,6 +235,11 @@ def check_inputs(args: argparse.Namespace) -> None:
                           "e.g. --world-size 1 --rank 0 on one machine")
     if args.regularizer == "sgdrop" and not 0.0 <= args.sgdrop_rho < 1.0:
         raise RecipeError(f"--sgdrop-rho {args.sgdrop_rho} is outside [0, 1); the paper uses 0.01 to 0.1")
+    if args.train_subset and args.train_subset_per_class:
+        raise RecipeError("--train-subset and --train-subset-per-class both choose the training images; pass one")
+    if args.train_subset_per_class < 0:
+        raise RecipeError(f"--train-subset-per-class {args.train_subset_per_class} is negative; pass a number of "
+                          f"images per class, or 0 for all of them")
     if args.log_area_ratio < 0:
         raise RecipeError(f"--log-area-ratio {args.log_area_ratio} is negative; pass a number of validation images, "
                           f"or 0 to turn it off")
@@ -540,6 +549,8 @@ def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devi
     train_indices = torch.randperm(num_train, generator=torch.Generator().manual_seed(0)).tolist()
     if args.train_subset:
         train_indices = train_indices[:args.train_subset]
+    elif args.train_subset_per_class:
+        train_indices = per_class_subset(train_indices, train_folder.targets, args.train_subset_per_class)
     train_eval_indices = train_indices[:args.train_eval_samples]
     val_indices, area_indices = fixed_val_indices(len(val_folder), args)
 
@@ -586,6 +597,21 @@ def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devi
         area_loader = InMemoryLoader(val_images[0][subset], val_images[1][subset], args.batch_size, shuffle=False,
                                      **{**common, "rank": 0, "world_size": 1})
     return train_loader, val_loader, train_eval_loader, area_loader
+
+
+def per_class_subset(order: list[int], targets: list[int], per_class: int) -> list[int]:
+    """The first `per_class` indices of each class in `order`, kept in `order`'s order (classes interleaved)."""
+    taken = collections.Counter()
+    subset = []
+    for index in order:
+        if taken[targets[index]] < per_class:
+            taken[targets[index]] += 1
+            subset.append(index)
+    smallest = min(collections.Counter(targets).values())
+    if smallest < per_class:
+        raise RecipeError(f"--train-subset-per-class {per_class} is more than the {smallest} training images of the "
+                          f"smallest class; pass at most {smallest}")
+    return subset
 
 
 def fixed_val_indices(num_val: int, args: argparse.Namespace) -> tuple[list[int], list[int]]:

@@ -49,6 +49,8 @@ def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
 
 default_cfgs = generate_default_cfgs(pretrained_cfgs({
     'sgdrop_convnext_tiny': _cfg(),
+    'sgdrop_convnext_atto': _cfg(input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0),
+    'sgdrop_convnext_femto': _cfg(input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0),
 }, _cfg))
 
 
@@ -57,3 +59,17 @@ def sgdrop_convnext_tiny(pretrained: bool = False, **kwargs: Any) -> SGDropConvN
     """ConvNeXt-Tiny trained with SGDrop."""
     model_args = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768))
     return _create_sgdrop_convnext('sgdrop_convnext_tiny', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def sgdrop_convnext_atto(pretrained: bool = False, **kwargs: Any) -> SGDropConvNeXt:
+    """ConvNeXt-Atto (3.7M parameters) trained with SGDrop, for CPU-scale runs."""
+    model_args = dict(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320), conv_mlp=True)
+    return _create_sgdrop_convnext('sgdrop_convnext_atto', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def sgdrop_convnext_femto(pretrained: bool = False, **kwargs: Any) -> SGDropConvNeXt:
+    """ConvNeXt-Femto trained with SGDrop."""
+    model_args = dict(depths=(2, 2, 6, 2), dims=(48, 96, 192, 384), conv_mlp=True)
+    return _create_sgdrop_convnext('sgdrop_convnext_femto', pretrained, **dict(model_args, **kwargs))

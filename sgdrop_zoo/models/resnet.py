@@ -10,7 +10,7 @@ from typing import Any, Dict
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
-from timm.models.resnet import Bottleneck, ResNet
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..pretrained import build_model_with_checked_weights, pretrained_cfgs
 from ..sgdrop import SaliencyGuidedDropout
@@ -40,6 +40,8 @@ def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
 
 default_cfgs = generate_default_cfgs(pretrained_cfgs({
     'sgdrop_resnet50': _cfg(),
+    'sgdrop_resnet10t': _cfg(input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0),
+    'sgdrop_resnet18': _cfg(input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0),
 }, _cfg))
 
 
@@ -48,3 +50,17 @@ def sgdrop_resnet50(pretrained: bool = False, **kwargs: Any) -> SGDropResNet:
     """ResNet-50 trained with SGDrop."""
     model_args = dict(block=Bottleneck, layers=(3, 4, 6, 3))
     return _create_sgdrop_resnet('sgdrop_resnet50', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def sgdrop_resnet10t(pretrained: bool = False, **kwargs: Any) -> SGDropResNet:
+    """ResNet-10-T (deep tiered stem, avg-pool downsampling) trained with SGDrop, for CPU-scale runs."""
+    model_args = dict(block=BasicBlock, layers=(1, 1, 1, 1), stem_width=32, stem_type='deep_tiered', avg_down=True)
+    return _create_sgdrop_resnet('sgdrop_resnet10t', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def sgdrop_resnet18(pretrained: bool = False, **kwargs: Any) -> SGDropResNet:
+    """ResNet-18 trained with SGDrop."""
+    model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2))
+    return _create_sgdrop_resnet('sgdrop_resnet18', pretrained, **dict(model_args, **kwargs))

@@ -5,7 +5,8 @@ SGDrop: `The Overfocusing Bias of Convolutional Neural Networks: A Saliency-Guid
     - https://arxiv.org/abs/2409.17370
 
 The architecture is timm's ``VGG`` unchanged, so weights load both ways with ``vgg16`` / ``vgg16.tv_in1k``.
-``sgdrop_vgg_tiny`` is a small VGG (4 stages, 32-256 channels, mlp_ratio 0.25) for CPU experiments and tests.
+``sgdrop_vgg_tiny`` is a small VGG (4 stages, 32-256 channels, mlp_ratio 0.0625: a 256-wide 7x7 first head layer) for
+CPU-scale checkpoints and tests.
 """
 from typing import Any, Dict
 
@@ -69,6 +70,6 @@ def sgdrop_vgg16(pretrained: bool = False, **kwargs: Any) -> SGDropVGG:
 
 @register_model
 def sgdrop_vgg_tiny(pretrained: bool = False, **kwargs: Any) -> SGDropVGG:
-    """Small 6-conv VGG (32-256 channels, MLP head at ratio 0.25) trained with SGDrop, for CPU-scale runs."""
-    model_args = dict(mlp_ratio=0.25)
+    """Small 6-conv VGG (32-256 channels, MLP head at ratio 0.0625) trained with SGDrop, for CPU-scale runs."""
+    model_args = dict(mlp_ratio=0.0625)
     return _create_sgdrop_vgg('sgdrop_vgg_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
