@@ -28,8 +28,8 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import get_token
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from timm.models import save_for_hf
 
+from .export import save_recipe_export
 from .model_card import render_model_card
 from .pretrained import WEIGHTS_NAME, HubError, sha256_of_file
 from .sgdrop import DEFAULT_RHO, add_sgdrop
@@ -105,22 +105,13 @@ def _read_checkpoint(path: Path, folder: Path) -> Dict[str, Any]:
         The exported config.
     """
     try:
-        model, checkpoint = load_recipe_checkpoint(path, required=('args',))
+        model, checkpoint = load_recipe_checkpoint(path, required=('args', 'epoch'))
     except ValueError as e:
         raise HubError(str(e)) from e
-    args = checkpoint['args']
-    sgdrop = dict(regularizer=args.get('regularizer', 'sgdrop'), rho=args.get('sgdrop_rho'),
-                  rho_end=args.get('sgdrop_rho_end'), attribution=args.get('sgdrop_attribution', 'ema'),
-                  ema_decay=args.get('sgdrop_ema_decay'))
-    image_size = args.get('image_size', model.pretrained_cfg['input_size'][-1])
-    resize_only = args.get('train_transform') == 'resize'
-    data_config = dict(input_size=(3, image_size, image_size), crop_pct=1.0 if resize_only else 0.875,
-                       crop_mode='squash' if resize_only else 'center')
-    training = dict(epoch=checkpoint.get('epoch'), val_acc1=checkpoint.get('best_acc1'), data=args.get('data'),
-                    train_transform=args.get('train_transform'), image_size=image_size)
-    save_for_hf(model, folder, model_config=dict(label_names=checkpoint['class_names'], sgdrop=sgdrop,
-                                                 training=training),
-                data_config=data_config, safe_serialization=True)
+    # the top-1 of the checkpoint's own epoch; checkpoints of older versions only hold the best epoch's, which is
+    # this epoch's only in model_best
+    val_acc1 = checkpoint.get('acc1', checkpoint.get('best_acc1') if path.name == 'model_best.pth.tar' else None)
+    save_recipe_export(model, folder, checkpoint['args'], checkpoint['class_names'], checkpoint['epoch'], val_acc1)
     return json.loads((folder / CONFIG_NAME).read_text())
 
 
@@ -164,7 +155,8 @@ def _eval_command(architecture: str, training: Dict[str, Any]) -> Optional[str]:
 def to_hub_config(config: Dict[str, Any]) -> Dict[str, Any]:
     """Turn an export's config into the published one: base timm architecture, SGDrop settings in ``sgdrop``."""
     config = json.loads(json.dumps(config))  # deep copy
-    sgdrop_architecture = config['architecture']
+    # a published folder already names its SGDrop architecture; the recipe's export names it as its architecture
+    sgdrop_architecture = (config.get('sgdrop') or {}).get('architecture') or config['architecture']
     model_args = config.get('model_args', {})
     settings = _sgdrop_settings(config, model_args)
     for key in SGDROP_MODEL_ARGS:
@@ -424,5 +416,5 @@ def _sgdrop_model_args(settings: Dict[str, Any]) -> Dict[str, Any]:
         sgdrop_rho=settings.get('rho', DEFAULT_RHO) if regularizer == 'sgdrop' else 0.0,
         sgdrop_attribution=settings.get('attribution', 'ema'),
         sgdrop_ema_decay=settings.get('ema_decay', 0.999),
-        latent_drop_rate=(settings.get('dropout_p') or 0.0) if regularizer == 'dropout' else 0.0,
+        latent_drop_rate=(settings.get('latent_drop_rate') or 0.0) if regularizer == 'dropout' else 0.0,
     )

@@ -373,13 +373,59 @@ def test_sigkill_during_training_resumes_from_last_complete_epoch(data_dir: Path
 def run_bad_input(capsys: pytest.CaptureFixture, *args: str) -> str:
     """Runs main() in-process, checks it stops with exit code 2 before training, returns its one-line message."""
     with pytest.raises(SystemExit) as stopped:
-        recipe.main([*args, *TINY_RUN])
+        recipe.main([*TINY_RUN, *args])
     assert stopped.value.code == 2
     captured = capsys.readouterr()
     assert "=> creating model" not in captured.out
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
     return lines[0]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs 0: pass a positive number"),
+    (["-b", "0"], "-b/--batch-size 0: pass a positive number"),
+    (["-p", "0"], "-p/--print-freq 0: pass a positive number"),
+    (["--image-size", "0"], "--image-size 0: pass a positive number"),
+    (["--lr-step-size", "0"], "--lr-step-size 0: pass a positive number"),
+    (["--lr", "-0.1"], "--lr -0.1: the learning rate must be positive"),
+    (["--sgdrop-rho-end", "2"], "--sgdrop-rho-end 2.0 is outside [0, 1)"),
+    (["--sgdrop-ema-decay", "1"], "--sgdrop-ema-decay 1.0 is outside [0, 1)"),
+    (["--dropout-p", "1.5"], "--dropout-p 1.5 is outside [0, 1)"),
+    (["--train-subset", "-20"], "--train-subset -20 is negative"),
+    (["--train-subset-per-class", "-2"], "--train-subset-per-class -2 is negative"),
+    (["--train-subset", "10", "--train-subset-per-class", "2"], "--train-subset and --train-subset-per-class both"),
+    (["--start-epoch", "5", "--epochs", "1"], "--start-epoch 5 leaves nothing to train with --epochs 1"),
+])
+def test_bad_arguments_stop_before_any_work(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path,
+                                            flags: list[str], message: str):
+    assert message in run_bad_input(capsys, str(data_dir), "--output", str(tmp_path / "run"), *flags)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machines without a GPU")
+def test_gpu_without_a_gpu(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):
+    message = run_bad_input(capsys, str(data_dir), "--output", str(tmp_path), "--gpu", "0")
+    assert "--gpu 0: no CUDA GPU is visible; leave --gpu out" in message
+
+
+def test_output_that_is_a_file_or_not_writable(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):
+    (tmp_path / "file").write_text("")
+    assert "--output" in run_bad_input(capsys, str(data_dir), "--output", str(tmp_path / "file"))
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "locked").mkdir(mode=0o500)
+        message = run_bad_input(capsys, str(data_dir), "--output", str(tmp_path / "locked" / "run"))
+        assert "is not writable" in message
+
+
+def test_a_new_run_never_replaces_another_run(capsys: pytest.CaptureFixture, data_dir: Path, one_epoch_run: Path,
+                                              tmp_path: Path):
+    shutil.copytree(one_epoch_run, tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    message = run_bad_input(capsys, str(data_dir), "--epochs", "1", "--output", str(tmp_path / "run"))
+    assert "holds another run (log.jsonl, checkpoint.pth.tar, model_best.pth.tar" in message
+    assert f"--resume {tmp_path / 'run' / 'checkpoint.pth.tar'}" in message and "--overwrite" in message
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
 
 
 def test_missing_data_folder(capsys: pytest.CaptureFixture, tmp_path: Path):

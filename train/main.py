@@ -15,7 +15,6 @@ Examples:
     python train/main.py DATA -a sgdrop_resnet50 --resume runs/r50/model_best.pth.tar --evaluate
 """
 import argparse
-import collections
 import difflib
 import json
 import os
@@ -40,7 +39,6 @@ import torchvision.datasets as datasets
 import torchvision.transforms as transforms
 
 import timm
-from timm.models import save_for_hf
 
 import sgdrop_zoo
 from sgdrop_zoo.data import (
@@ -52,8 +50,10 @@ from sgdrop_zoo.data import (
     check_image_folders,
     decode_images,
     load_rgb,
+    per_class_subset,
     with_transform,
 )
+from sgdrop_zoo.export import regularizer_settings, save_recipe_export
 
 PRESETS_PATH = Path(__file__).with_name("presets.json")
 DUMMY_TRAIN_IMAGES, DUMMY_VAL_IMAGES = 1281167, 50000  # ImageNet's sizes
@@ -154,6 +154,8 @@ def get_parser() -> argparse.ArgumentParser:
                             "one); for small datasets")
     group.add_argument("--output", default=".", metavar="DIR",
                        help="directory for checkpoints, log.jsonl and the exported model")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace the files of a previous run in --output instead of refusing to start")
     return parser
 
 
@@ -235,6 +237,7 @@ def check_inputs(args: argparse.Namespace) -> None:
                           "e.g. --world-size 1 --rank 0 on one machine")
     if args.regularizer == "sgdrop" and not 0.0 <= args.sgdrop_rho < 1.0:
         raise RecipeError(f"--sgdrop-rho {args.sgdrop_rho} is outside [0, 1); the paper uses 0.01 to 0.1")
+    check_arguments(args)
     if args.train_subset and args.train_subset_per_class:
         raise RecipeError("--train-subset and --train-subset-per-class both choose the training images; pass one")
     if args.train_subset_per_class < 0:
@@ -279,6 +282,50 @@ def check_inputs(args: argparse.Namespace) -> None:
                               f"{len(args.class_names)} in {args.data}; resume on the same dataset")
 
 
+RUN_FILES = ("log.jsonl", "checkpoint.pth.tar", "model_best.pth.tar", "model.safetensors", "config.json")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """The checks of single arguments: each bad value stops the run before any work, with the fix."""
+    at_least_one = (("--epochs", args.epochs), ("-b/--batch-size", args.batch_size), ("-p/--print-freq",
+                    args.print_freq), ("--image-size", args.image_size), ("--lr-step-size", args.lr_step_size))
+    for flag, value in at_least_one:
+        if value < 1:
+            raise RecipeError(f"{flag} {value}: pass a positive number")
+    for flag, value in (("-j/--workers", args.workers), ("--train-subset", args.train_subset),
+                        ("--start-epoch", args.start_epoch), ("--train-eval-samples", args.train_eval_samples)):
+        if value < 0:
+            raise RecipeError(f"{flag} {value} is negative; pass 0 or more")
+    if not args.lr > 0:
+        raise RecipeError(f"--lr {args.lr}: the learning rate must be positive, e.g. 0.1 for SGD or 1e-4 for Adam")
+    for flag, value in (("--sgdrop-rho-end", args.sgdrop_rho_end), ("--sgdrop-ema-decay", args.sgdrop_ema_decay),
+                        ("--dropout-p", args.dropout_p)):
+        if value is not None and not 0.0 <= value < 1.0:
+            raise RecipeError(f"{flag} {value} is outside [0, 1)")
+    if args.gpu is not None and not torch.cuda.is_available():
+        raise RecipeError(f"--gpu {args.gpu}: no CUDA GPU is visible; leave --gpu out to train on the CPU")
+    if args.start_epoch >= args.epochs and not args.evaluate and not args.resume:
+        raise RecipeError(f"--start-epoch {args.start_epoch} leaves nothing to train with --epochs {args.epochs}; "
+                          f"pass a larger --epochs")
+    check_output(args)
+
+
+def check_output(args: argparse.Namespace) -> None:
+    """--output must be a writable folder that holds no other run, unless resuming it or told to overwrite it."""
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise RecipeError(f"--output {output} is a file; pass a folder")
+    existing = output
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RecipeError(f"--output {output}: {existing} is not writable; pass a folder you can write to")
+    previous = [name for name in RUN_FILES if (output / name).exists()]
+    if previous and not (args.resume or args.evaluate or args.overwrite):
+        raise RecipeError(f"--output {output} holds another run ({', '.join(previous)}); continue it with --resume "
+                          f"{output / 'checkpoint.pth.tar'}, choose a new --output, or pass --overwrite to replace it")
+
+
 def load_checkpoint(path: str) -> dict[str, Any]:
     """Load a checkpoint written by this script, tensors on the CPU, without executing pickled code."""
     if not os.path.isfile(path):
@@ -294,19 +341,9 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     return checkpoint
 
 
-def sgdrop_options(args: argparse.Namespace) -> dict[str, Any]:
-    """SGDrop settings of the chosen regularizer; the paper's baselines use the same model with rho = 0."""
-    if args.regularizer == "sgdrop":
-        return dict(rho=args.sgdrop_rho, attribution=args.sgdrop_attribution, ema_decay=args.sgdrop_ema_decay,
-                    latent_drop_rate=0.0)
-    # Online attribution keeps no EMA copy of the weights, which a run without SGDrop never reads.
-    return dict(rho=0.0, attribution="online", ema_decay=args.sgdrop_ema_decay,
-                latent_drop_rate=args.dropout_p if args.regularizer == "dropout" else 0.0)
-
-
 def create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     """The timm model `args.arch` with the regularizer of `args`; plain timm names get SGDrop added."""
-    options = sgdrop_options(args)
+    options = regularizer_settings(vars(args))
     if args.arch.startswith("sgdrop_"):
         return timm.create_model(args.arch, pretrained=args.pretrained, num_classes=num_classes,
                                  **{f"sgdrop_{k}" if k != "latent_drop_rate" else k: v for k, v in options.items()})
@@ -390,7 +427,7 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
         args.start_epoch = checkpoint["epoch"]
         best_acc1 = checkpoint["best_acc1"]
         model_without_ddp.load_state_dict(checkpoint["state_dict"])
-        if checkpoint.get("sgdrop_ema") is not None and sgdrop_options(args)["attribution"] == "ema":
+        if checkpoint.get("sgdrop_ema") is not None and regularizer_settings(vars(args))["attribution"] == "ema":
             model_without_ddp.load_ema_state_dict(checkpoint["sgdrop_ema"])
         if not args.evaluate:
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -472,6 +509,7 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
                 "epoch": epoch + 1,
                 "arch": args.arch,
                 "state_dict": model_without_ddp.state_dict(),
+                "acc1": acc1,
                 "best_acc1": best_acc1,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
@@ -597,21 +635,6 @@ def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devi
         area_loader = InMemoryLoader(val_images[0][subset], val_images[1][subset], args.batch_size, shuffle=False,
                                      **{**common, "rank": 0, "world_size": 1})
     return train_loader, val_loader, train_eval_loader, area_loader
-
-
-def per_class_subset(order: list[int], targets: list[int], per_class: int) -> list[int]:
-    """The first `per_class` indices of each class in `order`, kept in `order`'s order (classes interleaved)."""
-    taken = collections.Counter()
-    subset = []
-    for index in order:
-        if taken[targets[index]] < per_class:
-            taken[targets[index]] += 1
-            subset.append(index)
-    smallest = min(collections.Counter(targets).values())
-    if smallest < per_class:
-        raise RecipeError(f"--train-subset-per-class {per_class} is more than the {smallest} training images of the "
-                          f"smallest class; pass at most {smallest}")
-    return subset
 
 
 def fixed_val_indices(num_val: int, args: argparse.Namespace) -> tuple[list[int], list[int]]:
@@ -833,30 +856,9 @@ def export_for_hub(checkpoint_path: Path, output: Path, args: argparse.Namespace
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     model = create_model(argparse.Namespace(**{**vars(args), "pretrained": False}), len(args.class_names))
     model.load_state_dict(checkpoint["state_dict"])
-    resize_only = args.train_transform == "resize"
-    data_config = {
-        "input_size": (3, args.image_size, args.image_size),
-        "interpolation": "bilinear",
-        "crop_pct": 1.0 if resize_only else CENTER_CROP_PCT,
-        "crop_mode": "squash" if resize_only else "center",
-        "mean": tuple(model.pretrained_cfg.get("mean", IMAGENET_MEAN)),
-        "std": tuple(model.pretrained_cfg.get("std", IMAGENET_STD)),
-    }
-    model_config = {
-        "label_names": args.class_names,
-        "sgdrop": {
-            "regularizer": args.regularizer,
-            **sgdrop_options(args),
-            "rho_end": args.sgdrop_rho_end if args.regularizer == "sgdrop" else None,
-        },
-        "training": {"epoch": checkpoint["epoch"], "val_acc1": checkpoint["best_acc1"], "data": str(args.data),
-                     "optimizer": args.optimizer, "lr": args.lr, "epochs": args.epochs,
-                     "train_transform": args.train_transform, "image_size": args.image_size},
-    }
-    with tempfile.TemporaryDirectory(dir=output, prefix=".export.", suffix=".tmp") as tmp:
-        save_for_hf(model, tmp, model_config=model_config, data_config=data_config, safe_serialization=True)
-        for name in ("model.safetensors", "config.json"):
-            os.replace(Path(tmp) / name, output / name)
+    # model_best holds its own epoch, whose top-1 is the best one (checkpoints of older versions have no "acc1")
+    save_recipe_export(model, output, vars(args), args.class_names, checkpoint["epoch"],
+                       checkpoint.get("acc1", checkpoint["best_acc1"]))
     return output
 
 
