@@ -74,7 +74,8 @@ def finetune_command(args: argparse.Namespace) -> int:
     metrics = finetune(
         args.model, args.data, args.output, mode=args.mode, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
         image_size=args.image_size, sgdrop_rho=args.sgdrop_rho, train_transform=args.train_transform,
-        evaluate_only=args.evaluate, seed=args.seed, workers=args.workers)
+        evaluate_only=args.evaluate, seed=args.seed, workers=args.workers,
+        train_subset_per_class=args.train_subset_per_class, val_subset_per_class=args.val_subset_per_class)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -142,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="only measure the model on val/; the dataset must have the model's classes")
     tune.add_argument('--seed', type=int, default=0, help='seed of the new head, shuffling and crops (0)')
     tune.add_argument('--workers', type=int, default=2, help='image decoding workers (2)')
+    tune.add_argument('--train-subset-per-class', type=int, default=0, metavar='N',
+                      help='train on a fixed, class-balanced subset of N images per class (0: all)')
+    tune.add_argument('--val-subset-per-class', type=int, default=0, metavar='N',
+                      help='validate on a fixed, class-balanced subset of N images per class (0: all)')
     tune.set_defaults(func=finetune_command)
     saliency = commands.add_parser('saliency', help='attribution area ratio, neuron coverage, accuracy, Grad-CAM grid')
     saliency.add_argument('--model', required=True, action='append', metavar='NAME_OR_PATH',

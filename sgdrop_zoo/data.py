@@ -4,6 +4,7 @@ ImageFolder checks that fail with one clear line before any work starts, and an 
 images are decoded once into a uint8 tensor (after the deterministic resize) and batches are normalised, cropped and
 flipped on the device.
 """
+import collections
 import copy
 import math
 import os
@@ -21,7 +22,8 @@ from PIL import Image
 
 __all__ = [
     'CENTER_CROP_PCT', 'DatasetError', 'IMAGENET_MEAN', 'IMAGENET_STD', 'InMemoryLoader', 'check_image_folders',
-    'decode_images', 'image_header_error', 'load_rgb', 'random_resized_crop_flip', 'with_transform',
+    'decode_images', 'image_header_error', 'load_rgb', 'per_class_subset', 'random_resized_crop_flip',
+    'with_transform',
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -88,6 +90,26 @@ def load_rgb(path: str) -> Image.Image:
             return Image.open(f).convert("RGB")
     except OSError as e:
         raise OSError(f"unreadable image {path}: {e}") from e
+
+
+def per_class_subset(order: Sequence[int], targets: Sequence[int], per_class: int) -> list[int]:
+    """A class-balanced subset: the first ``per_class`` indices of each class in ``order``, kept in ``order``.
+
+    Raises:
+        DatasetError: A class has fewer than ``per_class`` images.
+    """
+    sizes = collections.Counter(targets)
+    smallest = min(sizes, key=lambda c: (sizes[c], c))
+    if sizes[smallest] < per_class:
+        raise DatasetError(f'{per_class} images per class asked for, but class {smallest} has only '
+                           f'{sizes[smallest]}; ask for at most {sizes[smallest]}.')
+    taken = collections.Counter()
+    subset = []
+    for index in order:
+        if taken[targets[index]] < per_class:
+            taken[targets[index]] += 1
+            subset.append(index)
+    return subset
 
 
 def with_transform(folder: datasets.ImageFolder, transform: Callable) -> datasets.ImageFolder:

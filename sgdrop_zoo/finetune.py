@@ -36,6 +36,7 @@ from .data import (
     check_image_folders,
     decode_images,
     load_rgb,
+    per_class_subset,
     with_transform,
 )
 from .hub import load_recipe_checkpoint
@@ -137,8 +138,13 @@ def check_input_channels(model: nn.Module, encoder: List[nn.Module]) -> None:
 
 
 def load_split(root: Path, split: str, class_names: List[str], size: int, train: bool, train_transform: str,
-               workers: int = 2) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Decode one split into uint8 images and targets, after the recipe's deterministic resize."""
+               workers: int = 2, per_class: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Decode one split (or ``per_class`` images of each class of it) into uint8 images and targets, after the
+    recipe's deterministic resize.
+
+    The subset is the recipe's ``--train-subset-per-class``: the first images of each class in a permutation of the
+    split that does not depend on any seed.
+    """
     if train and train_transform == 'crop-flip':
         resize = transforms.Resize((round(size / CENTER_CROP_PCT),) * 2)  # random crops are taken per batch
     elif train_transform == 'crop-flip':
@@ -148,7 +154,11 @@ def load_split(root: Path, split: str, class_names: List[str], size: int, train:
     folder = datasets.ImageFolder(os.fspath(root / split), loader=load_rgb)
     if folder.classes != class_names:
         raise DatasetError(f'{root / split} has classes {folder.classes}, expected {class_names}.')
-    return decode_images(with_transform(folder, resize), None, workers=workers, device=torch.device('cpu'),
+    indices = None
+    if per_class:
+        order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(0)).tolist()
+        indices = sorted(per_class_subset(order, folder.targets, per_class))
+    return decode_images(with_transform(folder, resize), indices, workers=workers, device=torch.device('cpu'),
                          verbose=False)
 
 
@@ -213,6 +223,8 @@ def finetune(
         seed: int = 0,
         workers: int = 2,
         progress: bool = True,
+        train_subset_per_class: int = 0,
+        val_subset_per_class: int = 0,
 ) -> Dict[str, Any]:
     """Fine-tune ``model_name`` on ``data`` (``train/`` and ``val/`` ImageFolders) and export the best epoch.
 
@@ -231,6 +243,8 @@ def finetune(
         seed: Seed of the new head, the shuffling and the crops.
         workers: Image decoding threads.
         progress: Show a progress bar.
+        train_subset_per_class: Train on a fixed, class-balanced subset of this many images per class (0: all).
+        val_subset_per_class: Validate on a fixed, class-balanced subset of this many images per class (0: all).
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -241,6 +255,10 @@ def finetune(
         raise ValueError(f'train_transform must be one of {", ".join(TRAIN_TRANSFORMS)}, got {train_transform!r}.')
     if epochs < 1:
         raise ValueError(f'epochs must be at least 1, got {epochs}.')
+    for name, value in (('train_subset_per_class', train_subset_per_class),
+                        ('val_subset_per_class', val_subset_per_class)):
+        if value < 0:
+            raise ValueError(f'{name} must be 0 (all images) or a number of images per class, got {value}.')
     data, output = Path(data), Path(output)
     class_names = check_image_folders(data, workers)
     torch.manual_seed(seed)
@@ -250,7 +268,7 @@ def finetune(
     size = image_size or _input_size(model)
     encoder, _ = split_encoder_head(model, size)
     check_input_channels(model, encoder)
-    val_images = load_split(data, 'val', class_names, size, False, train_transform, workers)
+    val_images = load_split(data, 'val', class_names, size, False, train_transform, workers, val_subset_per_class)
     val_loader = _loader(*val_images, model, batch_size, False, device)
     output.mkdir(parents=True, exist_ok=True)
 
@@ -273,7 +291,8 @@ def finetune(
     encoder, head_params = split_encoder_head(model, size)
     for name, param in model.named_parameters():
         param.requires_grad_(mode == 'full' or name in head_params)
-    train_images = load_split(data, 'train', class_names, size, True, train_transform, workers)
+    train_images = load_split(data, 'train', class_names, size, True, train_transform, workers,
+                              train_subset_per_class)
     train_loader = _loader(*train_images, model, batch_size, True, device, seed=seed,
                            crop_flip_size=size if train_transform == 'crop-flip' else None)
     lr = lr if lr is not None else DEFAULT_LR[mode]
