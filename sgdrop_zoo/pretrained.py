@@ -1,8 +1,9 @@
-"""Pretrained tags of the zoo: ``hub_configs/*.json`` -> timm ``default_cfgs``, and sha256-checked downloads.
+"""Pretrained tags of the zoo: ``hub_configs/*.json`` -> timm ``default_cfgs``, and sha256-checked weights.
 
-Each JSON file in ``hub_configs/`` describes one published checkpoint (see ``hub_configs/README.md``). The model files
-merge them into their ``default_cfgs`` with ``pretrained_cfgs()``, so ``timm.create_model("sgdrop_resnet50.<tag>",
-pretrained=True)`` downloads ``model.safetensors`` from the record's ``hf_hub_id`` and
+Each JSON file in ``hub_configs/`` describes one checkpoint (see ``hub_configs/README.md``). The model files merge them
+into their ``default_cfgs`` with ``pretrained_cfgs()``, so ``timm.create_model("sgdrop_resnet10t.<tag>",
+pretrained=True)`` finds ``model.safetensors`` in the record's ``local_dir`` (a Hub-repo folder shipped inside
+``hub_configs/``) or, where that folder is absent, downloads it from the record's ``hf_hub_id``; either way
 ``build_model_with_checked_weights()`` refuses it unless its sha256 is the record's.
 
 ``SGDROP_ZOO_HUB_CONFIGS=/some/dir`` replaces the packaged ``hub_configs/`` (read once, when sgdrop_zoo is imported).
@@ -12,7 +13,7 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Type
+from typing import Any, Dict, List, Optional, Type
 
 import torch.nn as nn
 from huggingface_hub import hf_hub_download
@@ -27,17 +28,20 @@ from timm.models._builder import resolve_pretrained_cfg
 from timm.models._hub import hf_split
 
 __all__ = [
-    'HUB_CONFIGS_ENV', 'WEIGHTS_NAME', 'HubError', 'build_model_with_checked_weights', 'download_checked_weights',
-    'hub_configs_dir', 'load_hub_configs', 'pretrained_cfgs', 'sha256_of_file',
+    'HUB_CONFIGS_ENV', 'WEIGHTS_NAME', 'HubError', 'build_model_with_checked_weights', 'checked_record_weights',
+    'download_checked_weights', 'hub_configs_dir', 'load_hub_configs', 'local_weights', 'pretrained_cfgs',
+    'sha256_of_file',
 ]
 
 HUB_CONFIGS_ENV = 'SGDROP_ZOO_HUB_CONFIGS'
 WEIGHTS_NAME = 'model.safetensors'
 REQUIRED_FIELDS = {
-    'architecture': str, 'tag': str, 'hf_hub_id': str, 'dataset': str, 'num_classes': int, 'label_names': list,
+    'architecture': str, 'tag': str, 'dataset': str, 'num_classes': int, 'label_names': list,
     'input_size': list, 'mean': list, 'std': list, 'crop_pct': float, 'interpolation': str, 'sgdrop': dict,
     'metrics': dict, 'sha256': str, 'license': str,
 }
+# where the weights are: at least one of them, each a string or null
+LOCATION_FIELDS = ('hf_hub_id', 'local_dir')
 
 
 class HubError(RuntimeError):
@@ -60,8 +64,12 @@ def _check_record(record: Any, path: Path) -> Dict[str, Any]:
         f'{name} ({kind.__name__})' for name, kind in REQUIRED_FIELDS.items()
         if not isinstance(record.get(name), (int, float) if kind is float else kind)
     ]
+    problems += [f'{name} (str or null)' for name in LOCATION_FIELDS
+                 if not isinstance(record.get(name), (str, type(None)))]
     if problems:
         raise ValueError(f'{path}: missing or mistyped fields {", ".join(problems)}; see hub_configs/README.md.')
+    if not any(record.get(name) for name in LOCATION_FIELDS):
+        raise ValueError(f'{path}: neither hf_hub_id nor local_dir says where the weights are; set at least one.')
     if len(record['label_names']) != record['num_classes']:
         raise ValueError(f'{path}: {len(record["label_names"])} label_names for num_classes={record["num_classes"]}.')
     if len(record['sha256']) != 64:
@@ -96,11 +104,18 @@ def _records() -> Dict[str, Dict[str, Any]]:
     return {f'{r["architecture"]}.{r["tag"]}': r for r in load_hub_configs()}
 
 
+def local_weights(record: Dict[str, Any]) -> Optional[Path]:
+    """The ``model.safetensors`` of a record's ``local_dir`` (relative to ``hub_configs_dir()``), or None."""
+    return hub_configs_dir() / record['local_dir'] / WEIGHTS_NAME if record.get('local_dir') else None
+
+
 def _record_to_cfg(record: Dict[str, Any]) -> Dict[str, Any]:
     """The pretrained_cfg fields a checkpoint record sets; the family's ``_cfg`` supplies the rest."""
     top1 = record['metrics'].get('top1')
+    local = local_weights(record)
     return dict(
-        hf_hub_id=record['hf_hub_id'],
+        hf_hub_id=record.get('hf_hub_id'),
+        file=str(local) if local is not None else None,
         num_classes=record['num_classes'],
         label_names=tuple(record['label_names']),
         input_size=tuple(record['input_size']),
@@ -108,24 +123,25 @@ def _record_to_cfg(record: Dict[str, Any]) -> Dict[str, Any]:
         std=tuple(record['std']),
         crop_pct=record['crop_pct'],
         interpolation=record['interpolation'],
+        **({'crop_mode': record['crop_mode']} if record.get('crop_mode') else {}),
         license=record['license'],
         description=f'SGDrop, {record["dataset"]}' + (f', top-1 {top1}' if top1 is not None else ''),
     )
 
 
-def pretrained_cfgs(cfgs: Dict[str, Dict[str, Any]], make_cfg: Callable[..., Dict[str, Any]]) -> Dict[str, Any]:
+def pretrained_cfgs(cfgs: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     """A family's cfgs with the ``hub_configs/`` tags of its architectures.
 
-    Used as ``default_cfgs = generate_default_cfgs(pretrained_cfgs({'sgdrop_vgg16': _cfg(), ...}, _cfg))``. An
+    Used as ``default_cfgs = generate_default_cfgs(pretrained_cfgs({'sgdrop_vgg16': _cfg(), ...}))``. An
     architecture with published tags loses its untagged entry, so ``timm.list_models(pretrained=True)`` lists exactly
     the published checkpoints and the first tag is the default, as in timm; one without keeps it, without weights.
 
     Args:
         cfgs: The family's untagged cfgs keyed by architecture.
-        make_cfg: The family's ``_cfg(url='', **kwargs)``.
     """
+    # a tag keeps its architecture's own fields (pool_size, first_conv, ...) and takes the record's over them
     tagged = {
-        name: make_cfg(**_record_to_cfg(record))
+        name: {**cfgs[record['architecture']], **_record_to_cfg(record)}
         for name, record in _records().items() if record['architecture'] in cfgs
     }
     published = {name.split('.')[0] for name in tagged}
@@ -187,6 +203,28 @@ def download_checked_weights(name: str, hf_hub_id: str, sha256: str) -> Path:
     return path
 
 
+def checked_record_weights(name: str, record: Dict[str, Any]) -> Path:
+    """The weights of a ``hub_configs/`` record, sha256-checked: its ``local_dir`` copy when present, else the Hub's.
+
+    Both copies are the same bytes (the sha256 pins them), so the local one is used without any network access.
+
+    Raises:
+        HubError: The local copy has another sha256, or there is no local copy and the download fails.
+    """
+    local = local_weights(record)
+    if local is not None and local.is_file():
+        actual = sha256_of_file(local)
+        if actual != record['sha256']:
+            raise HubError(f'{name}: {local} has sha256 {actual}, but its hub_configs/ record expects '
+                           f'{record["sha256"]}. The file was changed or damaged: restore it (git checkout) or '
+                           f'reinstall sgdrop-zoo; do not use these weights.')
+        return local
+    if not record.get('hf_hub_id'):
+        raise HubError(f'{name}: {local} is missing and the checkpoint is not on the Hub (its record has no '
+                       f'hf_hub_id). Restore the folder (git checkout) or install sgdrop-zoo from a source checkout.')
+    return download_checked_weights(name, record['hf_hub_id'], record['sha256'])
+
+
 def build_model_with_checked_weights(
         model_cls: Type[nn.Module],
         variant: str,
@@ -197,14 +235,16 @@ def build_model_with_checked_weights(
 
     The checked file is handed to timm as ``pretrained_cfg_overlay['file']``, so timm's own loading (safetensors,
     head adaptation when ``num_classes`` differs, filter function) runs unchanged. Weights named by the caller
-    (``hf-hub:``, ``local-dir:``, an overlay ``file``) are loaded as timm loads them.
+    (``hf-hub:``, ``local-dir:``, a ``pretrained_cfg`` or an overlay with its own source) are loaded as timm loads them.
     """
     if pretrained:
         overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
+        # timm passes the tag of 'name.tag' as a string pretrained_cfg; a dict or PretrainedCfg is the caller's own
+        own_source = not isinstance(kwargs.get('pretrained_cfg'), (str, type(None))) or any(
+            overlay.get(key) is not None for key in ('source', 'file', 'url', 'state_dict', 'hf_hub_id'))
         cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), overlay)
         record = _records().get(f'{variant}.{cfg.tag}')
-        own_source = cfg.source or cfg.file or cfg.state_dict is not None or cfg.url
-        if record is not None and not own_source and cfg.hf_hub_id == record['hf_hub_id']:
-            overlay['file'] = str(download_checked_weights(f'{variant}.{cfg.tag}', cfg.hf_hub_id, record['sha256']))
+        if record is not None and not own_source:
+            overlay['file'] = str(checked_record_weights(f'{variant}.{cfg.tag}', record))
             kwargs['pretrained_cfg_overlay'] = overlay
     return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)

@@ -51,7 +51,7 @@ default_cfgs = generate_default_cfgs(pretrained_cfgs({
     'sgdrop_convnext_tiny': _cfg(),
     'sgdrop_convnext_atto': _cfg(input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0),
     'sgdrop_convnext_femto': _cfg(input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0),
-}, _cfg))
+}))
 
 
 @register_model

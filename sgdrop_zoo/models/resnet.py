@@ -40,9 +40,9 @@ def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
 
 default_cfgs = generate_default_cfgs(pretrained_cfgs({
     'sgdrop_resnet50': _cfg(),
-    'sgdrop_resnet10t': _cfg(input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0),
+    'sgdrop_resnet10t': _cfg(input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0, first_conv='conv1.0'),
     'sgdrop_resnet18': _cfg(input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0),
-}, _cfg))
+}))
 
 
 @register_model

@@ -59,7 +59,7 @@ def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
 default_cfgs = generate_default_cfgs(pretrained_cfgs({
     'sgdrop_vgg16': _cfg(),
     'sgdrop_vgg_tiny': _cfg(input_size=(3, 64, 64), pool_size=(4, 4), crop_pct=1.0),
-}, _cfg))
+}))
 
 
 @register_model
