@@ -10,7 +10,9 @@ During training, for an input x with true label y:
     mask = 0 where A is in the sample's top-rho share, 1 elsewhere
     loss = cross_entropy(head(z * mask), y)
 
-At inference nothing changes: an SGDrop model is its base architecture.
+At inference nothing changes: an SGDrop model is its base architecture. Graph capture treats it as one in both
+modes: torch.fx symbolic tracing, torch.jit tracing and torch.export run the base ``forward``, and
+``torch.jit.script`` compiles the base class (SGDrop's training step needs Python: autograd and the EMA network).
 
 Mask rule, exact (``saliency_mask``): with N latent features per sample, k = floor(rho * N) (rho * N is rounded to
 6 decimals first so that e.g. 0.29 * 100 gives 29, not 28). t is the k-th largest attribution of the sample. A
@@ -24,14 +26,17 @@ first few hundred steps. Without that warmup a slow EMA barely moves early on, t
 of (x, y), and the online network learns to read the label from the position of the zeros.
 """
 import contextlib
+import copy
 import enum
 import functools
 import math
+import warnings
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx import _symbolic_trace as fx_symbolic_trace
 from timm.utils import ModelEmaV3, unwrap_model
 
 __all__ = [
@@ -179,6 +184,21 @@ class LinearRhoSchedule:
         return f'{type(self).__name__}(start={self.start}, end={self.end}, num_epochs={self.num_epochs})'
 
 
+def _is_capturing_graph() -> bool:
+    """True while torch.fx symbolic tracing, torch.jit tracing or torch.export records the model as a graph.
+
+    torch.compile is not graph capture here: a compiled model trains with SGDrop like the eager one.
+    """
+    if torch.jit.is_tracing():
+        return True
+    is_exporting = getattr(torch.compiler, 'is_exporting', None)  # torch >= 2.4
+    if is_exporting is not None and is_exporting():
+        return True
+    # is_fx_symbolic_tracing leaves out torch.compile / export, which newer torch's is_fx_tracing reports and logs
+    is_symbolic_tracing = getattr(fx_symbolic_trace, 'is_fx_symbolic_tracing', fx_symbolic_trace.is_fx_tracing)
+    return is_symbolic_tracing()
+
+
 @contextlib.contextmanager
 def _eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     """Puts a module in eval mode for a block, then restores each submodule's own mode."""
@@ -201,7 +221,10 @@ class SaliencyGuidedDropout:
     Behaviour of ``forward(x, target=None)``:
         - eval mode: the base model, ``target`` is ignored;
         - train mode with ``target``: logits of the SGDrop-masked latent features (and latent dropout if set);
-        - train mode without ``target``: the base model (plus latent dropout if set), no SGDrop.
+        - train mode without ``target``: the base model (plus latent dropout if set), no SGDrop, and a one-time
+          warning per model when ``sgdrop_rho > 0``;
+        - while torch.fx, torch.jit or torch.export captures a graph: the base model in either mode, and
+          ``torch.jit.script`` compiles the base class itself (see ``__prepare_scriptable__``).
 
     Args:
         sgdrop_rho: Share of latent features dropped per sample, in [0, 1). 0 disables SGDrop.
@@ -234,6 +257,7 @@ class SaliencyGuidedDropout:
         # the property setters validate each value
         self.sgdrop_rho, self.sgdrop_attribution = rho, attribution
         self.sgdrop_ema_decay, self.latent_drop_rate = ema_decay, latent_drop_rate
+        self.__dict__['_sgdrop_warned_no_target'] = False
         self._drop_ema()
 
     @property
@@ -262,11 +286,11 @@ class SaliencyGuidedDropout:
 
     @property
     def latent_drop_rate(self) -> float:
-        return self._latent_drop_rate
+        return self._sgdrop_latent_drop_rate
 
     @latent_drop_rate.setter
     def latent_drop_rate(self, rate: float) -> None:
-        self._latent_drop_rate = _check_drop_rate(rate)
+        self._sgdrop_latent_drop_rate = _check_drop_rate(rate)
 
     @property
     def sgdrop_config(self) -> Dict[str, Any]:
@@ -391,9 +415,15 @@ class SaliencyGuidedDropout:
         return saliency_mask(attribution, self.sgdrop_rho)
 
     def forward(self, x: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
-        if target is not None:
+        """Logits of ``x``; in train mode with ``target`` (class indices, shape (B,)) through the SGDrop mask."""
+        if self.training and not _is_capturing_graph():
+            return self._forward_train(x, target)
+        return super().forward(x)
+
+    def _forward_train(self, x: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
+        if target is None:
+            self._warn_no_target()
+        else:
             self._check_target(x, target)
         apply_sgdrop = target is not None and self.sgdrop_rho > 0
         if not apply_sgdrop and self.latent_drop_rate == 0:
@@ -404,6 +434,48 @@ class SaliencyGuidedDropout:
         if self.latent_drop_rate > 0:
             features = F.dropout(features, self.latent_drop_rate, training=True)
         return self.forward_head(features)
+
+    def _warn_no_target(self) -> None:
+        # A warning, not an error: timm's feature extraction, timm utilities and BN recalibration run train-mode
+        # forwards without labels on purpose. A training loop that forgets the labels silently trains the base model,
+        # though, so say it once per model. A Python flag: no device sync, and graph capture never gets here.
+        if self.sgdrop_rho == 0 or self.__dict__.get('_sgdrop_warned_no_target', False):
+            return
+        self.__dict__['_sgdrop_warned_no_target'] = True
+        warnings.warn(
+            f'{type(self).__name__} ran a train-mode forward without target, so SGDrop (sgdrop_rho='
+            f'{self.sgdrop_rho}) was not applied. Pass the labels to train with it: model(x, target=y). '
+            f'Forwards without labels (feature extraction, BN recalibration) are fine; this warning shows once '
+            f'per model.',
+            UserWarning,
+            stacklevel=3,
+        )
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script`` compiles: this model as an instance of its base architecture.
+
+        The eval-mode model is its base, and the SGDrop training step (autograd through the head, the EMA network)
+        cannot be TorchScript, so scripting gives the base model with the same parameters and buffers.
+        """
+        base = _base_architecture(type(self))
+        scriptable = copy.copy(self)
+        scriptable.__class__ = base
+        # a copy of the child table: TorchScript writes prepared children back into it
+        scriptable.__dict__['_modules'] = copy.copy(self._modules)
+        for name in [name for name in scriptable.__dict__ if name.startswith('_sgdrop_')]:
+            del scriptable.__dict__[name]
+        return scriptable
+
+
+def _base_architecture(cls: Type[nn.Module]) -> Type[nn.Module]:
+    """The class after ``SaliencyGuidedDropout`` in the MRO: ``ResNet`` for ``SGDropResNet``."""
+    mro = cls.__mro__
+    base = mro[mro.index(SaliencyGuidedDropout) + 1]
+    if not (isinstance(base, type) and issubclass(base, nn.Module)) or base is nn.Module:
+        raise TypeError(
+            f'{cls.__name__} has no base architecture after SaliencyGuidedDropout in its bases: declare it as '
+            f'class {cls.__name__}(SaliencyGuidedDropout, <timm model class>).')
+    return base
 
 
 @functools.lru_cache(maxsize=None)
