@@ -42,7 +42,7 @@ from .data import (
 from .hub import load_recipe_checkpoint
 from .sgdrop import add_sgdrop, is_sgdrop_model
 
-__all__ = ['evaluate', 'finetune', 'load_model', 'load_split', 'split_encoder_head']
+__all__ = ['check_output_is_not_source', 'evaluate', 'finetune', 'load_model', 'load_split', 'split_encoder_head']
 
 MODES = ('linear-probe', 'full')
 TRAIN_TRANSFORMS = ('resize', 'crop-flip')
@@ -183,6 +183,17 @@ def evaluate(model: nn.Module, loader: InMemoryLoader) -> Dict[str, float]:
     return {'loss': loss_sum / count, 'acc1': 100.0 * correct / count, 'count': count}
 
 
+def check_output_is_not_source(model_name: str, output: Path) -> None:
+    """Refuse to write into the folder a model is read from: the new files would replace the source's."""
+    source = Path(model_name.removeprefix('local-dir:'))
+    if not source.exists():
+        return  # a zoo name or an hf-hub: id
+    source_dir = source if source.is_dir() else source.parent
+    if output.resolve() == source_dir.resolve():
+        raise ValueError(f'--output {output} is the folder of the model {model_name} is read from; choose another '
+                         f'folder, so that its files are not replaced.')
+
+
 def _short(names: List[str], limit: int = 10) -> str:
     names = list(names)
     return str(names[:limit])[:-1] + (', ...]' if len(names) > limit else ']')
@@ -260,6 +271,7 @@ def finetune(
         if value < 0:
             raise ValueError(f'{name} must be 0 (all images) or a number of images per class, got {value}.')
     data, output = Path(data), Path(output)
+    check_output_is_not_source(model_name, output)
     class_names = check_image_folders(data, workers)
     torch.manual_seed(seed)
     model = load_model(model_name)

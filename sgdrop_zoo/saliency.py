@@ -26,7 +26,15 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from .data import DatasetError, check_image_folders
-from .finetune import _loader, check_input_channels, check_label_names, load_model, load_split, split_encoder_head
+from .finetune import (
+    _loader,
+    check_input_channels,
+    check_label_names,
+    check_output_is_not_source,
+    load_model,
+    load_split,
+    split_encoder_head,
+)
 
 __all__ = ['attribution_area_ratio', 'grad_cam_maps', 'neuron_coverage', 'saliency_grid', 'saliency_report']
 
@@ -204,7 +212,12 @@ def saliency_report(
     if num_images is not None and num_images < 1:
         raise ValueError(f'num_images must be at least 1, got {num_images}.')
     data, output = Path(data), Path(output)
+    for source in model_names:
+        check_output_is_not_source(source, output)
     class_names = check_image_folders(data, workers)
+    if not (data / split).is_dir():
+        splits = sorted(p.name for p in data.iterdir() if p.is_dir())
+        raise DatasetError(f'{data} has no {split!r} split; pass --split as one of {splits}.')
     output.mkdir(parents=True, exist_ok=True)
     results: Dict[str, Any] = dict(data=str(data), split=split, area_threshold=AREA_THRESHOLD, models={})
     grid_maps, grid_predictions, shown = {}, {}, None

@@ -100,3 +100,20 @@ def _gray_model(folder: Path) -> Path:
     save_for_hf(timm.create_model(ARCH, num_classes=3, in_chans=1), folder, model_args=dict(in_chans=1),
                 safe_serialization=True)
     return folder
+
+
+def test_never_writes_into_the_folder_it_reads_from(small_data: Path, source_dir: Path, tmp_path: Path):
+    before = {p.name: p.read_bytes() for p in source_dir.iterdir()}
+    for model in (str(source_dir), f'local-dir:{source_dir}'):
+        with pytest.raises(ValueError, match='is the folder of the model .* is read from; choose another folder'):
+            finetune(model, small_data, source_dir, **RUN)
+    assert {p.name: p.read_bytes() for p in source_dir.iterdir()} == before
+
+
+def test_subsets_per_class_are_fixed_and_balanced(small_data: Path, source_dir: Path, tmp_path: Path):
+    metrics = finetune(str(source_dir), small_data, tmp_path, val_subset_per_class=1, train_subset_per_class=2, **RUN)
+    assert metrics['val_count'] == len(SMALL_CLASSES)
+    with pytest.raises(DatasetError, match='3 images per class asked for, but class 0 has only 2'):
+        finetune(str(source_dir), small_data, tmp_path / 'b', val_subset_per_class=3, **RUN)
+    with pytest.raises(ValueError, match='train_subset_per_class must be 0'):
+        finetune(str(source_dir), small_data, tmp_path / 'c', train_subset_per_class=-1, **RUN)

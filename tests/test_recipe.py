@@ -533,3 +533,24 @@ def test_regularizer_builds_the_paper_baselines_on_any_timm_arch(arch: str, regu
 def test_env_dist_url_without_torchrun(capsys: pytest.CaptureFixture, data_dir: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert "start the script with torchrun" in run_bad_input(capsys, str(data_dir), "--dist-url", "env://")
+
+
+def test_resume_drops_an_incomplete_last_log_line(data_dir: Path, one_epoch_run: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(one_epoch_run, run)
+    log = run / "log.jsonl"
+    log.write_text(log.read_text() + '{"epoch": 2, "train_lo')  # killed while appending epoch 2's line
+    run_recipe(str(data_dir), *TINY_RUN, "--epochs", "2", "--output", str(run), "--resume",
+               str(run / "checkpoint.pth.tar"))
+    assert [record["epoch"] for record in read_log(run)] == [1, 2]
+
+
+def test_resume_names_a_damaged_log_line(capsys: pytest.CaptureFixture, data_dir: Path, one_epoch_run: Path,
+                                         tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(one_epoch_run, run)
+    log = run / "log.jsonl"
+    log.write_text("garbage\n" + log.read_text())
+    message = run_bad_input(capsys, str(data_dir), "--epochs", "2", "--output", str(run), "--resume",
+                            str(run / "checkpoint.pth.tar"))
+    assert f"{log}: line 1 is not an epoch record; delete or repair that line" in message

@@ -21,6 +21,8 @@ from sgdrop_zoo.saliency import (
     saliency_report,
 )
 
+from conftest import SMALL_CLASSES
+
 
 def test_area_ratio_of_a_hand_built_map():
     maps = torch.zeros(3, 4, 5)
@@ -152,3 +154,13 @@ def test_plot_runs_draws_accuracy_and_area(tmp_path: Path):
     with pytest.raises(ValueError, match='not a training log'):
         (tmp_path / 'bad.jsonl').write_text('{"loss": 1}\n')
         plot_runs([tmp_path / 'bad.jsonl'], tmp_path / 'bad.png')
+
+
+def test_saliency_rejects_an_unknown_split_and_its_source_folder(small_data: Path, tmp_path: Path):
+    folder = tmp_path / 'model'
+    save_for_hf(timm.create_model('sgdrop_vgg_tiny', num_classes=3), folder,
+                model_config=dict(label_names=list(SMALL_CLASSES)), safe_serialization=True)
+    with pytest.raises(DatasetError, match="has no 'foo' split; pass --split as one of \\['train', 'val'\\]"):
+        saliency_report([str(folder)], small_data, tmp_path / 'out', split='foo', image_size=32)
+    with pytest.raises(ValueError, match='is the folder of the model'):
+        saliency_report([str(folder)], small_data, folder, image_size=32)

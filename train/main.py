@@ -272,6 +272,9 @@ def check_inputs(args: argparse.Namespace) -> None:
                                   f"pass at most {num_val}")
 
     if args.resume:
+        log_path = Path(args.output) / "log.jsonl"
+        if log_path.exists() and not args.evaluate:
+            read_log_lines(log_path)
         checkpoint = load_checkpoint(args.resume)
         if checkpoint.get("arch") != args.arch:
             raise RecipeError(f"--resume {args.resume} holds a {checkpoint.get('arch')!r} model, not {args.arch!r}; "
@@ -423,6 +426,9 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
     best_acc1 = 0.0
     rng_state = None
     if args.resume:
+        log_path = Path(args.output) / "log.jsonl"
+        if log_path.exists() and not args.evaluate:
+            read_log_lines(log_path)
         checkpoint = load_checkpoint(args.resume)
         args.start_epoch = checkpoint["epoch"]
         best_acc1 = checkpoint["best_acc1"]
@@ -536,13 +542,32 @@ def append_log(log_path: Path, record: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def read_log_lines(log_path: Path) -> list[str]:
+    """The complete lines of a `log.jsonl`; an incomplete last line (a run killed while appending it, before that
+    epoch's checkpoint) is left out, since that epoch is trained again.
+
+    Raises:
+        RecipeError: A line before the last one is not JSON.
+    """
+    lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+    for number, line in enumerate(lines, 1):
+        try:
+            json.loads(line)["epoch"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if number == len(lines):
+                return lines[:-1]
+            raise RecipeError(f"{log_path}: line {number} is not an epoch record; delete or repair that line, then "
+                              f"resume again") from None
+    return lines
+
+
 def keep_log_until(log_path: Path, last_epoch: int) -> None:
     """Drop the log lines of epochs after `last_epoch`, which the run is about to train (again)."""
     if not log_path.exists():
         return
-    lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+    lines = read_log_lines(log_path)
     kept = [line for line in lines if json.loads(line)["epoch"] <= last_epoch]
-    if kept != lines:
+    if kept != log_path.read_text().splitlines():
         atomic_write(log_path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
 
 
