@@ -302,6 +302,11 @@ class SaliencyGuidedDropout:
             latent_drop_rate=self.latent_drop_rate,
         )
 
+    def extra_repr(self) -> str:
+        settings = ', '.join(f'{key}={value}' for key, value in self.sgdrop_config.items())
+        base = super().extra_repr()
+        return f'{base}, {settings}' if base else settings
+
     # The EMA lives in __dict__, not in _modules: it must stay out of state_dict(), parameters() and DDP's broadcast.
     @property
     def ema_model(self) -> Optional[nn.Module]:
@@ -393,12 +398,12 @@ class SaliencyGuidedDropout:
         if self.num_classes <= 0:
             raise ValueError('SGDrop needs a classifier head: this model has num_classes=0. '
                              'Call reset_classifier(num_classes) first.')
-        low, high = torch.aminmax(target)
-        low, high = int(low), int(high)
-        if low < 0 or high >= self.num_classes:
-            raise ValueError(
-                f'target holds class {low if low < 0 else high}, outside [0, {self.num_classes}) for this model: '
-                f'check the labels or build the model with num_classes={max(high + 1, self.num_classes)}.')
+        # checked on the device, without reading the labels back: no host sync on a GPU (where it is a device-side
+        # assert) and no graph break under torch.compile; on the CPU it raises here, with this message
+        torch._assert_async(
+            ((target >= 0) & (target < self.num_classes)).all(),
+            f'target holds a class outside [0, {self.num_classes}) for this model: check the labels, or build the '
+            f'model with num_classes set to the number of classes.')
 
     def saliency_keep_mask(self, x: torch.Tensor, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Keep-mask for the online ``features`` of ``x``, from the configured attribution source."""

@@ -5,6 +5,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sgdrop_zoo import AttributionSource, LinearRhoSchedule, add_sgdrop, is_sgdrop_model, saliency_mask
 from sgdrop_zoo.sgdrop import latent_attribution, num_dropped_features
@@ -293,8 +294,8 @@ def test_ema_decay_setting_is_validated_and_followed():
 @pytest.mark.parametrize('target, error, message', [
     (torch.tensor([0.0, 1.0]), TypeError, 'integer class indices'),
     (torch.tensor([[0], [1]]), ValueError, r'shape \(2,\)'),
-    (torch.tensor([0, 3]), ValueError, r'class 3, outside \[0, 3\)'),
-    (torch.tensor([-1, 0]), ValueError, r'class -1, outside'),
+    (torch.tensor([0, 3]), RuntimeError, r'a class outside \[0, 3\) for this model'),
+    (torch.tensor([-1, 0]), RuntimeError, r'a class outside \[0, 3\)'),
     ([0, 1], TypeError, 'tensor of class indices'),
 ])
 def test_bad_target(target, error, message):
@@ -351,3 +352,32 @@ def test_reset_classifier_restarts_ema():
     assert model.ema_model is None and model.ema_updates == 0
     logits = model(LATENT.clone(), target=torch.tensor([4, 0]))
     assert logits.shape == (2, 5) and model.ema_model.fc.out_features == 5
+
+
+def test_repr_shows_the_sgdrop_settings():
+    model = reference_model(rho=0.25, attribution='online')
+    settings = repr(model).splitlines()[1].strip()
+    assert settings == 'sgdrop_rho=0.25, sgdrop_attribution=online, sgdrop_ema_decay=0.999, latent_drop_rate=0.0'
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('attribution', ['ema', 'online'])
+def test_training_forward_reads_nothing_back_to_the_host(attribution):
+    # aten._local_scalar_dense is what .item(), int(), float() and bool() of a tensor run: on a GPU, a sync
+    model = timm.create_model('sgdrop_resnet10t', num_classes=10, sgdrop_attribution=attribution).train()
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
+    model(images, target=labels)  # builds the EMA network
+    with _RecordOps() as recorded:
+        model(images, target=labels).sum().backward()
+        model.update_ema()
+    assert 'aten._assert_async.msg' in recorded.ops  # the label range is still checked, on the device
+    assert not [op for op in recorded.ops if '_local_scalar_dense' in op or op.startswith('aten.item')]
