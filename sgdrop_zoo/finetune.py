@@ -64,7 +64,7 @@ def load_model(name_or_path: str) -> nn.Module:
     path = Path(name_or_path)
     # the SGDrop settings a checkpoint was trained with do not matter here: fine-tuning sets its own
     if name_or_path.startswith(('hf-hub:', 'local-dir:')):
-        return timm.create_model(name_or_path, pretrained=True)
+        return _create_model(name_or_path, pretrained=True)
     if path.is_file() and path.suffix == '.safetensors':
         path = path.parent
     if path.is_dir():
@@ -75,9 +75,21 @@ def load_model(name_or_path: str) -> nn.Module:
     if path.is_file():
         return _load_recipe_checkpoint(path)
     if timm.is_model(name_or_path) or timm.is_model(name_or_path.split('.')[0]):
-        return timm.create_model(name_or_path, pretrained='.' in name_or_path)
+        return _create_model(name_or_path, pretrained='.' in name_or_path)
     raise ValueError(f'{name_or_path!r} is neither a file, a folder nor a timm model name; `sgdrop-zoo models` lists '
                      f'the zoo, and hf-hub:ORG/NAME or local-dir:PATH load published checkpoints.')
+
+
+def _create_model(name: str, pretrained: bool) -> nn.Module:
+    """``timm.create_model``, its errors for a bad tag, folder or Hub id turned into one line saying what exists."""
+    try:
+        return timm.create_model(name, pretrained=pretrained)
+    except (RuntimeError, OSError) as e:  # timm: no such tag / no weights; a missing folder; a failed download
+        architecture = name.split('.')[0]
+        tags = timm.list_pretrained(f'{architecture}.*') if timm.is_model(architecture) else []
+        hint = f' Its pretrained tags: {", ".join(tags)}.' if tags else ''
+        reason = str(e).splitlines()[0].rstrip('.') if str(e) else type(e).__name__
+        raise ValueError(f'cannot load {name}: {reason}.{hint}') from e
 
 
 def _load_recipe_checkpoint(path: Path) -> nn.Module:
@@ -266,6 +278,8 @@ def finetune(
         raise ValueError(f'train_transform must be one of {", ".join(TRAIN_TRANSFORMS)}, got {train_transform!r}.')
     if epochs < 1:
         raise ValueError(f'epochs must be at least 1, got {epochs}.')
+    if batch_size < 1:
+        raise ValueError(f'batch_size must be at least 1, got {batch_size}.')
     for name, value in (('train_subset_per_class', train_subset_per_class),
                         ('val_subset_per_class', val_subset_per_class)):
         if value < 0:

@@ -1,5 +1,6 @@
 """Fine-tuning (linear probe and full) on a tiny ImageFolder, CPU, sgdrop_vgg_tiny at 32 px."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,12 @@ def test_subsets_per_class_are_fixed_and_balanced(small_data: Path, source_dir: 
         finetune(str(source_dir), small_data, tmp_path / 'b', val_subset_per_class=3, **RUN)
     with pytest.raises(ValueError, match='train_subset_per_class must be 0'):
         finetune(str(source_dir), small_data, tmp_path / 'c', train_subset_per_class=-1, **RUN)
+
+
+def test_bad_model_ids_fail_in_one_line(small_data: Path, tmp_path: Path):
+    for name, reason in (('sgdrop_vgg_tiny.nosuchtag', 'Invalid pretrained tag (nosuchtag)'),
+                         (f'local-dir:{tmp_path / "nowhere"}', 'Config file not found')):
+        with pytest.raises(ValueError, match=rf'cannot load .*: {re.escape(reason)}'):
+            load_model(name)
+    with pytest.raises(ValueError, match='batch_size must be at least 1'):
+        finetune('sgdrop_vgg_tiny', small_data, tmp_path / 'out', **dict(RUN, batch_size=0))
