@@ -72,4 +72,5 @@ def save_recipe_export(model: nn.Module, folder: Path, args: Mapping[str, Any], 
     with tempfile.TemporaryDirectory(dir=folder, prefix='.export.', suffix='.tmp') as tmp:
         save_for_hf(model, tmp, model_config=model_config, data_config=data_config, safe_serialization=True)
         for name in ('model.safetensors', 'config.json'):
+            (Path(tmp) / name).chmod(0o644)  # safetensors writes the weights private
             os.replace(Path(tmp) / name, Path(folder) / name)

@@ -554,3 +554,17 @@ def test_resume_names_a_damaged_log_line(capsys: pytest.CaptureFixture, data_dir
     message = run_bad_input(capsys, str(data_dir), "--epochs", "2", "--output", str(run), "--resume",
                             str(run / "checkpoint.pth.tar"))
     assert f"{log}: line 1 is not an epoch record; delete or repair that line" in message
+
+
+def test_resume_rebuilds_a_missing_model_best(data_dir: Path, one_epoch_run: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(one_epoch_run, run)
+    (run / "model_best.pth.tar").unlink()  # a run killed while copying it
+    (run / "model.safetensors").unlink()
+    result = run_recipe(str(data_dir), *TINY_RUN, "--epochs", "2", "--output", str(run), "--resume",
+                        str(run / "checkpoint.pth.tar"))
+    assert f"{run / 'model_best.pth.tar'} is missing" in result.stdout and "rebuilt from" in result.stdout
+    best = torch.load(run / "model_best.pth.tar", map_location="cpu", weights_only=True)
+    assert best["epoch"] in (1, 2) and (run / "model.safetensors").exists()
+    assert oct((run / "checkpoint.pth.tar").stat().st_mode & 0o777) == "0o644"
+    assert oct((run / "model.safetensors").stat().st_mode & 0o777) == "0o644"

@@ -426,9 +426,6 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
     best_acc1 = 0.0
     rng_state = None
     if args.resume:
-        log_path = Path(args.output) / "log.jsonl"
-        if log_path.exists() and not args.evaluate:
-            read_log_lines(log_path)
         checkpoint = load_checkpoint(args.resume)
         args.start_epoch = checkpoint["epoch"]
         best_acc1 = checkpoint["best_acc1"]
@@ -443,6 +440,14 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
             rng_state = checkpoint.get("rng_state")
         if args.is_main:
             print(f"=> loaded checkpoint '{args.resume}' (epoch {checkpoint['epoch']})", flush=True)
+        best_path = output / "model_best.pth.tar"
+        if args.is_main and not args.evaluate and not best_path.exists():
+            # a run killed while writing model_best: the best epoch's weights are gone, the resumed ones stand in
+            best_acc1 = checkpoint.get("acc1", best_acc1)
+            print(f"=> {best_path} is missing (the run was stopped while writing it); rebuilt from {args.resume} "
+                  f"(epoch {checkpoint['epoch']}, val Acc@1 {best_acc1:.3f}), the best to beat from now on", flush=True)
+            with open(args.resume, "rb") as src:
+                atomic_write(best_path, lambda f: shutil.copyfileobj(src, f))
         del checkpoint
 
     # Data loading code
@@ -866,6 +871,7 @@ def atomic_write(path: Path, write: Any) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp makes the file private; a checkpoint is an ordinary output file
         os.replace(tmp_name, path)
     except BaseException:
         os.unlink(tmp_name)
