@@ -16,170 +16,33 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, List, Optional, Union
 
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.datasets as datasets
-import torchvision.transforms as transforms
 from timm.models import save_for_hf
 from tqdm import tqdm
 
-from .data import (
-    CENTER_CROP_PCT,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    DatasetError,
-    InMemoryLoader,
-    check_image_folders,
-    decode_images,
-    load_rgb,
-    per_class_subset,
-    with_transform,
+from .data import CENTER_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, InMemoryLoader, check_image_folders
+from .loading import (
+    check_input_channels,
+    check_label_names,
+    check_output_is_not_source,
+    input_size,
+    load_model,
+    load_split,
+    make_loader,
+    split_encoder_head,
 )
-from .hub import load_recipe_checkpoint
 from .sgdrop import add_sgdrop, is_sgdrop_model
 
-__all__ = ['check_output_is_not_source', 'evaluate', 'finetune', 'load_model', 'load_split', 'split_encoder_head']
+__all__ = ['MODES', 'TRAIN_TRANSFORMS', 'evaluate', 'finetune']
 
 MODES = ('linear-probe', 'full')
 TRAIN_TRANSFORMS = ('resize', 'crop-flip')
 # Adam, as in the paper's low-data runs; a new linear head on frozen features learns faster at a larger rate
 DEFAULT_LR = {'linear-probe': 1e-3, 'full': 1e-4}
-
-
-def load_model(name_or_path: str) -> nn.Module:
-    """Build a model from a zoo name, a ``hf-hub:`` / ``local-dir:`` id, or a file written by the recipe.
-
-    Args:
-        name_or_path: ``sgdrop_vgg16`` (random init), ``sgdrop_vgg16.TAG`` (zoo weights), ``hf-hub:ORG/NAME``,
-            ``local-dir:PATH``, a folder holding ``model.safetensors`` + ``config.json``, such a
-            ``model.safetensors`` file, or a ``*.pth.tar`` checkpoint of ``train/main.py``.
-
-    Returns:
-        The model, with ``pretrained_cfg['label_names']`` set when the source records them.
-    """
-    path = Path(name_or_path)
-    # the SGDrop settings a checkpoint was trained with do not matter here: fine-tuning sets its own
-    if name_or_path.startswith(('hf-hub:', 'local-dir:')):
-        return _create_model(name_or_path, pretrained=True)
-    if path.is_file() and path.suffix == '.safetensors':
-        path = path.parent
-    if path.is_dir():
-        if not (path / 'config.json').is_file() or not (path / 'model.safetensors').is_file():
-            raise ValueError(f'{path}: expected model.safetensors and config.json (the export of train/main.py or '
-                             f'sgdrop-zoo finetune), or pass a model_best.pth.tar.')
-        return timm.create_model(f'local-dir:{path}', pretrained=True)
-    if path.is_file():
-        return _load_recipe_checkpoint(path)
-    if timm.is_model(name_or_path) or timm.is_model(name_or_path.split('.')[0]):
-        return _create_model(name_or_path, pretrained='.' in name_or_path)
-    raise ValueError(f'{name_or_path!r} is neither a file, a folder nor a timm model name; `sgdrop-zoo models` lists '
-                     f'the zoo, and hf-hub:ORG/NAME or local-dir:PATH load published checkpoints.')
-
-
-def _create_model(name: str, pretrained: bool) -> nn.Module:
-    """``timm.create_model``, its errors for a bad tag, folder or Hub id turned into one line saying what exists."""
-    try:
-        return timm.create_model(name, pretrained=pretrained)
-    except (RuntimeError, OSError) as e:  # timm: no such tag / no weights; a missing folder; a failed download
-        architecture = name.split('.')[0]
-        tags = timm.list_pretrained(f'{architecture}.*') if timm.is_model(architecture) else []
-        hint = f' Its pretrained tags: {", ".join(tags)}.' if tags else ''
-        reason = str(e).splitlines()[0].rstrip('.') if str(e) else type(e).__name__
-        raise ValueError(f'cannot load {name}: {reason}.{hint}') from e
-
-
-def _load_recipe_checkpoint(path: Path) -> nn.Module:
-    model, checkpoint = load_recipe_checkpoint(path)
-    model.pretrained_cfg = dict(model.pretrained_cfg, label_names=list(checkpoint['class_names']))
-    return model
-
-
-def _input_size(model: nn.Module) -> int:
-    return model.pretrained_cfg['input_size'][-1]
-
-
-def split_encoder_head(model: nn.Module, image_size: Optional[int] = None) -> Tuple[List[nn.Module], Set[str]]:
-    """The modules ``forward_features`` calls (encoder) and the names of the parameters ``forward_head`` uses.
-
-    Found by running both on one blank image with forward hooks, so it holds for any timm classifier whatever its
-    attribute names (VGG's ``pre_logits`` MLP is part of the head, ResNet's head is ``fc`` alone).
-
-    Returns:
-        Encoder modules in call order, and the head's parameter names.
-    """
-    for name in ('forward_features', 'forward_head'):
-        if not hasattr(model, name):
-            raise TypeError(f'{type(model).__name__} has no {name}: fine-tuning and saliency need a timm classifier '
-                            f'split into forward_features (encoder) and forward_head (classifier).')
-    called: List[nn.Module] = []
-    hooks = [m.register_forward_hook(lambda module, inputs, output: called.append(module)) for m in model.modules()]
-    size = image_size or _input_size(model)
-    device = next(model.parameters()).device
-    # the blank image must fit the stem, which may not take RGB: check_input_channels reports that case
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    in_chans = first_conv.in_channels if first_conv is not None else 3
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            features = model.forward_features(torch.zeros(1, in_chans, size, size, device=device))
-            encoder = list(dict.fromkeys(called))
-            called.clear()
-            model.forward_head(features)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    head_modules = set(called)
-    head_params = {f'{module_name}.{param_name}' if module_name else param_name
-                   for module_name, module in model.named_modules() if module in head_modules
-                   for param_name, _ in module.named_parameters(recurse=False)}
-    return encoder, head_params
-
-
-def check_input_channels(model: nn.Module, encoder: List[nn.Module]) -> None:
-    """Images are decoded as RGB; stop with a clear line when the model's first convolution expects otherwise."""
-    first_conv = next((m for m in encoder if isinstance(m, nn.Conv2d)), None)
-    if first_conv is not None and first_conv.in_channels != 3:
-        raise DatasetError(f'the model takes {first_conv.in_channels}-channel images, but the images are read as RGB '
-                           f'(3 channels); use a model built with in_chans=3.')
-
-
-def load_split(root: Path, split: str, class_names: List[str], size: int, train: bool, train_transform: str,
-               workers: int = 2, per_class: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Decode one split (or ``per_class`` images of each class of it) into uint8 images and targets, after the
-    recipe's deterministic resize.
-
-    The subset is the recipe's ``--train-subset-per-class``: the first images of each class in a permutation of the
-    split that does not depend on any seed.
-    """
-    if train and train_transform == 'crop-flip':
-        resize = transforms.Resize((round(size / CENTER_CROP_PCT),) * 2)  # random crops are taken per batch
-    elif train_transform == 'crop-flip':
-        resize = transforms.Compose([transforms.Resize(round(size / CENTER_CROP_PCT)), transforms.CenterCrop(size)])
-    else:
-        resize = transforms.Resize((size, size))
-    folder = datasets.ImageFolder(os.fspath(root / split), loader=load_rgb)
-    if folder.classes != class_names:
-        raise DatasetError(f'{root / split} has classes {folder.classes}, expected {class_names}.')
-    indices = None
-    if per_class:
-        order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(0)).tolist()
-        indices = sorted(per_class_subset(order, folder.targets, per_class))
-    return decode_images(with_transform(folder, resize), indices, workers=workers, device=torch.device('cpu'),
-                         verbose=False)
-
-
-def _loader(images: torch.Tensor, targets: torch.Tensor, model: nn.Module, batch_size: int, shuffle: bool,
-            device: torch.device, seed: int = 0, crop_flip_size: Optional[int] = None) -> InMemoryLoader:
-    mean = model.pretrained_cfg.get('mean', IMAGENET_MEAN)
-    std = model.pretrained_cfg.get('std', IMAGENET_STD)
-    return InMemoryLoader(images.to(device), targets.to(device), batch_size, shuffle=shuffle, mean=mean, std=std,
-                          rank=0, world_size=1, device=device, seed=seed, crop_flip_size=crop_flip_size)
 
 
 @torch.no_grad()
@@ -193,34 +56,6 @@ def evaluate(model: nn.Module, loader: InMemoryLoader) -> Dict[str, float]:
         correct += (output.argmax(1) == target).sum().item()
         count += target.numel()
     return {'loss': loss_sum / count, 'acc1': 100.0 * correct / count, 'count': count}
-
-
-def check_output_is_not_source(model_name: str, output: Path) -> None:
-    """Refuse to write into the folder a model is read from: the new files would replace the source's."""
-    source = Path(model_name.removeprefix('local-dir:'))
-    if not source.exists():
-        return  # a zoo name or an hf-hub: id
-    source_dir = source if source.is_dir() else source.parent
-    if output.resolve() == source_dir.resolve():
-        raise ValueError(f'--output {output} is the folder of the model {model_name} is read from; choose another '
-                         f'folder, so that its files are not replaced.')
-
-
-def _short(names: List[str], limit: int = 10) -> str:
-    names = list(names)
-    return str(names[:limit])[:-1] + (', ...]' if len(names) > limit else ']')
-
-
-def check_label_names(model: nn.Module, class_names: List[str], source: str) -> None:
-    """Evaluating a model as it is needs the dataset's classes to be the ones its head was trained on."""
-    label_names = model.pretrained_cfg.get('label_names')
-    if label_names is not None and list(label_names) != class_names:
-        raise DatasetError(f'{source} was trained on classes {_short(label_names)} but the dataset has '
-                           f'{_short(class_names)}; fine-tune it first (sgdrop-zoo finetune, which '
-                           f'gives it a new head), or evaluate on data with the same classes.')
-    if model.num_classes != len(class_names):
-        raise DatasetError(f'{source} has {model.num_classes} outputs but the dataset has {len(class_names)} classes; '
-                           f'fine-tune it first (sgdrop-zoo finetune gives it a new head).')
 
 
 def _train_mode(model: nn.Module, mode: str, encoder: List[nn.Module]) -> None:
@@ -291,11 +126,11 @@ def finetune(
     model = load_model(model_name)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     model.to(device)
-    size = image_size or _input_size(model)
+    size = image_size or input_size(model)
     encoder, _ = split_encoder_head(model, size)
     check_input_channels(model, encoder)
     val_images = load_split(data, 'val', class_names, size, False, train_transform, workers, val_subset_per_class)
-    val_loader = _loader(*val_images, model, batch_size, False, device)
+    val_loader = make_loader(*val_images, model, batch_size, False, device)
     output.mkdir(parents=True, exist_ok=True)
 
     if evaluate_only:
@@ -319,7 +154,7 @@ def finetune(
         param.requires_grad_(mode == 'full' or name in head_params)
     train_images = load_split(data, 'train', class_names, size, True, train_transform, workers,
                               train_subset_per_class)
-    train_loader = _loader(*train_images, model, batch_size, True, device, seed=seed,
+    train_loader = make_loader(*train_images, model, batch_size, True, device, seed=seed,
                            crop_flip_size=size if train_transform == 'crop-flip' else None)
     lr = lr if lr is not None else DEFAULT_LR[mode]
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)

@@ -30,16 +30,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .export import save_recipe_export
+from .loading import load_recipe_checkpoint
 from .model_card import render_model_card
-from .pretrained import WEIGHTS_NAME, HubError, sha256_of_file
+from .pretrained import CONFIG_NAME, WEIGHTS_NAME, HubError, sha256_of_file
 from .sgdrop import DEFAULT_RHO, add_sgdrop
 
 __all__ = [
-    'PublishResult', 'hub_config_record', 'load_recipe_checkpoint', 'load_sgdrop_model', 'prepare_hub_folder',
+    'PublishResult', 'hub_config_record', 'load_sgdrop_model', 'prepare_hub_folder',
     'publish_checkpoint',
 ]
 
-CONFIG_NAME = 'config.json'
 README_NAME = 'README.md'
 # constructor arguments of an SGDrop model that plain timm's base architecture does not accept
 SGDROP_MODEL_ARGS = ('sgdrop_rho', 'sgdrop_attribution', 'sgdrop_ema_decay', 'latent_drop_rate')
@@ -63,39 +63,6 @@ def base_architecture(name: str) -> str:
     """
     base = name.removeprefix('sgdrop_')
     return base if base != name and timm.is_model(base) else name
-
-
-def load_recipe_checkpoint(path: Path, required: Tuple[str, ...] = ()) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Rebuild the model of a ``*.pth.tar`` checkpoint of ``train/main.py``, without executing pickled code.
-
-    Args:
-        path: The checkpoint file.
-        required: Keys needed beyond ``arch``, ``state_dict`` and ``class_names``.
-
-    Returns:
-        The model holding the checkpoint's weights, and the checkpoint.
-
-    Raises:
-        ValueError: The file is unreadable, lacks a key, or its weights do not fit its architecture.
-    """
-    try:
-        # weights_only: a checkpoint is data, and unpickling anything else would run its code
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # noqa: BLE001, a truncated zip, foreign classes, a file that is no checkpoint at all
-        raise ValueError(f'{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}).') from e
-    keys = ('arch', 'state_dict', 'class_names', *required)
-    missing = [k for k in keys if not isinstance(checkpoint, dict) or k not in checkpoint]
-    if missing:
-        raise ValueError(f'{path}: not a checkpoint of train/main.py (no {", ".join(missing)}); pass its '
-                         f'model_best.pth.tar or the folder holding {WEIGHTS_NAME} and {CONFIG_NAME}.')
-    arch, num_classes = checkpoint['arch'], len(checkpoint['class_names'])
-    model = timm.create_model(arch, num_classes=num_classes)
-    try:
-        model.load_state_dict(checkpoint['state_dict'])
-    except RuntimeError as e:
-        raise ValueError(f'{path}: its state_dict does not fit {arch} with {num_classes} classes '
-                         f'({str(e)[:200]}).') from e
-    return model, checkpoint
 
 
 def _read_checkpoint(path: Path, folder: Path) -> Dict[str, Any]:

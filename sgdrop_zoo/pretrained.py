@@ -28,13 +28,14 @@ from timm.models._builder import resolve_pretrained_cfg
 from timm.models._hub import hf_split
 
 __all__ = [
-    'HUB_CONFIGS_ENV', 'WEIGHTS_NAME', 'HubError', 'build_model_with_checked_weights', 'checked_record_weights',
-    'download_checked_weights', 'hub_configs_dir', 'load_hub_configs', 'local_weights', 'pretrained_cfgs',
-    'sha256_of_file',
+    'CONFIG_NAME', 'HUB_CONFIGS_ENV', 'WEIGHTS_NAME', 'HubError', 'build_model_with_checked_weights',
+    'checked_record_weights', 'download_checked_weights', 'hub_configs_dir', 'load_hub_configs', 'local_weights',
+    'pretrained_cfgs', 'sha256_of_file',
 ]
 
 HUB_CONFIGS_ENV = 'SGDROP_ZOO_HUB_CONFIGS'
 WEIGHTS_NAME = 'model.safetensors'
+CONFIG_NAME = 'config.json'
 REQUIRED_FIELDS = {
     'architecture': str, 'tag': str, 'dataset': str, 'num_classes': int, 'label_names': list,
     'input_size': list, 'mean': list, 'std': list, 'crop_pct': float, 'interpolation': str, 'sgdrop': dict,

@@ -26,13 +26,13 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from .data import DatasetError, check_image_folders
-from .finetune import (
-    _loader,
+from .loading import (
     check_input_channels,
     check_label_names,
     check_output_is_not_source,
     load_model,
     load_split,
+    make_loader,
     split_encoder_head,
 )
 
@@ -233,17 +233,18 @@ def saliency_report(
                                    f'{data / split}; pass at most {len(targets)}.')
             subset = torch.randperm(len(targets), generator=torch.Generator().manual_seed(0))[:num_images]
             images, targets = images[subset], targets[subset]
-        loader = _loader(images, targets, model, batch_size, False, torch.device('cpu'))
+        loader = make_loader(images, targets, model, batch_size, False, torch.device('cpu'))
         correct, ratios = 0, []
         for batch_images, batch_targets in loader:
             with torch.no_grad():
                 correct += int((model(batch_images).argmax(1) == batch_targets).sum())
             ratios.append(attribution_area_ratio(grad_cam_maps(model, batch_images, batch_targets)))
         coverage = neuron_coverage(model, loader)
-        results['models'][name] = dict(source=source, acc1=100.0 * correct / len(targets), area_ratio=float(torch.cat(ratios).mean()),
+        results['models'][name] = dict(source=source, acc1=100.0 * correct / len(targets),
+                                       area_ratio=float(torch.cat(ratios).mean()),
                                        coverage_global=coverage['global'], coverage_last_conv=coverage['last_conv'],
                                        images=len(targets), image_size=size)
-        first_batch, _ = next(iter(_loader(images[:grid_images], targets[:grid_images], model, grid_images, False,
+        first_batch, _ = next(iter(make_loader(images[:grid_images], targets[:grid_images], model, grid_images, False,
                                            torch.device('cpu'))))
         grid_maps[name] = grad_cam_maps(model, first_batch, targets[:grid_images])
         with torch.no_grad():

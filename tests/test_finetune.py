@@ -11,7 +11,8 @@ from timm.models import save_for_hf
 
 import sgdrop_zoo  # noqa: F401  (registers sgdrop_vgg_tiny, which the local-dir configs name)
 from sgdrop_zoo.data import DatasetError
-from sgdrop_zoo.finetune import finetune, load_model, split_encoder_head
+from sgdrop_zoo.finetune import finetune
+from sgdrop_zoo.loading import load_model, split_encoder_head
 
 from conftest import SMALL_CLASSES, make_image_folder
 

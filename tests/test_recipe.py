@@ -228,7 +228,7 @@ def load_checkpoint_model(checkpoint_path: Path) -> torch.nn.Module:
 
 
 def recomputed_area_ratio(checkpoint_path: Path, data_dir: Path) -> float:
-    """The area ratio of a checkpoint's weights on the recipe's fixed validation images, computed here from the files."""
+    """The area ratio of a checkpoint's weights on the recipe's fixed validation images, computed from the files."""
     model = load_checkpoint_model(checkpoint_path)
     images, targets = fixed_val_images(data_dir, model, AREA_SIZE, AREA_IMAGES)
     return attribution_area_ratio(grad_cam_maps(model, images, targets)).mean().item()
