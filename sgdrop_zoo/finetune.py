@@ -12,8 +12,6 @@ the SGDrop settings, ready for ``sgdrop-zoo publish``), ``metrics.json`` and ``l
 """
 import copy
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -21,10 +19,10 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import save_for_hf
 from tqdm import tqdm
 
-from .data import CENTER_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, InMemoryLoader, check_image_folders
+from .data import InMemoryLoader, check_image_folders
+from .export import save_export
 from .loading import (
     check_input_channels,
     check_label_names,
@@ -143,7 +141,7 @@ def finetune(
     model.reset_classifier(len(class_names))
     model.to(device)
     if not is_sgdrop_model(model):
-        add_sgdrop(model, rho=sgdrop_rho)
+        add_sgdrop(model, sgdrop_rho=sgdrop_rho)
     model.sgdrop_rho = sgdrop_rho
     # the only regularizer here is SGDrop; without it, no EMA copy is needed for attribution
     model.latent_drop_rate = 0.0
@@ -192,7 +190,7 @@ def finetune(
 
     model.load_state_dict(best.pop('state_dict'))
     model.cpu()
-    _export(model, output, class_names, mode, size, train_transform, sgdrop_rho, dict(
+    save_export(model, output, class_names, size, train_transform, 'sgdrop' if sgdrop_rho > 0 else 'none', dict(
         source=model_name, data=str(data), mode=mode, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
         epoch=best['epoch'], val_acc1=best['val_acc1']))
     metrics = dict(model=model_name, data=str(data), mode=mode, classes=class_names, best_epoch=best['epoch'],
@@ -201,22 +199,3 @@ def finetune(
                    total_params=sum(p.numel() for p in model.parameters()))
     (output / 'metrics.json').write_text(json.dumps(metrics, indent=2) + '\n')
     return metrics
-
-
-def _export(model: nn.Module, output: Path, class_names: List[str], mode: str, size: int,
-            train_transform: str, sgdrop_rho: float, training: Dict[str, Any]) -> None:
-    """Write ``model.safetensors`` + timm ``config.json``, both replaced at once so a crash leaves no half export."""
-    resize_only = train_transform == 'resize'
-    data_config = dict(input_size=(3, size, size), interpolation='bilinear',
-                       crop_pct=1.0 if resize_only else CENTER_CROP_PCT,
-                       crop_mode='squash' if resize_only else 'center',
-                       mean=tuple(model.pretrained_cfg.get('mean', IMAGENET_MEAN)),
-                       std=tuple(model.pretrained_cfg.get('std', IMAGENET_STD)))
-    sgdrop = dict(regularizer='sgdrop' if sgdrop_rho > 0 else 'none', rho=sgdrop_rho,
-                  attribution=model.sgdrop_attribution.value, ema_decay=model.sgdrop_ema_decay, rho_end=None)
-    model_config = dict(label_names=class_names, sgdrop=sgdrop, training=dict(training, image_size=size,
-                                                                               train_transform=train_transform))
-    with tempfile.TemporaryDirectory(dir=output, prefix='.export.', suffix='.tmp') as tmp:
-        save_for_hf(model, tmp, model_config=model_config, data_config=data_config, safe_serialization=True)
-        for name in ('model.safetensors', 'config.json'):
-            os.replace(Path(tmp) / name, output / name)

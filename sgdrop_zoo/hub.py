@@ -370,7 +370,7 @@ def load_sgdrop_model(model_id: str, pretrained: bool = True, **kwargs: Any) -> 
                        f'(`hf cache rm`) and download it again.') from e
     if architecture.startswith('sgdrop_'):
         return model
-    return add_sgdrop(model, **{k.removeprefix('sgdrop_'): v for k, v in sgdrop_args.items()})
+    return add_sgdrop(model, **sgdrop_args)
 
 
 def _sgdrop_model_args(settings: Dict[str, Any]) -> Dict[str, Any]:

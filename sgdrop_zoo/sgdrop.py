@@ -490,19 +490,21 @@ def _sgdrop_class(base: Type[nn.Module]) -> Type[nn.Module]:
 
 def add_sgdrop(
         model: nn.Module,
-        rho: float = DEFAULT_RHO,
-        attribution: Union[str, AttributionSource] = AttributionSource.EMA,
-        ema_decay: float = DEFAULT_EMA_DECAY,
+        sgdrop_rho: float = DEFAULT_RHO,
+        sgdrop_attribution: Union[str, AttributionSource] = AttributionSource.EMA,
+        sgdrop_ema_decay: float = DEFAULT_EMA_DECAY,
         latent_drop_rate: float = 0.0,
 ) -> nn.Module:
     """Give any built timm classifier SGDrop training, in place; weights and state-dict keys are unchanged.
 
     Args:
         model: A classifier with ``forward_features`` and ``forward_head`` (every timm CNN has them).
-        rho: Share of latent features dropped per sample.
-        attribution: 'ema' or 'online'.
-        ema_decay: EMA decay after warmup.
+        sgdrop_rho: Share of latent features dropped per sample.
+        sgdrop_attribution: 'ema' or 'online'.
+        sgdrop_ema_decay: EMA decay after warmup.
         latent_drop_rate: Dropout on the latent features (the Dropout baseline), 0 = off.
+
+    The keywords are the ``sgdrop_*`` models' constructor arguments, the names the settings have everywhere.
 
     Returns:
         The same model object, now an instance of ``SaliencyGuidedDropout``.
@@ -514,7 +516,7 @@ def add_sgdrop(
         raise TypeError(
             f'{type(model).__name__} has no {", ".join(missing)}: SGDrop needs a timm-style classifier split into '
             f'forward_features (encoder) and forward_head (classifier).')
-    settings = _check_settings(rho, attribution, ema_decay, latent_drop_rate)  # before touching the model
+    settings = _check_settings(sgdrop_rho, sgdrop_attribution, sgdrop_ema_decay, latent_drop_rate)  # before any change
     if not isinstance(model, SaliencyGuidedDropout):
         model.__class__ = _sgdrop_class(type(model))
     model._init_sgdrop(*settings)

@@ -69,7 +69,7 @@ class ReferenceClassifier(nn.Module):
 
 
 def reference_model(rho=0.5, attribution='online', **kwargs):
-    return add_sgdrop(ReferenceClassifier(), rho=rho, attribution=attribution, **kwargs).train()
+    return add_sgdrop(ReferenceClassifier(), sgdrop_rho=rho, sgdrop_attribution=attribution, **kwargs).train()
 
 
 def test_attribution_matches_hand_computation():
@@ -187,7 +187,7 @@ def _online_mask(model, x, features, y):
 
 def test_update_ema_arithmetic():
     decay = 0.5
-    model = reference_model(attribution='ema', ema_decay=decay)
+    model = reference_model(attribution='ema', sgdrop_ema_decay=decay)
     weights = [torch.full_like(HEAD_WEIGHT, float(v)) for v in (1., 3., 7., 15.)]
     expected = None
     for n, w in enumerate(weights, start=1):
@@ -241,7 +241,7 @@ def test_eval_and_untargeted_train_forward_are_the_base_model():
 def test_latent_dropout_baseline():
     torch.manual_seed(0)
     # identity head: the logits are the latent features that reach the head
-    model = add_sgdrop(ReferenceClassifier(torch.eye(4)), rho=0.0, latent_drop_rate=0.5).train()
+    model = add_sgdrop(ReferenceClassifier(torch.eye(4)), sgdrop_rho=0.0, latent_drop_rate=0.5).train()
     out = model(torch.ones(4000, 2, 1, 2))
     assert 0.45 < out.eq(0).float().mean().item() < 0.55
     assert set(out.unique().tolist()) == {0.0, 2.0}  # inverted dropout scaling by 1 / (1 - p)
@@ -279,7 +279,7 @@ def test_bad_attribution_source():
 
 
 def test_ema_decay_setting_is_validated_and_followed():
-    model = reference_model(attribution='ema', ema_decay=0.5)
+    model = reference_model(attribution='ema', sgdrop_ema_decay=0.5)
     with pytest.raises(ValueError, match='sgdrop_ema_decay'):
         model.sgdrop_ema_decay = 1.0
     model.load_ema_state_dict({'num_updates': 100, 'state_dict': model.state_dict()})
@@ -319,14 +319,14 @@ def test_add_sgdrop_rejects_non_timm_module():
 def test_add_sgdrop_with_bad_settings_leaves_the_model_untouched():
     model = ReferenceClassifier()
     with pytest.raises(ValueError, match='sgdrop_ema_decay'):
-        add_sgdrop(model, ema_decay=1.5)
+        add_sgdrop(model, sgdrop_ema_decay=1.5)
     assert type(model) is ReferenceClassifier
 
 
 def test_add_sgdrop_on_a_plain_timm_model():
     base = timm.create_model('resnet18', num_classes=4)
     keys = list(base.state_dict())
-    model = add_sgdrop(base, rho=0.05)
+    model = add_sgdrop(base, sgdrop_rho=0.05)
     assert model is base and is_sgdrop_model(model) and list(model.state_dict()) == keys
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 3])
     model.eval()

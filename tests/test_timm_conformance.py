@@ -287,7 +287,7 @@ def test_torchscript_and_fx_in_train_mode_do_not_warn():
 
 def test_add_sgdrop_model_scripts_and_traces_as_its_base():
     base = timm.create_model('resnet10t', num_classes=4).eval()
-    model = add_sgdrop(copy.deepcopy(base), rho=0.05)
+    model = add_sgdrop(copy.deepcopy(base), sgdrop_rho=0.05)
     x = _images(INPUT_SIZE, batch=2)
     with torch.no_grad():
         expected = base(x)

@@ -348,8 +348,7 @@ def create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     """The timm model `args.arch` with the regularizer of `args`; plain timm names get SGDrop added."""
     options = regularizer_settings(vars(args))
     if args.arch.startswith("sgdrop_"):
-        return timm.create_model(args.arch, pretrained=args.pretrained, num_classes=num_classes,
-                                 **{f"sgdrop_{k}" if k != "latent_drop_rate" else k: v for k, v in options.items()})
+        return timm.create_model(args.arch, pretrained=args.pretrained, num_classes=num_classes, **options)
     model = timm.create_model(args.arch, pretrained=args.pretrained, num_classes=num_classes)
     return sgdrop_zoo.add_sgdrop(model, **options)
 
@@ -430,7 +429,7 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
         args.start_epoch = checkpoint["epoch"]
         best_acc1 = checkpoint["best_acc1"]
         model_without_ddp.load_state_dict(checkpoint["state_dict"])
-        if checkpoint.get("sgdrop_ema") is not None and regularizer_settings(vars(args))["attribution"] == "ema":
+        if checkpoint.get("sgdrop_ema") is not None and regularizer_settings(vars(args))["sgdrop_attribution"] == "ema":
             model_without_ddp.load_ema_state_dict(checkpoint["sgdrop_ema"])
         if not args.evaluate:
             optimizer.load_state_dict(checkpoint["optimizer"])

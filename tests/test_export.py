@@ -1,0 +1,44 @@
+"""One export schema: what the recipe's writer (train/main.py, sgdrop-zoo publish) and finetune's write, the loader
+reads back with the same SGDrop settings."""
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import sgdrop_zoo  # noqa: F401  (registers sgdrop_vgg_tiny)
+from sgdrop_zoo.export import save_export, save_recipe_export
+from sgdrop_zoo.hub import load_sgdrop_model
+
+ARGS = dict(data='../shared/data/x', image_size=32, train_transform='resize', optimizer='adam', lr=1e-4, epochs=2,
+            sgdrop_rho=0.05, sgdrop_rho_end=None, sgdrop_attribution='ema', sgdrop_ema_decay=0.99, dropout_p=0.5)
+
+
+@pytest.mark.parametrize('arch', ['sgdrop_vgg_tiny', 'resnet10t'])
+@pytest.mark.parametrize('flags, expected', [
+    (dict(regularizer='none'), dict(sgdrop_rho=0.0, sgdrop_attribution='online', latent_drop_rate=0.0)),
+    (dict(regularizer='dropout'), dict(sgdrop_rho=0.0, sgdrop_attribution='online', latent_drop_rate=0.5)),
+    (dict(regularizer='sgdrop'), dict(sgdrop_rho=0.05, sgdrop_attribution='ema', latent_drop_rate=0.0)),
+    (dict(regularizer='sgdrop', sgdrop_attribution='online'),
+     dict(sgdrop_rho=0.05, sgdrop_attribution='online', latent_drop_rate=0.0)),
+    (dict(regularizer='sgdrop', sgdrop_rho=0.0, sgdrop_rho_end=0.025),
+     dict(sgdrop_rho=0.0, sgdrop_attribution='ema', latent_drop_rate=0.0)),
+], ids=['vanilla', 'dropout', 'sgdrop_ema', 'sgdrop_online', 'curriculum'])
+def test_recipe_export_round_trip(tmp_path: Path, arch: str, flags: dict, expected: dict):
+    args = dict(ARGS, **flags)
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=3)
+    save_recipe_export(model, tmp_path, args, ['a', 'b', 'c'], epoch=2, val_acc1=50.0)
+    config = json.loads((tmp_path / 'config.json').read_text())
+    assert config['sgdrop']['regularizer'] == args['regularizer']
+    assert config['sgdrop']['rho_end'] == (args['sgdrop_rho_end'] if args['regularizer'] == 'sgdrop' else None)
+    loaded = load_sgdrop_model(f'local-dir:{tmp_path}')
+    assert loaded.sgdrop_config == dict(expected, sgdrop_ema_decay=0.99)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_finetune_export_round_trip(tmp_path: Path):
+    model = timm.create_model('sgdrop_vgg_tiny', num_classes=3, sgdrop_rho=0.02, sgdrop_attribution='online')
+    save_export(model, tmp_path, ['a', 'b', 'c'], 32, 'resize', 'sgdrop', dict(mode='full'))
+    assert load_sgdrop_model(f'local-dir:{tmp_path}').sgdrop_config == model.sgdrop_config
