@@ -1,0 +1,146 @@
+"""The zoo's shipped checkpoints (hub_configs/*.json and their Hub-repo folders): each must be intact, load by its tag
+with no network, classify a fixed set of Imagenette validation images exactly as when it was exported, and load in
+plain timm through ``local-dir:`` with identical logits.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from sgdrop_zoo.hub import publish_checkpoint
+from sgdrop_zoo.pretrained import WEIGHTS_NAME, hub_configs_dir, load_hub_configs, sha256_of_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+IMAGENETTE_VAL = REPO_ROOT.parent / 'shared' / 'data' / 'imagenette' / 'val'
+RECORDS = load_hub_configs()
+NAMES = [f'{r["architecture"]}.{r["tag"]}' for r in RECORDS]
+SHIPPED_BUDGET_MIB = 48
+
+
+def _run(code: str, env: dict) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _offline_env(tmp_path: Path, **extra: str) -> dict:
+    """No network and an empty Hugging Face cache, as on a fresh machine."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'SGDROP_ZOO_'))}
+    return dict(env, HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'empty_hf_home'), **extra)
+
+
+def test_one_checkpoint_per_family_within_budget():
+    assert sorted(timm.list_models('sgdrop_*', pretrained=True)) == sorted(NAMES)
+    families = {name.split('.')[0].removeprefix('sgdrop_') for name in NAMES}
+    for family in ('vgg', 'resnet', 'convnext'):
+        assert any(f.startswith(family) for f in families), family
+    total = sum((hub_configs_dir() / r['local_dir'] / WEIGHTS_NAME).stat().st_size for r in RECORDS)
+    assert total <= SHIPPED_BUDGET_MIB * 2 ** 20
+
+
+@pytest.mark.parametrize('record', RECORDS, ids=NAMES)
+def test_shipped_folder_is_a_hub_repo_pinned_by_its_record(record):
+    folder = hub_configs_dir() / record['local_dir']
+    assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', WEIGHTS_NAME]
+    assert sha256_of_file(folder / WEIGHTS_NAME) == record['sha256']
+    config = json.loads((folder / 'config.json').read_text())
+    assert config['architecture'] == record['base_architecture']
+    assert config['sgdrop']['architecture'] == record['architecture']
+    assert config['label_names'] == record['label_names']
+    assert f'# {record["architecture"]}.{record["tag"]}' in (folder / 'README.md').read_text()
+    # timm's own preprocessing of the tag is the record's
+    cfg = timm.data.resolve_model_data_config(timm.create_model(f'{record["architecture"]}.{record["tag"]}'))
+    assert cfg['input_size'] == tuple(record['input_size'])
+    assert (cfg['crop_pct'], cfg['crop_mode'], cfg['interpolation']) == (
+        record['crop_pct'], record['crop_mode'], record['interpolation'])
+
+
+@pytest.mark.skipif(not IMAGENETTE_VAL.is_dir(), reason=f'shared data not found at {IMAGENETTE_VAL}')
+def test_tags_load_offline_and_classify_the_check_images_as_recorded(tmp_path):
+    # a fresh process: huggingface_hub reads HF_HUB_OFFLINE when it is imported
+    code = f'''
+        import json, timm, torch, torchvision
+        import sgdrop_zoo
+        val = torchvision.datasets.ImageFolder({str(IMAGENETTE_VAL)!r})
+        order = torch.randperm(len(val), generator=torch.Generator().manual_seed(0)).tolist()
+        counts = {{}}
+        for name in timm.list_models('sgdrop_*', pretrained=True):
+            model = timm.create_model(name, pretrained=True).eval()
+            transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
+            indices = sorted(order[:100])
+            images = torch.stack([transform(val[i][0]) for i in indices])
+            targets = torch.tensor([val.targets[i] for i in indices])
+            with torch.no_grad():
+                counts[name] = int((model(images).argmax(1) == targets).sum())
+        print(json.dumps(counts))
+    '''
+    counts = json.loads(_run(code, _offline_env(tmp_path)).stdout.splitlines()[-1])
+    assert counts == {name: r['metrics']['check']['correct'] for name, r in zip(NAMES, RECORDS)}
+    assert not any((tmp_path / 'empty_hf_home').rglob('*.safetensors'))  # nothing was downloaded
+
+
+def test_plain_timm_loads_the_folders_with_identical_logits(tmp_path):
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    torch.save(images, tmp_path / 'images.pt')
+    plain = [(name, r) for name, r in zip(NAMES, RECORDS) if timm.is_model(r['base_architecture'])
+             and not r['base_architecture'].startswith('sgdrop_')]
+    assert len(plain) >= 2  # resnet and convnext; sgdrop_vgg_tiny has no plain timm counterpart
+    code = f'''
+        import sys, timm, torch
+        images = torch.load({str(tmp_path / 'images.pt')!r})
+        for name, folder in {[(n, str(hub_configs_dir() / r['local_dir'])) for n, r in plain]!r}:
+            model = timm.create_model('local-dir:' + folder, pretrained=True).eval()
+            with torch.no_grad():
+                torch.save(model(images), {str(tmp_path)!r} + '/' + name + '.pt')
+        assert 'sgdrop_zoo' not in sys.modules
+    '''
+    _run(code, _offline_env(tmp_path))
+    for name, _ in plain:
+        model = timm.create_model(name, pretrained=True).eval()
+        with torch.no_grad():
+            assert torch.equal(torch.load(tmp_path / f'{name}.pt'), model(images)), name
+
+
+def test_changed_or_missing_weights_are_refused(tmp_path):
+    configs = tmp_path / 'hub_configs'
+    shutil.copytree(hub_configs_dir(), configs)
+    record = RECORDS[0]
+    weights = configs / record['local_dir'] / WEIGHTS_NAME
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    code = f'''
+        import timm, sgdrop_zoo
+        from sgdrop_zoo.pretrained import HubError
+        try:
+            timm.create_model({NAMES[0]!r}, pretrained=True)
+        except HubError as e:
+            print(e)
+        else:
+            raise SystemExit('loaded changed weights')
+    '''
+    out = _run(code, _offline_env(tmp_path, SGDROP_ZOO_HUB_CONFIGS=str(configs))).stdout
+    assert f'has sha256 {sha256_of_file(weights)}, but its hub_configs/ record expects {record["sha256"]}' in out
+    weights.unlink()
+    out = _run(code, _offline_env(tmp_path, SGDROP_ZOO_HUB_CONFIGS=str(configs))).stdout
+    assert 'is missing and the checkpoint is not on the Hub' in out
+
+
+@pytest.mark.parametrize('record', RECORDS[:1], ids=NAMES[:1])
+def test_shipped_folder_publishes_unchanged(record, tmp_path):
+    folder = hub_configs_dir() / record['local_dir']
+    result = publish_checkpoint(folder, f'sgdrop-zoo/{record["architecture"]}.{record["tag"]}',
+                                dry_run_dir=tmp_path / 'dry', dataset=record['dataset'], tag=record['tag'])
+    assert (tmp_path / 'dry' / WEIGHTS_NAME).read_bytes() == (folder / WEIGHTS_NAME).read_bytes()
+    assert result.hub_config['sha256'] == record['sha256']
+    assert result.hub_config['architecture'] == record['architecture']
+    published = json.loads((tmp_path / 'dry' / 'config.json').read_text())
+    assert published == json.loads((folder / 'config.json').read_text())
