@@ -21,12 +21,15 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import timm
 import torch
 
+import sgdrop_zoo  # noqa: F401, registers the sgdrop_* architectures the table counts the parameters of
 from sgdrop_zoo.plots import read_log
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+NUM_CLASSES_OF_TABLE = 10  # CIFAR-10 and Imagenette
 
 # Recipe flags per method. The paper's dropout baseline drops the same latent features; its probability was lost in
 # the text extraction of the paper, so we use the usual 0.5. The curriculum's start and end are not given either: we
@@ -214,12 +217,19 @@ def write_table(protocol: str, config: Dict, results_dir: Path) -> str:
         "one), an optimistic figure since it picks the epoch on that data. Train: clean (unmasked, eval-mode) top-1 "
         "on the fixed training images at the last epoch; gap = train minus final val. "
         "Area: attribution area ratio at the last epoch (paper section 4.2), on the fixed images of the recipe's "
-        f"--log-area-ratio, where it was logged. Paper: {config['paper_dataset']}.",
+        f"--log-area-ratio, where it was logged. Params: with a {NUM_CLASSES_OF_TABLE}-class head. img/s: median "
+        "training throughput of the runs' epochs. Step overhead: SGDrop's extra time per training step against the "
+        "same model without it, from `overhead.json` of this folder (benchmarks/overhead.py), where it exists. "
+        f"Paper: {config['paper_dataset']}.",
         "",
-        "| arch | method | seeds | final val top-1 | curve peak | train top-1 | train-val gap | area | img/s | paper |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| arch | method | seeds | final val top-1 | curve peak | train top-1 | train-val gap | area | params | img/s "
+        "| step overhead | paper |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    overhead_path = results_dir / "overhead.json"
+    overhead = json.loads(overhead_path.read_text())["results"] if overhead_path.exists() else {}
     for arch in dict.fromkeys(r["arch"] for r in runs):
+        params = sum(p.numel() for p in timm.create_model(arch, num_classes=NUM_CLASSES_OF_TABLE).parameters())
         for method in METHODS:
             group = [r for r in runs if r["arch"] == arch and r["method"] == method]
             if not group:
@@ -233,7 +243,10 @@ def write_table(protocol: str, config: Dict, results_dir: Path) -> str:
                 mean_std([r["final_train_val_gap"] for r in group]),
                 mean_std([r["curve"][-1]["val_area_ratio"] for r in group], digits=3)
                 if all("val_area_ratio" in r["curve"][-1] for r in group) else "-",
+                f"{params / 1e6:.2f}M",
                 f"{statistics.mean(r['img_per_s'] for r in group):.0f}",
+                f"+{100 * overhead[arch]['sgdrop_ema_overhead']:.0f}%"
+                if method == "sgdrop" and arch in overhead else "-",
                 f"{paper:.2f}" if paper is not None else "-",
             ]) + " |")
     table = "\n".join(lines) + "\n"
