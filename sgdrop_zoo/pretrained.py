@@ -111,7 +111,7 @@ def local_weights(record: Dict[str, Any]) -> Optional[Path]:
 
 
 def _record_to_cfg(record: Dict[str, Any]) -> Dict[str, Any]:
-    """The pretrained_cfg fields a checkpoint record sets; the family's ``_cfg`` supplies the rest."""
+    """The pretrained_cfg fields a checkpoint record sets; its architecture's own cfg supplies the rest."""
     top1 = record['metrics'].get('top1')
     local = local_weights(record)
     return dict(

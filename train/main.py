@@ -240,9 +240,6 @@ def check_inputs(args: argparse.Namespace) -> None:
     check_arguments(args)
     if args.train_subset and args.train_subset_per_class:
         raise RecipeError("--train-subset and --train-subset-per-class both choose the training images; pass one")
-    if args.train_subset_per_class < 0:
-        raise RecipeError(f"--train-subset-per-class {args.train_subset_per_class} is negative; pass a number of "
-                          f"images per class, or 0 for all of them")
     if args.log_area_ratio < 0:
         raise RecipeError(f"--log-area-ratio {args.log_area_ratio} is negative; pass a number of validation images, "
                           f"or 0 to turn it off")
@@ -296,7 +293,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         if value < 1:
             raise RecipeError(f"{flag} {value}: pass a positive number")
     for flag, value in (("-j/--workers", args.workers), ("--train-subset", args.train_subset),
-                        ("--start-epoch", args.start_epoch), ("--train-eval-samples", args.train_eval_samples)):
+                        ("--train-subset-per-class", args.train_subset_per_class), ("--start-epoch", args.start_epoch),
+                        ("--train-eval-samples", args.train_eval_samples)):
         if value < 0:
             raise RecipeError(f"{flag} {value} is negative; pass 0 or more")
     if not args.lr > 0:
@@ -429,7 +427,7 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
         args.start_epoch = checkpoint["epoch"]
         best_acc1 = checkpoint["best_acc1"]
         model_without_ddp.load_state_dict(checkpoint["state_dict"])
-        if checkpoint.get("sgdrop_ema") is not None and regularizer_settings(vars(args))["sgdrop_attribution"] == "ema":
+        if checkpoint.get("sgdrop_ema") is not None and model_without_ddp.sgdrop_attribution.value == "ema":
             model_without_ddp.load_ema_state_dict(checkpoint["sgdrop_ema"])
         if not args.evaluate:
             optimizer.load_state_dict(checkpoint["optimizer"])
