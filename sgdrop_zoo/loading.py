@@ -56,12 +56,14 @@ def load_recipe_checkpoint(path: Path, required: Tuple[str, ...] = ()) -> Tuple[
         raise ValueError(f'{path}: not a checkpoint of train/main.py (no {", ".join(missing)}); pass its '
                          f'model_best.pth.tar or the folder holding {WEIGHTS_NAME} and {CONFIG_NAME}.')
     arch, num_classes = checkpoint['arch'], len(checkpoint['class_names'])
-    model = timm.create_model(arch, num_classes=num_classes)
+    # the architecture arguments of --model-kwargs; checkpoints of older versions have none
+    model_kwargs = checkpoint.get('args', {}).get('model_kwargs', {})
+    model = timm.create_model(arch, num_classes=num_classes, **model_kwargs)
     try:
         model.load_state_dict(checkpoint['state_dict'])
     except RuntimeError as e:
-        raise ValueError(f'{path}: its state_dict does not fit {arch} with {num_classes} classes '
-                         f'({str(e)[:200]}).') from e
+        raise ValueError(f'{path}: its state_dict does not fit {arch} with {num_classes} classes and arguments '
+                         f'{model_kwargs} ({str(e)[:200]}).') from e
     return model, checkpoint
 
 

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from torchvision import datasets, transforms
 
 import sgdrop_zoo
+from sgdrop_zoo.cli import main as cli_main
 from sgdrop_zoo.data import CENTER_CROP_PCT
 from sgdrop_zoo.saliency import attribution_area_ratio, grad_cam_maps
 
@@ -138,6 +139,35 @@ def test_two_epoch_run_writes_checkpoints_log_and_export(two_epoch_run: tuple[Pa
 
     assert f"best val Acc@1 {checkpoint['best_acc1']:.3f}" in stdout
     assert str(output / "model_best.pth.tar") in stdout
+
+
+def test_model_kwargs_reach_the_export_and_plain_timm(data_dir: Path, tmp_path: Path):
+    """timm's vgg11 with a narrow head (--model-kwargs mlp_ratio=...): its export and its published folder record the
+    argument, so that plain timm, without sgdrop_zoo, rebuilds the same network and gives the same logits."""
+    output = tmp_path / "run"
+    run_recipe(str(data_dir), *TINY_RUN, "-a", "sgdrop_vgg11", "--model-kwargs", "mlp_ratio=0.03125", "--epochs",
+               "1", "--output", str(output))
+    checkpoint = torch.load(output / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
+    assert checkpoint["args"]["model_kwargs"] == {"mlp_ratio": 0.03125}
+    # 128 = 4096 * 0.03125 output channels of the head's first layer, a 7x7 convolution over 512 channels
+    assert checkpoint["state_dict"]["pre_logits.fc1.weight"].shape == (128, 512, 7, 7)
+    assert json.loads((output / "config.json").read_text())["model_args"]["mlp_ratio"] == 0.03125
+    assert cli_main(["publish", str(output / "checkpoint.pth.tar"), "--repo-id", "org/vgg11", "--dry-run",
+                     "--output", str(tmp_path / "repo")]) == 0
+    config = json.loads((tmp_path / "repo" / "config.json").read_text())
+    assert config["architecture"] == "vgg11" and config["model_args"]["mlp_ratio"] == 0.03125
+    images = torch.randn(2, 3, 32, 32)
+    torch.save(images, tmp_path / "images.pt")
+    script = (f"import sys, timm, torch\n"
+              f"model = timm.create_model('local-dir:{tmp_path / 'repo'}', pretrained=True).eval()\n"
+              f"assert not any(name.startswith('sgdrop_zoo') for name in sys.modules)\n"
+              f"torch.save(model(torch.load('{tmp_path / 'images.pt'}')), '{tmp_path / 'logits.pt'}')\n")
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, timeout=120)
+    model = timm.create_model("sgdrop_vgg11", num_classes=checkpoint["state_dict"]["head.fc.bias"].numel(),
+                              mlp_ratio=0.03125).eval()
+    model.load_state_dict(checkpoint["state_dict"])
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "logits.pt"), model(images))
 
 
 @pytest.mark.parametrize("in_memory", [False, True], ids=["imagefolder", "in_memory"])
@@ -396,6 +426,9 @@ def run_bad_input(capsys: pytest.CaptureFixture, *args: str) -> str:
     (["--train-subset-per-class", "-2"], "--train-subset-per-class -2 is negative"),
     (["--train-subset", "10", "--train-subset-per-class", "2"], "--train-subset and --train-subset-per-class both"),
     (["--start-epoch", "5", "--epochs", "1"], "--start-epoch 5 leaves nothing to train with --epochs 1"),
+    (["--model-kwargs", "sgdrop_rho=0.5"], "--model-kwargs sets sgdrop_rho, which the recipe sets from its own"),
+    (["--model-kwargs", "no_such_argument=1"], "--model-kwargs {'no_such_argument': 1}: sgdrop_vgg_tiny does not "
+                                               "take them"),
 ])
 def test_bad_arguments_stop_before_any_work(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path,
                                             flags: list[str], message: str):
@@ -456,6 +489,12 @@ def test_unreadable_image(capsys: pytest.CaptureFixture, data_dir: Path, tmp_pat
     broken.write_bytes(b"not a jpeg")
     message = run_bad_input(capsys, str(tmp_path / "data"))
     assert f"unreadable image {broken}" in message and "delete or replace it" in message
+
+
+def test_resume_with_other_model_kwargs(capsys: pytest.CaptureFixture, data_dir: Path, one_epoch_run: Path):
+    message = run_bad_input(capsys, str(data_dir), "--epochs", "2", "--model-kwargs", "mlp_ratio=0.125", "--resume",
+                            str(one_epoch_run / "checkpoint.pth.tar"), "--output", str(one_epoch_run))
+    assert "was built with --model-kwargs {}, not {'mlp_ratio': 0.125}; pass the same --model-kwargs" in message
 
 
 def test_resume_from_nothing(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):

@@ -39,6 +39,7 @@ import torchvision.datasets as datasets
 import torchvision.transforms as transforms
 
 import timm
+from timm.utils import ParseKwargs
 
 import sgdrop_zoo
 from sgdrop_zoo.data import (
@@ -109,6 +110,9 @@ def get_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("SGDrop and the paper's protocols")
     group.add_argument("--preset", default=None, choices=sorted(load_presets()),
                        help=f"named defaults from {PRESETS_PATH.name}; explicit flags still win")
+    group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
+                       help="architecture arguments, as timm's train.py takes them, e.g. mlp_ratio=0.03125; the "
+                            "export records them so that plain timm rebuilds the same model")
     group.add_argument("--regularizer", default="sgdrop", choices=("none", "dropout", "sgdrop"),
                        help="sgdrop, or one of the paper's baselines on the same latent features")
     group.add_argument("--sgdrop-rho", default=None, type=float, metavar="RHO",
@@ -244,6 +248,16 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise RecipeError(f"--log-area-ratio {args.log_area_ratio} is negative; pass a number of validation images, "
                           f"or 0 to turn it off")
 
+    reserved = sorted(set(args.model_kwargs) & {"num_classes", "pretrained", *regularizer_settings(vars(args))})
+    if reserved:
+        raise RecipeError(f"--model-kwargs sets {', '.join(reserved)}, which the recipe sets from its own options; "
+                          f"leave them out")
+    try:
+        with torch.device("meta"):  # builds nothing but the module tree
+            create_model(argparse.Namespace(**{**vars(args), "pretrained": False}), num_classes=2)
+    except TypeError as e:
+        raise RecipeError(f"--model-kwargs {args.model_kwargs}: {args.arch} does not take them ({e})") from e
+
     if args.dummy:
         args.class_names = [str(i) for i in range(1000)]
     else:
@@ -276,6 +290,10 @@ def check_inputs(args: argparse.Namespace) -> None:
         if checkpoint.get("arch") != args.arch:
             raise RecipeError(f"--resume {args.resume} holds a {checkpoint.get('arch')!r} model, not {args.arch!r}; "
                               f"pass -a {checkpoint.get('arch')} or a checkpoint of {args.arch}")
+        saved_kwargs = checkpoint.get("args", {}).get("model_kwargs", {})
+        if saved_kwargs != args.model_kwargs:
+            raise RecipeError(f"--resume {args.resume} was built with --model-kwargs {saved_kwargs}, not "
+                              f"{args.model_kwargs}; pass the same --model-kwargs")
         saved_classes = checkpoint.get("class_names")
         if saved_classes is not None and saved_classes != args.class_names:
             raise RecipeError(f"--resume {args.resume} was trained on {len(saved_classes)} other classes than the "
@@ -346,8 +364,9 @@ def create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     """The timm model `args.arch` with the regularizer of `args`; plain timm names get SGDrop added."""
     options = regularizer_settings(vars(args))
     if args.arch.startswith("sgdrop_"):
-        return timm.create_model(args.arch, pretrained=args.pretrained, num_classes=num_classes, **options)
-    model = timm.create_model(args.arch, pretrained=args.pretrained, num_classes=num_classes)
+        return timm.create_model(args.arch, pretrained=args.pretrained, num_classes=num_classes, **options,
+                                 **args.model_kwargs)
+    model = timm.create_model(args.arch, pretrained=args.pretrained, num_classes=num_classes, **args.model_kwargs)
     return sgdrop_zoo.add_sgdrop(model, **options)
 
 
