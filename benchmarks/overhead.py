@@ -20,6 +20,7 @@ from typing import Dict, List
 import timm
 import torch
 import torch.nn.functional as F
+from timm.utils import ParseKwargs
 
 import sgdrop_zoo
 
@@ -37,6 +38,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--image-size', type=int, default=64)
     parser.add_argument('--batch-size', type=int, default=8)
     parser.add_argument('--num-classes', type=int, default=10)
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+                        help='architecture arguments of every model, as timm\'s train.py takes them')
     parser.add_argument('--warmup', type=int, default=2, help='untimed steps per variant')
     parser.add_argument('--steps', type=int, default=5, help='timed steps per variant')
     parser.add_argument('--amp', action='store_true', help='bf16 autocast')
@@ -62,7 +65,8 @@ def time_family(name: str, args: argparse.Namespace, device: torch.device) -> Di
     target = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
     runs = {}
     for variant, kwargs in VARIANTS.items():
-        model = timm.create_model(name, num_classes=args.num_classes, **kwargs).to(device, memory_format=memory_format)
+        model = timm.create_model(name, num_classes=args.num_classes, **kwargs, **args.model_kwargs)
+        model = model.to(device, memory_format=memory_format)
         runs[variant] = (model.train(), torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9))
     times: Dict[str, List[float]] = {variant: [] for variant in VARIANTS}
     for step in range(args.warmup + args.steps):

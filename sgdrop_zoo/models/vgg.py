@@ -4,7 +4,8 @@ VGG: `Very Deep Convolutional Networks for Large-Scale Image Recognition` - http
 SGDrop: `The Overfocusing Bias of Convolutional Neural Networks: A Saliency-Guided Regularization Approach`
     - https://arxiv.org/abs/2409.17370
 
-The architecture is timm's ``VGG`` unchanged, so weights load both ways with ``vgg16`` / ``vgg16.tv_in1k``.
+The architecture is timm's ``VGG`` unchanged, so weights load both ways with ``vgg11`` / ``vgg16`` / ``vgg16.tv_in1k``
+(timm's ``mlp_ratio`` argument narrows the head for small data, and the export records it for plain timm).
 ``sgdrop_vgg_tiny`` is a small VGG (4 stages, 32-256 channels, mlp_ratio 0.0625: a 256-wide 7x7 first head layer) for
 CPU-scale checkpoints and tests.
 """
@@ -57,9 +58,16 @@ def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs(pretrained_cfgs({
+    'sgdrop_vgg11': _cfg(),
     'sgdrop_vgg16': _cfg(),
     'sgdrop_vgg_tiny': _cfg(input_size=(3, 64, 64), pool_size=(4, 4), crop_pct=1.0),
 }))
+
+
+@register_model
+def sgdrop_vgg11(pretrained: bool = False, **kwargs: Any) -> SGDropVGG:
+    """VGG 11-layer model (configuration "A") trained with SGDrop."""
+    return _create_sgdrop_vgg('sgdrop_vgg11', pretrained=pretrained, **kwargs)
 
 
 @register_model
