@@ -4,6 +4,8 @@
 depends on the other, and ``hub`` reads recipe checkpoints with ``load_recipe_checkpoint`` too.
 """
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Set, Tuple
 
@@ -28,8 +30,32 @@ from .pretrained import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = [
     'check_input_channels', 'check_label_names', 'check_output_is_not_source', 'input_size', 'load_model',
-    'load_recipe_checkpoint', 'load_split', 'make_loader', 'split_encoder_head',
+    'load_recipe_checkpoint', 'load_split', 'read_checkpoint', 'make_loader', 'split_encoder_head',
 ]
+
+
+def read_checkpoint(path: Path) -> Dict[str, Any]:
+    """Read a ``torch.save`` checkpoint, tensors on the CPU, without executing pickled code.
+
+    Raises:
+        ValueError: The file is truncated, corrupt, not written by ``torch.save``, or holds no dict; in one line.
+    """
+    try:
+        # weights_only: a checkpoint is data, and unpickling anything else would run its code
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001, a truncated zip, foreign classes, a file that is no checkpoint at all
+        # torch's own messages run to many lines, and some end with advice to load with weights_only=False, which
+        # would run the file's code
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+            reason = 'truncated, or not written by torch.save'
+        elif isinstance(e, pickle.UnpicklingError):
+            reason = 'it holds objects other than tensors and plain data'
+        else:
+            reason = str(e).splitlines()[0].split('. ')[0] if str(e) else type(e).__name__
+        raise ValueError(f'{path}: not a readable checkpoint ({reason}).') from e
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f'{path}: not a checkpoint (it holds a {type(checkpoint).__name__}, not a dict).')
+    return checkpoint
 
 
 def load_recipe_checkpoint(path: Path, required: Tuple[str, ...] = ()) -> Tuple[nn.Module, Dict[str, Any]]:
@@ -45,13 +71,9 @@ def load_recipe_checkpoint(path: Path, required: Tuple[str, ...] = ()) -> Tuple[
     Raises:
         ValueError: The file is unreadable, lacks a key, or its weights do not fit its architecture.
     """
-    try:
-        # weights_only: a checkpoint is data, and unpickling anything else would run its code
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # noqa: BLE001, a truncated zip, foreign classes, a file that is no checkpoint at all
-        raise ValueError(f'{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}).') from e
+    checkpoint = read_checkpoint(path)
     keys = ('arch', 'state_dict', 'class_names', *required)
-    missing = [k for k in keys if not isinstance(checkpoint, dict) or k not in checkpoint]
+    missing = [k for k in keys if k not in checkpoint]
     if missing:
         raise ValueError(f'{path}: not a checkpoint of train/main.py (no {", ".join(missing)}); pass its '
                          f'model_best.pth.tar or the folder holding {WEIGHTS_NAME} and {CONFIG_NAME}.')

@@ -121,6 +121,34 @@ def test_subsets_per_class_are_fixed_and_balanced(small_data: Path, source_dir: 
         finetune(str(source_dir), small_data, tmp_path / 'c', train_subset_per_class=-1, **RUN)
 
 
+def _truncated_checkpoint(path: Path) -> None:
+    torch.save({'state_dict': {'w': torch.zeros(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:200])
+
+
+NOT_CHECKPOINTS = {
+    'text': lambda path: path.write_text('a text file\n'),
+    'random': lambda path: path.write_bytes(bytes(range(256)) * 4),
+    'truncated': _truncated_checkpoint,
+    # a pathlib object, which weights_only refuses to unpickle
+    'foreign_objects': lambda path: torch.save({'state_dict': {}, 'path': path}, path),
+}
+
+
+@pytest.mark.parametrize('kind', NOT_CHECKPOINTS)
+def test_a_file_that_is_no_checkpoint_fails_in_one_line(tmp_path: Path, kind: str):
+    path = tmp_path / 'model_best.pth.tar'
+    NOT_CHECKPOINTS[kind](path)
+    with pytest.raises(ValueError) as error:
+        load_model(str(path))
+    message = str(error.value)
+    reason = ('it holds objects other than tensors and plain data' if kind == 'foreign_objects'
+              else 'truncated, or not written by torch.save')
+    assert message == f'{path}: not a readable checkpoint ({reason}).'
+    # torch's advice to unpickle with weights_only=False would run the file's code: never passed on
+    assert 'weights_only' not in message
+
+
 def test_bad_model_ids_fail_in_one_line(small_data: Path, tmp_path: Path):
     for name, reason in (('sgdrop_vgg_tiny.nosuchtag', 'Invalid pretrained tag (nosuchtag)'),
                          (f'local-dir:{tmp_path / "nowhere"}', 'Config file not found')):

@@ -506,7 +506,9 @@ def test_resume_from_a_corrupt_checkpoint(capsys: pytest.CaptureFixture, data_di
     truncated = tmp_path / "checkpoint.pth.tar"
     torch.save({"arch": "sgdrop_vgg_tiny", "state_dict": {"w": torch.zeros(1000)}}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:200])
-    assert "not a readable checkpoint" in run_bad_input(capsys, str(data_dir), "--resume", str(truncated))
+    message = run_bad_input(capsys, str(data_dir), "--resume", str(truncated))
+    assert f"--resume {truncated}: not a readable checkpoint (truncated, or not written by torch.save)" in message
+    assert message.endswith("Pass an intact checkpoint.pth.tar") and "weights_only" not in message
 
 
 def test_resume_from_another_architecture(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):

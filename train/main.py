@@ -55,6 +55,7 @@ from sgdrop_zoo.data import (
     with_transform,
 )
 from sgdrop_zoo.export import regularizer_settings, save_recipe_export
+from sgdrop_zoo.loading import read_checkpoint
 
 PRESETS_PATH = Path(__file__).with_name("presets.json")
 DUMMY_TRAIN_IMAGES, DUMMY_VAL_IMAGES = 1281167, 50000  # ImageNet's sizes
@@ -350,11 +351,10 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise RecipeError(f"--resume {path}: no such checkpoint file; pass a checkpoint.pth.tar written by this script")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated zip, a pickle with foreign classes, ...
-        raise RecipeError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}); "
-                          f"pass an intact checkpoint.pth.tar") from e
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        checkpoint = read_checkpoint(Path(path))
+    except ValueError as e:
+        raise RecipeError(f"--resume {e} Pass an intact checkpoint.pth.tar") from e
+    if "state_dict" not in checkpoint:
         raise RecipeError(f"--resume {path}: not a checkpoint of this script (no 'state_dict'); "
                           f"pass checkpoint.pth.tar")
     return checkpoint
@@ -900,7 +900,7 @@ def export_for_hub(checkpoint_path: Path, output: Path, args: argparse.Namespace
     The model is rebuilt on the CPU from the checkpoint, so the export holds plain contiguous float32 weights whatever
     the training memory format or compile state.
     """
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(checkpoint_path)
     model = create_model(argparse.Namespace(**{**vars(args), "pretrained": False}), len(args.class_names))
     model.load_state_dict(checkpoint["state_dict"])
     # model_best holds its own epoch, whose top-1 is the best one (checkpoints of older versions have no "acc1")
