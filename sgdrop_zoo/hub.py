@@ -21,7 +21,6 @@ import torch.nn as nn
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
-    HfHubHTTPError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
 )
@@ -251,8 +250,12 @@ def _upload(api: HfApi, folder: Path, repo_id: str, revision: Optional[str], pri
                            f'(hub_configs/ pins their sha256). Choose another --repo-id or a new --revision.')
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
                                    commit_message='Add SGDrop checkpoint')
-    except (HfHubHTTPError, OSError, RuntimeError) as e:  # huggingface_hub wraps failed LFS uploads in RuntimeError
-        cause = f' ({e.__cause__})' if e.__cause__ else ''
+    except HubError:
+        raise
+    # HTTP errors, the transport errors of huggingface_hub's HTTP client (no OSError since it left requests for
+    # httpx) and failed LFS uploads, which it wraps in RuntimeError
+    except Exception as e:  # noqa: BLE001
+        cause = f' ({e.__cause__})' if e.__cause__ and str(e.__cause__) != str(e) else ''
         raise HubError(f'Publishing to {target} failed after retries: {e}{cause}. Nothing was committed; run the same '
                        f'command again once the Hub is reachable.') from e
     return commit.oid, commit.commit_url

@@ -423,6 +423,18 @@ def test_publish_without_token_uploads_nothing(export_dir, monkeypatch, capsys):
     assert 'HF_TOKEN is not set' in capsys.readouterr().err
 
 
+def test_publish_to_an_unreachable_hub_fails_in_one_line(export_dir, tmp_path):
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(('127.0.0.1', 0))
+        endpoint = f'http://127.0.0.1:{closed.getsockname()[1]}'
+    result = run_cli(['publish', str(export_dir), '--repo-id', f'{ORG}/x', '--token-from-env'],
+                     hub_env(endpoint, tmp_path / 'hf', HF_TOKEN='hf_test_token'))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f'error: Publishing to {ORG}/x failed'), result.stderr
+    assert 'Connection refused' in lines[0] and 'Nothing was committed' in lines[0]
+
+
 def test_publish_rejects_bad_input_and_writes_nothing(export_dir, tmp_path):
     broken = tmp_path / 'broken'
     shutil.copytree(export_dir, broken)
