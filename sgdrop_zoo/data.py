@@ -32,7 +32,12 @@ CENTER_CROP_PCT = 224 / 256  # the official Resize(256) + CenterCrop(224), at an
 
 
 class DatasetError(ValueError):
-    """A dataset that cannot be used as it is; the message says what is wrong and what to do."""
+    """A dataset that cannot be used as it is; the message says what is wrong and what to do, in one line."""
+
+    def __init__(self, message: str) -> None:
+        # A DataLoader worker's error reaches the main process raised again with the worker's traceback as its
+        # message; its last line is the error's own.
+        super().__init__(message.strip().splitlines()[-1].removeprefix(f"{__name__}.DatasetError: "))
 
 
 def check_image_folders(root: Path, workers: int) -> list[str]:
@@ -84,12 +89,18 @@ def image_header_error(path: str) -> Optional[str]:
 
 
 def load_rgb(path: str) -> Image.Image:
-    """ImageFolder's loader, with the path of the failing file in its error."""
+    """ImageFolder's loader, whose error names the file: the header check before training cannot see a file that is
+    cut short after its header, which only decoding finds.
+
+    Raises:
+        DatasetError: The image cannot be decoded.
+    """
     try:
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
-    except OSError as e:
-        raise OSError(f"unreadable image {path}: {e}") from e
+    except Exception as e:  # noqa: BLE001, Pillow raises many types for bad files
+        raise DatasetError(f"unreadable image {path} ({str(e) or type(e).__name__}); delete or replace it and "
+                           f"rerun") from e
 
 
 def per_class_subset(order: Sequence[int], targets: Sequence[int], per_class: int) -> list[int]:

@@ -491,6 +491,24 @@ def test_unreadable_image(capsys: pytest.CaptureFixture, data_dir: Path, tmp_pat
     assert f"unreadable image {broken}" in message and "delete or replace it" in message
 
 
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_image_cut_short_after_its_header_stops_the_run_in_one_line(data_dir: Path, tmp_path: Path, workers: str):
+    """The header check before training passes it; decoding fails mid-epoch, in a DataLoader worker or not."""
+    shutil.copytree(data_dir, tmp_path / "data")
+    cut = tmp_path / "data" / "train" / "cat" / "cut.jpg"
+    whole = next((tmp_path / "data" / "train" / "cat").iterdir()).read_bytes()
+    cut.write_bytes(whole[:-50])
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    result = subprocess.run([sys.executable, str(MAIN), str(tmp_path / "data"), *TINY_RUN, "-j", workers, "--epochs",
+                             "1", "--output", str(tmp_path / "run")], capture_output=True, text=True, env=env,
+                            timeout=300, cwd=REPO_ROOT)
+    assert result.returncode == 2, result.stderr
+    assert "=> creating model" in result.stdout  # it failed in training, not in the checks before it
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: unreadable image {cut} (image file is truncated ("), lines
+    assert lines[0].endswith("; delete or replace it and rerun")
+
+
 def test_resume_with_other_model_kwargs(capsys: pytest.CaptureFixture, data_dir: Path, one_epoch_run: Path):
     message = run_bad_input(capsys, str(data_dir), "--epochs", "2", "--model-kwargs", "mlp_ratio=0.125", "--resume",
                             str(one_epoch_run / "checkpoint.pth.tar"), "--output", str(one_epoch_run))

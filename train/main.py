@@ -217,11 +217,26 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.multiprocessing_distributed:
         # world_size is the number of nodes here; it becomes the total number of processes
         args.world_size = ngpus_per_node * args.world_size
-        mp.spawn(main_worker, nprocs=ngpus_per_node, args=(ngpus_per_node, args))
+        try:
+            mp.spawn(run_worker, nprocs=ngpus_per_node, args=(ngpus_per_node, args))
+        except mp.ProcessExitedException as e:  # the process has said why
+            sys.exit(e.exit_code)
     else:
         if args.distributed and torch.cuda.is_available() and args.gpu is None and "LOCAL_RANK" in os.environ:
             args.gpu = int(os.environ["LOCAL_RANK"])  # torchrun: one process per GPU
-        main_worker(args.gpu, ngpus_per_node, args)
+        run_worker(args.gpu, ngpus_per_node, args)
+
+
+def run_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespace) -> None:
+    """`main_worker`, stopped in one line by an image that cannot be decoded (the checks before training read only
+    the headers); the checkpoint of the last finished epoch stays as it was."""
+    try:
+        main_worker(gpu, ngpus_per_node, args)
+    except DatasetError as e:
+        checkpoint = Path(args.output) / "checkpoint.pth.tar"
+        resume = f" (continue the run with --resume {checkpoint})" if checkpoint.exists() else ""
+        print(f"error: {e}{resume}", file=sys.stderr)
+        sys.exit(2)
 
 
 def check_inputs(args: argparse.Namespace) -> None:
