@@ -58,11 +58,20 @@ def check_image_folders(root: Path, workers: int) -> list[str]:
         classes[split] = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
         if not classes[split]:
             raise DatasetError(f"{split_dir} has no class folders; {layout}")
+        hidden = [name for name in classes[split] if name.startswith(".")]
+        if hidden:
+            # ImageFolder takes every folder as a class, .ipynb_checkpoints or .git included
+            raise DatasetError(f"{split_dir / hidden[0]} is a hidden folder, which ImageFolder would take as a class; "
+                               f"move it out of {split_dir}")
         class_to_idx = {name: i for i, name in enumerate(classes[split])}
         split_samples = datasets.folder.make_dataset(split_dir, class_to_idx, datasets.folder.IMG_EXTENSIONS,
                                                      allow_empty=True)
         if not split_samples:
             raise DatasetError(f"{split_dir} holds no images ({', '.join(datasets.folder.IMG_EXTENSIONS)}); {layout}")
+        empty = sorted(set(classes[split]) - {classes[split][target] for _, target in split_samples})
+        if empty:
+            raise DatasetError(f"class folder {split_dir / empty[0]} holds no images "
+                               f"({', '.join(datasets.folder.IMG_EXTENSIONS)}); add images or remove the folder")
         samples += split_samples
     if classes["train"] != classes["val"]:
         only_train = sorted(set(classes["train"]) - set(classes["val"]))

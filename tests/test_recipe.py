@@ -476,6 +476,20 @@ def test_empty_data_folder(capsys: pytest.CaptureFixture, tmp_path: Path):
     assert "holds no images" in run_bad_input(capsys, str(tmp_path))
 
 
+def test_empty_or_hidden_class_folder(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):
+    shutil.copytree(data_dir, tmp_path / "data")
+    (tmp_path / "data" / "val" / "zebra").mkdir()
+    (tmp_path / "data" / "train" / "zebra").mkdir()
+    assert f"class folder {tmp_path / 'data' / 'train' / 'zebra'} holds no images" in run_bad_input(
+        capsys, str(tmp_path / "data"))
+    for split in ("train", "val"):
+        (tmp_path / "data" / split / "zebra").rmdir()
+    (tmp_path / "data" / "train" / ".ipynb_checkpoints").mkdir()
+    message = run_bad_input(capsys, str(tmp_path / "data"))
+    assert f"{tmp_path / 'data' / 'train' / '.ipynb_checkpoints'} is a hidden folder" in message
+    assert "move it out of" in message
+
+
 def test_class_in_train_but_not_in_val(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):
     shutil.copytree(data_dir, tmp_path / "data")
     shutil.rmtree(tmp_path / "data" / "val" / "frog")
