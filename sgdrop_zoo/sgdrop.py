@@ -408,6 +408,12 @@ class SaliencyGuidedDropout:
     def saliency_keep_mask(self, x: torch.Tensor, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Keep-mask for the online ``features`` of ``x``, from the configured attribution source."""
         if self.sgdrop_attribution is AttributionSource.EMA:
+            if getattr(self, '_is_replica', False):
+                # nn.DataParallel's replicas share the model's __dict__, so every device would read the one EMA
+                # network on the first device
+                raise RuntimeError(
+                    "SGDrop's EMA attribution does not run under nn.DataParallel: train with DistributedDataParallel "
+                    "(torchrun; train/main.py does), or build the model with sgdrop_attribution='online'.")
             attribution_net = self._ensure_ema().module
             with torch.no_grad():
                 attribution_features = attribution_net.forward_features(x)

@@ -215,6 +215,23 @@ def test_update_ema_is_noop_for_online():
     assert model.ema_model is None and model.ema_state_dict() is None
 
 
+def data_parallel_replica(model: nn.Module) -> nn.Module:
+    """What nn.DataParallel runs on each GPU: a Module._replicate_for_data_parallel copy, which shares the model's
+    __dict__, given parameters (here the model's own; replicate() gives each device's copies)."""
+    replica = model._replicate_for_data_parallel()
+    replica._parameters = dict(model._parameters)
+    return replica
+
+
+def test_data_parallel_replicas_refuse_ema_attribution_and_run_online():
+    # the replicas would share the one EMA network of the first device
+    replica = data_parallel_replica(reference_model(attribution='ema'))
+    with pytest.raises(RuntimeError, match='does not run under nn.DataParallel: train with DistributedDataParallel'):
+        replica(LATENT.clone(), target=LABELS)
+    replica = data_parallel_replica(reference_model(attribution='online'))
+    assert torch.equal(replica(LATENT.clone(), target=LABELS), LOGITS_RHO_HALF)
+
+
 def test_ema_stays_out_of_state_dict_and_parameters_and_roundtrips():
     model = reference_model(attribution='ema')
     model(LATENT.clone(), target=LABELS)
