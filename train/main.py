@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 import warnings
-from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -39,7 +38,7 @@ import torchvision.datasets as datasets
 import torchvision.transforms as transforms
 
 import timm
-from timm.utils import ParseKwargs
+from timm.utils import AverageMeter, ParseKwargs, accuracy, random_seed
 
 import sgdrop_zoo
 from sgdrop_zoo.data import (
@@ -415,8 +414,7 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
         device = torch.device("cpu")
     if args.seed is not None:
         # the same seed on every process would give every process the same dropout masks
-        random.seed(args.seed + args.rank)
-        torch.manual_seed(args.seed + args.rank)
+        random_seed(args.seed, args.rank)
         cudnn.deterministic = True
         cudnn.benchmark = False
     else:
@@ -747,12 +745,10 @@ def train(train_loader: Any, model: nn.Module, model_without_ddp: nn.Module, cri
           optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, epoch: int, device: torch.device,
           args: argparse.Namespace) -> dict[str, float]:
     """Train for one epoch; returns the loss and the accuracy of the (SGDrop-masked) training logits."""
-    batch_time = AverageMeter("Time", ":6.3f")
-    data_time = AverageMeter("Data", ":6.3f")
-    losses = AverageMeter("Loss", ":.4e")
-    top1 = AverageMeter("Acc@1", ":6.2f")
-    top5 = AverageMeter("Acc@5", ":6.2f")
-    progress = ProgressMeter(len(train_loader), [batch_time, data_time, losses, top1, top5],
+    batch_time, data_time, losses, top1, top5 = (AverageMeter() for _ in range(5))
+    progress = ProgressMeter(len(train_loader), {"Time": (batch_time, "6.3f"), "Data": (data_time, "6.3f"),
+                                                 "Loss": (losses, ".4e"), "Acc@1": (top1, "6.2f"),
+                                                 "Acc@5": (top5, "6.2f")},
                              prefix=f"Epoch: [{epoch}]", enabled=args.is_main)
     amp_dtype = getattr(torch, args.amp_dtype)
 
@@ -777,8 +773,8 @@ def train(train_loader: Any, model: nn.Module, model_without_ddp: nn.Module, cri
         # measure accuracy and record loss
         acc1, acc5 = accuracy(output, target, topk=(1, 5))
         losses.update(loss.item(), images.size(0))
-        top1.update(acc1[0].item(), images.size(0))
-        top5.update(acc5[0].item(), images.size(0))
+        top1.update(acc1.item(), images.size(0))
+        top5.update(acc5.item(), images.size(0))
 
         # compute gradient and do optimizer step
         optimizer.zero_grad(set_to_none=True)
@@ -795,8 +791,7 @@ def train(train_loader: Any, model: nn.Module, model_without_ddp: nn.Module, cri
             progress.display(i + 1)
 
     if args.distributed:
-        for meter in (losses, top1, top5):
-            meter.all_reduce(device)
+        all_reduce_meters((losses, top1, top5), device)
     return {"loss": losses.avg, "acc1": top1.avg, "acc5": top5.avg, "count": top1.count}
 
 
@@ -807,12 +802,10 @@ def validate(val_loader: Any, model: nn.Module, criterion: nn.Module, device: to
     The unwrapped model is used so that processes with one batch more or less than the others never wait on a DDP
     collective.
     """
-    batch_time = AverageMeter("Time", ":6.3f", Summary.NONE)
-    losses = AverageMeter("Loss", ":.4e", Summary.NONE)
-    top1 = AverageMeter("Acc@1", ":6.2f", Summary.AVERAGE)
-    top5 = AverageMeter("Acc@5", ":6.2f", Summary.AVERAGE)
-    progress = ProgressMeter(len(val_loader), [batch_time, losses, top1, top5], prefix=f"{name}: ",
-                             enabled=args.is_main)
+    batch_time, losses, top1, top5 = (AverageMeter() for _ in range(4))
+    progress = ProgressMeter(len(val_loader), {"Time": (batch_time, "6.3f"), "Loss": (losses, ".4e"),
+                                               "Acc@1": (top1, "6.2f"), "Acc@5": (top5, "6.2f")},
+                             prefix=f"{name}: ", enabled=args.is_main)
     amp_dtype = getattr(torch, args.amp_dtype)
 
     # switch to evaluate mode
@@ -834,8 +827,8 @@ def validate(val_loader: Any, model: nn.Module, criterion: nn.Module, device: to
             # measure accuracy and record loss
             acc1, acc5 = accuracy(output, target, topk=(1, 5))
             losses.update(loss.item(), images.size(0))
-            top1.update(acc1[0].item(), images.size(0))
-            top5.update(acc5[0].item(), images.size(0))
+            top1.update(acc1.item(), images.size(0))
+            top5.update(acc5.item(), images.size(0))
 
             # measure elapsed time
             batch_time.update(time.time() - end)
@@ -845,9 +838,8 @@ def validate(val_loader: Any, model: nn.Module, criterion: nn.Module, device: to
                 progress.display(i + 1)
 
     if args.distributed:
-        for meter in (losses, top1, top5):
-            meter.all_reduce(device)
-    progress.display_summary()
+        all_reduce_meters((losses, top1, top5), device)
+    progress.display_summary(["Acc@1", "Acc@5"])
     return {"loss": losses.avg, "acc1": top1.avg, "acc5": top5.avg, "count": int(top1.count)}
 
 
@@ -938,60 +930,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class Summary(Enum):
-    NONE = 0
-    AVERAGE = 1
-    SUM = 2
-    COUNT = 3
-
-
-class AverageMeter:
-    """Computes and stores the average and current value"""
-
-    def __init__(self, name: str, fmt: str = ":f", summary_type: Summary = Summary.AVERAGE):
-        self.name = name
-        self.fmt = fmt
-        self.summary_type = summary_type
-        self.reset()
-
-    def reset(self) -> None:
-        self.val = 0.0
-        self.avg = 0.0
-        self.sum = 0.0
-        self.count = 0
-
-    def update(self, val: float, n: int = 1) -> None:
-        self.val = val
-        self.sum += val * n
-        self.count += n
-        self.avg = self.sum / self.count
-
-    def all_reduce(self, device: torch.device) -> None:
-        # float64: the counts of large validation sets stay exact
-        total = torch.tensor([self.sum, self.count], dtype=torch.float64, device=device)
-        dist.all_reduce(total, dist.ReduceOp.SUM, async_op=False)
-        self.sum, self.count = total[0].item(), int(total[1].item())
-        self.avg = self.sum / max(self.count, 1)
-
-    def __str__(self) -> str:
-        fmtstr = "{name} {val" + self.fmt + "} ({avg" + self.fmt + "})"
-        return fmtstr.format(**self.__dict__)
-
-    def summary(self) -> str:
-        if self.summary_type is Summary.NONE:
-            return ""
-        if self.summary_type is Summary.AVERAGE:
-            return "{name} {avg:.3f}".format(**self.__dict__)
-        if self.summary_type is Summary.SUM:
-            return "{name} {sum:.3f}".format(**self.__dict__)
-        return "{name} {count:.3f}".format(**self.__dict__)
+def all_reduce_meters(meters: Sequence[AverageMeter], device: torch.device) -> None:
+    """Sum each meter's sum and count over the processes, so that its average is over all their images."""
+    # float64: the counts of large validation sets stay exact
+    totals = torch.tensor([[meter.sum, meter.count] for meter in meters], dtype=torch.float64, device=device)
+    dist.all_reduce(totals, dist.ReduceOp.SUM)
+    for meter, (total, count) in zip(meters, totals.tolist()):
+        meter.sum, meter.count = total, int(count)
+        meter.avg = meter.sum / max(meter.count, 1)
 
 
 class ProgressMeter:
-    """Prints the meters every few batches, on the main process only."""
+    """Prints named meters every few batches and their averages at the end, on the main process only."""
 
-    def __init__(self, num_batches: int, meters: list[AverageMeter], prefix: str = "", enabled: bool = True):
-        self.batch_fmtstr = self._get_batch_fmtstr(num_batches)
+    def __init__(self, num_batches: int, meters: dict[str, tuple[AverageMeter, str]], prefix: str = "",
+                 enabled: bool = True):
+        """`meters` maps each name to its meter and the format of its values, e.g. "6.3f"."""
+        digits = len(str(num_batches))
+        self.batch_fmtstr = f"[{{:{digits}d}}/{num_batches:{digits}d}]"
         self.meters = meters
         self.prefix = prefix
         self.enabled = enabled
@@ -999,37 +955,13 @@ class ProgressMeter:
     def display(self, batch: int) -> None:
         if self.enabled:
             entries = [self.prefix + self.batch_fmtstr.format(batch)]
-            entries += [str(meter) for meter in self.meters]
+            entries += [f"{name} {meter.val:{fmt}} ({meter.avg:{fmt}})" for name, (meter, fmt) in self.meters.items()]
             print("\t".join(entries), flush=True)
 
-    def display_summary(self) -> None:
+    def display_summary(self, names: Sequence[str]) -> None:
         if self.enabled:
-            entries = [" *"]
-            entries += [meter.summary() for meter in self.meters if meter.summary()]
-            entries += [f"({self.meters[-1].count} images)"]
-            print(" ".join(entries), flush=True)
-
-    def _get_batch_fmtstr(self, num_batches: int) -> str:
-        num_digits = len(str(num_batches // 1))
-        fmt = "{:" + str(num_digits) + "d}"
-        return "[" + fmt + "/" + fmt.format(num_batches) + "]"
-
-
-def accuracy(output: torch.Tensor, target: torch.Tensor, topk: tuple[int, ...] = (1,)) -> list[torch.Tensor]:
-    """Computes the accuracy over the k top predictions for the specified values of k (k capped at the classes)"""
-    with torch.no_grad():
-        maxk = min(max(topk), output.shape[1])
-        batch_size = target.size(0)
-
-        _, pred = output.topk(maxk, 1, True, True)
-        pred = pred.t()
-        correct = pred.eq(target.view(1, -1).expand_as(pred))
-
-        res = []
-        for k in topk:
-            correct_k = correct[:k].reshape(-1).float().sum(0, keepdim=True)
-            res.append(correct_k.mul_(100.0 / batch_size))
-        return res
+            averages = " ".join(f"{name} {self.meters[name][0].avg:.3f}" for name in names)
+            print(f" * {averages} ({self.meters[names[0]][0].count} images)", flush=True)
 
 
 if __name__ == "__main__":
