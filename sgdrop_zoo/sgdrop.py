@@ -145,7 +145,11 @@ def saliency_mask(attribution: torch.Tensor, rho: float) -> torch.Tensor:
     Returns:
         Boolean tensor shaped like ``attribution``, True where the feature is kept.
     """
-    rho = _check_rho(rho)
+    return _saliency_mask(attribution, _check_rho(rho))
+
+
+def _saliency_mask(attribution: torch.Tensor, rho: float) -> torch.Tensor:
+    """``saliency_mask`` for a rho already checked, as the model's setting is: nothing is validated per step."""
     num_features = attribution[0].numel()
     k = num_dropped_features(rho, num_features)
     if k == 0:
@@ -423,7 +427,7 @@ class SaliencyGuidedDropout:
         # Eval mode so dropout or batch statistics in the head neither randomise nor couple the attributions.
         with _eval_mode(attribution_net):
             attribution = latent_attribution(attribution_net.forward_head, attribution_features, target)
-        return saliency_mask(attribution, self.sgdrop_rho)
+        return _saliency_mask(attribution, self.sgdrop_rho)
 
     def forward(self, x: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits of ``x``; in train mode with ``target`` (class indices, shape (B,)) through the SGDrop mask."""
