@@ -301,6 +301,7 @@ def publish_checkpoint(
         # built next to its destination and renamed into place, so a failure leaves no partial folder
         with tempfile.TemporaryDirectory(dir=dry_run_dir.parent, prefix=f'.{dry_run_dir.name}.') as tmp:
             record = prepare_hub_folder(source, tmp, repo_id, dataset=dataset, tag=tag, license=license)
+            Path(tmp).chmod(0o755)  # a repo folder, for everyone to read (TemporaryDirectory creates it private)
             os.replace(tmp, dry_run_dir)
             Path(tmp).mkdir()  # TemporaryDirectory removes its path on exit
         return PublishResult(repo_id, str(dry_run_dir), None, record)

@@ -251,6 +251,8 @@ def test_dry_run_writes_the_repo_folder_and_loads_locally(export_dir, tmp_path):
     assert result.commit is None and sorted(p.name for p in target.iterdir()) == [
         'README.md', 'config.json', 'model.safetensors']
     assert sorted(p.name for p in tmp_path.iterdir()) == ['dry']  # no temporary folder left behind
+    # what a repo holds is for everyone to read
+    assert [oct(p.stat().st_mode & 0o777) for p in (target, *sorted(target.iterdir()))] == ['0o755'] + ['0o644'] * 3
     assert (target / 'model.safetensors').read_bytes() == (export_dir / 'model.safetensors').read_bytes()
     record = result.hub_config
     assert record['architecture'] == 'sgdrop_convnext_tiny' and record['base_architecture'] == 'convnext_tiny'
