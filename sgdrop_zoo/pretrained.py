@@ -237,15 +237,28 @@ def build_model_with_checked_weights(
     The checked file is handed to timm as ``pretrained_cfg_overlay['file']``, so timm's own loading (safetensors,
     head adaptation when ``num_classes`` differs, filter function) runs unchanged. Weights named by the caller
     (``hf-hub:``, ``local-dir:``, a ``pretrained_cfg`` or an overlay with its own source) are loaded as timm loads them.
+
+    A tag's architecture arguments (its record's ``model_args``, e.g. vgg11's narrow ``mlp_ratio``) apply when its
+    weights are loaded or the tag is named, as ``hf-hub:`` and ``local-dir:`` apply those of ``config.json``; the
+    caller's own keyword arguments win. The model records them, so that its exports rebuild it in plain timm.
     """
-    if pretrained:
+    # timm passes the tag of 'name.tag' as a string pretrained_cfg; a dict or PretrainedCfg is the caller's own
+    tag_named = isinstance(kwargs.get('pretrained_cfg'), str)
+    record_args = {}
+    if pretrained or tag_named:
         overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
-        # timm passes the tag of 'name.tag' as a string pretrained_cfg; a dict or PretrainedCfg is the caller's own
         own_source = not isinstance(kwargs.get('pretrained_cfg'), (str, type(None))) or any(
             overlay.get(key) is not None for key in ('source', 'file', 'url', 'state_dict', 'hf_hub_id'))
         cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), overlay)
         record = _records().get(f'{variant}.{cfg.tag}')
         if record is not None and not own_source:
-            overlay['file'] = str(checked_record_weights(f'{variant}.{cfg.tag}', record))
-            kwargs['pretrained_cfg_overlay'] = overlay
-    return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
+            record_args = {key: value for key, value in record.get('model_args', {}).items() if key not in kwargs}
+            kwargs.update(record_args)
+            if pretrained:
+                overlay['file'] = str(checked_record_weights(f'{variant}.{cfg.tag}', record))
+                kwargs['pretrained_cfg_overlay'] = overlay
+    model = build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
+    if record_args:
+        # timm's create_model adds its own keyword arguments to these
+        model._model_args = dict(getattr(model, '_model_args', {}), **record_args)
+    return model

@@ -90,23 +90,31 @@ def test_tags_load_offline_and_classify_the_check_images_as_recorded(tmp_path):
 def test_plain_timm_loads_the_folders_with_identical_logits(tmp_path):
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     torch.save(images, tmp_path / 'images.pt')
-    plain = [(name, r) for name, r in zip(NAMES, RECORDS) if timm.is_model(r['base_architecture'])
-             and not r['base_architecture'].startswith('sgdrop_')]
-    assert len(plain) >= 2  # resnet and convnext; sgdrop_vgg_tiny has no plain timm counterpart
+    # every shipped folder names a plain timm architecture, with the arguments that rebuild it (vgg11's mlp_ratio)
+    assert not any(r['base_architecture'].startswith('sgdrop_') for r in RECORDS)
     code = f'''
         import sys, timm, torch
         images = torch.load({str(tmp_path / 'images.pt')!r})
-        for name, folder in {[(n, str(hub_configs_dir() / r['local_dir'])) for n, r in plain]!r}:
+        for name, folder in {[(n, str(hub_configs_dir() / r['local_dir'])) for n, r in zip(NAMES, RECORDS)]!r}:
             model = timm.create_model('local-dir:' + folder, pretrained=True).eval()
             with torch.no_grad():
                 torch.save(model(images), {str(tmp_path)!r} + '/' + name + '.pt')
         assert 'sgdrop_zoo' not in sys.modules
     '''
     _run(code, _offline_env(tmp_path))
-    for name, _ in plain:
+    for name in NAMES:
         model = timm.create_model(name, pretrained=True).eval()
         with torch.no_grad():
             assert torch.equal(torch.load(tmp_path / f'{name}.pt'), model(images)), name
+
+
+@pytest.mark.parametrize('record', RECORDS, ids=NAMES)
+def test_tag_applies_and_records_its_architecture_arguments(record):
+    """A tag builds its checkpoint's architecture (e.g. vgg11's narrow head), and a model fine-tuned from it records
+    those arguments, so that its own export rebuilds it in plain timm."""
+    model = timm.create_model(f'{record["architecture"]}.{record["tag"]}', pretrained=True, num_classes=3)
+    assert model.num_classes == 3
+    assert record['model_args'].items() <= timm.models.get_model_args(model).items()
 
 
 def test_changed_or_missing_weights_are_refused(tmp_path):
