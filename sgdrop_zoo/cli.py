@@ -10,6 +10,7 @@
 """
 import argparse
 import json
+import shlex
 import sys
 from typing import List, Optional
 
@@ -83,7 +84,8 @@ def finetune_command(args: argparse.Namespace) -> int:
 def saliency_command(args: argparse.Namespace) -> int:
     results = saliency_report(args.model, args.data, args.output, split=args.split, image_size=args.image_size,
                               batch_size=args.batch_size, grid_images=args.grid_images, workers=args.workers,
-                              num_images=args.num_images, labels=args.label)
+                              num_images=args.num_images, labels=args.label,
+                              command=shlex.join(['sgdrop-zoo', *args.argv]))
     print(format_table(results))
     print(f'wrote {args.output}/saliency.json and {args.output}/saliency_grid.png', file=sys.stderr)
     return 0
@@ -176,6 +178,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import sgdrop_zoo  # noqa: F401  (registers the models with timm)
 
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # what the results record
     try:
         return args.func(args)
     except (ValueError, TypeError, HubError) as error:

@@ -188,6 +188,7 @@ def saliency_report(
         workers: int = 2,
         num_images: Optional[int] = None,
         labels: Optional[Sequence[str]] = None,
+        command: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Accuracy, attribution area ratio and neuron coverage of each model on ``data/split``, plus the PNG grid.
 
@@ -203,6 +204,7 @@ def saliency_report(
         num_images: Measure a fixed random subset of this many images of the split, the same for every model and
             every call (a permutation seeded with 0); default: the whole split, in folder order.
         labels: Names of the models in the JSON, the table and the grid; default: ``model_names``.
+        command: The command line that asked for the report, recorded in ``saliency.json``.
 
     Returns:
         What ``saliency.json`` holds.
@@ -219,7 +221,8 @@ def saliency_report(
         splits = sorted(p.name for p in data.iterdir() if p.is_dir())
         raise DatasetError(f'{data} has no {split!r} split; pass --split as one of {splits}.')
     output.mkdir(parents=True, exist_ok=True)
-    results: Dict[str, Any] = dict(data=str(data), split=split, area_threshold=AREA_THRESHOLD, models={})
+    results: Dict[str, Any] = dict(command=command, data=str(data), split=split, area_threshold=AREA_THRESHOLD,
+                                   models={})
     grid_maps, grid_predictions, shown = {}, {}, None
     for source, name in zip(model_names, labels or model_names):
         model = load_model(source).eval()

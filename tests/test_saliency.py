@@ -1,5 +1,6 @@
 """Attribution area ratio, neuron coverage, Grad-CAM grid and training-curve plots, on CPU."""
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from PIL import Image
 from timm.models import save_for_hf
 
 import sgdrop_zoo  # noqa: F401  (registers sgdrop_vgg_tiny)
+from sgdrop_zoo.cli import main as cli_main
 from sgdrop_zoo.data import DatasetError
 from sgdrop_zoo.plots import plot_runs
 from sgdrop_zoo.saliency import (
@@ -128,6 +130,18 @@ def test_saliency_report_fixed_subset_and_labels(small_data: Path, tmp_path: Pat
         saliency_report([str(folder)], small_data, tmp_path / 'c', **{**kwargs, 'num_images': 7})
     with pytest.raises(ValueError, match='one label per model'):
         saliency_report([str(folder)], small_data, tmp_path / 'c', labels=['a', 'b'], **kwargs)
+
+
+def test_saliency_command_records_itself(small_data: Path, tmp_path: Path):
+    folder = tmp_path / 'model'
+    save_for_hf(timm.create_model('sgdrop_vgg_tiny', num_classes=3), folder,
+                model_config=dict(label_names=['airplane', 'automobile', 'bird']), safe_serialization=True)
+    argv = ['saliency', '--model', str(folder), '--data', str(small_data), '--output', str(tmp_path / 'out'),
+            '--image-size', '32', '--grid-images', '2', '--workers', '0', '--label', 'a model']
+    assert cli_main(argv) == 0
+    saved = json.loads((tmp_path / 'out' / 'saliency.json').read_text())
+    assert saved['command'] == shlex.join(['sgdrop-zoo', *argv])
+    assert list(saved['models']) == ['a model']
 
 
 def test_saliency_rejects_other_classes_and_empty_val(small_data: Path, tmp_path: Path):
