@@ -75,6 +75,8 @@ PROTOCOLS: Dict[str, Dict] = {
         # timm's vgg11 with a 128-wide first head layer instead of 4096: 13.0M parameters, which plain timm rebuilds
         # from the export's model_args
         "model_kwargs": {"sgdrop_vgg11": {"mlp_ratio": 0.03125}},
+        # the SGDrop checkpoints benchmarks/ship_zoo.py ships, one per family: those plain timm rebuilds
+        "ship": ["sgdrop_resnet10t", "sgdrop_convnext_atto", "sgdrop_vgg11"],
         "methods": ["vanilla", "sgdrop"],
         "seeds": [0, 1, 2],
         "args": ["--preset", "lowdata", "--image-size", "64", "--epochs", "40", "--train-subset-per-class", "150",

@@ -1,7 +1,8 @@
 """Ship the zoo's checkpoints: the SGDrop run of the median seed of each family of a finished study.
 
-For every architecture of the study's results, takes the SGDrop run whose final val top-1 is the median of its seeds
-(the lower middle one for an even count; the rule was fixed before training), and writes:
+For every architecture the zoo protocol of ``benchmarks/reproduce.py`` ships (those plain timm can rebuild), takes the
+SGDrop run whose final val top-1 is the median of its seeds (the lower middle one for an even count; the rule was fixed
+before training), and writes:
 
 - ``hub_configs/<arch>.<tag>/``: the folder of a Hub repo (``model.safetensors`` in float16, timm ``config.json``,
   model card ``README.md``), ready for ``sgdrop-zoo publish hub_configs/<arch>.<tag> --repo-id ORG/<arch>.<tag>``;
@@ -32,10 +33,11 @@ from timm.data import ImageNetInfo, create_transform, resolve_model_data_config
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets
 
-import sgdrop_zoo  # noqa: F401, registers sgdrop_vgg_tiny, which local-dir: folders of it name
 from sgdrop_zoo.hub import prepare_hub_folder
 from sgdrop_zoo.model_card import render_model_card
 from sgdrop_zoo.pretrained import WEIGHTS_NAME, sha256_of_file
+
+from reproduce import PROTOCOLS  # benchmarks/reproduce.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 TAG = 'imagenette_64'
@@ -121,7 +123,7 @@ def ship(arch: str, runs: List[Dict[str, Any]], data: Path, runs_dir: Path, resu
 
         seeds, vanilla = (mean_std([r['final_val_acc1'] for r in group]) for group in (sgdrop_runs, vanilla_runs))
         command = (f'python benchmarks/ship_zoo.py --data ../shared/data/{data.name} '
-                   f'--results-dir {os.path.relpath(results_dir, REPO)}')
+                   f'--results-dir {os.path.relpath(results_dir, REPO)} --archs {arch}')
         record.update(
             hf_hub_id=None,
             local_dir=name,
@@ -142,8 +144,8 @@ def ship(arch: str, runs: List[Dict[str, Any]], data: Path, runs_dir: Path, resu
                 params=sum(p.numel() for p in model.parameters()),
                 file_mib=round((Path(tmp) / WEIGHTS_NAME).stat().st_size / 2 ** 20, 2),
                 gflops=round(forward_gflops(model), 3),
-                step_overhead=overhead['results'][arch]['sgdrop_ema_overhead'],
-                step_overhead_command=overhead['command'],
+                step_overhead=overhead[arch]['sgdrop_ema_overhead'],
+                step_overhead_command=overhead[arch]['command'],
                 area_ratio=round(statistics.mean(r['curve'][-1]['val_area_ratio'] for r in sgdrop_runs), 3),
                 vanilla_area_ratio=round(statistics.mean(r['curve'][-1]['val_area_ratio'] for r in vanilla_runs), 3),
                 check=dict(images=CHECK_IMAGES, rule='first 100 of torch.randperm(num_images, seed 0), folder order',
@@ -176,14 +178,21 @@ def main() -> None:
     parser.add_argument('--results-dir', type=Path, default=REPO / 'benchmarks' / 'results' / 'zoo_cpu')
     parser.add_argument('--runs-dir', type=Path, default=REPO / 'runs' / 'reproduce' / 'zoo',
                         help='the study\'s recipe output folders')
-    parser.add_argument('--overhead', type=Path, default=None,
-                        help='benchmarks/overhead.py results of the models (default: RESULTS_DIR/overhead.json)')
+    parser.add_argument('--archs', nargs='+', default=PROTOCOLS['zoo']['ship'], choices=PROTOCOLS['zoo']['ship'],
+                        help='ship only these of the zoo protocol\'s architectures (default: all of them)')
     args = parser.parse_args()
+    protocol = PROTOCOLS['zoo']
     runs = [json.loads(p.read_text()) for p in sorted(args.results_dir.glob('*__*__seed*.json'))]
-    if not runs:
-        sys.exit(f'error: no run results in {args.results_dir}; run benchmarks/reproduce.py zoo first')
-    overhead = json.loads((args.overhead or args.results_dir / 'overhead.json').read_text())
-    for arch in dict.fromkeys(r['arch'] for r in runs):
+    missing = [arch for arch in args.archs if not any(r['arch'] == arch for r in runs)]
+    if missing:
+        sys.exit(f'error: no run results of {", ".join(missing)} in {args.results_dir}; run benchmarks/reproduce.py '
+                 f'zoo first')
+    # benchmarks/overhead.py results, one file per set of --model-kwargs
+    overhead = {}
+    for name in protocol['overhead']:
+        report = json.loads((args.results_dir / name).read_text())
+        overhead.update({arch: dict(result, command=report['command']) for arch, result in report['results'].items()})
+    for arch in args.archs:
         ship(arch, runs, args.data.resolve(), args.runs_dir.resolve(), args.results_dir.resolve(), overhead)
 
 
