@@ -277,7 +277,7 @@ def test_model_card_renders_checkpoint_facts(export_dir, tmp_path):
                  '@article{bertoin2024overfocusing', 'ResNet50', 'CNNs only'):
         assert fact in text, fact
     zoo = render_model_card([record]).text
-    assert '| `sgdrop_convnext_tiny.pets` | `convnext_tiny` | tiny-pets | 32x32 | 66.667 |' in zoo
+    assert '| `sgdrop_convnext_tiny.pets` | `convnext_tiny` | tiny-pets | 32x32 | 66.67 |' in zoo
 
 
 def test_model_card_md_is_generated_from_hub_configs():
