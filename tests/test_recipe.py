@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -402,7 +403,8 @@ def test_sigkill_during_training_resumes_from_last_complete_epoch(data_dir: Path
 
 def run_bad_input(capsys: pytest.CaptureFixture, *args: str) -> str:
     """Runs main() in-process, checks it stops with exit code 2 before training, returns its one-line message."""
-    with pytest.raises(SystemExit) as stopped:
+    with pytest.raises(SystemExit) as stopped, warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning printed before the error would make it two lines
         recipe.main([*TINY_RUN, *args])
     assert stopped.value.code == 2
     captured = capsys.readouterr()

@@ -189,12 +189,6 @@ def rho_for_arch(arch: str, rho_by_arch: list[list]) -> float:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
 
-    if args.seed is not None and torch.cuda.is_available():
-        warnings.warn("You have chosen to seed training. This will turn on the CUDNN deterministic setting, "
-                      "which can slow down your training considerably!")
-    if args.gpu is not None:
-        warnings.warn("You have chosen a specific GPU. This will completely disable data parallelism.")
-
     try:
         check_inputs(args)
     except (RecipeError, DatasetError) as e:
@@ -202,6 +196,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+    if args.seed is not None and torch.cuda.is_available():
+        warnings.warn("You have chosen to seed training. This will turn on the CUDNN deterministic setting, "
+                      "which can slow down your training considerably!")
+    if args.gpu is not None:
+        warnings.warn("You have chosen a specific GPU. This will completely disable data parallelism.")
 
     if args.dist_url == "env://" and args.world_size == -1:
         args.world_size = int(os.environ["WORLD_SIZE"])
