@@ -15,6 +15,11 @@ from the study's float32 figure by more than 0.1 points. It also records the exa
 100-image subset of the split, which the tests check on every run.
 
     python benchmarks/ship_zoo.py --data ../shared/data/imagenette
+
+Seeds that finish after a checkpoint shipped change its record, not its weights, while the median seed stays the
+same; ``--keep-weights`` then re-evaluates the shipped folder and rewrites its record and card without the run folders:
+
+    python benchmarks/ship_zoo.py --data ../shared/data/imagenette --archs sgdrop_vgg11 --keep-weights
 """
 import argparse
 import json
@@ -93,23 +98,51 @@ def to_float16(path: Path) -> None:
     save_file(half, path, metadata={'format': 'pt'})
 
 
+def export_run(name: str, source: Path, folder: Path) -> Dict[str, Any]:
+    """Write a run's last-epoch checkpoint as a Hub-repo folder (float16 weights, timm config.json); its record."""
+    record = prepare_hub_folder(source, folder, f'sgdrop-zoo/{name}', dataset=DATASET, tag=TAG)
+    to_float16(folder / WEIGHTS_NAME)
+    config_path = folder / 'config.json'
+    config = json.loads(config_path.read_text())
+    info = ImageNetInfo()
+    config['label_descriptions'] = {s: info.label_name_to_description(s) for s in config['label_names']}
+    config_path.write_text(json.dumps(config, indent=2) + '\n')
+    return record
+
+
+def reuse_shipped(name: str, seed: int, shipped: Path, folder: Path) -> Dict[str, Any]:
+    """Copy the weights and config.json already shipped as ``name`` into ``folder``; its record.
+
+    For a study that gained seeds after shipping, once its run folders are gone: the median seed must still be the
+    shipped one, and the shipped weights must still have the record's sha256.
+    """
+    record = json.loads((shipped.parent / f'{name}.json').read_text())
+    if record['metrics']['seed'] != seed:
+        raise SystemExit(f'error: {name}: the median seed is now {seed}, the shipped weights are seed '
+                         f'{record["metrics"]["seed"]}\'s; ship it from its run folder (without --keep-weights)')
+    if sha256_of_file(shipped / WEIGHTS_NAME) != record['sha256']:
+        raise SystemExit(f'error: {name}: {shipped / WEIGHTS_NAME} does not have its record\'s sha256; restore it '
+                         f'(git checkout) or ship from the run folder')
+    for file in (WEIGHTS_NAME, 'config.json'):
+        shutil.copyfile(shipped / file, folder / file)
+    return record
+
+
 def ship(arch: str, runs: List[Dict[str, Any]], data: Path, runs_dir: Path, results_dir: Path,
-         overhead: Dict[str, Any]) -> Dict[str, Any]:
+         overhead: Dict[str, Any], keep_weights: bool = False) -> Dict[str, Any]:
     sgdrop_runs = [r for r in runs if r['arch'] == arch and r['method'] == 'sgdrop']
     vanilla_runs = [r for r in runs if r['arch'] == arch and r['method'] == 'vanilla']
     chosen = median_run(sgdrop_runs)
     name = f'{arch}.{TAG}'
-    # the last epoch's weights, which the study's top-1 measures (the run's own export holds its best epoch's)
-    source = runs_dir / f'{arch}__sgdrop__seed{chosen["seed"]}' / 'checkpoint.pth.tar'
     folder = REPO / 'hub_configs' / name
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f'.{name}.') as tmp:
-        record = prepare_hub_folder(source, tmp, f'sgdrop-zoo/{name}', dataset=DATASET, tag=TAG)
-        to_float16(Path(tmp) / WEIGHTS_NAME)
-        config_path = Path(tmp) / 'config.json'
-        config = json.loads(config_path.read_text())
-        info = ImageNetInfo()
-        config['label_descriptions'] = {s: info.label_name_to_description(s) for s in config['label_names']}
-        config_path.write_text(json.dumps(config, indent=2) + '\n')
+        if keep_weights:
+            record = reuse_shipped(name, chosen['seed'], folder, Path(tmp))
+        else:
+            # the last epoch's weights, which the study's top-1 measures (the run's own export holds its best epoch's)
+            source = runs_dir / f'{arch}__sgdrop__seed{chosen["seed"]}' / 'checkpoint.pth.tar'
+            record = export_run(name, source, Path(tmp))
+        config = json.loads((Path(tmp) / 'config.json').read_text())
 
         model = timm.create_model(f'local-dir:{tmp}', pretrained=True)
         val = data / 'val'
@@ -152,7 +185,9 @@ def ship(arch: str, runs: List[Dict[str, Any]], data: Path, runs_dir: Path, resu
                            correct=check),
                 train_command=chosen['command'],
                 eval_command=chosen['final_eval_command'],
+                # the command that exported the weights; a --keep-weights run only rewrote the figures
                 ship_command=command,
+                **(dict(record_command=f'{command} --keep-weights') if keep_weights else {}),
                 results=os.path.relpath(results_dir / f'{arch}__sgdrop__seed{chosen["seed"]}.json', REPO),
             ),
             sha256=sha256_of_file(Path(tmp) / WEIGHTS_NAME),
@@ -180,6 +215,9 @@ def main() -> None:
                         help='the study\'s recipe output folders')
     parser.add_argument('--archs', nargs='+', default=PROTOCOLS['zoo']['ship'], choices=PROTOCOLS['zoo']['ship'],
                         help='ship only these of the zoo protocol\'s architectures (default: all of them)')
+    parser.add_argument('--keep-weights', action='store_true',
+                        help='re-evaluate and re-record the weights already in hub_configs/ instead of exporting them '
+                             'from --runs-dir (after seeds were added; the median seed must be unchanged)')
     args = parser.parse_args()
     protocol = PROTOCOLS['zoo']
     runs = [json.loads(p.read_text()) for p in sorted(args.results_dir.glob('*__*__seed*.json'))]
@@ -193,7 +231,8 @@ def main() -> None:
         report = json.loads((args.results_dir / name).read_text())
         overhead.update({arch: dict(result, command=report['command']) for arch, result in report['results'].items()})
     for arch in args.archs:
-        ship(arch, runs, args.data.resolve(), args.runs_dir.resolve(), args.results_dir.resolve(), overhead)
+        ship(arch, runs, args.data.resolve(), args.runs_dir.resolve(), args.results_dir.resolve(), overhead,
+             args.keep_weights)
 
 
 if __name__ == '__main__':
