@@ -377,6 +377,52 @@ def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(data_dir: Pat
     assert_same_training_state(two_epoch_run[0] / "checkpoint.pth.tar", checkpoint_path)
 
 
+SLOW_BEST_COPY = """
+import importlib.util, shutil, time, torch
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("recipe_main", {main!r})
+recipe = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(recipe)
+
+def blocking_copy(src, dst):
+    Path({marker!r}).touch()
+    time.sleep(60)
+
+state = torch.load({checkpoint!r}, map_location="cpu", weights_only=True)
+state["epoch"] = state["best_epoch"] = 2
+shutil.copyfileobj = blocking_copy  # save_checkpoint copies the new best checkpoint to model_best with it
+recipe.save_checkpoint(state, True, Path({output!r}))
+"""
+
+
+def test_sigkill_while_copying_model_best_leaves_nothing_stale(data_dir: Path, one_epoch_run: Path, tmp_path: Path):
+    shutil.copytree(one_epoch_run, tmp_path, dirs_exist_ok=True)
+    checkpoint_path, best_path = tmp_path / "checkpoint.pth.tar", tmp_path / "model_best.pth.tar"
+    marker = tmp_path / "copying"
+    script = SLOW_BEST_COPY.format(main=str(MAIN), marker=str(marker), checkpoint=str(checkpoint_path),
+                                   output=str(tmp_path))
+    writer = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert writer.poll() is None, "the checkpoint writer exited before copying"
+            assert time.time() < deadline, "the checkpoint writer never started copying"
+            time.sleep(0.05)
+        writer.send_signal(signal.SIGKILL)
+    finally:
+        writer.wait(timeout=30)
+    # the fault: the checkpoint of the new best epoch is written, model_best still holds the previous best
+    assert torch.load(checkpoint_path, map_location="cpu", weights_only=True)["best_epoch"] == 2
+    assert torch.load(best_path, map_location="cpu", weights_only=True)["epoch"] == 1
+
+    result = run_recipe(str(data_dir), *TINY_RUN, "--epochs", "2", "--resume", str(checkpoint_path), "--output",
+                        str(tmp_path))
+    assert f"{best_path} holds epoch 1, not the best epoch 2" in result.stdout
+    assert best_path.read_bytes() == checkpoint_path.read_bytes()
+    assert json.loads((tmp_path / "config.json").read_text())["training"]["epoch"] == 2
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 def test_sigkill_during_training_resumes_from_last_complete_epoch(data_dir: Path, tmp_path: Path):
     args = [str(data_dir), *TINY_RUN, "--epochs", "30", "--output", str(tmp_path)]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
@@ -422,6 +468,7 @@ def run_bad_input(capsys: pytest.CaptureFixture, *args: str) -> str:
     (["--lr-step-size", "0"], "--lr-step-size 0: pass a positive number"),
     (["--lr", "-0.1"], "--lr -0.1: the learning rate must be positive"),
     (["--sgdrop-rho-end", "2"], "--sgdrop-rho-end 2.0 is outside [0, 1)"),
+    (["--regularizer", "dropout", "--sgdrop-rho", "2"], "--sgdrop-rho 2.0 is outside [0, 1)"),
     (["--sgdrop-ema-decay", "1"], "--sgdrop-ema-decay 1.0 is outside [0, 1)"),
     (["--dropout-p", "1.5"], "--dropout-p 1.5 is outside [0, 1)"),
     (["--train-subset", "-20"], "--train-subset -20 is negative"),
@@ -451,6 +498,19 @@ def test_output_that_is_a_file_or_not_writable(capsys: pytest.CaptureFixture, da
         (tmp_path / "locked").mkdir(mode=0o500)
         message = run_bad_input(capsys, str(data_dir), "--output", str(tmp_path / "locked" / "run"))
         assert "is not writable" in message
+
+
+def test_overwrite_replaces_every_file_of_the_previous_run(data_dir: Path, two_epoch_run: tuple[Path, str],
+                                                          tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(two_epoch_run[0], run)
+    run_recipe(str(data_dir), *TINY_RUN, "--epochs", "1", "--seed", "1", "--output", str(run), "--overwrite")
+    assert [record["epoch"] for record in read_log(run)] == [1]
+    for name in ("checkpoint.pth.tar", "model_best.pth.tar"):
+        state = torch.load(run / name, map_location="cpu", weights_only=True)
+        assert (state["epoch"], state["best_epoch"], state["args"]["seed"]) == (1, 1, 1), name
+    export = json.loads((run / "config.json").read_text())
+    assert export["training"]["epoch"] == 1
 
 
 def test_a_new_run_never_replaces_another_run(capsys: pytest.CaptureFixture, data_dir: Path, one_epoch_run: Path,
@@ -638,7 +698,7 @@ def test_resume_rebuilds_a_missing_model_best(data_dir: Path, one_epoch_run: Pat
     (run / "model.safetensors").unlink()
     result = run_recipe(str(data_dir), *TINY_RUN, "--epochs", "2", "--output", str(run), "--resume",
                         str(run / "checkpoint.pth.tar"))
-    assert f"{run / 'model_best.pth.tar'} is missing" in result.stdout and "rebuilt from" in result.stdout
+    assert f"{run / 'model_best.pth.tar'} is missing" in result.stdout and "copied again from" in result.stdout
     best = torch.load(run / "model_best.pth.tar", map_location="cpu", weights_only=True)
     assert best["epoch"] in (1, 2) and (run / "model.safetensors").exists()
     assert oct((run / "checkpoint.pth.tar").stat().st_mode & 0o777) == "0o644"

@@ -254,8 +254,6 @@ def check_inputs(args: argparse.Namespace) -> None:
     if args.multiprocessing_distributed and (args.world_size < 1 or args.rank < 0):
         raise RecipeError("--multiprocessing-distributed needs --world-size (number of nodes) and --rank (node rank), "
                           "e.g. --world-size 1 --rank 0 on one machine")
-    if args.regularizer == "sgdrop" and not 0.0 <= args.sgdrop_rho < 1.0:
-        raise RecipeError(f"--sgdrop-rho {args.sgdrop_rho} is outside [0, 1); the paper uses 0.01 to 0.1")
     check_arguments(args)
     if args.train_subset and args.train_subset_per_class:
         raise RecipeError("--train-subset and --train-subset-per-class both choose the training images; pass one")
@@ -332,10 +330,12 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise RecipeError(f"{flag} {value} is negative; pass 0 or more")
     if not args.lr > 0:
         raise RecipeError(f"--lr {args.lr}: the learning rate must be positive, e.g. 0.1 for SGD or 1e-4 for Adam")
-    for flag, value in (("--sgdrop-rho-end", args.sgdrop_rho_end), ("--sgdrop-ema-decay", args.sgdrop_ema_decay),
-                        ("--dropout-p", args.dropout_p)):
+    # whatever the --regularizer: every run builds its rho schedule and its model from them
+    for flag, value in (("--sgdrop-rho", args.sgdrop_rho), ("--sgdrop-rho-end", args.sgdrop_rho_end),
+                        ("--sgdrop-ema-decay", args.sgdrop_ema_decay), ("--dropout-p", args.dropout_p)):
         if value is not None and not 0.0 <= value < 1.0:
-            raise RecipeError(f"{flag} {value} is outside [0, 1)")
+            raise RecipeError(f"{flag} {value} is outside [0, 1)" + ("; the paper uses 0.01 to 0.1" if "rho" in flag
+                                                                     else ""))
     if args.gpu is not None and not torch.cuda.is_available():
         raise RecipeError(f"--gpu {args.gpu}: no CUDA GPU is visible; leave --gpu out to train on the CPU")
     if args.start_epoch >= args.epochs and not args.evaluate and not args.resume:
@@ -406,6 +406,10 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
                 shutil.rmtree(stale)
             else:
                 stale.unlink()
+        if args.overwrite and not args.resume:
+            # the replaced run's files go now, so that none of them can pass for this run's
+            for name in RUN_FILES:
+                (output / name).unlink(missing_ok=True)
 
     if torch.cuda.is_available():
         device = torch.device("cuda", args.gpu if args.gpu is not None else 0)
@@ -452,12 +456,13 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and amp_dtype == torch.float16)
     rho_schedule = sgdrop_zoo.LinearRhoSchedule(args.sgdrop_rho, args.sgdrop_rho_end, args.epochs)
 
-    best_acc1 = 0.0
+    best_acc1, best_epoch = 0.0, None
     rng_state = None
     if args.resume:
         checkpoint = load_checkpoint(args.resume)
         args.start_epoch = checkpoint["epoch"]
         best_acc1 = checkpoint["best_acc1"]
+        best_epoch = checkpoint.get("best_epoch", 0)  # 0: a checkpoint of an older version, which did not record it
         model_without_ddp.load_state_dict(checkpoint["state_dict"])
         if checkpoint.get("sgdrop_ema") is not None and model_without_ddp.sgdrop_attribution.value == "ema":
             model_without_ddp.load_ema_state_dict(checkpoint["sgdrop_ema"])
@@ -469,14 +474,8 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
             rng_state = checkpoint.get("rng_state")
         if args.is_main:
             print(f"=> loaded checkpoint '{args.resume}' (epoch {checkpoint['epoch']})", flush=True)
-        best_path = output / "model_best.pth.tar"
-        if args.is_main and not args.evaluate and not best_path.exists():
-            # a run killed while writing model_best: the best epoch's weights are gone, the resumed ones stand in
-            best_acc1 = checkpoint.get("acc1", best_acc1)
-            print(f"=> {best_path} is missing (the run was stopped while writing it); rebuilt from {args.resume} "
-                  f"(epoch {checkpoint['epoch']}, val Acc@1 {best_acc1:.3f}), the best to beat from now on", flush=True)
-            with open(args.resume, "rb") as src:
-                atomic_write(best_path, lambda f: shutil.copyfileobj(src, f))
+        if args.is_main and not args.evaluate:
+            best_acc1, best_epoch = restore_model_best(checkpoint, Path(args.resume), output / "model_best.pth.tar")
         del checkpoint
 
     # Data loading code
@@ -524,8 +523,10 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
 
         # remember best acc@1 and save checkpoint
         acc1 = val_metrics["acc1"]
-        is_best = acc1 > best_acc1
-        best_acc1 = max(acc1, best_acc1)
+        # the first epoch of a run is its best so far whatever its top-1, so every run has a model_best to export
+        is_best = best_epoch is None or acc1 > best_acc1
+        if is_best:
+            best_acc1, best_epoch = acc1, epoch + 1
         if args.is_main:
             # the log line goes first: a run killed before its checkpoint is written repeats this epoch on resume,
             # and resuming drops the lines of epochs the checkpoint does not hold
@@ -551,6 +552,7 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
                 "state_dict": model_without_ddp.state_dict(),
                 "acc1": acc1,
                 "best_acc1": best_acc1,
+                "best_epoch": best_epoch,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "sgdrop_ema": model_without_ddp.ema_state_dict(),
@@ -872,6 +874,37 @@ def validate_area_ratio(loader: Any, model: nn.Module, device: torch.device, arg
     area_ratio = torch.cat(ratios).mean().item()
     print(f" * Area ratio {area_ratio:.4f} ({sum(len(r) for r in ratios)} images)", flush=True)
     return area_ratio
+
+
+def restore_model_best(checkpoint: dict[str, Any], resume_path: Path, best_path: Path) -> tuple[float, int]:
+    """Check that `best_path` holds the resumed run's best epoch, rebuilding it when a kill left it missing or stale.
+
+    A run stopped between writing its checkpoint and copying it to model_best leaves model_best missing or one best
+    epoch behind. When the resumed checkpoint is that best epoch, the copy is made again and nothing is lost; when the
+    best epoch's weights are gone, the resumed epoch stands in for it and becomes the best to beat.
+
+    Returns:
+        The best top-1 and best epoch to continue with.
+    """
+    best_acc1, best_epoch = checkpoint["best_acc1"], checkpoint.get("best_epoch", 0)
+    if best_path.exists():
+        held = read_checkpoint(best_path)["epoch"]
+        if "best_epoch" not in checkpoint or held == best_epoch:
+            return best_acc1, best_epoch
+        problem = f"holds epoch {held}, not the best epoch {best_epoch}"
+    else:
+        problem = "is missing"
+    if best_epoch == checkpoint["epoch"]:
+        print(f"=> {best_path} {problem} (the run was stopped while writing it); copied again from {resume_path}, "
+              f"which holds that epoch", flush=True)
+    else:
+        best_acc1, best_epoch = checkpoint.get("acc1", best_acc1), checkpoint["epoch"]
+        print(f"=> {best_path} {problem} (the run was stopped while writing it) and the best epoch's weights are "
+              f"gone; rebuilt from {resume_path} (epoch {best_epoch}, val Acc@1 {best_acc1:.3f}), the best to beat "
+              f"from now on", flush=True)
+    with resume_path.open("rb") as src:
+        atomic_write(best_path, lambda f: shutil.copyfileobj(src, f))
+    return best_acc1, best_epoch
 
 
 def save_checkpoint(state: dict[str, Any], is_best: bool, output: Path, filename: str = "checkpoint.pth.tar") -> None:
