@@ -76,7 +76,8 @@ def finetune_command(args: argparse.Namespace) -> int:
         args.model, args.data, args.output, mode=args.mode, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
         image_size=args.image_size, sgdrop_rho=args.sgdrop_rho, train_transform=args.train_transform,
         evaluate_only=args.evaluate, seed=args.seed, workers=args.workers,
-        train_subset_per_class=args.train_subset_per_class, val_subset_per_class=args.val_subset_per_class)
+        train_subset_per_class=args.train_subset_per_class, val_subset_per_class=args.val_subset_per_class,
+        overwrite=args.overwrite)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -84,7 +85,7 @@ def finetune_command(args: argparse.Namespace) -> int:
 def saliency_command(args: argparse.Namespace) -> int:
     results = saliency_report(args.model, args.data, args.output, split=args.split, image_size=args.image_size,
                               batch_size=args.batch_size, grid_images=args.grid_images, workers=args.workers,
-                              num_images=args.num_images, labels=args.label,
+                              num_images=args.num_images, labels=args.label, overwrite=args.overwrite,
                               command=shlex.join(['sgdrop-zoo', *args.argv]))
     print(format_table(results))
     print(f'wrote {args.output}/saliency.json and {args.output}/saliency_grid.png', file=sys.stderr)
@@ -149,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help='train on a fixed, class-balanced subset of N images per class (0: all)')
     tune.add_argument('--val-subset-per-class', type=int, default=0, metavar='N',
                       help='validate on a fixed, class-balanced subset of N images per class (0: all)')
+    tune.add_argument('--overwrite', action='store_true',
+                      help='replace the files of an earlier run in --output instead of refusing to start')
     tune.set_defaults(func=finetune_command)
     saliency = commands.add_parser('saliency', help='attribution area ratio, neuron coverage, accuracy, Grad-CAM grid')
     saliency.add_argument('--model', required=True, action='append', metavar='NAME_OR_PATH',
@@ -165,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                                '(default: all)')
     saliency.add_argument('--label', action='append', default=None,
                           help='name per --model in the JSON, table and grid (default: the --model values)')
+    saliency.add_argument('--overwrite', action='store_true',
+                          help='replace the report of an earlier run in --output instead of refusing to start')
     saliency.set_defaults(func=saliency_command)
     plot = commands.add_parser('plot', help='validation accuracy (and area ratio) per epoch of several runs')
     plot.add_argument('logs', nargs='+', metavar='LOG', help='log.jsonl files or run folders')

@@ -26,6 +26,7 @@ from .export import save_export
 from .loading import (
     check_input_channels,
     check_label_names,
+    check_output_folder,
     check_output_is_not_source,
     input_size,
     load_model,
@@ -33,7 +34,7 @@ from .loading import (
     make_loader,
     split_encoder_head,
 )
-from .sgdrop import add_sgdrop, is_sgdrop_model
+from .sgdrop import add_sgdrop, check_sgdrop_settings, is_sgdrop_model
 
 __all__ = ['MODES', 'TRAIN_TRANSFORMS', 'evaluate', 'finetune']
 
@@ -41,6 +42,8 @@ MODES = ('linear-probe', 'full')
 TRAIN_TRANSFORMS = ('resize', 'crop-flip')
 # Adam, as in the paper's low-data runs; a new linear head on frozen features learns faster at a larger rate
 DEFAULT_LR = {'linear-probe': 1e-3, 'full': 1e-4}
+# what a fine-tuning writes into its output folder (an evaluation writes metrics.json only)
+OUTPUT_FILES = ('model.safetensors', 'config.json', 'metrics.json', 'log.jsonl')
 
 
 @torch.no_grad()
@@ -81,6 +84,7 @@ def finetune(
         progress: bool = True,
         train_subset_per_class: int = 0,
         val_subset_per_class: int = 0,
+        overwrite: bool = False,
 ) -> Dict[str, Any]:
     """Fine-tune ``model_name`` on ``data`` (``train/`` and ``val/`` ImageFolders) and export the best epoch.
 
@@ -101,6 +105,7 @@ def finetune(
         progress: Show a progress bar.
         train_subset_per_class: Train on a fixed, class-balanced subset of this many images per class (0: all).
         val_subset_per_class: Validate on a fixed, class-balanced subset of this many images per class (0: all).
+        overwrite: Replace the files of an earlier run in ``output`` instead of refusing to start.
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -113,12 +118,20 @@ def finetune(
         raise ValueError(f'epochs must be at least 1, got {epochs}.')
     if batch_size < 1:
         raise ValueError(f'batch_size must be at least 1, got {batch_size}.')
+    if image_size is not None and image_size < 1:
+        raise ValueError(f'image_size must be at least 1, or None for the model\'s, got {image_size}.')
+    if lr is not None and not lr > 0:
+        raise ValueError(f'lr must be positive, e.g. {DEFAULT_LR[mode]} for {mode}, got {lr}.')
     for name, value in (('train_subset_per_class', train_subset_per_class),
                         ('val_subset_per_class', val_subset_per_class)):
         if value < 0:
             raise ValueError(f'{name} must be 0 (all images) or a number of images per class, got {value}.')
+    if workers < 0:
+        raise ValueError(f'workers must be 0 or more, got {workers}.')
+    check_sgdrop_settings(sgdrop_rho=sgdrop_rho)
     data, output = Path(data), Path(output)
     check_output_is_not_source(model_name, output)
+    check_output_folder(output, ('metrics.json',) if evaluate_only else OUTPUT_FILES, overwrite)
     class_names = check_image_folders(data, workers)
     torch.manual_seed(seed)
     model = load_model(model_name)
@@ -158,7 +171,7 @@ def finetune(
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
 
     log_path = output / 'log.jsonl'
-    log_path.unlink(missing_ok=True)
+    log_path.unlink(missing_ok=True)  # an earlier run's, which the caller asked to replace (overwrite)
     best: Dict[str, Any] = {}
     for epoch in range(epochs):
         train_loader.set_epoch(epoch)

@@ -29,7 +29,8 @@ from .data import (
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = [
-    'check_input_channels', 'check_label_names', 'check_output_is_not_source', 'input_size', 'load_model',
+    'check_input_channels', 'check_label_names', 'check_output_folder', 'check_output_is_not_source',
+    'check_writable_folder', 'input_size', 'load_model',
     'load_recipe_checkpoint', 'load_split', 'read_checkpoint', 'make_loader', 'split_encoder_head',
 ]
 
@@ -219,6 +220,30 @@ def make_loader(images: torch.Tensor, targets: torch.Tensor, model: nn.Module, b
     std = model.pretrained_cfg.get('std', IMAGENET_STD)
     return InMemoryLoader(images.to(device), targets.to(device), batch_size, shuffle=shuffle, mean=mean, std=std,
                           rank=0, world_size=1, device=device, seed=seed, crop_flip_size=crop_flip_size)
+
+
+def check_writable_folder(output: Path) -> None:
+    """Raise ValueError unless ``output`` is a folder, or can be created as one, that this process can write to."""
+    if output.exists() and not output.is_dir():
+        raise ValueError(f'--output {output} is a file; pass a folder.')
+    existing = output
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f'--output {output}: {existing} is not writable; pass a folder you can write to.')
+
+
+def check_output_folder(output: Path, files: Tuple[str, ...], overwrite: bool) -> None:
+    """Check, before any work, that ``output`` can take a command's ``files`` without losing an earlier result.
+
+    Raises:
+        ValueError: ``output`` is a file or not writable, or it holds some of ``files`` and ``overwrite`` is False.
+    """
+    check_writable_folder(output)
+    previous = [name for name in files if (output / name).exists()]
+    if previous and not overwrite:
+        raise ValueError(f'--output {output} already holds {", ".join(previous)} of an earlier run; choose another '
+                         f'folder, or pass --overwrite to replace them.')
 
 
 def check_output_is_not_source(model_name: str, output: Path) -> None:

@@ -29,6 +29,7 @@ from .data import DatasetError, check_image_folders
 from .loading import (
     check_input_channels,
     check_label_names,
+    check_output_folder,
     check_output_is_not_source,
     load_model,
     load_split,
@@ -41,6 +42,7 @@ __all__ = ['attribution_area_ratio', 'grad_cam_maps', 'neuron_coverage', 'salien
 AREA_THRESHOLD = 0.5
 GRID_CELL_PX = 160  # side of one picture of the grid, in pixels
 GRID_DPI = 100
+OUTPUT_FILES = ('saliency.json', 'saliency_grid.png')  # what a report writes into its output folder
 
 
 def attribution_area_ratio(maps: torch.Tensor, threshold: float = AREA_THRESHOLD) -> torch.Tensor:
@@ -189,6 +191,7 @@ def saliency_report(
         num_images: Optional[int] = None,
         labels: Optional[Sequence[str]] = None,
         command: Optional[str] = None,
+        overwrite: bool = False,
 ) -> Dict[str, Any]:
     """Accuracy, attribution area ratio and neuron coverage of each model on ``data/split``, plus the PNG grid.
 
@@ -205,6 +208,7 @@ def saliency_report(
             every call (a permutation seeded with 0); default: the whole split, in folder order.
         labels: Names of the models in the JSON, the table and the grid; default: ``model_names``.
         command: The command line that asked for the report, recorded in ``saliency.json``.
+        overwrite: Replace an earlier report in ``output`` instead of refusing to start.
 
     Returns:
         What ``saliency.json`` holds.
@@ -213,9 +217,15 @@ def saliency_report(
         raise ValueError(f'{len(labels)} labels for {len(model_names)} models: give one label per model.')
     if num_images is not None and num_images < 1:
         raise ValueError(f'num_images must be at least 1, got {num_images}.')
+    if image_size is not None and image_size < 1:
+        raise ValueError(f'image_size must be at least 1, or None for the first model\'s, got {image_size}.')
+    for name, value, least in (('batch_size', batch_size, 1), ('grid_images', grid_images, 1), ('workers', workers, 0)):
+        if value < least:
+            raise ValueError(f'{name} must be at least {least}, got {value}.')
     data, output = Path(data), Path(output)
     for source in model_names:
         check_output_is_not_source(source, output)
+    check_output_folder(output, OUTPUT_FILES, overwrite)
     class_names = check_image_folders(data, workers)
     if not (data / split).is_dir():
         splits = sorted(p.name for p in data.iterdir() if p.is_dir())

@@ -1,6 +1,9 @@
 """Fine-tuning (linear probe and full) on a tiny ImageFolder, CPU, sgdrop_vgg_tiny at 32 px."""
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ from safetensors.torch import load_file
 from timm.models import save_for_hf
 
 import sgdrop_zoo  # noqa: F401  (registers sgdrop_vgg_tiny, which the local-dir configs name)
+from sgdrop_zoo import cli
 from sgdrop_zoo.data import DatasetError
 from sgdrop_zoo.finetune import finetune
 from sgdrop_zoo.loading import load_model, split_encoder_head
@@ -156,3 +160,73 @@ def test_bad_model_ids_fail_in_one_line(small_data: Path, tmp_path: Path):
             load_model(name)
     with pytest.raises(ValueError, match='batch_size must be at least 1'):
         finetune('sgdrop_vgg_tiny', small_data, tmp_path / 'out', **dict(RUN, batch_size=0))
+
+
+def _hand_made_run(folder: Path) -> dict:
+    """The files an earlier run left in ``folder``, by name."""
+    folder.mkdir(parents=True)
+    files = {'model.safetensors': b'weights', 'config.json': b'{}', 'log.jsonl': b'{"epoch": 1}\n'}
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    return files
+
+
+def test_never_replaces_an_earlier_run_unless_told(small_data: Path, source_dir: Path, tmp_path: Path):
+    run = tmp_path / 'run'
+    files = _hand_made_run(run)
+    with pytest.raises(ValueError, match=r'already holds model\.safetensors, config\.json, log\.jsonl of an earlier run; '
+                                         r'choose another folder, or pass --overwrite'):
+        finetune(str(source_dir), small_data, run, **RUN)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == files
+    metrics = finetune(str(source_dir), small_data, run, overwrite=True, **RUN)
+    assert json.loads((run / 'metrics.json').read_text()) == metrics
+    assert [json.loads(line)['epoch'] for line in (run / 'log.jsonl').read_text().splitlines()] == [1]
+    assert load_file(run / 'model.safetensors')
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--image-size', '0'], 'image_size must be at least 1'),
+    (['--image-size', '-8'], 'image_size must be at least 1'),
+    (['--lr', '-1'], 'lr must be positive, e.g. 0.001 for linear-probe, got -1.0.'),
+    (['--sgdrop-rho', '2'], 'sgdrop_rho must be in [0, 1)'),
+    (['--workers', '-1'], 'workers must be 0 or more'),
+    (['--batch-size', '0'], 'batch_size must be at least 1'),
+])
+def test_bad_settings_stop_in_one_line_before_any_work(capsys: pytest.CaptureFixture, small_data: Path,
+                                                       source_dir: Path, tmp_path: Path, flags: list, message: str):
+    output = tmp_path / 'out'
+    assert cli.main(['finetune', '--model', str(source_dir), '--data', str(small_data), '--output', str(output),
+                     *flags]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], lines
+    assert not output.exists()
+
+
+def test_an_output_that_is_a_file_or_unwritable_stops_in_one_line(capsys: pytest.CaptureFixture, small_data: Path,
+                                                                   source_dir: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch):
+    (tmp_path / 'file').write_text('notes\n')
+    for command in ('finetune', 'saliency'):
+        assert cli.main([command, '--model', str(source_dir), '--data', str(small_data), '--output',
+                         str(tmp_path / 'file')]) == 2
+        assert capsys.readouterr().err == f'error: --output {tmp_path / "file"} is a file; pass a folder.\n'
+    assert (tmp_path / 'file').read_text() == 'notes\n'
+    # as root every folder is writable, so the permission check is what answers here
+    monkeypatch.setattr(os, 'access', lambda path, mode: Path(path) != tmp_path)
+    assert cli.main(['finetune', '--model', str(source_dir), '--data', str(small_data), '--output',
+                     str(tmp_path / 'new')]) == 2
+    assert capsys.readouterr().err == (f'error: --output {tmp_path / "new"}: {tmp_path} is not writable; pass a folder '
+                                       f'you can write to.\n')
+
+
+def test_an_unreachable_hf_hub_id_fails_in_one_line(small_data: Path, tmp_path: Path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith('HF_')}
+    result = subprocess.run(
+        [sys.executable, '-m', 'sgdrop_zoo.cli', 'finetune', '--model', 'hf-hub:sgdrop-zoo/no-such-repo', '--data',
+         str(small_data), '--output', str(tmp_path / 'out')],
+        env=dict(env, HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf_home')), capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: cannot load hf-hub:sgdrop-zoo/no-such-repo: '), lines
+    assert not (tmp_path / 'out').exists()

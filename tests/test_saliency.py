@@ -178,3 +178,31 @@ def test_saliency_rejects_an_unknown_split_and_its_source_folder(small_data: Pat
         saliency_report([str(folder)], small_data, tmp_path / 'out', split='foo', image_size=32)
     with pytest.raises(ValueError, match='is the folder of the model'):
         saliency_report([str(folder)], small_data, folder, image_size=32)
+
+
+def test_saliency_never_replaces_an_earlier_report_unless_told(small_data: Path, tmp_path: Path):
+    folder = tmp_path / 'model'
+    save_for_hf(timm.create_model('sgdrop_vgg_tiny', num_classes=3), folder,
+                model_config=dict(label_names=list(SMALL_CLASSES)), safe_serialization=True)
+    output = tmp_path / 'out'
+    output.mkdir()
+    (output / 'saliency.json').write_text('{"earlier": true}\n')
+    kwargs = dict(image_size=32, grid_images=2, workers=0)
+    with pytest.raises(ValueError, match=r'already holds saliency\.json of an earlier run; choose another folder, or '
+                                         r'pass --overwrite'):
+        saliency_report([str(folder)], small_data, output, **kwargs)
+    assert (output / 'saliency.json').read_text() == '{"earlier": true}\n'
+    results = saliency_report([str(folder)], small_data, output, overwrite=True, **kwargs)
+    assert json.loads((output / 'saliency.json').read_text()) == results
+
+
+@pytest.mark.parametrize('setting, message', [
+    (dict(batch_size=0), 'batch_size must be at least 1, got 0.'),
+    (dict(grid_images=0), 'grid_images must be at least 1, got 0.'),
+    (dict(workers=-1), 'workers must be at least 0, got -1.'),
+    (dict(image_size=-32), 'image_size must be at least 1'),
+])
+def test_saliency_bad_settings_stop_before_any_work(small_data: Path, tmp_path: Path, setting: dict, message: str):
+    with pytest.raises(ValueError, match=message.replace('.', r'\.')):
+        saliency_report(['sgdrop_vgg_tiny'], small_data, tmp_path / 'out', **setting)
+    assert not (tmp_path / 'out').exists()
