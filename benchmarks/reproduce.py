@@ -36,7 +36,7 @@ NUM_CLASSES_OF_TABLE = 10  # CIFAR-10 and Imagenette
 # grow rho linearly from 0 to 2.5x the fixed value (for VGG, 0.025, the largest rho the paper's Table 7 trains well).
 METHODS: Dict[str, List[str]] = {
     "vanilla": ["--regularizer", "none"],
-    "dropout": ["--regularizer", "dropout", "--dropout-p", "0.5"],
+    "dropout": ["--regularizer", "dropout", "--latent-drop-rate", "0.5"],
     "sgdrop": ["--regularizer", "sgdrop", "--sgdrop-attribution", "ema"],
     "sgdrop_online": ["--regularizer", "sgdrop", "--sgdrop-attribution", "online"],
     "sgdrop_curriculum": ["--regularizer", "sgdrop", "--sgdrop-rho", "0.0", "--sgdrop-rho-end", "RHO_END"],

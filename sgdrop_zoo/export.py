@@ -31,7 +31,9 @@ def regularizer_settings(args: Mapping[str, Any]) -> Dict[str, Any]:
                     sgdrop_ema_decay=args['sgdrop_ema_decay'], latent_drop_rate=0.0)
     # Online attribution keeps no EMA copy of the weights, which a run without SGDrop never reads.
     return dict(sgdrop_rho=0.0, sgdrop_attribution='online', sgdrop_ema_decay=args['sgdrop_ema_decay'],
-                latent_drop_rate=args['dropout_p'] if args['regularizer'] == 'dropout' else 0.0)
+                # dropout_p: the setting's name in checkpoints of older versions of the recipe
+                latent_drop_rate=args.get('latent_drop_rate', args.get('dropout_p')) if args['regularizer'] == 'dropout'
+                else 0.0)
 
 
 def save_export(model: nn.Module, folder: Path, class_names: List[str], image_size: int, train_transform: str,

@@ -31,7 +31,7 @@ import enum
 import functools
 import math
 import warnings
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Type, Union
 
 import torch
 import torch.nn as nn
@@ -40,8 +40,8 @@ from torch.fx import _symbolic_trace as fx_symbolic_trace
 from timm.utils import ModelEmaV3, unwrap_model
 
 __all__ = [
-    'AttributionSource', 'LinearRhoSchedule', 'SaliencyGuidedDropout', 'add_sgdrop', 'is_sgdrop_model',
-    'latent_attribution', 'saliency_mask',
+    'AttributionSource', 'LinearRhoSchedule', 'SaliencyGuidedDropout', 'add_sgdrop', 'check_sgdrop_settings',
+    'is_sgdrop_model', 'latent_attribution', 'saliency_mask',
 ]
 
 DEFAULT_RHO = 0.01
@@ -87,18 +87,32 @@ def _check_drop_rate(rate: float) -> float:
     return float(rate)
 
 
-def _check_settings(
-        rho: float,
-        attribution: Union[str, AttributionSource],
-        ema_decay: float,
-        latent_drop_rate: float,
-) -> Tuple[float, AttributionSource, float, float]:
-    return (
-        _check_rho(rho, 'sgdrop_rho'),
-        _check_attribution(attribution),
-        _check_ema_decay(ema_decay),
-        _check_drop_rate(latent_drop_rate),
-    )
+_CHECKS: Dict[str, Callable[[Any], Any]] = {
+    'sgdrop_rho': lambda rho: _check_rho(rho, 'sgdrop_rho'),
+    'sgdrop_rho_end': lambda rho: _check_rho(rho, 'sgdrop_rho_end'),  # the end of a curriculum (LinearRhoSchedule)
+    'sgdrop_attribution': _check_attribution,
+    'sgdrop_ema_decay': _check_ema_decay,
+    'latent_drop_rate': _check_drop_rate,
+}
+
+
+def check_sgdrop_settings(**settings: Any) -> Dict[str, Any]:
+    """Check SGDrop settings by their names everywhere: the constructor's keywords, and ``sgdrop_rho_end``.
+
+    The models, ``add_sgdrop`` and the command lines all check with this, so that a value is judged by one rule, before
+    any work.
+
+    Returns:
+        The checked values (floats, and an ``AttributionSource``), by name.
+
+    Raises:
+        ValueError: A value out of its range, in one line naming the setting and its range.
+        TypeError: A value of the wrong type, or a name that is no SGDrop setting.
+    """
+    unknown = sorted(set(settings) - set(_CHECKS))
+    if unknown:
+        raise TypeError(f'{", ".join(unknown)}: no SGDrop setting; the settings are {", ".join(_CHECKS)}.')
+    return {name: _CHECKS[name](value) for name, value in settings.items()}
 
 
 def latent_attribution(
@@ -247,20 +261,20 @@ class SaliencyGuidedDropout:
             **kwargs: Any,
     ):
         # validate before building the network: a bad setting should not cost a full model init
-        settings = _check_settings(sgdrop_rho, sgdrop_attribution, sgdrop_ema_decay, latent_drop_rate)
+        settings = check_sgdrop_settings(sgdrop_rho=sgdrop_rho, sgdrop_attribution=sgdrop_attribution,
+                                         sgdrop_ema_decay=sgdrop_ema_decay, latent_drop_rate=latent_drop_rate)
         super().__init__(*args, **kwargs)
-        self._init_sgdrop(*settings)
+        self._init_sgdrop(**settings)
 
     def _init_sgdrop(
             self,
-            rho: float,
-            attribution: Union[str, AttributionSource],
-            ema_decay: float,
+            sgdrop_rho: float,
+            sgdrop_attribution: AttributionSource,
+            sgdrop_ema_decay: float,
             latent_drop_rate: float,
     ) -> None:
-        # the property setters validate each value
-        self.sgdrop_rho, self.sgdrop_attribution = rho, attribution
-        self.sgdrop_ema_decay, self.latent_drop_rate = ema_decay, latent_drop_rate
+        self._sgdrop_rho, self._sgdrop_attribution = sgdrop_rho, sgdrop_attribution
+        self._sgdrop_ema_decay, self._sgdrop_latent_drop_rate = sgdrop_ema_decay, latent_drop_rate
         self.__dict__['_sgdrop_warned_no_target'] = False
         self._drop_ema()
 
@@ -526,10 +540,12 @@ def add_sgdrop(
         raise TypeError(
             f'{type(model).__name__} has no {", ".join(missing)}: SGDrop needs a timm-style classifier split into '
             f'forward_features (encoder) and forward_head (classifier).')
-    settings = _check_settings(sgdrop_rho, sgdrop_attribution, sgdrop_ema_decay, latent_drop_rate)  # before any change
+    settings = check_sgdrop_settings(sgdrop_rho=sgdrop_rho, sgdrop_attribution=sgdrop_attribution,
+                                     sgdrop_ema_decay=sgdrop_ema_decay,
+                                     latent_drop_rate=latent_drop_rate)  # before any change
     if not isinstance(model, SaliencyGuidedDropout):
         model.__class__ = _sgdrop_class(type(model))
-    model._init_sgdrop(*settings)
+    model._init_sgdrop(**settings)
     return model
 
 

@@ -12,7 +12,7 @@ from sgdrop_zoo.export import save_export, save_recipe_export
 from sgdrop_zoo.hub import load_sgdrop_model
 
 ARGS = dict(data='../shared/data/x', image_size=32, train_transform='resize', optimizer='adam', lr=1e-4, epochs=2,
-            sgdrop_rho=0.05, sgdrop_rho_end=None, sgdrop_attribution='ema', sgdrop_ema_decay=0.99, dropout_p=0.5)
+            sgdrop_rho=0.05, sgdrop_rho_end=None, sgdrop_attribution='ema', sgdrop_ema_decay=0.99, latent_drop_rate=0.5)
 
 
 @pytest.mark.parametrize('arch', ['sgdrop_vgg_tiny', 'resnet10t'])
@@ -36,6 +36,13 @@ def test_recipe_export_round_trip(tmp_path: Path, arch: str, flags: dict, expect
     loaded = load_sgdrop_model(f'local-dir:{tmp_path}')
     assert loaded.sgdrop_config == dict(expected, sgdrop_ema_decay=0.99)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_recipe_export_of_an_older_checkpoint_reads_its_dropout_p(tmp_path: Path):
+    args = {k: v for k, v in ARGS.items() if k != 'latent_drop_rate'}
+    save_recipe_export(timm.create_model('resnet10t', num_classes=3), tmp_path, dict(args, regularizer='dropout',
+                       dropout_p=0.25), ['a', 'b', 'c'], epoch=2, val_acc1=50.0)
+    assert load_sgdrop_model(f'local-dir:{tmp_path}').latent_drop_rate == 0.25
 
 
 def test_finetune_export_round_trip(tmp_path: Path):

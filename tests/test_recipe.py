@@ -467,10 +467,11 @@ def run_bad_input(capsys: pytest.CaptureFixture, *args: str) -> str:
     (["--image-size", "0"], "--image-size 0: pass a positive number"),
     (["--lr-step-size", "0"], "--lr-step-size 0: pass a positive number"),
     (["--lr", "-0.1"], "--lr -0.1: the learning rate must be positive"),
-    (["--sgdrop-rho-end", "2"], "--sgdrop-rho-end 2.0 is outside [0, 1)"),
-    (["--regularizer", "dropout", "--sgdrop-rho", "2"], "--sgdrop-rho 2.0 is outside [0, 1)"),
-    (["--sgdrop-ema-decay", "1"], "--sgdrop-ema-decay 1.0 is outside [0, 1)"),
-    (["--dropout-p", "1.5"], "--dropout-p 1.5 is outside [0, 1)"),
+    (["--sgdrop-rho-end", "2"], "--sgdrop-rho-end 2.0: sgdrop_rho_end must be in [0, 1)"),
+    (["--regularizer", "dropout", "--sgdrop-rho", "2"], "--sgdrop-rho 2.0: sgdrop_rho must be in [0, 1)"),
+    (["--sgdrop-ema-decay", "1"], "--sgdrop-ema-decay 1.0: sgdrop_ema_decay must be a float in [0, 1)"),
+    (["--latent-drop-rate", "1.5"], "--latent-drop-rate 1.5: latent_drop_rate must be a float in [0, 1)"),
+    (["--dropout-p", "1.5"], "--latent-drop-rate 1.5: latent_drop_rate must be a float in [0, 1)"),
     (["--train-subset", "-20"], "--train-subset -20 is negative"),
     (["--train-subset-per-class", "-2"], "--train-subset-per-class -2 is negative"),
     (["--train-subset", "10", "--train-subset-per-class", "2"], "--train-subset and --train-subset-per-class both"),
@@ -657,7 +658,7 @@ def test_presets_are_plain_data_and_command_line_wins():
 @pytest.mark.parametrize("arch", ["sgdrop_vgg_tiny", "resnet18"])
 def test_regularizer_builds_the_paper_baselines_on_any_timm_arch(arch: str, regularizer: str, rho: float,
                                                                  drop_rate: float, attribution: str):
-    args = recipe.parse_args(["data", "-a", arch, "--regularizer", regularizer, "--dropout-p", "0.3"])
+    args = recipe.parse_args(["data", "-a", arch, "--regularizer", regularizer, "--latent-drop-rate", "0.3"])
     model = recipe.create_model(args, num_classes=3)
     assert sgdrop_zoo.is_sgdrop_model(model)
     assert (model.sgdrop_rho, model.latent_drop_rate, model.sgdrop_config["sgdrop_attribution"]) == (

@@ -54,7 +54,8 @@ from sgdrop_zoo.data import (
     with_transform,
 )
 from sgdrop_zoo.export import regularizer_settings, save_recipe_export
-from sgdrop_zoo.loading import read_checkpoint
+from sgdrop_zoo.sgdrop import check_sgdrop_settings
+from sgdrop_zoo.loading import check_writable_folder, read_checkpoint
 
 PRESETS_PATH = Path(__file__).with_name("presets.json")
 DUMMY_TRAIN_IMAGES, DUMMY_VAL_IMAGES = 1281167, 50000  # ImageNet's sizes
@@ -123,7 +124,9 @@ def get_parser() -> argparse.ArgumentParser:
     group.add_argument("--sgdrop-attribution", default="ema", choices=("ema", "online"),
                        help="weights that compute the attribution: EMA of the network (paper) or the online network")
     group.add_argument("--sgdrop-ema-decay", default=0.999, type=float, help="decay of the attribution EMA")
-    group.add_argument("--dropout-p", default=0.5, type=float, help="drop probability of --regularizer dropout")
+    # --dropout-p: the option's former name, which recorded commands use
+    group.add_argument("--latent-drop-rate", "--dropout-p", default=0.5, type=float,
+                       help="drop probability of --regularizer dropout on the latent features")
     group.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"), help="optimizer")
     group.add_argument("--lr-step-size", default=30, type=int, help="StepLR: epochs between lr decays")
     group.add_argument("--lr-gamma", default=0.1, type=float, help="StepLR: lr factor per step (1.0 = constant lr)")
@@ -330,12 +333,14 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise RecipeError(f"{flag} {value} is negative; pass 0 or more")
     if not args.lr > 0:
         raise RecipeError(f"--lr {args.lr}: the learning rate must be positive, e.g. 0.1 for SGD or 1e-4 for Adam")
-    # whatever the --regularizer: every run builds its rho schedule and its model from them
-    for flag, value in (("--sgdrop-rho", args.sgdrop_rho), ("--sgdrop-rho-end", args.sgdrop_rho_end),
-                        ("--sgdrop-ema-decay", args.sgdrop_ema_decay), ("--dropout-p", args.dropout_p)):
-        if value is not None and not 0.0 <= value < 1.0:
-            raise RecipeError(f"{flag} {value} is outside [0, 1)" + ("; the paper uses 0.01 to 0.1" if "rho" in flag
-                                                                     else ""))
+    # by the models' own rule, whatever the --regularizer: every run builds its rho schedule and model from them
+    for name in ("sgdrop_rho", "sgdrop_rho_end", "sgdrop_ema_decay", "latent_drop_rate"):
+        value = getattr(args, name)
+        if value is not None:
+            try:
+                check_sgdrop_settings(**{name: value})
+            except ValueError as e:
+                raise RecipeError(f"--{name.replace('_', '-')} {value}: {e}") from e
     if args.gpu is not None and not torch.cuda.is_available():
         raise RecipeError(f"--gpu {args.gpu}: no CUDA GPU is visible; leave --gpu out to train on the CPU")
     if args.start_epoch >= args.epochs and not args.evaluate and not args.resume:
@@ -347,13 +352,10 @@ def check_arguments(args: argparse.Namespace) -> None:
 def check_output(args: argparse.Namespace) -> None:
     """--output must be a writable folder that holds no other run, unless resuming it or told to overwrite it."""
     output = Path(args.output)
-    if output.exists() and not output.is_dir():
-        raise RecipeError(f"--output {output} is a file; pass a folder")
-    existing = output
-    while not existing.exists():
-        existing = existing.parent
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise RecipeError(f"--output {output}: {existing} is not writable; pass a folder you can write to")
+    try:
+        check_writable_folder(output)
+    except ValueError as e:
+        raise RecipeError(str(e)) from e
     previous = [name for name in RUN_FILES if (output / name).exists()]
     if previous and not (args.resume or args.evaluate or args.overwrite):
         raise RecipeError(f"--output {output} holds another run ({', '.join(previous)}); continue it with --resume "
