@@ -38,9 +38,10 @@ from timm.data import ImageNetInfo, create_transform, resolve_model_data_config
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets
 
+from sgdrop_zoo.export import read_config, to_hub_config, write_config
 from sgdrop_zoo.hub import prepare_hub_folder
 from sgdrop_zoo.model_card import render_model_card
-from sgdrop_zoo.pretrained import WEIGHTS_NAME, sha256_of_file
+from sgdrop_zoo.pretrained import CONFIG_NAME, WEIGHTS_NAME, sha256_of_file
 
 from reproduce import PROTOCOLS  # benchmarks/reproduce.py, beside this script
 
@@ -100,21 +101,22 @@ def to_float16(path: Path) -> None:
 
 def export_run(name: str, source: Path, folder: Path) -> Dict[str, Any]:
     """Write a run's last-epoch checkpoint as a Hub-repo folder (float16 weights, timm config.json); its record."""
-    record = prepare_hub_folder(source, folder, f'sgdrop-zoo/{name}', dataset=DATASET, tag=TAG)
-    to_float16(folder / WEIGHTS_NAME)
-    config_path = folder / 'config.json'
-    config = json.loads(config_path.read_text())
     info = ImageNetInfo()
-    config['label_descriptions'] = {s: info.label_name_to_description(s) for s in config['label_names']}
-    config_path.write_text(json.dumps(config, indent=2) + '\n')
+    descriptions = {synset: info.label_name_to_description(synset) for synset in info.label_names()}
+    record = prepare_hub_folder(source, folder, f'sgdrop-zoo/{name}', dataset=DATASET, tag=TAG,
+                                label_descriptions=descriptions)
+    to_float16(folder / WEIGHTS_NAME)
     return record
 
 
 def reuse_shipped(name: str, seed: int, shipped: Path, folder: Path) -> Dict[str, Any]:
-    """Copy the weights and config.json already shipped as ``name`` into ``folder``; its record.
+    """Copy the weights already shipped as ``name`` into ``folder``, with their config.json in the current schema.
 
     For a study that gained seeds after shipping, once its run folders are gone: the median seed must still be the
     shipped one, and the shipped weights must still have the record's sha256.
+
+    Returns:
+        The shipped record, with the SGDrop settings of the rewritten config.json.
     """
     record = json.loads((shipped.parent / f'{name}.json').read_text())
     if record['metrics']['seed'] != seed:
@@ -123,8 +125,10 @@ def reuse_shipped(name: str, seed: int, shipped: Path, folder: Path) -> Dict[str
     if sha256_of_file(shipped / WEIGHTS_NAME) != record['sha256']:
         raise SystemExit(f'error: {name}: {shipped / WEIGHTS_NAME} does not have its record\'s sha256; restore it '
                          f'(git checkout) or ship from the run folder')
-    for file in (WEIGHTS_NAME, 'config.json'):
-        shutil.copyfile(shipped / file, folder / file)
+    shutil.copyfile(shipped / WEIGHTS_NAME, folder / WEIGHTS_NAME)
+    config = to_hub_config(read_config(shipped / CONFIG_NAME))
+    write_config(config, folder)
+    record['sgdrop'] = {k: v for k, v in config['sgdrop'].items() if k != 'architecture'}
     return record
 
 
@@ -142,7 +146,7 @@ def ship(arch: str, runs: List[Dict[str, Any]], data: Path, runs_dir: Path, resu
             # the last epoch's weights, which the study's top-1 measures (the run's own export holds its best epoch's)
             source = runs_dir / f'{arch}__sgdrop__seed{chosen["seed"]}' / 'checkpoint.pth.tar'
             record = export_run(name, source, Path(tmp))
-        config = json.loads((Path(tmp) / 'config.json').read_text())
+        config = read_config(Path(tmp) / CONFIG_NAME)
 
         model = timm.create_model(f'local-dir:{tmp}', pretrained=True)
         val = data / 'val'

@@ -1,23 +1,38 @@
-"""Exports of trained models: ``model.safetensors`` + timm ``config.json``, written in one place.
+"""Exports of trained models: ``model.safetensors`` + timm ``config.json``, written and read in one place.
 
 ``train/main.py`` writes one at the end of training and ``sgdrop-zoo publish`` from a ``*.pth.tar`` checkpoint (both
 with ``save_recipe_export``), ``sgdrop-zoo finetune`` after fine-tuning, all with ``save_export``, so they cannot
 drift. ``config.json`` is timm's (``save_for_hf``): its preprocessing fields are the training's validation transform,
 so ``timm.data.resolve_model_data_config(model)`` + ``create_transform(**cfg)`` evaluate the model as training did;
-the SGDrop settings are kept in ``"sgdrop"`` and the training run in ``"training"``, both ignored by timm.
+the SGDrop settings are kept in ``"sgdrop"``, by their constructor names (``model.sgdrop_config``) with the
+regularizer and the curriculum's ``sgdrop_rho_end``, and the training run in ``"training"``, both ignored by timm.
+``to_hub_config`` turns an export into a published repo's config, ``write_config`` writes it and ``read_config`` and
+``sgdrop_settings`` read either back.
 """
+import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+import timm
 import torch.nn as nn
 from timm.models import save_for_hf
 
 from .data import CENTER_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
-from .sgdrop import add_sgdrop
+from .pretrained import CONFIG_NAME, WEIGHTS_NAME
+from .sgdrop import DEFAULT_EMA_DECAY, DEFAULT_RHO, add_sgdrop
 
-__all__ = ['regularizer_settings', 'save_export', 'save_recipe_export']
+__all__ = [
+    'SGDROP_MODEL_ARGS', 'base_architecture', 'read_config', 'regularizer_settings', 'save_export',
+    'save_recipe_export', 'sgdrop_model_args', 'sgdrop_settings', 'to_hub_config', 'write_config',
+]
+
+# constructor arguments of an SGDrop model that plain timm's base architecture does not accept
+SGDROP_MODEL_ARGS = ('sgdrop_rho', 'sgdrop_attribution', 'sgdrop_ema_decay', 'latent_drop_rate')
+# the names of the "sgdrop" settings in the config.json of sgdrop-zoo 0.1 exports, still read
+_FORMER_KEYS = {'rho': 'sgdrop_rho', 'attribution': 'sgdrop_attribution', 'ema_decay': 'sgdrop_ema_decay',
+                'rho_end': 'sgdrop_rho_end'}
 
 
 def regularizer_settings(args: Mapping[str, Any]) -> Dict[str, Any]:
@@ -37,7 +52,7 @@ def regularizer_settings(args: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def save_export(model: nn.Module, folder: Path, class_names: List[str], image_size: int, train_transform: str,
-                regularizer: str, training: Dict[str, Any], rho_end: Optional[float] = None) -> None:
+                regularizer: str, training: Dict[str, Any], sgdrop_rho_end: Optional[float] = None) -> None:
     """Write ``model.safetensors`` and ``config.json`` of a trained SGDrop model into ``folder``, both at once.
 
     Args:
@@ -48,7 +63,7 @@ def save_export(model: nn.Module, folder: Path, class_names: List[str], image_si
         train_transform: 'resize' (images only resized, the paper's low-data protocol) or 'crop-flip'.
         regularizer: 'sgdrop', or the paper's baseline it was trained as ('none', 'dropout').
         training: What trained it (epochs, data, optimizer, ...), informative only.
-        rho_end: The end of a rho curriculum, if one was used.
+        sgdrop_rho_end: The end of a rho curriculum, if one was used.
     """
     resize_only = train_transform == 'resize'
     data_config = {
@@ -62,17 +77,12 @@ def save_export(model: nn.Module, folder: Path, class_names: List[str], image_si
     }
     model_config = {
         'label_names': list(class_names),
-        # config.json's schema names the settings without their constructor prefix (rho, attribution, ema_decay)
-        'sgdrop': {
-            'regularizer': regularizer,
-            **{key.removeprefix('sgdrop_'): value for key, value in model.sgdrop_config.items()},
-            'rho_end': rho_end,
-        },
+        'sgdrop': {'regularizer': regularizer, **model.sgdrop_config, 'sgdrop_rho_end': sgdrop_rho_end},
         'training': dict(training, image_size=image_size, train_transform=train_transform),
     }
     with tempfile.TemporaryDirectory(dir=folder, prefix='.export.', suffix='.tmp') as tmp:
         save_for_hf(model, tmp, model_config=model_config, data_config=data_config, safe_serialization=True)
-        for name in ('model.safetensors', 'config.json'):
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
             (Path(tmp) / name).chmod(0o644)  # safetensors writes the weights private
             os.replace(Path(tmp) / name, Path(folder) / name)
 
@@ -95,4 +105,93 @@ def save_recipe_export(model: nn.Module, folder: Path, args: Mapping[str, Any], 
     training = {'epoch': epoch, 'val_acc1': val_acc1, 'data': str(args.get('data')),
                 **{key: args.get(key) for key in ('optimizer', 'lr', 'epochs')}}
     save_export(model, folder, class_names, args['image_size'], args['train_transform'], regularizer, training,
-                rho_end=args.get('sgdrop_rho_end') if regularizer == 'sgdrop' else None)
+                sgdrop_rho_end=args.get('sgdrop_rho_end') if regularizer == 'sgdrop' else None)
+
+
+def write_config(config: Dict[str, Any], folder: Path) -> None:
+    """Write ``config`` as the ``config.json`` of ``folder`` (readable by all, as a Hub repo's files are)."""
+    path = Path(folder) / CONFIG_NAME
+    path.write_text(json.dumps(config, indent=2) + '\n', encoding='utf-8')
+    path.chmod(0o644)
+
+
+def read_config(path: Path) -> Dict[str, Any]:
+    """Read an export's or a published repo's ``config.json``.
+
+    Raises:
+        ValueError: The file is no JSON object with timm's ``architecture`` and ``pretrained_cfg``; in one line.
+    """
+    try:
+        config = json.loads(Path(path).read_text(encoding='utf-8'))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f'{path}: not valid JSON ({e}).') from e
+    if not isinstance(config, dict) or 'architecture' not in config or 'pretrained_cfg' not in config:
+        raise ValueError(f'{path}: not a timm config (no architecture / pretrained_cfg).')
+    return config
+
+
+def sgdrop_settings(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The SGDrop settings a config records, by their constructor names, from its ``sgdrop`` section.
+
+    An export of a plain ``sgdrop_*`` model that kept its SGDrop arguments in ``model_args`` gives those; the section's
+    former names (``rho``, ``attribution``, ``ema_decay``, ``rho_end``) are read as the current ones.
+    """
+    settings = {_FORMER_KEYS.get(key, key): value for key, value in (config.get('sgdrop') or {}).items()}
+    model_args = config.get('model_args') or {}
+    for key in SGDROP_MODEL_ARGS:
+        if key in model_args:
+            settings.setdefault(key, model_args[key])
+    return settings
+
+
+def sgdrop_model_args(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """SGDrop constructor arguments reproducing recorded training settings (the paper's baselines have rho 0).
+
+    Settings that were not recorded (plain timm weights) get the method's defaults.
+    """
+    regularizer = settings.get('regularizer', 'sgdrop')
+    return dict(
+        sgdrop_rho=settings.get('sgdrop_rho', DEFAULT_RHO) if regularizer == 'sgdrop' else 0.0,
+        sgdrop_attribution=settings.get('sgdrop_attribution', 'ema'),
+        sgdrop_ema_decay=settings.get('sgdrop_ema_decay', DEFAULT_EMA_DECAY),
+        latent_drop_rate=(settings.get('latent_drop_rate') or 0.0) if regularizer == 'dropout' else 0.0,
+    )
+
+
+def base_architecture(name: str) -> str:
+    """The plain timm architecture an SGDrop model is, e.g. ``sgdrop_vgg16`` -> ``vgg16``.
+
+    Families without a timm counterpart (``sgdrop_vgg_tiny``, ``sgdrop_cifar_cnn``) keep their own name and need
+    ``import sgdrop_zoo`` to load.
+    """
+    base = name.removeprefix('sgdrop_')
+    return base if base != name and timm.is_model(base) else name
+
+
+def to_hub_config(config: Dict[str, Any], label_descriptions: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """Turn an export's config into a published repo's: base timm architecture, SGDrop settings in ``sgdrop``.
+
+    Args:
+        config: What ``read_config`` read from an export (or from a published folder).
+        label_descriptions: Human-readable class names by label name, for timm's ``label_descriptions`` field.
+
+    Raises:
+        ValueError: The config records no SGDrop settings.
+    """
+    config = json.loads(json.dumps(config))  # deep copy
+    # a published folder already names its SGDrop architecture; the recipe's export names it as its architecture
+    sgdrop_architecture = (config.get('sgdrop') or {}).get('architecture') or config['architecture']
+    settings = sgdrop_settings(config)
+    if settings.get('sgdrop_rho') is None:
+        raise ValueError('config.json records no SGDrop settings (no "sgdrop" section and no sgdrop_rho argument): '
+                         'publish the export of a model trained with SGDrop (train/main.py writes them).')
+    model_args = config.get('model_args', {})
+    for key in SGDROP_MODEL_ARGS:
+        model_args.pop(key, None)
+    config['architecture'] = base_architecture(sgdrop_architecture)
+    config['sgdrop'] = dict(settings, architecture=sgdrop_architecture if sgdrop_architecture.startswith('sgdrop_')
+                            else config['architecture'])
+    config['pretrained_cfg'].pop('tag', None)
+    if label_descriptions is not None:
+        config['label_descriptions'] = {name: label_descriptions[name] for name in config['label_names']}
+    return config

@@ -8,7 +8,6 @@ pretrained=True)``, and a ``README.md`` rendered from the zoo's model card templ
     publish_checkpoint('runs/vgg16', 'my-org/sgdrop_vgg16.imagenette')     # what `sgdrop-zoo publish` runs
 """
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -28,11 +27,18 @@ from huggingface_hub.utils import get_token
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .export import save_recipe_export
+from .export import (
+    read_config,
+    save_recipe_export,
+    sgdrop_model_args,
+    sgdrop_settings,
+    to_hub_config,
+    write_config,
+)
 from .loading import load_recipe_checkpoint
 from .model_card import render_model_card
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME, HubError, sha256_of_file
-from .sgdrop import DEFAULT_RHO, add_sgdrop
+from .sgdrop import add_sgdrop
 
 __all__ = [
     'PublishResult', 'hub_config_record', 'load_sgdrop_model', 'prepare_hub_folder',
@@ -40,8 +46,6 @@ __all__ = [
 ]
 
 README_NAME = 'README.md'
-# constructor arguments of an SGDrop model that plain timm's base architecture does not accept
-SGDROP_MODEL_ARGS = ('sgdrop_rho', 'sgdrop_attribution', 'sgdrop_ema_decay', 'latent_drop_rate')
 DEFAULT_LICENSE = 'apache-2.0'
 
 
@@ -52,16 +56,6 @@ class PublishResult:
     location: str
     commit: Optional[str]
     hub_config: Dict[str, Any]
-
-
-def base_architecture(name: str) -> str:
-    """The plain timm architecture an SGDrop model is, e.g. ``sgdrop_vgg16`` -> ``vgg16``.
-
-    Families without a timm counterpart (``sgdrop_vgg_tiny``, ``sgdrop_cifar_cnn``) keep their own name and need
-    ``import sgdrop_zoo`` to load.
-    """
-    base = name.removeprefix('sgdrop_')
-    return base if base != name and timm.is_model(base) else name
 
 
 def _read_checkpoint(path: Path, folder: Path) -> Dict[str, Any]:
@@ -78,7 +72,7 @@ def _read_checkpoint(path: Path, folder: Path) -> Dict[str, Any]:
     # this epoch's only in model_best
     val_acc1 = checkpoint.get('acc1', checkpoint.get('best_acc1') if path.name == 'model_best.pth.tar' else None)
     save_recipe_export(model, folder, checkpoint['args'], checkpoint['class_names'], checkpoint['epoch'], val_acc1)
-    return json.loads((folder / CONFIG_NAME).read_text())
+    return read_config(folder / CONFIG_NAME)
 
 
 def _read_export(source: Path, folder: Path) -> Dict[str, Any]:
@@ -88,23 +82,11 @@ def _read_export(source: Path, folder: Path) -> Dict[str, Any]:
         raise HubError(f'{source}: no {" or ".join(missing)}. Pass the output folder of train/main.py (it exports '
                        f'both at the end of training) or its model_best.pth.tar.')
     try:
-        config = json.loads((source / CONFIG_NAME).read_text(encoding='utf-8'))
-    except json.JSONDecodeError as e:
-        raise HubError(f'{source / CONFIG_NAME}: not valid JSON ({e}).') from e
+        config = read_config(source / CONFIG_NAME)
+    except ValueError as e:
+        raise HubError(str(e)) from e
     shutil.copyfile(source / WEIGHTS_NAME, folder / WEIGHTS_NAME)
     return config
-
-
-def _sgdrop_settings(config: Dict[str, Any], model_args: Dict[str, Any]) -> Dict[str, Any]:
-    """The SGDrop training settings of an export, from its ``sgdrop`` section or its SGDrop model arguments."""
-    settings = dict(config.get('sgdrop') or {})
-    from_args = {k.removeprefix('sgdrop_'): model_args[k] for k in SGDROP_MODEL_ARGS if k in model_args}
-    for key, value in from_args.items():
-        settings.setdefault(key, value)
-    if settings.get('rho') is None:
-        raise HubError('config.json records no SGDrop settings (no "sgdrop" section and no sgdrop_rho argument): '
-                       'publish the export of a model trained with SGDrop (train/main.py writes them).')
-    return settings
 
 
 def _eval_command(architecture: str, training: Dict[str, Any]) -> Optional[str]:
@@ -116,22 +98,6 @@ def _eval_command(architecture: str, training: Dict[str, Any]) -> Optional[str]:
     if training.get('train_transform'):
         command += f' --train-transform {training["train_transform"]}'
     return command
-
-
-def to_hub_config(config: Dict[str, Any]) -> Dict[str, Any]:
-    """Turn an export's config into the published one: base timm architecture, SGDrop settings in ``sgdrop``."""
-    config = json.loads(json.dumps(config))  # deep copy
-    # a published folder already names its SGDrop architecture; the recipe's export names it as its architecture
-    sgdrop_architecture = (config.get('sgdrop') or {}).get('architecture') or config['architecture']
-    model_args = config.get('model_args', {})
-    settings = _sgdrop_settings(config, model_args)
-    for key in SGDROP_MODEL_ARGS:
-        model_args.pop(key, None)
-    config['architecture'] = base_architecture(sgdrop_architecture)
-    config['sgdrop'] = dict(settings, architecture=sgdrop_architecture if sgdrop_architecture.startswith('sgdrop_')
-                            else config['architecture'])
-    config['pretrained_cfg'].pop('tag', None)
-    return config
 
 
 def _check_weights(folder: Path, config: Dict[str, Any]) -> None:
@@ -192,6 +158,7 @@ def prepare_hub_folder(
         dataset: Optional[str] = None,
         tag: Optional[str] = None,
         license: str = DEFAULT_LICENSE,
+        label_descriptions: Optional[Dict[str, str]] = None,
 ) -> Dict[str, Any]:
     """Write the repo contents of a checkpoint (``model.safetensors``, ``config.json``, ``README.md``) to ``folder``.
 
@@ -202,6 +169,7 @@ def prepare_hub_folder(
         dataset: Dataset name for the card; default: the last part of the training data path.
         tag: Pretrained tag for ``hub_configs/``; default: the repo name after its last '.', else the dataset.
         license: License of the weights (a Hub license id).
+        label_descriptions: Human-readable class names by label name, recorded in ``config.json`` as timm does.
 
     Returns:
         The checkpoint's ``hub_configs/`` record, with ``hf_hub_id=repo_id``.
@@ -213,9 +181,10 @@ def prepare_hub_folder(
         config = _read_checkpoint(source, folder)
     else:
         raise HubError(f'{source}: no such checkpoint file or folder.')
-    if not isinstance(config, dict) or 'architecture' not in config or 'pretrained_cfg' not in config:
-        raise HubError(f'{source}: config.json is not a timm config (no architecture / pretrained_cfg).')
-    config = to_hub_config(config)
+    try:
+        config = to_hub_config(config, label_descriptions)
+    except ValueError as e:
+        raise HubError(str(e)) from e
     _check_weights(folder, config)
     training = config.get('training') or {}
     dataset = dataset or (Path(training['data']).name if training.get('data') else None)
@@ -223,7 +192,7 @@ def prepare_hub_folder(
         raise HubError(f'{source}: the config does not say which dataset trained it: pass --dataset NAME.')
     name = repo_id.split('/')[-1]
     tag = tag or (name.rsplit('.', 1)[-1] if '.' in name else dataset.lower())
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + '\n', encoding='utf-8')
+    write_config(config, folder)
     record = hub_config_record(config, sha256_of_file(folder / WEIGHTS_NAME), repo_id, dataset, tag, license)
     render_model_card([record], checkpoint=record).save(folder / README_NAME)
     return record
@@ -353,13 +322,16 @@ def load_sgdrop_model(model_id: str, pretrained: bool = True, **kwargs: Any) -> 
         config_path, weights_path = Path(location) / CONFIG_NAME, Path(location) / WEIGHTS_NAME
     else:
         raise HubError(f'model_id must start with hf-hub: or local-dir:, got {model_id!r}.')
-    config = json.loads(config_path.read_text(encoding='utf-8'))
-    settings = config.get('sgdrop') or {}
+    try:
+        config = read_config(config_path)
+    except ValueError as e:
+        raise HubError(str(e)) from e
+    settings = sgdrop_settings(config)
     architecture = settings.get('architecture', config['architecture'])
     if not timm.is_model(architecture):
         raise HubError(f'{model_id} is a {architecture!r} model, which is not registered: `import sgdrop_zoo` '
                        f'before loading it, or upgrade sgdrop-zoo and timm if it is already imported.')
-    sgdrop_args = _sgdrop_model_args(settings)
+    sgdrop_args = sgdrop_model_args(settings)
     if architecture.startswith('sgdrop_'):
         model_args = {**config.get('model_args', {}), **sgdrop_args, **kwargs}
     else:
@@ -376,16 +348,3 @@ def load_sgdrop_model(model_id: str, pretrained: bool = True, **kwargs: Any) -> 
         return model
     return add_sgdrop(model, **sgdrop_args)
 
-
-def _sgdrop_model_args(settings: Dict[str, Any]) -> Dict[str, Any]:
-    """SGDrop constructor arguments reproducing recorded training settings (the paper's baselines have rho 0).
-
-    A model published without SGDrop settings (plain timm weights) gets the method's defaults.
-    """
-    regularizer = settings.get('regularizer', 'sgdrop')
-    return dict(
-        sgdrop_rho=settings.get('rho', DEFAULT_RHO) if regularizer == 'sgdrop' else 0.0,
-        sgdrop_attribution=settings.get('attribution', 'ema'),
-        sgdrop_ema_decay=settings.get('ema_decay', 0.999),
-        latent_drop_rate=(settings.get('latent_drop_rate') or 0.0) if regularizer == 'dropout' else 0.0,
-    )

@@ -8,7 +8,7 @@ import timm
 import torch
 
 import sgdrop_zoo  # noqa: F401  (registers sgdrop_vgg_tiny)
-from sgdrop_zoo.export import save_export, save_recipe_export
+from sgdrop_zoo.export import save_export, save_recipe_export, sgdrop_settings
 from sgdrop_zoo.hub import load_sgdrop_model
 
 ARGS = dict(data='../shared/data/x', image_size=32, train_transform='resize', optimizer='adam', lr=1e-4, epochs=2,
@@ -31,8 +31,9 @@ def test_recipe_export_round_trip(tmp_path: Path, arch: str, flags: dict, expect
     model = timm.create_model(arch, num_classes=3)
     save_recipe_export(model, tmp_path, args, ['a', 'b', 'c'], epoch=2, val_acc1=50.0)
     config = json.loads((tmp_path / 'config.json').read_text())
-    assert config['sgdrop']['regularizer'] == args['regularizer']
-    assert config['sgdrop']['rho_end'] == (args['sgdrop_rho_end'] if args['regularizer'] == 'sgdrop' else None)
+    # the settings by their constructor names, as model.sgdrop_config has them
+    assert config['sgdrop'] == dict(regularizer=args['regularizer'], **expected, sgdrop_ema_decay=0.99,
+                                    sgdrop_rho_end=args['sgdrop_rho_end'] if args['regularizer'] == 'sgdrop' else None)
     loaded = load_sgdrop_model(f'local-dir:{tmp_path}')
     assert loaded.sgdrop_config == dict(expected, sgdrop_ema_decay=0.99)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
@@ -49,3 +50,16 @@ def test_finetune_export_round_trip(tmp_path: Path):
     model = timm.create_model('sgdrop_vgg_tiny', num_classes=3, sgdrop_rho=0.02, sgdrop_attribution='online')
     save_export(model, tmp_path, ['a', 'b', 'c'], 32, 'resize', 'sgdrop', dict(mode='full'))
     assert load_sgdrop_model(f'local-dir:{tmp_path}').sgdrop_config == model.sgdrop_config
+
+
+def test_an_export_in_the_former_schema_loads_with_its_settings(tmp_path: Path):
+    model = timm.create_model('sgdrop_vgg_tiny', num_classes=3, sgdrop_rho=0.02, sgdrop_attribution='online',
+                              sgdrop_ema_decay=0.9)
+    save_export(model, tmp_path, ['a', 'b', 'c'], 32, 'resize', 'sgdrop', dict(mode='full'), sgdrop_rho_end=0.04)
+    config = json.loads((tmp_path / 'config.json').read_text())
+    # sgdrop-zoo 0.1 named the settings without their prefix
+    config['sgdrop'] = dict(regularizer='sgdrop', rho=0.02, attribution='online', ema_decay=0.9, latent_drop_rate=0.0,
+                            rho_end=0.04)
+    (tmp_path / 'config.json').write_text(json.dumps(config))
+    assert load_sgdrop_model(f'local-dir:{tmp_path}').sgdrop_config == model.sgdrop_config
+    assert sgdrop_settings(config) == dict(regularizer='sgdrop', **model.sgdrop_config, sgdrop_rho_end=0.04)

@@ -60,7 +60,7 @@ def test_full_finetuning_with_sgdrop_changes_encoder_and_head(small_data: Path, 
     assert _changed(before, after, {'features.0.weight', 'pre_logits.fc1.weight'}) == {
         'features.0.weight', 'pre_logits.fc1.weight'}
     config = json.loads((tmp_path / 'config.json').read_text())
-    assert config['sgdrop']['regularizer'] == 'sgdrop' and config['sgdrop']['rho'] == 0.05
+    assert config['sgdrop']['regularizer'] == 'sgdrop' and config['sgdrop']['sgdrop_rho'] == 0.05
 
 
 def test_output_loads_with_timm_local_dir(small_data: Path, tmp_path: Path):

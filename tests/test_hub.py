@@ -26,6 +26,7 @@ from timm.models import save_for_hf
 
 from sgdrop_zoo import is_sgdrop_model
 from sgdrop_zoo.cli import main
+from sgdrop_zoo.export import save_export
 from sgdrop_zoo.hub import load_sgdrop_model, publish_checkpoint
 from sgdrop_zoo.model_card import render_model_card
 from sgdrop_zoo.pretrained import HubError, hub_configs_dir, load_hub_configs, sha256_of_file
@@ -140,7 +141,6 @@ def run_cli(args: list, env: Dict[str, str], timeout: int = 120) -> subprocess.C
 def export_dir(tmp_path_factory) -> Path:
     """What train/main.py exports after training: model.safetensors + timm config.json, for a tiny SGDrop model."""
     torch.manual_seed(0)
-    sgdrop = dict(regularizer='sgdrop', rho=0.05, rho_end=None, attribution='ema', ema_decay=0.99, dropout_p=None)
     model = timm.create_model('sgdrop_convnext_tiny', num_classes=len(LABELS), sgdrop_rho=0.05,
                               sgdrop_attribution='ema', sgdrop_ema_decay=0.99, latent_drop_rate=0.0, **TINY_ARGS)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -152,12 +152,8 @@ def export_dir(tmp_path_factory) -> Path:
         optimizer.step()
         model.update_ema()
     out = tmp_path_factory.mktemp('run')
-    training = dict(epoch=3, val_acc1=66.667, data='/data/tiny-pets', optimizer='sgd', lr=0.1, epochs=3,
-                    train_transform='resize', image_size=32)
-    data_config = dict(input_size=(3, 32, 32), interpolation='bilinear', crop_pct=1.0, crop_mode='squash',
-                       mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    save_for_hf(model.eval(), out, model_config=dict(label_names=LABELS, sgdrop=sgdrop, training=training),
-                data_config=data_config, safe_serialization=True)
+    training = dict(epoch=3, val_acc1=66.667, data='/data/tiny-pets', optimizer='sgd', lr=0.1, epochs=3)
+    save_export(model.eval(), out, LABELS, 32, 'resize', 'sgdrop', training)  # the writer of the recipe's export
     return out
 
 
@@ -190,7 +186,7 @@ def test_publish_then_download_through_olah_is_bit_identical(published, export_d
     config = json.loads(Path(out['paths']['config.json']).read_text())
     assert config['architecture'] == 'convnext_tiny'
     assert not any(k.startswith('sgdrop') for k in config['model_args'])
-    assert config['sgdrop']['architecture'] == 'sgdrop_convnext_tiny' and config['sgdrop']['rho'] == 0.05
+    assert config['sgdrop']['architecture'] == 'sgdrop_convnext_tiny' and config['sgdrop']['sgdrop_rho'] == 0.05
     readme = Path(out['paths']['README.md']).read_text()
     assert 'library_name: timm' in readme and 'cat, dog, bird' in readme and 'tiny-pets' in readme
 

@@ -135,7 +135,7 @@ def test_two_epoch_run_writes_checkpoints_log_and_export(two_epoch_run: tuple[Pa
     config = json.loads((output / "config.json").read_text())
     assert config["architecture"] == "sgdrop_vgg_tiny"
     assert config["num_classes"] == len(classes) and config["label_names"] == classes
-    assert config["sgdrop"]["rho"] == 0.01 and config["sgdrop"]["attribution"] == "ema"
+    assert config["sgdrop"]["sgdrop_rho"] == 0.01 and config["sgdrop"]["sgdrop_attribution"] == "ema"
     assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
 
     assert f"best val Acc@1 {checkpoint['best_acc1']:.3f}" in stdout
