@@ -16,6 +16,7 @@ Writes ``summary.json``, ``table.md``, ``saliency.json``, ``saliency_grid.png``,
 """
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -53,7 +54,8 @@ def main() -> None:
     parser.add_argument("--work-dir", default=None, help="probe outputs (default: runs/transfer_saliency/PROTOCOL)")
     args = parser.parse_args()
 
-    runs_dir = Path(args.runs_dir or REPO / "runs" / "reproduce" / args.protocol).resolve()
+    # relative to where the script runs (the repository, as documented), so that the results record no local paths
+    runs_dir = Path(os.path.relpath(Path(args.runs_dir or REPO / "runs" / "reproduce" / args.protocol).resolve()))
     output = Path(args.output or REPO / "benchmarks" / "results" / f"transfer_saliency_{args.protocol}")
     work_dir = Path(args.work_dir or REPO / "runs" / "transfer_saliency" / args.protocol)
     runs = {m: runs_dir / f"{args.arch}__{m}__seed{args.seed}" for m in args.methods}
@@ -77,8 +79,9 @@ def main() -> None:
         summary[method].update(probe_final_val_acc1=log[-1]["val_acc1"], probe_best_val_acc1=max(
             r["val_acc1"] for r in log), probe_val_count=log[-1]["val_count"])
 
+    # the report of this script's own results folder, made again
     results = saliency_report(checkpoints, args.source_data, output, image_size=args.image_size,
-                              num_images=args.saliency_images, labels=args.methods)
+                              num_images=args.saliency_images, labels=args.methods, overwrite=True)
     print(format_table(results))
     for method, metrics in results["models"].items():
         summary[method].update({k: metrics[k] for k in ("acc1", "area_ratio", "coverage_global",
