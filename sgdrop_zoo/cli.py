@@ -37,7 +37,7 @@ def info_command(args: argparse.Namespace) -> int:
     if args.model not in timm.list_models('sgdrop_*'):
         print(f'error: unknown model {args.model!r}; `sgdrop-zoo models` lists them.', file=sys.stderr)
         return 2
-    model = timm.create_model(args.model, num_classes=args.num_classes, sgdrop_rho=args.rho).eval()
+    model = timm.create_model(args.model, num_classes=args.num_classes, sgdrop_rho=args.sgdrop_rho).eval()
     size = args.image_size or model.pretrained_cfg['input_size'][-1]
     with torch.no_grad():
         features = model.forward_features(torch.zeros(1, 3, size, size))
@@ -45,7 +45,7 @@ def info_command(args: argparse.Namespace) -> int:
     print(f'model:            {args.model} ({type(model).__name__})')
     print(f'input:            3x{size}x{size}')
     print(f'latent map:       {"x".join(map(str, features.shape[1:]))} = {num_features} features')
-    print(f'dropped / sample: {num_dropped_features(args.rho, num_features)} at rho={args.rho}')
+    print(f'dropped / sample: {num_dropped_features(args.sgdrop_rho, num_features)} at sgdrop_rho={args.sgdrop_rho}')
     print(f'parameters:       {sum(p.numel() for p in model.parameters()):,}')
     return 0
 
@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser('info', help='latent feature map and SGDrop mask size of a model')
     info.add_argument('model', help='registered model name, e.g. sgdrop_resnet50')
     info.add_argument('--image-size', type=int, default=None, help="input side (default: the model's)")
-    info.add_argument('--rho', type=float, default=DEFAULT_RHO, help=f'share of features dropped ({DEFAULT_RHO})')
+    info.add_argument('--sgdrop-rho', type=float, default=DEFAULT_RHO,
+                      help=f'share of features dropped ({DEFAULT_RHO})')
     info.add_argument('--num-classes', type=int, default=10)
     info.set_defaults(func=info_command)
     publish = commands.add_parser('publish', help='upload a trained checkpoint to the Hugging Face Hub')
