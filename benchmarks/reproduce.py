@@ -65,8 +65,8 @@ PROTOCOLS: Dict[str, Dict] = {
     "zoo": {
         "description": "The zoo's CPU checkpoints: small members of each family (VGG: sgdrop_vgg_tiny, then "
                        "timm's vgg11 with a 128-wide head, --model-kwargs mlp_ratio=0.03125, which plain timm "
-                       "loads) from scratch on ../shared/data/imagenette (official split) at 64 px, on a fixed class-balanced subset of 150 "
-                       "training images per class (1,500 images), 40 epochs of the paper's low-data protocol (Adam "
+                       "loads) from scratch on ../shared/data/imagenette (official split) at 64 px, on a fixed "
+                       "class-balanced subset of 150 training images per class (1,500 images), 40 epochs of the paper's low-data protocol (Adam "
                        "1e-4, batch 64, constant lr, resize only, no augmentation; rho 0.01 for VGG and ResNet, 0.1 "
                        "for ConvNeXt, Appendix B). Per-epoch curves on a fixed 1,000-image subset of the validation "
                        "split, with the attribution area ratio on 200 of them; the final weights are then evaluated "

@@ -19,16 +19,37 @@ import torch.utils.data
 import torchvision.datasets as datasets
 import torchvision.transforms as transforms
 from PIL import Image
+from timm.data import DEFAULT_CROP_PCT, create_transform
+from timm.data.transforms import MaybePILToTensor
 
 __all__ = [
-    'CENTER_CROP_PCT', 'DatasetError', 'IMAGENET_MEAN', 'IMAGENET_STD', 'InMemoryLoader', 'check_image_folders',
-    'decode_images', 'image_header_error', 'load_rgb', 'per_class_subset', 'random_resized_crop_flip',
-    'with_transform',
+    'EVAL_CROP', 'DatasetError', 'InMemoryLoader', 'check_image_folders', 'decode_images', 'eval_transform',
+    'image_header_error', 'load_rgb', 'per_class_subset', 'random_resized_crop_flip', 'with_transform',
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CENTER_CROP_PCT = 224 / 256  # the official Resize(256) + CenterCrop(224), at any image size
+# crop_pct and crop_mode of the validation images, by training transform: the images only resized to a square, or
+# the official Resize(256) + CenterCrop(224) at any image size (timm's DEFAULT_CROP_PCT is 224 / 256)
+EVAL_CROP = {'resize': (1.0, 'squash'), 'crop-flip': (DEFAULT_CROP_PCT, 'center')}
+
+
+def eval_transform(size: int, train_transform: str, mean: Optional[Sequence[float]] = None,
+                   std: Optional[Sequence[float]] = None) -> Callable:
+    """The validation transform of images of side ``size``: timm's eval transform of its ``EVAL_CROP``.
+
+    Exports record the same crop_pct and crop_mode, so timm's ``resolve_model_data_config`` + ``create_transform`` of
+    an exported model preprocess exactly as its training validated.
+
+    Args:
+        size: Square side of the images.
+        train_transform: 'resize' or 'crop-flip', the training transform it goes with.
+        mean: Normalisation mean; with ``std``, the transform returns normalised float tensors. None: uint8 tensors,
+            to be normalised per batch (``InMemoryLoader``).
+        std: Normalisation std.
+    """
+    crop_pct, crop_mode = EVAL_CROP[train_transform]
+    normalize = {} if mean is None else dict(mean=tuple(mean), std=tuple(std))
+    return create_transform(size, is_training=False, interpolation='bilinear', crop_pct=crop_pct, crop_mode=crop_mode,
+                            normalize=mean is not None, **normalize)
 
 
 class DatasetError(ValueError):
@@ -142,7 +163,8 @@ def with_transform(folder: datasets.ImageFolder, transform: Callable) -> dataset
 def decode_images(dataset: datasets.ImageFolder, indices: Optional[list[int]], workers: int, device: torch.device,
                   verbose: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode (a subset of) an ImageFolder into a uint8 [N, 3, H, W] tensor and its int64 targets."""
-    dataset = with_transform(dataset, transforms.Compose([dataset.transform, transforms.PILToTensor()]))
+    # uint8 tensors; a transform that already gives them (timm's prefetcher transforms) passes them through
+    dataset = with_transform(dataset, transforms.Compose([dataset.transform, MaybePILToTensor()]))
     if indices is not None:
         dataset = torch.utils.data.Subset(dataset, indices)
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers)

@@ -17,9 +17,10 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import timm
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import save_for_hf
 
-from .data import CENTER_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
+from .data import EVAL_CROP
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME
 from .sgdrop import DEFAULT_EMA_DECAY, DEFAULT_RHO, add_sgdrop
 
@@ -65,15 +66,15 @@ def save_export(model: nn.Module, folder: Path, class_names: List[str], image_si
         training: What trained it (epochs, data, optimizer, ...), informative only.
         sgdrop_rho_end: The end of a rho curriculum, if one was used.
     """
-    resize_only = train_transform == 'resize'
+    crop_pct, crop_mode = EVAL_CROP[train_transform]
     data_config = {
+        # what data.eval_transform, the validation transform of the recipe, finetune and saliency, is made of
         'input_size': (3, image_size, image_size),
-        # torchvision's Resize, which the recipe's and finetune's transforms use, is bilinear
         'interpolation': 'bilinear',
-        'crop_pct': 1.0 if resize_only else CENTER_CROP_PCT,
-        'crop_mode': 'squash' if resize_only else 'center',
-        'mean': tuple(model.pretrained_cfg.get('mean', IMAGENET_MEAN)),
-        'std': tuple(model.pretrained_cfg.get('std', IMAGENET_STD)),
+        'crop_pct': crop_pct,
+        'crop_mode': crop_mode,
+        'mean': tuple(model.pretrained_cfg.get('mean', IMAGENET_DEFAULT_MEAN)),
+        'std': tuple(model.pretrained_cfg.get('std', IMAGENET_DEFAULT_STD)),
     }
     model_config = {
         'label_names': list(class_names),

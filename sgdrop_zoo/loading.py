@@ -14,14 +14,13 @@ import torch
 import torch.nn as nn
 import torchvision.datasets as datasets
 import torchvision.transforms as transforms
+from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .data import (
-    CENTER_CROP_PCT,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     DatasetError,
     InMemoryLoader,
     decode_images,
+    eval_transform,
     load_rgb,
     per_class_subset,
     with_transform,
@@ -198,11 +197,11 @@ def load_split(root: Path, split: str, class_names: List[str], size: int, train:
     split that does not depend on any seed.
     """
     if train and train_transform == 'crop-flip':
-        resize = transforms.Resize((round(size / CENTER_CROP_PCT),) * 2)  # random crops are taken per batch
-    elif train_transform == 'crop-flip':
-        resize = transforms.Compose([transforms.Resize(round(size / CENTER_CROP_PCT)), transforms.CenterCrop(size)])
-    else:
+        resize = transforms.Resize((round(size / DEFAULT_CROP_PCT),) * 2)  # random crops are taken per batch
+    elif train:
         resize = transforms.Resize((size, size))
+    else:
+        resize = eval_transform(size, train_transform)
     folder = datasets.ImageFolder(os.fspath(root / split), loader=load_rgb)
     if folder.classes != class_names:
         raise DatasetError(f'{root / split} has classes {folder.classes}, expected {class_names}.')
@@ -216,8 +215,8 @@ def load_split(root: Path, split: str, class_names: List[str], size: int, train:
 
 def make_loader(images: torch.Tensor, targets: torch.Tensor, model: nn.Module, batch_size: int, shuffle: bool,
             device: torch.device, seed: int = 0, crop_flip_size: Optional[int] = None) -> InMemoryLoader:
-    mean = model.pretrained_cfg.get('mean', IMAGENET_MEAN)
-    std = model.pretrained_cfg.get('std', IMAGENET_STD)
+    mean = model.pretrained_cfg.get('mean', IMAGENET_DEFAULT_MEAN)
+    std = model.pretrained_cfg.get('std', IMAGENET_DEFAULT_STD)
     return InMemoryLoader(images.to(device), targets.to(device), batch_size, shuffle=shuffle, mean=mean, std=std,
                           rank=0, world_size=1, device=device, seed=seed, crop_flip_size=crop_flip_size)
 

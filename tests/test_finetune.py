@@ -174,8 +174,8 @@ def _hand_made_run(folder: Path) -> dict:
 def test_never_replaces_an_earlier_run_unless_told(small_data: Path, source_dir: Path, tmp_path: Path):
     run = tmp_path / 'run'
     files = _hand_made_run(run)
-    with pytest.raises(ValueError, match=r'already holds model\.safetensors, config\.json, log\.jsonl of an earlier run; '
-                                         r'choose another folder, or pass --overwrite'):
+    with pytest.raises(ValueError, match=r'already holds model\.safetensors, config\.json, log\.jsonl of an earlier '
+                                         r'run; choose another folder, or pass --overwrite'):
         finetune(str(source_dir), small_data, run, **RUN)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == files
     metrics = finetune(str(source_dir), small_data, run, overwrite=True, **RUN)

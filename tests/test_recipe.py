@@ -25,7 +25,6 @@ from torchvision import datasets, transforms
 
 import sgdrop_zoo
 from sgdrop_zoo.cli import main as cli_main
-from sgdrop_zoo.data import CENTER_CROP_PCT
 from sgdrop_zoo.saliency import attribution_area_ratio, grad_cam_maps
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -243,8 +242,9 @@ def fixed_val_images(data_dir: Path, model: torch.nn.Module, size: int, count: i
                                                                                             torch.Tensor]:
     """The first `count` images of the seed-independent permutation of the val split, with the recipe's validation
     transform (resize, center crop, normalisation by the model's mean and std), built here from the files."""
+    # timm's eval transform at crop_pct 0.875: the shorter side to floor(size / 0.875), then the center crop
     transform = transforms.Compose([
-        transforms.Resize(round(size / CENTER_CROP_PCT)), transforms.CenterCrop(size), transforms.ToTensor(),
+        transforms.Resize(math.floor(size / 0.875)), transforms.CenterCrop(size), transforms.ToTensor(),
         transforms.Normalize(model.pretrained_cfg["mean"], model.pretrained_cfg["std"])])
     val = datasets.ImageFolder(data_dir / "val", transform=transform)
     indices = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:count].tolist()

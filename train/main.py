@@ -38,24 +38,23 @@ import torchvision.datasets as datasets
 import torchvision.transforms as transforms
 
 import timm
+from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.utils import AverageMeter, ParseKwargs, accuracy, random_seed
 
 import sgdrop_zoo
 from sgdrop_zoo.data import (
-    CENTER_CROP_PCT,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     DatasetError,
     InMemoryLoader,
     check_image_folders,
     decode_images,
+    eval_transform,
     load_rgb,
     per_class_subset,
     with_transform,
 )
 from sgdrop_zoo.export import regularizer_settings, save_recipe_export
-from sgdrop_zoo.sgdrop import check_sgdrop_settings
 from sgdrop_zoo.loading import check_writable_folder, read_checkpoint
+from sgdrop_zoo.sgdrop import DEFAULT_EMA_DECAY, DEFAULT_RHO, check_sgdrop_settings
 
 PRESETS_PATH = Path(__file__).with_name("presets.json")
 DUMMY_TRAIN_IMAGES, DUMMY_VAL_IMAGES = 1281167, 50000  # ImageNet's sizes
@@ -117,13 +116,14 @@ def get_parser() -> argparse.ArgumentParser:
     group.add_argument("--regularizer", default="sgdrop", choices=("none", "dropout", "sgdrop"),
                        help="sgdrop, or one of the paper's baselines on the same latent features")
     group.add_argument("--sgdrop-rho", default=None, type=float, metavar="RHO",
-                       help="fraction of latent features dropped per sample (default: 0.01, or the preset's value "
-                            "for the architecture family)")
+                       help=f"fraction of latent features dropped per sample (default: {DEFAULT_RHO}, or the "
+                            "preset's value for the architecture family)")
     group.add_argument("--sgdrop-rho-end", default=None, type=float, metavar="RHO",
                        help="if set, rho grows linearly from --sgdrop-rho to this value over the epochs (curriculum)")
     group.add_argument("--sgdrop-attribution", default="ema", choices=("ema", "online"),
                        help="weights that compute the attribution: EMA of the network (paper) or the online network")
-    group.add_argument("--sgdrop-ema-decay", default=0.999, type=float, help="decay of the attribution EMA")
+    group.add_argument("--sgdrop-ema-decay", default=DEFAULT_EMA_DECAY, type=float,
+                       help=f"decay of the attribution EMA ({DEFAULT_EMA_DECAY})")
     # --dropout-p: the option's former name, which recorded commands use
     group.add_argument("--latent-drop-rate", "--dropout-p", default=0.5, type=float,
                        help="drop probability of --regularizer dropout on the latent features")
@@ -182,11 +182,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def rho_for_arch(arch: str, rho_by_arch: list[list]) -> float:
-    """First rho whose architecture pattern occurs in `arch`, else the paper's default 0.01."""
+    """First rho whose architecture pattern occurs in `arch`, else the paper's default."""
     for pattern, rho in rho_by_arch:
         if pattern in arch:
             return rho
-    return 0.01
+    return DEFAULT_RHO
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -620,16 +620,14 @@ def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devi
 
     Loaders yield (images, targets); the in-memory ones yield batches already normalised on `device`.
     """
-    mean = model.pretrained_cfg.get("mean", IMAGENET_MEAN)
-    std = model.pretrained_cfg.get("std", IMAGENET_STD)
+    mean = model.pretrained_cfg.get("mean", IMAGENET_DEFAULT_MEAN)
+    std = model.pretrained_cfg.get("std", IMAGENET_DEFAULT_STD)
     size = args.image_size
     normalize = transforms.Normalize(mean=mean, std=std)
     if args.train_transform == "resize":
         train_resize = [transforms.Resize((size, size))]
-        val_resize = [transforms.Resize((size, size))]
     else:
         train_resize = [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()]
-        val_resize = [transforms.Resize(round(size / CENTER_CROP_PCT)), transforms.CenterCrop(size)]
 
     if args.dummy:
         if args.is_main:
@@ -661,11 +659,12 @@ def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devi
         if len(train_indices) < num_train:
             train_dataset = torch.utils.data.Subset(train_dataset, sorted(train_indices))
         train_loader = make_loader(train_dataset, True, args)
-        val_dataset = with_transform(val_folder, transforms.Compose(val_resize + to_tensor))
+        val_transform = eval_transform(size, args.train_transform, mean, std)
+        val_dataset = with_transform(val_folder, val_transform)
         val_loader = make_loader(torch.utils.data.Subset(val_dataset, val_indices), False, args)
         train_eval_loader = None
         if train_eval_indices:
-            train_eval_dataset = with_transform(train_folder, transforms.Compose(val_resize + to_tensor))
+            train_eval_dataset = with_transform(train_folder, val_transform)
             train_eval_loader = make_loader(torch.utils.data.Subset(train_eval_dataset, train_eval_indices), False,
                                             args)
         area_loader = make_loader(torch.utils.data.Subset(val_dataset, area_indices), False, args, shard=False) \
@@ -676,18 +675,19 @@ def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devi
     # run per batch on `device`.
     store_device = device if device.type == "cuda" else torch.device("cpu")
     train_store = [transforms.Resize((size, size))] if args.train_transform == "resize" else [
-        transforms.Resize((round(size / CENTER_CROP_PCT),) * 2)]
+        transforms.Resize((round(size / DEFAULT_CROP_PCT),) * 2)]
     decode = dict(workers=args.workers, device=store_device, verbose=args.is_main)
     train_images = decode_images(with_transform(train_folder, transforms.Compose(train_store)), sorted(train_indices),
                                  **decode)
-    val_images = decode_images(with_transform(val_folder, transforms.Compose(val_resize)), val_indices, **decode)
+    val_images = decode_images(with_transform(val_folder, eval_transform(size, args.train_transform)), val_indices,
+                               **decode)
     common = dict(mean=mean, std=std, rank=args.rank, world_size=args.world_size, device=device)
     train_loader = InMemoryLoader(*train_images, args.batch_size, shuffle=True, seed=args.seed or 0,
                                   crop_flip_size=size if args.train_transform == "crop-flip" else None, **common)
     val_loader = InMemoryLoader(*val_images, args.batch_size, shuffle=False, **common)
     train_eval_loader = None
     if train_eval_indices:
-        train_eval_images = decode_images(with_transform(train_folder, transforms.Compose(val_resize)),
+        train_eval_images = decode_images(with_transform(train_folder, eval_transform(size, args.train_transform)),
                                           train_eval_indices, **decode)
         train_eval_loader = InMemoryLoader(*train_eval_images, args.batch_size, shuffle=False, **common)
     area_loader = None
