@@ -141,6 +141,22 @@ def test_two_epoch_run_writes_checkpoints_log_and_export(two_epoch_run: tuple[Pa
     assert str(output / "model_best.pth.tar") in stdout
 
 
+@torch.no_grad()
+def test_timm_eval_transform_of_the_export_reproduces_the_recipe_top1(two_epoch_run: tuple[Path, str],
+                                                                       data_dir: Path, num_val: int):
+    # 32 px with the crop-flip transform, where floor(32 / 0.875) = 36 and round(32 / 0.875) = 37 differ: timm's
+    # evaluation of the export's config must be the recipe's own validation
+    output, _ = two_epoch_run
+    model = timm.create_model(f"local-dir:{output}", pretrained=True).eval()
+    config = timm.data.resolve_model_data_config(model)
+    assert (config["crop_pct"], config["crop_mode"]) == (0.875, "center")
+    val = datasets.ImageFolder(data_dir / "val", transform=timm.data.create_transform(**config))
+    correct = sum(int(model(images).argmax(1).eq(targets).sum()) for images, targets in
+                  torch.utils.data.DataLoader(val, batch_size=16))
+    best = torch.load(output / "model_best.pth.tar", map_location="cpu", weights_only=True)
+    assert 100 * correct / num_val == pytest.approx(best["best_acc1"], abs=1e-3)
+
+
 def test_model_kwargs_reach_the_export_and_plain_timm(data_dir: Path, tmp_path: Path):
     """timm's vgg11 with a narrow head (--model-kwargs mlp_ratio=...): its export and its published folder record the
     argument, so that plain timm, without sgdrop_zoo, rebuilds the same network and gives the same logits."""
