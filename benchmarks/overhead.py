@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
 
 import timm
 import torch
@@ -39,7 +38,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--batch-size', type=int, default=8)
     parser.add_argument('--num-classes', type=int, default=10)
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
-                        help='architecture arguments of every model, as timm\'s train.py takes them')
+                        help="architecture arguments of every model, as timm's train.py takes them")
     parser.add_argument('--warmup', type=int, default=2, help='untimed steps per variant')
     parser.add_argument('--steps', type=int, default=5, help='timed steps per variant')
     parser.add_argument('--amp', action='store_true', help='bf16 autocast')
@@ -57,7 +56,7 @@ def train_step(model, optimizer, images, target, amp: bool) -> None:
     model.update_ema()
 
 
-def time_family(name: str, args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
+def time_family(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(0)
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
@@ -68,7 +67,7 @@ def time_family(name: str, args: argparse.Namespace, device: torch.device) -> Di
         model = timm.create_model(name, num_classes=args.num_classes, **kwargs, **args.model_kwargs)
         model = model.to(device, memory_format=memory_format)
         runs[variant] = (model.train(), torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9))
-    times: Dict[str, List[float]] = {variant: [] for variant in VARIANTS}
+    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
     for step in range(args.warmup + args.steps):
         for variant, (model, optimizer) in runs.items():
             if device.type == 'cuda':

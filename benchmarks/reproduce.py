@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Optional
 
 import timm
 import torch
@@ -28,200 +28,201 @@ import sgdrop_zoo  # noqa: F401, registers the sgdrop_* architectures the table 
 from sgdrop_zoo.plots import read_log
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+RESULTS = REPO / 'benchmarks' / 'results'
 NUM_CLASSES_OF_TABLE = 10  # CIFAR-10 and Imagenette
 
 # Recipe flags per method. The paper's dropout baseline drops the same latent features; its probability was lost in
 # the text extraction of the paper, so we use the usual 0.5. The curriculum's start and end are not given either: we
 # grow rho linearly from 0 to 2.5x the fixed value (for VGG, 0.025, the largest rho the paper's Table 7 trains well).
-METHODS: Dict[str, List[str]] = {
-    "vanilla": ["--regularizer", "none"],
-    "dropout": ["--regularizer", "dropout", "--latent-drop-rate", "0.5"],
-    "sgdrop": ["--regularizer", "sgdrop", "--sgdrop-attribution", "ema"],
-    "sgdrop_online": ["--regularizer", "sgdrop", "--sgdrop-attribution", "online"],
-    "sgdrop_curriculum": ["--regularizer", "sgdrop", "--sgdrop-rho", "0.0", "--sgdrop-rho-end", "RHO_END"],
+METHODS: dict[str, list[str]] = {
+    'vanilla': ['--regularizer', 'none'],
+    'dropout': ['--regularizer', 'dropout', '--latent-drop-rate', '0.5'],
+    'sgdrop': ['--regularizer', 'sgdrop', '--sgdrop-attribution', 'ema'],
+    'sgdrop_online': ['--regularizer', 'sgdrop', '--sgdrop-attribution', 'online'],
+    'sgdrop_curriculum': ['--regularizer', 'sgdrop', '--sgdrop-rho', '0.0', '--sgdrop-rho-end', 'RHO_END'],
 }
 
 # Protocols: the recipe's low-data preset (from scratch, Adam 1e-4, resize only, constant lr, batch 64) at a size
 # that fits the hardware. `paper` holds the paper's Table 3 / Section 4.3 top-1 for the closest setting.
-PROTOCOLS: Dict[str, Dict] = {
-    "cpu": {
-        "description": "The paper's CIFAR-10 network (sgdrop_cifar_cnn) from scratch on a fixed 1,000-image subset "
+PROTOCOLS: dict[str, dict] = {
+    'cpu': {
+        'description': "The paper's CIFAR-10 network (sgdrop_cifar_cnn) from scratch on a fixed 1,000-image subset "
                        "of ../shared/data/cifar10_subset (about 100 per class) at 32 px, 30 epochs of the low-data "
                        "protocol (Adam 1e-4, batch 64, constant lr, no augmentation). Per-epoch curves on a fixed "
                        "1,000-image subset of the validation split, with the attribution area ratio on 200 of them; "
                        "the final weights are then evaluated on the full 10,000-image CIFAR-10 test set. Clean train "
                        "accuracy on all 1,000 training images. 2 CPU threads.",
-        "archs": ["sgdrop_cifar_cnn"],
-        "methods": ["vanilla", "dropout", "sgdrop"],
-        "seeds": [0, 1, 2],
-        "args": ["--preset", "lowdata", "--image-size", "32", "--epochs", "30", "--train-subset", "1000",
-                 "--in-memory", "--channels-last", "--train-eval-samples", "1000", "--log-area-ratio", "200", "-j", "2",
-                 "-p", "1000"],
-        "curve_val_subset": 1000,
-        "paper_dataset": "CIFAR-10 (full 50,000 training images, 100 epochs)",
-        "paper": {"sgdrop_cifar_cnn": {"vanilla": 79.11, "dropout": 81.60, "sgdrop": 81.57}},
+        'archs': ['sgdrop_cifar_cnn'],
+        'methods': ['vanilla', 'dropout', 'sgdrop'],
+        'seeds': [0, 1, 2],
+        'args': ['--preset', 'lowdata', '--image-size', '32', '--epochs', '30', '--train-subset', '1000',
+                 '--in-memory', '--channels-last', '--train-eval-samples', '1000', '--log-area-ratio', '200', '-j', '2',
+                 '-p', '1000'],
+        'curve_val_subset': 1000,
+        'paper_dataset': 'CIFAR-10 (full 50,000 training images, 100 epochs)',
+        'paper': {'sgdrop_cifar_cnn': {'vanilla': 79.11, 'dropout': 81.60, 'sgdrop': 81.57}},
     },
-    "zoo": {
-        "description": "The zoo's CPU checkpoints: small members of each family (VGG: sgdrop_vgg_tiny, then "
+    'zoo': {
+        'description': "The zoo's CPU checkpoints: small members of each family (VGG: sgdrop_vgg_tiny, then "
                        "timm's vgg11 with a 128-wide head, --model-kwargs mlp_ratio=0.03125, which plain timm "
                        "loads) from scratch on ../shared/data/imagenette (official split) at 64 px, on a fixed "
-                       "class-balanced subset of 150 training images per class (1,500 images), 40 epochs of the paper's low-data protocol (Adam "
-                       "1e-4, batch 64, constant lr, resize only, no augmentation; rho 0.01 for VGG and ResNet, 0.1 "
+                       "class-balanced subset of 150 training images per class (1,500 images), 40 epochs of the "
+                       "paper's low-data protocol (Adam 1e-4, batch 64, constant lr, resize only, no augmentation; "
+                       "rho 0.01 for VGG and ResNet, 0.1 "
                        "for ConvNeXt, Appendix B). Per-epoch curves on a fixed 1,000-image subset of the validation "
                        "split, with the attribution area ratio on 200 of them; the final weights are then evaluated "
                        "on all 3,925 validation images. Clean train accuracy on all 1,500 training images. 2 CPU "
                        "threads.",
-        "archs": ["sgdrop_resnet10t", "sgdrop_convnext_atto", "sgdrop_vgg_tiny", "sgdrop_vgg11"],
+        'archs': ['sgdrop_resnet10t', 'sgdrop_convnext_atto', 'sgdrop_vgg_tiny', 'sgdrop_vgg11'],
         # timm's vgg11 with a 128-wide first head layer instead of 4096: 13.0M parameters, which plain timm rebuilds
         # from the export's model_args
-        "model_kwargs": {"sgdrop_vgg11": {"mlp_ratio": 0.03125}},
+        'model_kwargs': {'sgdrop_vgg11': {'mlp_ratio': 0.03125}},
         # the SGDrop checkpoints benchmarks/ship_zoo.py ships, one per family: those plain timm rebuilds
-        "ship": ["sgdrop_resnet10t", "sgdrop_convnext_atto", "sgdrop_vgg11"],
-        "methods": ["vanilla", "sgdrop"],
-        "seeds": [0, 1, 2],
-        "args": ["--preset", "lowdata", "--image-size", "64", "--epochs", "40", "--train-subset-per-class", "150",
-                 "--in-memory", "--channels-last", "--train-eval-samples", "1500", "--log-area-ratio", "200", "-j", "2",
-                 "-p", "1000"],
-        "curve_val_subset": 1000,
+        'ship': ['sgdrop_resnet10t', 'sgdrop_convnext_atto', 'sgdrop_vgg11'],
+        'methods': ['vanilla', 'sgdrop'],
+        'seeds': [0, 1, 2],
+        'args': ['--preset', 'lowdata', '--image-size', '64', '--epochs', '40', '--train-subset-per-class', '150',
+                 '--in-memory', '--channels-last', '--train-eval-samples', '1500', '--log-area-ratio', '200', '-j', '2',
+                 '-p', '1000'],
+        'curve_val_subset': 1000,
         # benchmarks/overhead.py results of the archs, one file per set of --model-kwargs
-        "overhead": ["overhead.json", "overhead_vgg11.json"],
-        "paper_dataset": "Imagenette at 224 px with VGG16 / ResNet50 / ConvNeXt-T (Table 3); other architectures, "
-                         "so no figure compares directly",
-        "paper": {},
+        'overhead': ['overhead.json', 'overhead_vgg11.json'],
+        'paper_dataset': 'Imagenette at 224 px with VGG16 / ResNet50 / ConvNeXt-T (Table 3); other architectures, '
+                         'so no figure compares directly',
+        'paper': {},
     },
-    "gpu": {
-        "description": "The paper's Table 3 protocol on ../shared/data/imagenette: from scratch, Adam 1e-4, 80 "
+    'gpu': {
+        'description': "The paper's Table 3 protocol on ../shared/data/imagenette: from scratch, Adam 1e-4, 80 "
                        "epochs, batch 64, no augmentation, rho per Appendix B, images resized to 128 px (the size "
                        "the shared copy is stored at; the paper upsampled to 224), bf16, channels_last, in-memory "
                        "data.",
-        "archs": ["sgdrop_vgg16", "sgdrop_resnet50", "sgdrop_convnext_tiny"],
+        'archs': ['sgdrop_vgg16', 'sgdrop_resnet50', 'sgdrop_convnext_tiny'],
         # the headline pair first: paper 67.21 -> 81.00 for VGG16
-        "methods": ["vanilla", "sgdrop", "dropout", "sgdrop_online", "sgdrop_curriculum"],
-        "seeds": [0],
-        "args": ["--preset", "lowdata", "--image-size", "128", "--epochs", "80", "--in-memory", "--amp",
-                 "--channels-last", "--train-eval-samples", "2000", "-j", "8", "-p", "1000"],
-        "curve_val_subset": 0,
-        "paper_dataset": "Imagenette at 224 px",
-        "paper": {
-            "sgdrop_vgg16": {"vanilla": 67.21, "dropout": 68.66, "sgdrop": 81.00, "sgdrop_curriculum": 81.82},
-            "sgdrop_resnet50": {"vanilla": 74.96, "dropout": 74.08, "sgdrop": 77.54, "sgdrop_online": 75.25,
-                                "sgdrop_curriculum": 77.14},
-            "sgdrop_convnext_tiny": {"vanilla": 55.08, "dropout": 55.36, "sgdrop": 67.42,
-                                     "sgdrop_curriculum": 65.34},
+        'methods': ['vanilla', 'sgdrop', 'dropout', 'sgdrop_online', 'sgdrop_curriculum'],
+        'seeds': [0],
+        'args': ['--preset', 'lowdata', '--image-size', '128', '--epochs', '80', '--in-memory', '--amp',
+                 '--channels-last', '--train-eval-samples', '2000', '-j', '8', '-p', '1000'],
+        'curve_val_subset': 0,
+        'paper_dataset': 'Imagenette at 224 px',
+        'paper': {
+            'sgdrop_vgg16': {'vanilla': 67.21, 'dropout': 68.66, 'sgdrop': 81.00, 'sgdrop_curriculum': 81.82},
+            'sgdrop_resnet50': {'vanilla': 74.96, 'dropout': 74.08, 'sgdrop': 77.54, 'sgdrop_online': 75.25,
+                                'sgdrop_curriculum': 77.14},
+            'sgdrop_convnext_tiny': {'vanilla': 55.08, 'dropout': 55.36, 'sgdrop': 67.42,
+                                     'sgdrop_curriculum': 65.34},
         },
     },
 }
 
 # Fixed rho of the low-data preset per family, the base of the curriculum's end value.
-FIXED_RHO = {"convnext": 0.1, "vgg": 0.01, "resnet": 0.01, "cifar": 0.01}
+FIXED_RHO = {'convnext': 0.1, 'vgg': 0.01, 'resnet': 0.01, 'cifar': 0.01}
 
 
 def run_name(arch: str, method: str, seed: int) -> str:
-    return f"{arch}__{method}__seed{seed}"
+    return f'{arch}__{method}__seed{seed}'
 
 
-def method_args(method: str, arch: str) -> List[str]:
+def method_args(method: str, arch: str) -> list[str]:
     if method not in METHODS:
         raise SystemExit(f"error: unknown method {method!r}; choose from {', '.join(METHODS)}")
     rho = next(value for key, value in FIXED_RHO.items() if key in arch)
-    return [f"{2.5 * rho:g}" if flag == "RHO_END" else flag for flag in METHODS[method]]
+    return [f'{2.5 * rho:g}' if flag == 'RHO_END' else flag for flag in METHODS[method]]
 
 
 def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
+    out = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True, text=True)
+    return out.stdout.strip() or 'unknown'
 
 
-def summarize_run(curve: List[Dict], final_val: Optional[Dict] = None) -> Dict:
+def summarize_run(curve: list[dict], final_val: Optional[dict] = None) -> dict:
     """Figures of one run; ``final_val`` is the last epoch's evaluation on the full validation split when the
     per-epoch curve was measured on a subset of it."""
     last = curve[-1]
-    peak = max(curve, key=lambda r: r["val_acc1"])
-    final_val = final_val or {"acc1": last["val_acc1"], "count": last["val_count"]}
+    peak = max(curve, key=lambda r: r['val_acc1'])
+    final_val = final_val or {'acc1': last['val_acc1'], 'count': last['val_count']}
     return {
-        "epochs": last["epoch"],
-        "final_val_acc1": final_val["acc1"],
-        "final_val_count": final_val["count"],
-        "curve_val_count": last["val_count"],
-        "curve_final_val_acc1": last["val_acc1"],
-        "curve_peak_val_acc1": peak["val_acc1"],
-        "curve_peak_epoch": peak["epoch"],
-        "final_train_acc1": last["train_clean_acc1"],
-        "final_train_val_gap": last["train_clean_acc1"] - final_val["acc1"],
-        "final_masked_train_acc1": last["train_acc1"],
-        "img_per_s": statistics.median(r["img_per_s"] for r in curve),
-        "train_time_s": sum(r["epoch_time_s"] for r in curve),
+        'epochs': last['epoch'],
+        'final_val_acc1': final_val['acc1'],
+        'final_val_count': final_val['count'],
+        'curve_val_count': last['val_count'],
+        'curve_final_val_acc1': last['val_acc1'],
+        'curve_peak_val_acc1': peak['val_acc1'],
+        'curve_peak_epoch': peak['epoch'],
+        'final_train_acc1': last['train_clean_acc1'],
+        'final_train_val_gap': last['train_clean_acc1'] - final_val['acc1'],
+        'final_masked_train_acc1': last['train_acc1'],
+        'img_per_s': statistics.median(r['img_per_s'] for r in curve),
+        'train_time_s': sum(r['epoch_time_s'] for r in curve),
     }
 
 
-def evaluate_full(command: List[str], checkpoint: Path) -> Dict:
+def evaluate_full(command: list[str], checkpoint: Path) -> dict:
     """Top-1 of ``checkpoint`` on the whole validation split, with the recipe's ``--evaluate``."""
-    out = subprocess.run(command + ["--evaluate", "--resume", str(checkpoint)], cwd=REPO, check=True,
+    out = subprocess.run(command + ['--evaluate', '--resume', str(checkpoint)], cwd=REPO, check=True,
                          capture_output=True, text=True).stdout
-    match = re.search(r"=> val Acc@1 ([\d.]+) Acc@5 ([\d.]+) on (\d+) images", out)
+    match = re.search(r'=> val Acc@1 ([\d.]+) Acc@5 ([\d.]+) on (\d+) images', out)
     if match is None:
         raise RuntimeError(f"no '=> val Acc@1' line in the output of {' '.join(command)}:\n{out[-2000:]}")
-    return {"acc1": float(match.group(1)), "acc5": float(match.group(2)), "count": int(match.group(3))}
+    return {'acc1': float(match.group(1)), 'acc5': float(match.group(2)), 'count': int(match.group(3))}
 
 
-def train_one(protocol: str, config: Dict, data: str, arch: str, method: str, seed: int, runs_dir: Path,
-              results_dir: Path) -> Optional[Dict]:
+def train_one(protocol: str, config: dict, data: str, arch: str, method: str, seed: int, runs_dir: Path,
+              results_dir: Path) -> Optional[dict]:
     name = run_name(arch, method, seed)
-    result_path = results_dir / f"{name}.json"
+    result_path = results_dir / f'{name}.json'
     if result_path.exists():
-        print(f"=> {name}: done, skipped", flush=True)
+        print(f'=> {name}: done, skipped', flush=True)
         return None
     output = runs_dir / name
-    model_kwargs = [f"{key}={value}" for key, value in config.get("model_kwargs", {}).get(arch, {}).items()]
-    base = [sys.executable, "train/main.py", data, "-a", arch, *(["--model-kwargs", *model_kwargs] if model_kwargs
-                                                                  else []), *config["args"], *method_args(method, arch),
-            "--seed", str(seed), "--output", str(output)]
-    subset = config["curve_val_subset"]
-    command = base + (["--val-subset", str(subset)] if subset else [])
-    checkpoint = output / "checkpoint.pth.tar"
+    model_kwargs = [f'{key}={value}' for key, value in config.get('model_kwargs', {}).get(arch, {}).items()]
+    base = [sys.executable, 'train/main.py', data, '-a', arch, *(['--model-kwargs', *model_kwargs] if model_kwargs
+                                                                  else []), *config['args'], *method_args(method, arch),
+            '--seed', str(seed), '--output', str(output)]
+    subset = config['curve_val_subset']
+    command = base + (['--val-subset', str(subset)] if subset else [])
+    checkpoint = output / 'checkpoint.pth.tar'
     resumed = (REPO / checkpoint).exists()
-    launch = command + (["--resume", str(checkpoint)] if resumed else [])
+    launch = command + (['--resume', str(checkpoint)] if resumed else [])
     print(f"=> {name}: {' '.join(launch)}", flush=True)
     start = time.time()
     subprocess.run(launch, cwd=REPO, check=True)
     final_val = evaluate_full(base, checkpoint) if subset else None
-    curve = read_log(REPO / output / "log.jsonl")
+    curve = read_log(REPO / output / 'log.jsonl')
     result = {
-        "protocol": protocol,
-        "arch": arch,
-        "method": method,
-        "seed": seed,
+        'protocol': protocol,
+        'arch': arch,
+        'method': method,
+        'seed': seed,
         **summarize_run(curve, final_val),
-        "wall_time_s": time.time() - start,
-        "resumed": resumed,
-        "command": " ".join(["python"] + command[1:]),
-        "final_eval_command": " ".join(["python"] + base[1:] + ["--evaluate", "--resume", str(checkpoint)])
+        'wall_time_s': time.time() - start,
+        'resumed': resumed,
+        'command': ' '.join(['python'] + command[1:]),
+        'final_eval_command': ' '.join(['python'] + base[1:] + ['--evaluate', '--resume', str(checkpoint)])
         if subset else None,
-        "git_commit": git_commit(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available()
-        else f"cpu ({torch.get_num_threads()} threads)",
-        "platform": platform.platform(),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "curve": curve,
+        'git_commit': git_commit(),
+        'device': torch.cuda.get_device_name() if torch.cuda.is_available()
+        else f'cpu ({torch.get_num_threads()} threads)',
+        'platform': platform.platform(),
+        'versions': {'torch': torch.__version__, 'python': platform.python_version()},
+        'curve': curve,
     }
-    result_path.write_text(json.dumps(result, indent=1) + "\n")
+    result_path.write_text(json.dumps(result, indent=1) + '\n')
     return result
 
 
-def mean_std(values: List[float], digits: int = 2) -> str:
+def mean_std(values: list[float], digits: int = 2) -> str:
     if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+        return f'{values[0]:.{digits}f}'
+    return f'{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}'
 
 
-def write_table(protocol: str, config: Dict, results_dir: Path) -> str:
-    runs = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*__*__seed*.json"))]
+def write_table(protocol: str, config: dict, results_dir: Path) -> str:
+    runs = [json.loads(p.read_text()) for p in sorted(results_dir.glob('*__*__seed*.json'))]
     lines = [
-        f"# Reproduction study: `{protocol}` protocol",
-        "",
-        config["description"],
-        "",
+        f'# Reproduction study: `{protocol}` protocol',
+        '',
+        config['description'],
+        '',
         "Top-1 %, mean ± std over seeds (sample std). Final val: the last epoch's weights on the whole validation "
         "split. Curve peak: the best epoch of the per-epoch validation curve (on the curve's subset where there is "
         "one), an optimistic figure since it picks the epoch on that data. Train: clean (unmasked, eval-mode) top-1 "
@@ -231,75 +232,75 @@ def write_table(protocol: str, config: Dict, results_dir: Path) -> str:
         "training throughput of the runs' epochs. Step overhead: SGDrop's extra time per training step against the "
         "same model without it, from `overhead.json` of this folder (benchmarks/overhead.py), where it exists. "
         f"Paper: {config['paper_dataset']}.",
-        "",
-        "| arch | method | seeds | final val top-1 | curve peak | train top-1 | train-val gap | area | params | img/s "
-        "| step overhead | paper |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        '',
+        '| arch | method | seeds | final val top-1 | curve peak | train top-1 | train-val gap | area | params | img/s '
+        '| step overhead | paper |',
+        '|---|---|---|---|---|---|---|---|---|---|---|---|',
     ]
     overhead = {}
-    for name in config.get("overhead", ["overhead.json"]):
+    for name in config.get('overhead', ['overhead.json']):
         if (results_dir / name).exists():
-            overhead.update(json.loads((results_dir / name).read_text())["results"])
-    for arch in dict.fromkeys(r["arch"] for r in runs):
-        model_kwargs = config.get("model_kwargs", {}).get(arch, {})
+            overhead.update(json.loads((results_dir / name).read_text())['results'])
+    for arch in dict.fromkeys(r['arch'] for r in runs):
+        model_kwargs = config.get('model_kwargs', {}).get(arch, {})
         model = timm.create_model(arch, num_classes=NUM_CLASSES_OF_TABLE, **model_kwargs)
         params = sum(p.numel() for p in model.parameters())
         for method in METHODS:
-            group = [r for r in runs if r["arch"] == arch and r["method"] == method]
+            group = [r for r in runs if r['arch'] == arch and r['method'] == method]
             if not group:
                 continue
-            paper = config["paper"].get(arch, {}).get(method)
-            lines.append("| " + " | ".join([
-                f"`{arch}`", method, str(len(group)),
-                mean_std([r["final_val_acc1"] for r in group]),
-                mean_std([r["curve_peak_val_acc1"] for r in group]),
-                mean_std([r["final_train_acc1"] for r in group]),
-                mean_std([r["final_train_val_gap"] for r in group]),
-                mean_std([r["curve"][-1]["val_area_ratio"] for r in group], digits=3)
-                if all("val_area_ratio" in r["curve"][-1] for r in group) else "-",
-                f"{params / 1e6:.2f}M",
+            paper = config['paper'].get(arch, {}).get(method)
+            lines.append('| ' + ' | '.join([
+                f'`{arch}`', method, str(len(group)),
+                mean_std([r['final_val_acc1'] for r in group]),
+                mean_std([r['curve_peak_val_acc1'] for r in group]),
+                mean_std([r['final_train_acc1'] for r in group]),
+                mean_std([r['final_train_val_gap'] for r in group]),
+                mean_std([r['curve'][-1]['val_area_ratio'] for r in group], digits=3)
+                if all('val_area_ratio' in r['curve'][-1] for r in group) else '-',
+                f'{params / 1e6:.2f}M',
                 f"{statistics.mean(r['img_per_s'] for r in group):.0f}",
                 f"+{100 * overhead[arch]['sgdrop_ema_overhead']:.0f}%"
-                if method == "sgdrop" and arch in overhead else "-",
-                f"{paper:.2f}" if paper is not None else "-",
-            ]) + " |")
-    table = "\n".join(lines) + "\n"
-    (results_dir / "table.md").write_text(table)
+                if method == 'sgdrop' and arch in overhead else '-',
+                f'{paper:.2f}' if paper is not None else '-',
+            ]) + ' |')
+    table = '\n'.join(lines) + '\n'
+    (results_dir / 'table.md').write_text(table)
     return table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("protocol", choices=sorted(PROTOCOLS))
-    parser.add_argument("--data", default=None, help="ImageFolder dataset root (train/ and val/)")
-    parser.add_argument("--archs", nargs="+", default=None, help="subset of the protocol's architectures")
-    parser.add_argument("--methods", nargs="+", default=None, choices=sorted(METHODS),
+    parser.add_argument('protocol', choices=sorted(PROTOCOLS))
+    parser.add_argument('--data', default=None, help='ImageFolder dataset root (train/ and val/)')
+    parser.add_argument('--archs', nargs='+', default=None, help="subset of the protocol's architectures")
+    parser.add_argument('--methods', nargs='+', default=None, choices=sorted(METHODS),
                         help="subset of the protocol's methods")
-    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: the protocol's)")
-    parser.add_argument("--runs-dir", default=None, help="recipe output folders (default: runs/reproduce/PROTOCOL)")
-    parser.add_argument("--results-dir", default=None,
-                        help="one JSON per run and table.md (default: benchmarks/results/reproduce_PROTOCOL)")
-    parser.add_argument("--table-only", action="store_true", help="only rebuild table.md from the finished runs")
+    parser.add_argument('--seeds', nargs='+', type=int, default=None, help="seeds (default: the protocol's)")
+    parser.add_argument('--runs-dir', default=None, help='recipe output folders (default: runs/reproduce/PROTOCOL)')
+    parser.add_argument('--results-dir', default=None,
+                        help='one JSON per run and table.md (default: benchmarks/results/reproduce_PROTOCOL)')
+    parser.add_argument('--table-only', action='store_true', help='only rebuild table.md from the finished runs')
     args = parser.parse_args()
 
     config = PROTOCOLS[args.protocol]
-    results_dir = Path(args.results_dir or RESULTS / f"reproduce_{args.protocol}").resolve()
+    results_dir = Path(args.results_dir or RESULTS / f'reproduce_{args.protocol}').resolve()
     results_dir.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
-        if args.data is None or not (Path(args.data) / "train").is_dir() or not (Path(args.data) / "val").is_dir():
-            raise SystemExit(f"error: --data must be an ImageFolder root with train/ and val/, got {args.data!r}")
+        if args.data is None or not (Path(args.data) / 'train').is_dir() or not (Path(args.data) / 'val').is_dir():
+            raise SystemExit(f'error: --data must be an ImageFolder root with train/ and val/, got {args.data!r}')
         # relative to the repository, where the runs start, so that recorded commands hold no local paths
-        runs_dir = Path(os.path.relpath(Path(args.runs_dir or REPO / "runs" / "reproduce" / args.protocol).resolve(),
+        runs_dir = Path(os.path.relpath(Path(args.runs_dir or REPO / 'runs' / 'reproduce' / args.protocol).resolve(),
                                         REPO))
         data = os.path.relpath(Path(args.data).resolve(), REPO)
         # Seeds outermost: a grid cut short still has every method at the first seeds.
-        for seed in args.seeds or config["seeds"]:
-            for arch in args.archs or config["archs"]:
-                for method in args.methods or config["methods"]:
+        for seed in args.seeds or config['seeds']:
+            for arch in args.archs or config['archs']:
+                for method in args.methods or config['methods']:
                     train_one(args.protocol, config, data, arch, method, seed, runs_dir, results_dir)
                     write_table(args.protocol, config, results_dir)
     print(write_table(args.protocol, config, results_dir))
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
     main()

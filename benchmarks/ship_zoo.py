@@ -29,7 +29,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Optional
 
 import timm
 import torch
@@ -52,14 +52,14 @@ CHECK_IMAGES = 100  # size of the fixed validation subset whose correct count th
 MAX_TOP1_DRIFT = 0.1  # points of top-1 the float16 weights may differ by from the study's float32 figure
 
 
-def check_indices(num_images: int) -> List[int]:
+def check_indices(num_images: int) -> list[int]:
     """The fixed validation images of the tests' check: the first 100 of a seed-0 permutation, in folder order."""
     order = torch.randperm(num_images, generator=torch.Generator().manual_seed(0)).tolist()
     return sorted(order[:CHECK_IMAGES])
 
 
 @torch.no_grad()
-def correct_count(model: torch.nn.Module, root: Path, indices: Optional[List[int]] = None,
+def correct_count(model: torch.nn.Module, root: Path, indices: Optional[list[int]] = None,
                   batch_size: int = 100) -> int:
     """Number of correctly classified images of ``root`` (an ImageFolder split), with timm's eval transform."""
     transform = create_transform(**resolve_model_data_config(model))
@@ -78,16 +78,16 @@ def forward_gflops(model: torch.nn.Module) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def mean_std(values: List[float]) -> Dict[str, float]:
+def mean_std(values: list[float]) -> dict[str, float]:
     return dict(mean=round(statistics.mean(values), 2),
                 std=round(statistics.stdev(values), 2) if len(values) > 1 else 0.0)
 
 
-def by_seed(runs: List[Dict[str, Any]]) -> Dict[str, float]:
+def by_seed(runs: list[dict[str, Any]]) -> dict[str, float]:
     return {str(r['seed']): r['final_val_acc1'] for r in sorted(runs, key=lambda r: r['seed'])}
 
 
-def median_run(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ordered = sorted(runs, key=lambda r: (r['final_val_acc1'], r['seed']))
     return ordered[(len(ordered) - 1) // 2]
 
@@ -99,7 +99,7 @@ def to_float16(path: Path) -> None:
     save_file(half, path, metadata={'format': 'pt'})
 
 
-def export_run(name: str, source: Path, folder: Path) -> Dict[str, Any]:
+def export_run(name: str, source: Path, folder: Path) -> dict[str, Any]:
     """Write a run's last-epoch checkpoint as a Hub-repo folder (float16 weights, timm config.json); its record."""
     info = ImageNetInfo()
     descriptions = {synset: info.label_name_to_description(synset) for synset in info.label_names()}
@@ -109,7 +109,7 @@ def export_run(name: str, source: Path, folder: Path) -> Dict[str, Any]:
     return record
 
 
-def reuse_shipped(name: str, seed: int, shipped: Path, folder: Path) -> Dict[str, Any]:
+def reuse_shipped(name: str, seed: int, shipped: Path, folder: Path) -> dict[str, Any]:
     """Copy the weights already shipped as ``name`` into ``folder``, with their config.json in the current schema.
 
     For a study that gained seeds after shipping, once its run folders are gone: the median seed must still be the
@@ -123,7 +123,7 @@ def reuse_shipped(name: str, seed: int, shipped: Path, folder: Path) -> Dict[str
         raise SystemExit(f'error: {name}: the median seed is now {seed}, the shipped weights are seed '
                          f'{record["metrics"]["seed"]}\'s; ship it from its run folder (without --keep-weights)')
     if sha256_of_file(shipped / WEIGHTS_NAME) != record['sha256']:
-        raise SystemExit(f'error: {name}: {shipped / WEIGHTS_NAME} does not have its record\'s sha256; restore it '
+        raise SystemExit(f"error: {name}: {shipped / WEIGHTS_NAME} does not have its record's sha256; restore it "
                          f'(git checkout) or ship from the run folder')
     shutil.copyfile(shipped / WEIGHTS_NAME, folder / WEIGHTS_NAME)
     config = to_hub_config(read_config(shipped / CONFIG_NAME))
@@ -132,8 +132,8 @@ def reuse_shipped(name: str, seed: int, shipped: Path, folder: Path) -> Dict[str
     return record
 
 
-def ship(arch: str, runs: List[Dict[str, Any]], data: Path, runs_dir: Path, results_dir: Path,
-         overhead: Dict[str, Any], keep_weights: bool = False) -> Dict[str, Any]:
+def ship(arch: str, runs: list[dict[str, Any]], data: Path, runs_dir: Path, results_dir: Path,
+         overhead: dict[str, Any], keep_weights: bool = False) -> dict[str, Any]:
     sgdrop_runs = [r for r in runs if r['arch'] == arch and r['method'] == 'sgdrop']
     vanilla_runs = [r for r in runs if r['arch'] == arch and r['method'] == 'vanilla']
     chosen = median_run(sgdrop_runs)
@@ -154,7 +154,7 @@ def ship(arch: str, runs: List[Dict[str, Any]], data: Path, runs_dir: Path, resu
         correct = correct_count(model, val)
         top1 = round(100 * correct / num_val, 3)
         if abs(top1 - chosen['final_val_acc1']) > MAX_TOP1_DRIFT:
-            raise SystemExit(f'error: {name}: the float16 weights give {top1}% top-1 with timm\'s transform, the '
+            raise SystemExit(f"error: {name}: the float16 weights give {top1}% top-1 with timm's transform, the "
                              f'study measured {chosen["final_val_acc1"]}%: more than {MAX_TOP1_DRIFT} points apart')
         check = correct_count(model, val, check_indices(num_val))
 
@@ -213,12 +213,12 @@ def ship(arch: str, runs: List[Dict[str, Any]], data: Path, runs_dir: Path, resu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--data', type=Path, required=True, help='the study\'s ImageFolder root (train/ and val/)')
+    parser.add_argument('--data', type=Path, required=True, help="the study's ImageFolder root (train/ and val/)")
     parser.add_argument('--results-dir', type=Path, default=REPO / 'benchmarks' / 'results' / 'zoo_cpu')
     parser.add_argument('--runs-dir', type=Path, default=REPO / 'runs' / 'reproduce' / 'zoo',
-                        help='the study\'s recipe output folders')
+                        help="the study's recipe output folders")
     parser.add_argument('--archs', nargs='+', default=PROTOCOLS['zoo']['ship'], choices=PROTOCOLS['zoo']['ship'],
-                        help='ship only these of the zoo protocol\'s architectures (default: all of them)')
+                        help="ship only these of the zoo protocol's architectures (default: all of them)")
     parser.add_argument('--keep-weights', action='store_true',
                         help='re-evaluate and re-record the weights already in hub_configs/ instead of exporting them '
                              'from --runs-dir (after seeds were added; the median seed must be unchanged)')

@@ -12,7 +12,7 @@ import argparse
 import json
 import shlex
 import sys
-from typing import List, Optional
+from typing import Optional
 
 import timm
 import torch
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.set_defaults(func=finetune_command)
     saliency = commands.add_parser('saliency', help='attribution area ratio, neuron coverage, accuracy, Grad-CAM grid')
     saliency.add_argument('--model', required=True, action='append', metavar='NAME_OR_PATH',
-                          help='a model as for finetune, with the dataset\'s classes; repeat to compare models')
+                          help="a model as for finetune, with the dataset's classes; repeat to compare models")
     saliency.add_argument('--data', required=True, metavar='DIR', help='dataset root holding train/ and val/')
     saliency.add_argument('--output', required=True, metavar='DIR', help='folder for saliency.json and the PNG grid')
     saliency.add_argument('--split', default='val', help='split measured (val)')
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     import sgdrop_zoo  # noqa: F401  (registers the models with timm)
 
     args = build_parser().parse_args(argv)

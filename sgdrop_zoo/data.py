@@ -9,9 +9,10 @@ import copy
 import math
 import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,7 @@ class DatasetError(ValueError):
     def __init__(self, message: str) -> None:
         # A DataLoader worker's error reaches the main process raised again with the worker's traceback as its
         # message; its last line is the error's own.
-        super().__init__(message.strip().splitlines()[-1].removeprefix(f"{__name__}.DatasetError: "))
+        super().__init__(message.strip().splitlines()[-1].removeprefix(f'{__name__}.DatasetError: '))
 
 
 def check_image_folders(root: Path, workers: int) -> list[str]:
@@ -67,23 +68,23 @@ def check_image_folders(root: Path, workers: int) -> list[str]:
     Returns:
         The class names, in ImageFolder's (sorted) order.
     """
-    layout = f"expected {root}/train/<class>/<image> and {root}/val/<class>/<image>"
+    layout = f'expected {root}/train/<class>/<image> and {root}/val/<class>/<image>'
     if not root.is_dir():
-        raise DatasetError(f"data folder {root} does not exist; {layout}")
+        raise DatasetError(f'data folder {root} does not exist; {layout}')
     classes = {}
     samples = []
-    for split in ("train", "val"):
+    for split in ('train', 'val'):
         split_dir = root / split
         if not split_dir.is_dir():
-            raise DatasetError(f"data folder {split_dir} does not exist; {layout}")
+            raise DatasetError(f'data folder {split_dir} does not exist; {layout}')
         classes[split] = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
         if not classes[split]:
-            raise DatasetError(f"{split_dir} has no class folders; {layout}")
-        hidden = [name for name in classes[split] if name.startswith(".")]
+            raise DatasetError(f'{split_dir} has no class folders; {layout}')
+        hidden = [name for name in classes[split] if name.startswith('.')]
         if hidden:
             # ImageFolder takes every folder as a class, .ipynb_checkpoints or .git included
-            raise DatasetError(f"{split_dir / hidden[0]} is a hidden folder, which ImageFolder would take as a class; "
-                               f"move it out of {split_dir}")
+            raise DatasetError(f'{split_dir / hidden[0]} is a hidden folder, which ImageFolder would take as a class; '
+                               f'move it out of {split_dir}')
         class_to_idx = {name: i for i, name in enumerate(classes[split])}
         split_samples = datasets.folder.make_dataset(split_dir, class_to_idx, datasets.folder.IMG_EXTENSIONS,
                                                      allow_empty=True)
@@ -94,18 +95,18 @@ def check_image_folders(root: Path, workers: int) -> list[str]:
             raise DatasetError(f"class folder {split_dir / empty[0]} holds no images "
                                f"({', '.join(datasets.folder.IMG_EXTENSIONS)}); add images or remove the folder")
         samples += split_samples
-    if classes["train"] != classes["val"]:
-        only_train = sorted(set(classes["train"]) - set(classes["val"]))
-        only_val = sorted(set(classes["val"]) - set(classes["train"]))
-        raise DatasetError(f"class folders differ between {root}/train and {root}/val (only in train: {only_train}, "
-                          f"only in val: {only_val}); every class needs a folder in both")
+    if classes['train'] != classes['val']:
+        only_train = sorted(set(classes['train']) - set(classes['val']))
+        only_val = sorted(set(classes['val']) - set(classes['train']))
+        raise DatasetError(f'class folders differ between {root}/train and {root}/val (only in train: {only_train}, '
+                          f'only in val: {only_val}); every class needs a folder in both')
 
     # Only the headers are read: cheap even for ImageNet, and it catches files that are not images at all.
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for path, error in zip((p for p, _ in samples), pool.map(image_header_error, (p for p, _ in samples))):
             if error:
-                raise DatasetError(f"unreadable image {path} ({error}); delete or replace it and rerun")
-    return classes["train"]
+                raise DatasetError(f'unreadable image {path} ({error}); delete or replace it and rerun')
+    return classes['train']
 
 
 def image_header_error(path: str) -> Optional[str]:
@@ -126,11 +127,11 @@ def load_rgb(path: str) -> Image.Image:
         DatasetError: The image cannot be decoded.
     """
     try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')
     except Exception as e:  # noqa: BLE001, Pillow raises many types for bad files
-        raise DatasetError(f"unreadable image {path} ({str(e) or type(e).__name__}); delete or replace it and "
-                           f"rerun") from e
+        raise DatasetError(f'unreadable image {path} ({str(e) or type(e).__name__}); delete or replace it and '
+                           f'rerun') from e
 
 
 def per_class_subset(order: Sequence[int], targets: Sequence[int], per_class: int) -> list[int]:
@@ -175,8 +176,8 @@ def decode_images(dataset: datasets.ImageFolder, indices: Optional[list[int]], w
         targets.append(batch_targets.to(device))
     images, targets = torch.cat(images), torch.cat(targets)
     if verbose:
-        print(f"=> decoded {len(images)} images into memory ({images.numel() / 2 ** 20:.0f} MiB on {device}) "
-              f"in {time.time() - start:.1f}s", flush=True)
+        print(f'=> decoded {len(images)} images into memory ({images.numel() / 2 ** 20:.0f} MiB on {device}) '
+              f'in {time.time() - start:.1f}s', flush=True)
     return images, targets
 
 
@@ -243,4 +244,4 @@ def random_resized_crop_flip(images: torch.Tensor, size: int, scale: tuple[float
     theta[:, 0, 2] = (torch.rand(n) * 2 - 1) * (1 - width)  # crop centre, in [-1, 1] coordinates
     theta[:, 1, 2] = (torch.rand(n) * 2 - 1) * (1 - height)
     grid = F.affine_grid(theta.to(images.device), [n, images.shape[1], size, size], align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return F.grid_sample(images, grid, mode='bilinear', padding_mode='border', align_corners=False)

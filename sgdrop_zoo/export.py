@@ -12,8 +12,9 @@ regularizer and the curriculum's ``sgdrop_rho_end``, and the training run in ``"
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Optional
 
 import timm
 import torch.nn as nn
@@ -36,7 +37,7 @@ _FORMER_KEYS = {'rho': 'sgdrop_rho', 'attribution': 'sgdrop_attribution', 'ema_d
                 'rho_end': 'sgdrop_rho_end'}
 
 
-def regularizer_settings(args: Mapping[str, Any]) -> Dict[str, Any]:
+def regularizer_settings(args: Mapping[str, Any]) -> dict[str, Any]:
     """The SGDrop constructor arguments of the recipe's ``--regularizer``; the paper's baselines use rho = 0.
 
     Args:
@@ -52,8 +53,8 @@ def regularizer_settings(args: Mapping[str, Any]) -> Dict[str, Any]:
                 else 0.0)
 
 
-def save_export(model: nn.Module, folder: Path, class_names: List[str], image_size: int, train_transform: str,
-                regularizer: str, training: Dict[str, Any], sgdrop_rho_end: Optional[float] = None) -> None:
+def save_export(model: nn.Module, folder: Path, class_names: list[str], image_size: int, train_transform: str,
+                regularizer: str, training: dict[str, Any], sgdrop_rho_end: Optional[float] = None) -> None:
     """Write ``model.safetensors`` and ``config.json`` of a trained SGDrop model into ``folder``, both at once.
 
     Args:
@@ -88,7 +89,7 @@ def save_export(model: nn.Module, folder: Path, class_names: List[str], image_si
             os.replace(Path(tmp) / name, Path(folder) / name)
 
 
-def save_recipe_export(model: nn.Module, folder: Path, args: Mapping[str, Any], class_names: List[str], epoch: int,
+def save_recipe_export(model: nn.Module, folder: Path, args: Mapping[str, Any], class_names: list[str], epoch: int,
                        val_acc1: Optional[float]) -> None:
     """``save_export`` of a model trained by ``train/main.py``, with the SGDrop settings of its arguments.
 
@@ -109,14 +110,14 @@ def save_recipe_export(model: nn.Module, folder: Path, args: Mapping[str, Any], 
                 sgdrop_rho_end=args.get('sgdrop_rho_end') if regularizer == 'sgdrop' else None)
 
 
-def write_config(config: Dict[str, Any], folder: Path) -> None:
+def write_config(config: dict[str, Any], folder: Path) -> None:
     """Write ``config`` as the ``config.json`` of ``folder`` (readable by all, as a Hub repo's files are)."""
     path = Path(folder) / CONFIG_NAME
     path.write_text(json.dumps(config, indent=2) + '\n', encoding='utf-8')
     path.chmod(0o644)
 
 
-def read_config(path: Path) -> Dict[str, Any]:
+def read_config(path: Path) -> dict[str, Any]:
     """Read an export's or a published repo's ``config.json``.
 
     Raises:
@@ -131,7 +132,7 @@ def read_config(path: Path) -> Dict[str, Any]:
     return config
 
 
-def sgdrop_settings(config: Dict[str, Any]) -> Dict[str, Any]:
+def sgdrop_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The SGDrop settings a config records, by their constructor names, from its ``sgdrop`` section.
 
     An export of a plain ``sgdrop_*`` model that kept its SGDrop arguments in ``model_args`` gives those; the section's
@@ -145,7 +146,7 @@ def sgdrop_settings(config: Dict[str, Any]) -> Dict[str, Any]:
     return settings
 
 
-def sgdrop_model_args(settings: Dict[str, Any]) -> Dict[str, Any]:
+def sgdrop_model_args(settings: dict[str, Any]) -> dict[str, Any]:
     """SGDrop constructor arguments reproducing recorded training settings (the paper's baselines have rho 0).
 
     Settings that were not recorded (plain timm weights) get the method's defaults.
@@ -169,7 +170,7 @@ def base_architecture(name: str) -> str:
     return base if base != name and timm.is_model(base) else name
 
 
-def to_hub_config(config: Dict[str, Any], label_descriptions: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+def to_hub_config(config: dict[str, Any], label_descriptions: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """Turn an export's config into a published repo's: base timm architecture, SGDrop settings in ``sgdrop``.
 
     Args:

@@ -14,7 +14,7 @@ import copy
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -47,7 +47,7 @@ OUTPUT_FILES = ('model.safetensors', 'config.json', 'metrics.json', 'log.jsonl')
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: InMemoryLoader) -> Dict[str, float]:
+def evaluate(model: nn.Module, loader: InMemoryLoader) -> dict[str, float]:
     """Loss and top-1 accuracy (%) of the eval-mode model."""
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
@@ -59,7 +59,7 @@ def evaluate(model: nn.Module, loader: InMemoryLoader) -> Dict[str, float]:
     return {'loss': loss_sum / count, 'acc1': 100.0 * correct / count, 'count': count}
 
 
-def _train_mode(model: nn.Module, mode: str, encoder: List[nn.Module]) -> None:
+def _train_mode(model: nn.Module, mode: str, encoder: list[nn.Module]) -> None:
     model.train()
     if mode == 'linear-probe':
         # a frozen encoder must not update its batch-norm statistics either
@@ -85,7 +85,7 @@ def finetune(
         train_subset_per_class: int = 0,
         val_subset_per_class: int = 0,
         overwrite: bool = False,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Fine-tune ``model_name`` on ``data`` (``train/`` and ``val/`` ImageFolders) and export the best epoch.
 
     Args:
@@ -119,7 +119,7 @@ def finetune(
     if batch_size < 1:
         raise ValueError(f'batch_size must be at least 1, got {batch_size}.')
     if image_size is not None and image_size < 1:
-        raise ValueError(f'image_size must be at least 1, or None for the model\'s, got {image_size}.')
+        raise ValueError(f"image_size must be at least 1, or None for the model's, got {image_size}.")
     if lr is not None and not lr > 0:
         raise ValueError(f'lr must be positive, e.g. {DEFAULT_LR[mode]} for {mode}, got {lr}.')
     for name, value in (('train_subset_per_class', train_subset_per_class),
@@ -172,7 +172,7 @@ def finetune(
 
     log_path = output / 'log.jsonl'
     log_path.unlink(missing_ok=True)  # an earlier run's, which the caller asked to replace (overwrite)
-    best: Dict[str, Any] = {}
+    best: dict[str, Any] = {}
     for epoch in range(epochs):
         train_loader.set_epoch(epoch)
         _train_mode(model, mode, encoder)

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Optional, Union
 
 import timm
 import torch
@@ -55,10 +55,10 @@ class PublishResult:
     repo_id: str
     location: str
     commit: Optional[str]
-    hub_config: Dict[str, Any]
+    hub_config: dict[str, Any]
 
 
-def _read_checkpoint(path: Path, folder: Path) -> Dict[str, Any]:
+def _read_checkpoint(path: Path, folder: Path) -> dict[str, Any]:
     """Write the recipe's export (``model.safetensors`` + ``config.json``) of a ``*.pth.tar`` checkpoint to ``folder``.
 
     Returns:
@@ -75,7 +75,7 @@ def _read_checkpoint(path: Path, folder: Path) -> Dict[str, Any]:
     return read_config(folder / CONFIG_NAME)
 
 
-def _read_export(source: Path, folder: Path) -> Dict[str, Any]:
+def _read_export(source: Path, folder: Path) -> dict[str, Any]:
     """Copy the recipe's export folder (``model.safetensors`` + ``config.json``) into ``folder``."""
     missing = [name for name in (WEIGHTS_NAME, CONFIG_NAME) if not (source / name).is_file()]
     if missing:
@@ -89,7 +89,7 @@ def _read_export(source: Path, folder: Path) -> Dict[str, Any]:
     return config
 
 
-def _eval_command(architecture: str, training: Dict[str, Any]) -> Optional[str]:
+def _eval_command(architecture: str, training: dict[str, Any]) -> Optional[str]:
     if not training.get('data'):
         return None
     command = f'python train/main.py {training["data"]} -a {architecture} --resume model_best.pth.tar --evaluate'
@@ -100,7 +100,7 @@ def _eval_command(architecture: str, training: Dict[str, Any]) -> Optional[str]:
     return command
 
 
-def _check_weights(folder: Path, config: Dict[str, Any]) -> None:
+def _check_weights(folder: Path, config: dict[str, Any]) -> None:
     """Check that the weights are an intact safetensors file that the base architecture loads exactly."""
     try:
         state_dict = load_file(folder / WEIGHTS_NAME)
@@ -116,12 +116,12 @@ def _check_weights(folder: Path, config: Dict[str, Any]) -> None:
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as e:
-        raise HubError(f'{WEIGHTS_NAME} does not load into {architecture} with the config\'s model_args: '
+        raise HubError(f"{WEIGHTS_NAME} does not load into {architecture} with the config's model_args: "
                        f'{str(e)[:300]}') from e
 
 
-def hub_config_record(config: Dict[str, Any], sha256: str, hf_hub_id: str, dataset: str, tag: str,
-                      license: str = DEFAULT_LICENSE) -> Dict[str, Any]:
+def hub_config_record(config: dict[str, Any], sha256: str, hf_hub_id: str, dataset: str, tag: str,
+                      license: str = DEFAULT_LICENSE) -> dict[str, Any]:
     """The ``hub_configs/`` record of a published config: add it as ``hub_configs/<arch>.<tag>.json``."""
     pretrained_cfg = config['pretrained_cfg']
     training = config.get('training') or {}
@@ -158,8 +158,8 @@ def prepare_hub_folder(
         dataset: Optional[str] = None,
         tag: Optional[str] = None,
         license: str = DEFAULT_LICENSE,
-        label_descriptions: Optional[Dict[str, str]] = None,
-) -> Dict[str, Any]:
+        label_descriptions: Optional[dict[str, str]] = None,
+) -> dict[str, Any]:
     """Write the repo contents of a checkpoint (``model.safetensors``, ``config.json``, ``README.md``) to ``folder``.
 
     Args:
@@ -207,7 +207,7 @@ def _resolve_token(token_from_env: bool) -> str:
     return token
 
 
-def _upload(api: HfApi, folder: Path, repo_id: str, revision: Optional[str], private: bool) -> Tuple[str, str]:
+def _upload(api: HfApi, folder: Path, repo_id: str, revision: Optional[str], private: bool) -> tuple[str, str]:
     """Create the repo (and branch) if needed and upload ``folder``; a target that holds weights is never replaced."""
     target = f'branch {revision!r} of {repo_id}' if revision else repo_id
     try:

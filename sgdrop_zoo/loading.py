@@ -7,7 +7,7 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Optional
 
 import timm
 import torch
@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 
-def read_checkpoint(path: Path) -> Dict[str, Any]:
+def read_checkpoint(path: Path) -> dict[str, Any]:
     """Read a ``torch.save`` checkpoint, tensors on the CPU, without executing pickled code.
 
     Raises:
@@ -58,7 +58,7 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
     return checkpoint
 
 
-def load_recipe_checkpoint(path: Path, required: Tuple[str, ...] = ()) -> Tuple[nn.Module, Dict[str, Any]]:
+def load_recipe_checkpoint(path: Path, required: tuple[str, ...] = ()) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model of a ``*.pth.tar`` checkpoint of ``train/main.py``, without executing pickled code.
 
     Args:
@@ -141,7 +141,7 @@ def input_size(model: nn.Module) -> int:
     return model.pretrained_cfg['input_size'][-1]
 
 
-def split_encoder_head(model: nn.Module, image_size: Optional[int] = None) -> Tuple[List[nn.Module], Set[str]]:
+def split_encoder_head(model: nn.Module, image_size: Optional[int] = None) -> tuple[list[nn.Module], set[str]]:
     """The modules ``forward_features`` calls (encoder) and the names of the parameters ``forward_head`` uses.
 
     Found by running both on one blank image with forward hooks, so it holds for any timm classifier whatever its
@@ -154,7 +154,7 @@ def split_encoder_head(model: nn.Module, image_size: Optional[int] = None) -> Tu
         if not hasattr(model, name):
             raise TypeError(f'{type(model).__name__} has no {name}: fine-tuning and saliency need a timm classifier '
                             f'split into forward_features (encoder) and forward_head (classifier).')
-    called: List[nn.Module] = []
+    called: list[nn.Module] = []
     hooks = [m.register_forward_hook(lambda module, inputs, output: called.append(module)) for m in model.modules()]
     size = image_size or input_size(model)
     device = next(model.parameters()).device
@@ -180,7 +180,7 @@ def split_encoder_head(model: nn.Module, image_size: Optional[int] = None) -> Tu
     return encoder, head_params
 
 
-def check_input_channels(model: nn.Module, encoder: List[nn.Module]) -> None:
+def check_input_channels(model: nn.Module, encoder: list[nn.Module]) -> None:
     """Images are decoded as RGB; stop with a clear line when the model's first convolution expects otherwise."""
     first_conv = next((m for m in encoder if isinstance(m, nn.Conv2d)), None)
     if first_conv is not None and first_conv.in_channels != 3:
@@ -188,8 +188,8 @@ def check_input_channels(model: nn.Module, encoder: List[nn.Module]) -> None:
                            f'(3 channels); use a model built with in_chans=3.')
 
 
-def load_split(root: Path, split: str, class_names: List[str], size: int, train: bool, train_transform: str,
-               workers: int = 2, per_class: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+def load_split(root: Path, split: str, class_names: list[str], size: int, train: bool, train_transform: str,
+               workers: int = 2, per_class: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode one split (or ``per_class`` images of each class of it) into uint8 images and targets, after the
     recipe's deterministic resize.
 
@@ -232,7 +232,7 @@ def check_writable_folder(output: Path) -> None:
         raise ValueError(f'--output {output}: {existing} is not writable; pass a folder you can write to.')
 
 
-def check_output_folder(output: Path, files: Tuple[str, ...], overwrite: bool) -> None:
+def check_output_folder(output: Path, files: tuple[str, ...], overwrite: bool) -> None:
     """Check, before any work, that ``output`` can take a command's ``files`` without losing an earlier result.
 
     Raises:
@@ -256,12 +256,12 @@ def check_output_is_not_source(model_name: str, output: Path) -> None:
                          f'folder, so that its files are not replaced.')
 
 
-def _short(names: List[str], limit: int = 10) -> str:
+def _short(names: list[str], limit: int = 10) -> str:
     names = list(names)
     return str(names[:limit])[:-1] + (', ...]' if len(names) > limit else ']')
 
 
-def check_label_names(model: nn.Module, class_names: List[str], source: str) -> None:
+def check_label_names(model: nn.Module, class_names: list[str], source: str) -> None:
     """Evaluating a model as it is needs the dataset's classes to be the ones its head was trained on."""
     label_names = model.pretrained_cfg.get('label_names')
     if label_names is not None and list(label_names) != class_names:

@@ -6,7 +6,7 @@ with every ``hub_configs/`` record it is the zoo's card, with one record it is t
     sgdrop-zoo model-card --output MODEL_CARD.md     # after adding a file to hub_configs/
 """
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Optional
 
 from huggingface_hub import ModelCard, ModelCardData
 
@@ -16,7 +16,7 @@ TEMPLATE_PATH = Path(__file__).parent / 'templates' / 'model_card.md'
 TAGS = ['image-classification', 'timm', 'sgdrop', 'saliency-guided-dropout']
 
 
-def render_model_card(records: List[Dict[str, Any]], checkpoint: Optional[Dict[str, Any]] = None) -> ModelCard:
+def render_model_card(records: list[dict[str, Any]], checkpoint: Optional[dict[str, Any]] = None) -> ModelCard:
     """Render the model card template.
 
     Args:

@@ -6,8 +6,9 @@ Validation top-1 per epoch, and the attribution area ratio per epoch when the lo
 only (matplotlib's ``Figure`` with its Agg canvas, no display), with the Okabe-Ito colorblind-safe palette.
 """
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Optional, Union
 
 from matplotlib.figure import Figure
 
@@ -17,7 +18,7 @@ OKABE_ITO = ('#0072B2', '#D55E00', '#009E73', '#CC79A7', '#E69F00', '#56B4E9', '
 PANELS = (('val_acc1', 'validation top-1 (%)'), ('val_area_ratio', 'attribution area ratio'))
 
 
-def read_log(path: Union[str, Path]) -> List[Dict]:
+def read_log(path: Union[str, Path]) -> list[dict]:
     """The records of a ``log.jsonl`` (one JSON object per epoch)."""
     path = Path(path)
     if path.is_dir():

@@ -13,7 +13,7 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Optional
 
 import torch.nn as nn
 from huggingface_hub import hf_hub_download
@@ -58,7 +58,7 @@ def hub_configs_dir() -> Path:
     return installed if installed.is_dir() else Path(__file__).parent.parent / 'hub_configs'  # a source checkout
 
 
-def _check_record(record: Any, path: Path) -> Dict[str, Any]:
+def _check_record(record: Any, path: Path) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise ValueError(f'{path}: a hub config is one JSON object, got {type(record).__name__}.')
     problems = [
@@ -78,7 +78,7 @@ def _check_record(record: Any, path: Path) -> Dict[str, Any]:
     return record
 
 
-def load_hub_configs(directory: Optional[Path] = None) -> List[Dict[str, Any]]:
+def load_hub_configs(directory: Optional[Path] = None) -> list[dict[str, Any]]:
     """Read and validate every ``*.json`` checkpoint record of ``directory`` (default ``hub_configs_dir()``).
 
     Raises:
@@ -100,17 +100,17 @@ def load_hub_configs(directory: Optional[Path] = None) -> List[Dict[str, Any]]:
 
 
 @lru_cache(maxsize=None)
-def _records() -> Dict[str, Dict[str, Any]]:
+def _records() -> dict[str, dict[str, Any]]:
     # read once per process: timm's registry is filled at import time and cannot follow later changes
     return {f'{r["architecture"]}.{r["tag"]}': r for r in load_hub_configs()}
 
 
-def local_weights(record: Dict[str, Any]) -> Optional[Path]:
+def local_weights(record: dict[str, Any]) -> Optional[Path]:
     """The ``model.safetensors`` of a record's ``local_dir`` (relative to ``hub_configs_dir()``), or None."""
     return hub_configs_dir() / record['local_dir'] / WEIGHTS_NAME if record.get('local_dir') else None
 
 
-def _record_to_cfg(record: Dict[str, Any]) -> Dict[str, Any]:
+def _record_to_cfg(record: dict[str, Any]) -> dict[str, Any]:
     """The pretrained_cfg fields a checkpoint record sets; its architecture's own cfg supplies the rest."""
     top1 = record['metrics'].get('top1')
     local = local_weights(record)
@@ -130,7 +130,7 @@ def _record_to_cfg(record: Dict[str, Any]) -> Dict[str, Any]:
     )
 
 
-def pretrained_cfgs(cfgs: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+def pretrained_cfgs(cfgs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """A family's cfgs with the ``hub_configs/`` tags of its architectures.
 
     Used as ``default_cfgs = generate_default_cfgs(pretrained_cfgs({'sgdrop_vgg16': _cfg(), ...}))``. An
@@ -204,7 +204,7 @@ def download_checked_weights(name: str, hf_hub_id: str, sha256: str) -> Path:
     return path
 
 
-def checked_record_weights(name: str, record: Dict[str, Any]) -> Path:
+def checked_record_weights(name: str, record: dict[str, Any]) -> Path:
     """The weights of a ``hub_configs/`` record, sha256-checked: its ``local_dir`` copy when present, else the Hub's.
 
     Both copies are the same bytes (the sha256 pins them), so the local one is used without any network access.
@@ -227,7 +227,7 @@ def checked_record_weights(name: str, record: Dict[str, Any]) -> Path:
 
 
 def build_model_with_checked_weights(
-        model_cls: Type[nn.Module],
+        model_cls: type[nn.Module],
         variant: str,
         pretrained: bool = False,
         **kwargs: Any,

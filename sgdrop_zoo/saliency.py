@@ -13,8 +13,9 @@ the area of maps that are positive everywhere.
     saliency_report(['runs/vanilla', 'runs/sgdrop'], 'data/imagenette', 'runs/saliency')   # `sgdrop-zoo saliency`
 """
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -116,7 +117,7 @@ def grad_cam_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor)
 
 
 @torch.no_grad()
-def neuron_coverage(model: nn.Module, loader: Any) -> Dict[str, Optional[float]]:
+def neuron_coverage(model: nn.Module, loader: Any) -> dict[str, Optional[float]]:
     """Share of activations > 0 over every ``nn.ReLU`` output (``global``) and over the latent map z (``last_conv``).
 
     ``global`` is None when the network has no ``nn.ReLU`` module (e.g. ConvNeXt's GELUs can be negative).
@@ -144,7 +145,7 @@ def neuron_coverage(model: nn.Module, loader: Any) -> Dict[str, Optional[float]]
     }
 
 
-def saliency_grid(images: torch.Tensor, maps: Dict[str, torch.Tensor], predictions: Dict[str, torch.Tensor],
+def saliency_grid(images: torch.Tensor, maps: dict[str, torch.Tensor], predictions: dict[str, torch.Tensor],
                   targets: torch.Tensor, class_names: Sequence[str], path: Union[str, Path]) -> Path:
     """PNG grid: one row per image, the input then each model's Grad-CAM overlay, titled prediction vs truth.
 
@@ -192,7 +193,7 @@ def saliency_report(
         labels: Optional[Sequence[str]] = None,
         command: Optional[str] = None,
         overwrite: bool = False,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Accuracy, attribution area ratio and neuron coverage of each model on ``data/split``, plus the PNG grid.
 
     Args:
@@ -218,7 +219,7 @@ def saliency_report(
     if num_images is not None and num_images < 1:
         raise ValueError(f'num_images must be at least 1, got {num_images}.')
     if image_size is not None and image_size < 1:
-        raise ValueError(f'image_size must be at least 1, or None for the first model\'s, got {image_size}.')
+        raise ValueError(f"image_size must be at least 1, or None for the first model's, got {image_size}.")
     for name, value, least in (('batch_size', batch_size, 1), ('grid_images', grid_images, 1), ('workers', workers, 0)):
         if value < least:
             raise ValueError(f'{name} must be at least {least}, got {value}.')
@@ -231,7 +232,7 @@ def saliency_report(
         splits = sorted(p.name for p in data.iterdir() if p.is_dir())
         raise DatasetError(f'{data} has no {split!r} split; pass --split as one of {splits}.')
     output.mkdir(parents=True, exist_ok=True)
-    results: Dict[str, Any] = dict(command=command, data=str(data), split=split, area_threshold=AREA_THRESHOLD,
+    results: dict[str, Any] = dict(command=command, data=str(data), split=split, area_threshold=AREA_THRESHOLD,
                                    models={})
     grid_maps, grid_predictions, shown = {}, {}, None
     for source, name in zip(model_names, labels or model_names):
@@ -272,7 +273,7 @@ def saliency_report(
     return results
 
 
-def format_table(results: Dict[str, Any]) -> str:
+def format_table(results: dict[str, Any]) -> str:
     """The per-model metrics of ``saliency_report`` as an aligned text table."""
     header = f'{"model":40s} {"acc@1":>7s} {"area":>7s} {"cov.global":>10s} {"cov.last":>9s}'
     lines = [header]

@@ -31,7 +31,8 @@ import enum
 import functools
 import math
 import warnings
-from typing import Any, Callable, Dict, Iterator, Optional, Type, Union
+from collections.abc import Callable, Iterator
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -87,7 +88,7 @@ def _check_drop_rate(rate: float) -> float:
     return float(rate)
 
 
-_CHECKS: Dict[str, Callable[[Any], Any]] = {
+_CHECKS: dict[str, Callable[[Any], Any]] = {
     'sgdrop_rho': lambda rho: _check_rho(rho, 'sgdrop_rho'),
     'sgdrop_rho_end': lambda rho: _check_rho(rho, 'sgdrop_rho_end'),  # the end of a curriculum (LinearRhoSchedule)
     'sgdrop_attribution': _check_attribution,
@@ -96,7 +97,7 @@ _CHECKS: Dict[str, Callable[[Any], Any]] = {
 }
 
 
-def check_sgdrop_settings(**settings: Any) -> Dict[str, Any]:
+def check_sgdrop_settings(**settings: Any) -> dict[str, Any]:
     """Check SGDrop settings by their names everywhere: the constructor's keywords, and ``sgdrop_rho_end``.
 
     The models, ``add_sgdrop`` and the command lines all check with this, so that a value is judged by one rule, before
@@ -311,7 +312,7 @@ class SaliencyGuidedDropout:
         self._sgdrop_latent_drop_rate = _check_drop_rate(rate)
 
     @property
-    def sgdrop_config(self) -> Dict[str, Any]:
+    def sgdrop_config(self) -> dict[str, Any]:
         """The SGDrop settings as plain values, for logs, checkpoints and model cards."""
         return dict(
             sgdrop_rho=self.sgdrop_rho,
@@ -369,14 +370,14 @@ class SaliencyGuidedDropout:
         """Number of ``update_ema()`` calls applied to the current EMA."""
         return self.__dict__.get('_sgdrop_ema_updates', 0)
 
-    def ema_state_dict(self) -> Optional[Dict[str, Any]]:
+    def ema_state_dict(self) -> Optional[dict[str, Any]]:
         """EMA weights and update count, for checkpoints; None when there is no EMA yet."""
         ema = self.ema_model
         if ema is None:
             return None
         return {'num_updates': self.ema_updates, 'state_dict': ema.state_dict()}
 
-    def load_ema_state_dict(self, state: Optional[Dict[str, Any]]) -> None:
+    def load_ema_state_dict(self, state: Optional[dict[str, Any]]) -> None:
         """Restore what ``ema_state_dict()`` returned (None clears the EMA)."""
         if state is None:
             self._drop_ema()
@@ -496,7 +497,7 @@ class SaliencyGuidedDropout:
         return scriptable
 
 
-def _base_architecture(cls: Type[nn.Module]) -> Type[nn.Module]:
+def _base_architecture(cls: type[nn.Module]) -> type[nn.Module]:
     """The class after ``SaliencyGuidedDropout`` in the MRO: ``ResNet`` for ``SGDropResNet``."""
     mro = cls.__mro__
     base = mro[mro.index(SaliencyGuidedDropout) + 1]
@@ -508,7 +509,7 @@ def _base_architecture(cls: Type[nn.Module]) -> Type[nn.Module]:
 
 
 @functools.lru_cache(maxsize=None)
-def _sgdrop_class(base: Type[nn.Module]) -> Type[nn.Module]:
+def _sgdrop_class(base: type[nn.Module]) -> type[nn.Module]:
     return type(f'SGDrop{base.__name__}', (SaliencyGuidedDropout, base), {'__doc__': base.__doc__})
 
 

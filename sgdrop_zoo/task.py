@@ -6,7 +6,7 @@ attribution EMA in ``update_ema()``, which a ``timm.task`` training loop calls a
 
 Needs a timm with ``timm.task``; ``import sgdrop_zoo`` does not import this module, so older timm versions still work.
 """
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 import torch
 from timm.task import ClassificationTask
@@ -37,7 +37,7 @@ class SGDropClassificationTask(ClassificationTask):
                 f'sgdrop_zoo.add_sgdrop(model) first, or use timm.task.ClassificationTask for a plain model.')
         super().__init__(model, **kwargs)
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Masked-feature logits and their loss: ``{'loss': ..., 'output': ...}``."""
         output = self.trainable_module(input, target=target)
         loss = self.criterion(output, target)

@@ -27,7 +27,7 @@ import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Optional
 from urllib.parse import unquote
 
 LFS_THRESHOLD = 1 << 20
@@ -123,8 +123,8 @@ def _handler(server: HubTestServer) -> type:
         def log_message(self, *args: Any) -> None:  # keep pytest output clean
             pass
 
-        def _reply(self, status: int, body: Optional[Dict[str, Any]] = None,
-                   headers: Optional[Dict[str, str]] = None) -> None:
+        def _reply(self, status: int, body: Optional[dict[str, Any]] = None,
+                   headers: Optional[dict[str, str]] = None) -> None:
             data = json.dumps(body if body is not None else {}).encode()
             self.send_response(status)
             for name, value in (headers or {}).items():
@@ -144,7 +144,7 @@ def _handler(server: HubTestServer) -> type:
             self._reply(401, {'error': 'Invalid credentials in Authorization header'})
             return False
 
-        def _route(self, pattern: str) -> Optional[Tuple[str, ...]]:
+        def _route(self, pattern: str) -> Optional[tuple[str, ...]]:
             match = re.fullmatch(pattern, self.path.split('?')[0])
             return tuple(unquote(g) for g in match.groups()) if match else None
 

@@ -15,7 +15,6 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Dict
 
 import pytest
 import timm
@@ -59,7 +58,7 @@ def _wait_for_port(port: int, process: subprocess.Popen) -> None:
     raise RuntimeError(f'olah did not answer on 127.0.0.1:{port} within {SERVER_START_TIMEOUT_S} s')
 
 
-def make_mirror_repo(mirrors: Path, repo_id: str, files: Dict[str, bytes]) -> None:
+def make_mirror_repo(mirrors: Path, repo_id: str, files: dict[str, bytes]) -> None:
     """A repo olah serves: a git repository with one commit on main under ``mirrors/models/ORG/NAME``."""
     path = mirrors / 'models' / repo_id
     path.mkdir(parents=True)
@@ -84,7 +83,7 @@ def olah(mirrors: Path, tmp_path_factory) -> str:
     work = tmp_path_factory.mktemp('olah')  # olah writes ./logs in its working directory
     (mirrors / 'models').mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    (work / 'olah.toml').write_text(textwrap.dedent(f'''
+    (work / 'olah.toml').write_text(textwrap.dedent(f"""
         [basic]
         host = "127.0.0.1"
         port = {port}
@@ -96,7 +95,7 @@ def olah(mirrors: Path, tmp_path_factory) -> str:
 
         [accessibility]
         offline = true
-    '''))
+    """))
     process = subprocess.Popen([olah_cli, '-c', 'olah.toml'], cwd=work, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:
@@ -118,7 +117,7 @@ def upload_server(mirrors: Path) -> str:
     server.stop()
 
 
-def hub_env(endpoint: str, hf_home: Path, **extra: str) -> Dict[str, str]:
+def hub_env(endpoint: str, hf_home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'SGDROP_ZOO_'))}
     env.update(HF_ENDPOINT=endpoint, HF_HOME=str(hf_home), HF_HUB_DISABLE_XET='1', HF_HUB_DISABLE_TELEMETRY='1',
                HF_HUB_DISABLE_PROGRESS_BARS='1', HF_HUB_ETAG_TIMEOUT='10', HF_HUB_DOWNLOAD_TIMEOUT='10',
@@ -127,12 +126,12 @@ def hub_env(endpoint: str, hf_home: Path, **extra: str) -> Dict[str, str]:
     return env
 
 
-def run_python(code: str, env: Dict[str, str], timeout: int = 120) -> subprocess.CompletedProcess:
+def run_python(code: str, env: dict[str, str], timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, '-c', textwrap.dedent(code)], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=REPO_ROOT)
 
 
-def run_cli(args: list, env: Dict[str, str], timeout: int = 120) -> subprocess.CompletedProcess:
+def run_cli(args: list, env: dict[str, str], timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, '-m', 'sgdrop_zoo.cli', *args], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=REPO_ROOT)
 
@@ -170,14 +169,14 @@ def published(export_dir: Path, upload_server: str, tmp_path_factory) -> dict:
 def test_publish_then_download_through_olah_is_bit_identical(published, export_dir, olah, tmp_path):
     assert published['hf_hub_id'].startswith(f'{ORG}/convnext-tiny.pets@')
     assert published['sha256'] == sha256_of_file(export_dir / 'model.safetensors')
-    code = f'''
+    code = f"""
         import json, sys
         from huggingface_hub import hf_hub_download, list_repo_files
         repo = "{ORG}/convnext-tiny.pets"
         files = sorted(list_repo_files(repo, revision="main"))
         paths = {{name: hf_hub_download(repo, name) for name in ("model.safetensors", "config.json", "README.md")}}
         print(json.dumps(dict(files=files, paths=paths)))
-    '''
+    """
     result = run_python(code, hub_env(olah, tmp_path / 'hf'))
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
@@ -192,13 +191,13 @@ def test_publish_then_download_through_olah_is_bit_identical(published, export_d
 
 
 def test_plain_timm_loads_the_published_repo_without_sgdrop_zoo(published, export_dir, olah, tmp_path):
-    code = f'''
+    code = f"""
         import sys, timm, torch
         model = timm.create_model("hf-hub:{ORG}/convnext-tiny.pets", pretrained=True).eval()
         assert not any(name.startswith("sgdrop_zoo") for name in sys.modules), "sgdrop_zoo was imported"
         print(type(model).__name__, model.num_classes, model.pretrained_cfg["label_names"])
         torch.save(model.state_dict(), "{tmp_path / 'loaded.pt'}")
-    '''
+    """
     result = run_python(code, hub_env(olah, tmp_path / 'hf', PYTHONPATH=''))
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[:2] == ['ConvNeXt', '3']
@@ -212,7 +211,7 @@ def test_registry_tag_downloads_checks_and_adapts(published, export_dir, olah, t
     configs = tmp_path / 'hub_configs'
     configs.mkdir()
     (configs / 'sgdrop_convnext_tiny.pets.json').write_text(json.dumps(published))
-    code = f'''
+    code = f"""
         import json, timm, torch, sgdrop_zoo
         from safetensors.torch import load_file
         names = timm.list_models("sgdrop_*", pretrained=True)
@@ -225,7 +224,7 @@ def test_registry_tag_downloads_checks_and_adapts(published, export_dir, olah, t
         print(json.dumps(dict(names=names, identical=identical, body_kept=body_kept, head=adapted.num_classes,
                               rho=model.sgdrop_rho, cfg={{k: cfg[k] for k in ("hf_hub_id", "input_size", "mean",
                               "crop_pct", "interpolation", "num_classes", "label_names")}})))
-    '''
+    """
     env = hub_env(olah, tmp_path / 'hf', SGDROP_ZOO_HUB_CONFIGS=str(configs))
     result = run_python(code, env)
     assert result.returncode == 0, result.stderr
@@ -320,7 +319,7 @@ def test_download_faults_are_clear_and_leave_no_bad_file(published, olah, mirror
 
     make_mirror_repo(mirrors, f'{ORG}/pickled', {'config.json': json.dumps(config).encode(),
                                                   'pytorch_model.bin': pickle.dumps(Exploit())})
-    code = f'''
+    code = f"""
         import json, pathlib, timm, sgdrop_zoo
         from sgdrop_zoo.hub import load_sgdrop_model
         from sgdrop_zoo.pretrained import HubError
@@ -337,7 +336,7 @@ def test_download_faults_are_clear_and_leave_no_bad_file(published, olah, mirror
                 errors[repo] = str(e)
         cached = [str(p) for p in pathlib.Path("{tmp_path / 'hf'}").rglob("model.safetensors")]
         print(json.dumps(dict(errors=errors, cached=cached)))
-    '''
+    """
     result = run_python(code, hub_env(olah, tmp_path / 'hf', SGDROP_ZOO_HUB_CONFIGS=str(configs)))
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
@@ -354,7 +353,7 @@ def test_download_faults_are_clear_and_leave_no_bad_file(published, olah, mirror
 
 def test_network_error_mid_download_is_retried_then_reported(published, olah, tmp_path):
     """A proxy in front of olah cuts every weights response halfway: huggingface_hub retries, then gives up."""
-    code = f'''
+    code = f"""
         import http.client, threading, json, os, pathlib
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
         from urllib.parse import urlsplit
@@ -392,7 +391,7 @@ def test_network_error_mid_download_is_retried_then_reported(published, olah, tm
             done = [str(p) for p in pathlib.Path("{tmp_path / 'hf'}").rglob("model.safetensors")]
             print(json.dumps(dict(error=str(e), complete=done)))
         server.shutdown()
-    '''
+    """
     configs = tmp_path / 'hub_configs'
     configs.mkdir()
     (configs / 'pets.json').write_text(json.dumps(published))

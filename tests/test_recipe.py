@@ -28,24 +28,24 @@ from sgdrop_zoo.cli import main as cli_main
 from sgdrop_zoo.saliency import attribution_area_ratio, grad_cam_maps
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MAIN = REPO_ROOT / "train" / "main.py"
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "cifar10_subset"
+MAIN = REPO_ROOT / 'train' / 'main.py'
+SHARED_DATA = REPO_ROOT.parent / 'shared' / 'data' / 'cifar10_subset'
 TRAIN_PER_CLASS = 4
 VAL_PER_CLASS = 3
 # The smallest registered architecture at the dataset's native 32 px. The official random crop + flip stays on, so
 # that the data order and the augmentation of a resumed run depend on the restored RNG state.
 BATCH_SIZE = 20
-TINY_RUN = ["-a", "sgdrop_vgg_tiny", "--image-size", "32", "-b", str(BATCH_SIZE), "-j", "0", "--seed", "0",
-            "--optimizer", "adam", "--lr", "1e-3", "--train-eval-samples", "8", "-p", "100"]
+TINY_RUN = ['-a', 'sgdrop_vgg_tiny', '--image-size', '32', '-b', str(BATCH_SIZE), '-j', '0', '--seed', '0',
+            '--optimizer', 'adam', '--lr', '1e-3', '--train-eval-samples', '8', '-p', '100']
 # At 32 px the latent map z is 2x2 and nearly every area ratio is 0 or 1; at 64 px (4x4) they spread over [0, 1], so
 # that a wrong image, label or normalisation shows in the mean.
 AREA_SIZE = 64
 AREA_IMAGES = 8
-AREA_RUN = [*TINY_RUN, "--image-size", str(AREA_SIZE)]
+AREA_RUN = [*TINY_RUN, '--image-size', str(AREA_SIZE)]
 
 
 def load_recipe() -> Any:
-    spec = importlib.util.spec_from_file_location("recipe_main", MAIN)
+    spec = importlib.util.spec_from_file_location('recipe_main', MAIN)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -55,90 +55,90 @@ recipe = load_recipe()
 
 
 def run_recipe(*args: str, timeout: float = 300, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1" if launcher else os.environ.get(
-        "OMP_NUM_THREADS", "2"))
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS='1' if launcher else os.environ.get(
+        'OMP_NUM_THREADS', '2'))
     command = [*launcher, str(MAIN), *args] if launcher else [sys.executable, str(MAIN), *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
-    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, f'{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}'
     return result
 
 
 def read_log(output: Path) -> list[dict]:
-    return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (output / 'log.jsonl').read_text().splitlines()]
 
 
 def reported_val_acc1(stdout: str) -> float:
-    line = next(line for line in stdout.splitlines() if line.startswith("=> val Acc@1"))
+    line = next(line for line in stdout.splitlines() if line.startswith('=> val Acc@1'))
     return float(line.split()[3])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """10 classes, 4 train and 3 val images each, plus one extra val image so 2 processes get unequal shards."""
     if not SHARED_DATA.is_dir():
-        pytest.fail(f"{SHARED_DATA} is missing: the recipe tests need the shared CIFAR-10 subset next to the repo")
-    root = tmp_path_factory.mktemp("data")
-    for split, per_class in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
+        pytest.fail(f'{SHARED_DATA} is missing: the recipe tests need the shared CIFAR-10 subset next to the repo')
+    root = tmp_path_factory.mktemp('data')
+    for split, per_class in (('train', TRAIN_PER_CLASS), ('val', VAL_PER_CLASS)):
         for class_dir in sorted((SHARED_DATA / split).iterdir()):
             (root / split / class_dir.name).mkdir(parents=True)
-            extra = 1 if split == "val" and class_dir.name == "airplane" else 0
+            extra = 1 if split == 'val' and class_dir.name == 'airplane' else 0
             for image in sorted(class_dir.iterdir())[:per_class + extra]:
                 shutil.copy(image, root / split / class_dir.name / image.name)
     return root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def num_val(data_dir: Path) -> int:
-    return sum(1 for _ in (data_dir / "val").rglob("*.jpg"))
+    return sum(1 for _ in (data_dir / 'val').rglob('*.jpg'))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def one_epoch_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    output = tmp_path_factory.mktemp("one_epoch")
-    run_recipe(str(data_dir), *TINY_RUN, "--epochs", "1", "--output", str(output))
+    output = tmp_path_factory.mktemp('one_epoch')
+    run_recipe(str(data_dir), *TINY_RUN, '--epochs', '1', '--output', str(output))
     return output
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def two_epoch_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    output = tmp_path_factory.mktemp("run")
-    result = run_recipe(str(data_dir), *TINY_RUN, "--epochs", "2", "--output", str(output))
+    output = tmp_path_factory.mktemp('run')
+    result = run_recipe(str(data_dir), *TINY_RUN, '--epochs', '2', '--output', str(output))
     return output, result.stdout
 
 
 def test_two_epoch_run_writes_checkpoints_log_and_export(two_epoch_run: tuple[Path, str], data_dir: Path,
                                                          num_val: int):
     output, stdout = two_epoch_run
-    classes = sorted(p.name for p in (data_dir / "train").iterdir())
+    classes = sorted(p.name for p in (data_dir / 'train').iterdir())
 
-    checkpoint = torch.load(output / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
-    assert {"epoch", "arch", "state_dict", "best_acc1", "optimizer", "scheduler"} <= set(checkpoint)
-    assert {"sgdrop_ema", "scaler", "rng_state", "sgdrop_rho", "rho_schedule"} <= set(checkpoint)
-    assert checkpoint["epoch"] == 2 and checkpoint["arch"] == "sgdrop_vgg_tiny"
-    assert not any(key.startswith("module.") for key in checkpoint["state_dict"])
-    assert checkpoint["sgdrop_ema"]["num_updates"] == 2 * math.ceil(TRAIN_PER_CLASS * len(classes) / BATCH_SIZE)
-    assert checkpoint["class_names"] == classes
+    checkpoint = torch.load(output / 'checkpoint.pth.tar', map_location='cpu', weights_only=True)
+    assert {'epoch', 'arch', 'state_dict', 'best_acc1', 'optimizer', 'scheduler'} <= set(checkpoint)
+    assert {'sgdrop_ema', 'scaler', 'rng_state', 'sgdrop_rho', 'rho_schedule'} <= set(checkpoint)
+    assert checkpoint['epoch'] == 2 and checkpoint['arch'] == 'sgdrop_vgg_tiny'
+    assert not any(key.startswith('module.') for key in checkpoint['state_dict'])
+    assert checkpoint['sgdrop_ema']['num_updates'] == 2 * math.ceil(TRAIN_PER_CLASS * len(classes) / BATCH_SIZE)
+    assert checkpoint['class_names'] == classes
 
     log = read_log(output)
-    assert [record["epoch"] for record in log] == [1, 2]
+    assert [record['epoch'] for record in log] == [1, 2]
     for record in log:
-        assert {"train_loss", "train_acc1", "train_clean_acc1", "val_acc1", "val_acc5", "lr", "sgdrop_rho",
-                "img_per_s", "epoch_time_s"} <= set(record)
-        assert record["val_count"] == num_val and record["sgdrop_rho"] == 0.01 and record["lr"] == 1e-3
-    assert checkpoint["best_acc1"] == max(record["val_acc1"] for record in log)
+        assert {'train_loss', 'train_acc1', 'train_clean_acc1', 'val_acc1', 'val_acc5', 'lr', 'sgdrop_rho',
+                'img_per_s', 'epoch_time_s'} <= set(record)
+        assert record['val_count'] == num_val and record['sgdrop_rho'] == 0.01 and record['lr'] == 1e-3
+    assert checkpoint['best_acc1'] == max(record['val_acc1'] for record in log)
 
-    best = torch.load(output / "model_best.pth.tar", map_location="cpu", weights_only=True)
-    exported = load_file(output / "model.safetensors")
-    assert exported.keys() == best["state_dict"].keys()
-    assert all(torch.equal(exported[k], best["state_dict"][k]) for k in exported)
-    config = json.loads((output / "config.json").read_text())
-    assert config["architecture"] == "sgdrop_vgg_tiny"
-    assert config["num_classes"] == len(classes) and config["label_names"] == classes
-    assert config["sgdrop"]["sgdrop_rho"] == 0.01 and config["sgdrop"]["sgdrop_attribution"] == "ema"
-    assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    best = torch.load(output / 'model_best.pth.tar', map_location='cpu', weights_only=True)
+    exported = load_file(output / 'model.safetensors')
+    assert exported.keys() == best['state_dict'].keys()
+    assert all(torch.equal(exported[k], best['state_dict'][k]) for k in exported)
+    config = json.loads((output / 'config.json').read_text())
+    assert config['architecture'] == 'sgdrop_vgg_tiny'
+    assert config['num_classes'] == len(classes) and config['label_names'] == classes
+    assert config['sgdrop']['sgdrop_rho'] == 0.01 and config['sgdrop']['sgdrop_attribution'] == 'ema'
+    assert config['pretrained_cfg']['input_size'] == [3, 32, 32]
 
     assert f"best val Acc@1 {checkpoint['best_acc1']:.3f}" in stdout
-    assert str(output / "model_best.pth.tar") in stdout
+    assert str(output / 'model_best.pth.tar') in stdout
 
 
 @torch.no_grad()
@@ -147,111 +147,111 @@ def test_timm_eval_transform_of_the_export_reproduces_the_recipe_top1(two_epoch_
     # 32 px with the crop-flip transform, where floor(32 / 0.875) = 36 and round(32 / 0.875) = 37 differ: timm's
     # evaluation of the export's config must be the recipe's own validation
     output, _ = two_epoch_run
-    model = timm.create_model(f"local-dir:{output}", pretrained=True).eval()
+    model = timm.create_model(f'local-dir:{output}', pretrained=True).eval()
     config = timm.data.resolve_model_data_config(model)
-    assert (config["crop_pct"], config["crop_mode"]) == (0.875, "center")
-    val = datasets.ImageFolder(data_dir / "val", transform=timm.data.create_transform(**config))
+    assert (config['crop_pct'], config['crop_mode']) == (0.875, 'center')
+    val = datasets.ImageFolder(data_dir / 'val', transform=timm.data.create_transform(**config))
     correct = sum(int(model(images).argmax(1).eq(targets).sum()) for images, targets in
                   torch.utils.data.DataLoader(val, batch_size=16))
-    best = torch.load(output / "model_best.pth.tar", map_location="cpu", weights_only=True)
-    assert 100 * correct / num_val == pytest.approx(best["best_acc1"], abs=1e-3)
+    best = torch.load(output / 'model_best.pth.tar', map_location='cpu', weights_only=True)
+    assert 100 * correct / num_val == pytest.approx(best['best_acc1'], abs=1e-3)
 
 
 def test_model_kwargs_reach_the_export_and_plain_timm(data_dir: Path, tmp_path: Path):
     """timm's vgg11 with a narrow head (--model-kwargs mlp_ratio=...): its export and its published folder record the
     argument, so that plain timm, without sgdrop_zoo, rebuilds the same network and gives the same logits."""
-    output = tmp_path / "run"
-    run_recipe(str(data_dir), *TINY_RUN, "-a", "sgdrop_vgg11", "--model-kwargs", "mlp_ratio=0.03125", "--epochs",
-               "1", "--output", str(output))
-    checkpoint = torch.load(output / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
-    assert checkpoint["args"]["model_kwargs"] == {"mlp_ratio": 0.03125}
+    output = tmp_path / 'run'
+    run_recipe(str(data_dir), *TINY_RUN, '-a', 'sgdrop_vgg11', '--model-kwargs', 'mlp_ratio=0.03125', '--epochs',
+               '1', '--output', str(output))
+    checkpoint = torch.load(output / 'checkpoint.pth.tar', map_location='cpu', weights_only=True)
+    assert checkpoint['args']['model_kwargs'] == {'mlp_ratio': 0.03125}
     # 128 = 4096 * 0.03125 output channels of the head's first layer, a 7x7 convolution over 512 channels
-    assert checkpoint["state_dict"]["pre_logits.fc1.weight"].shape == (128, 512, 7, 7)
-    assert json.loads((output / "config.json").read_text())["model_args"]["mlp_ratio"] == 0.03125
-    assert cli_main(["publish", str(output / "checkpoint.pth.tar"), "--repo-id", "org/vgg11", "--dry-run",
-                     "--output", str(tmp_path / "repo")]) == 0
-    config = json.loads((tmp_path / "repo" / "config.json").read_text())
-    assert config["architecture"] == "vgg11" and config["model_args"]["mlp_ratio"] == 0.03125
+    assert checkpoint['state_dict']['pre_logits.fc1.weight'].shape == (128, 512, 7, 7)
+    assert json.loads((output / 'config.json').read_text())['model_args']['mlp_ratio'] == 0.03125
+    assert cli_main(['publish', str(output / 'checkpoint.pth.tar'), '--repo-id', 'org/vgg11', '--dry-run',
+                     '--output', str(tmp_path / 'repo')]) == 0
+    config = json.loads((tmp_path / 'repo' / 'config.json').read_text())
+    assert config['architecture'] == 'vgg11' and config['model_args']['mlp_ratio'] == 0.03125
     images = torch.randn(2, 3, 32, 32)
-    torch.save(images, tmp_path / "images.pt")
+    torch.save(images, tmp_path / 'images.pt')
     script = (f"import sys, timm, torch\n"
               f"model = timm.create_model('local-dir:{tmp_path / 'repo'}', pretrained=True).eval()\n"
               f"assert not any(name.startswith('sgdrop_zoo') for name in sys.modules)\n"
               f"torch.save(model(torch.load('{tmp_path / 'images.pt'}')), '{tmp_path / 'logits.pt'}')\n")
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, timeout=120)
-    model = timm.create_model("sgdrop_vgg11", num_classes=checkpoint["state_dict"]["head.fc.bias"].numel(),
+    subprocess.run([sys.executable, '-c', script], check=True, cwd=tmp_path, timeout=120)
+    model = timm.create_model('sgdrop_vgg11', num_classes=checkpoint['state_dict']['head.fc.bias'].numel(),
                               mlp_ratio=0.03125).eval()
-    model.load_state_dict(checkpoint["state_dict"])
+    model.load_state_dict(checkpoint['state_dict'])
     with torch.no_grad():
-        assert torch.equal(torch.load(tmp_path / "logits.pt"), model(images))
+        assert torch.equal(torch.load(tmp_path / 'logits.pt'), model(images))
 
 
-@pytest.mark.parametrize("in_memory", [False, True], ids=["imagefolder", "in_memory"])
+@pytest.mark.parametrize('in_memory', [False, True], ids=['imagefolder', 'in_memory'])
 def test_evaluate_reproduces_best_accuracy(two_epoch_run: tuple[Path, str], data_dir: Path, num_val: int,
                                            in_memory: bool):
     output, _ = two_epoch_run
-    best = torch.load(output / "model_best.pth.tar", map_location="cpu", weights_only=True)
-    result = run_recipe(str(data_dir), *TINY_RUN, "--resume", str(output / "model_best.pth.tar"), "--evaluate",
-                        "--output", str(output / "eval"), *(["--in-memory"] if in_memory else []))
-    assert reported_val_acc1(result.stdout) == pytest.approx(best["best_acc1"], abs=1e-3)
-    assert f"on {num_val} images" in result.stdout
+    best = torch.load(output / 'model_best.pth.tar', map_location='cpu', weights_only=True)
+    result = run_recipe(str(data_dir), *TINY_RUN, '--resume', str(output / 'model_best.pth.tar'), '--evaluate',
+                        '--output', str(output / 'eval'), *(['--in-memory'] if in_memory else []))
+    assert reported_val_acc1(result.stdout) == pytest.approx(best['best_acc1'], abs=1e-3)
+    assert f'on {num_val} images' in result.stdout
 
 
 def assert_same_training_state(first: Path, second: Path) -> None:
     """The two checkpoints hold bit-identical weights, EMA weights and optimizer state."""
-    a = torch.load(first, map_location="cpu", weights_only=True)
-    b = torch.load(second, map_location="cpu", weights_only=True)
-    assert a["epoch"] == b["epoch"]
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
-    assert a["sgdrop_ema"]["num_updates"] == b["sgdrop_ema"]["num_updates"]
-    assert all(torch.equal(a["sgdrop_ema"]["state_dict"][k], b["sgdrop_ema"]["state_dict"][k])
-               for k in a["sgdrop_ema"]["state_dict"])
-    for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    a = torch.load(first, map_location='cpu', weights_only=True)
+    b = torch.load(second, map_location='cpu', weights_only=True)
+    assert a['epoch'] == b['epoch']
+    assert a['state_dict'].keys() == b['state_dict'].keys()
+    assert all(torch.equal(a['state_dict'][k], b['state_dict'][k]) for k in a['state_dict'])
+    assert a['sgdrop_ema']['num_updates'] == b['sgdrop_ema']['num_updates']
+    assert all(torch.equal(a['sgdrop_ema']['state_dict'][k], b['sgdrop_ema']['state_dict'][k])
+               for k in a['sgdrop_ema']['state_dict'])
+    for state_a, state_b in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
         assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
 
 
 def test_resume_gives_identical_weights(data_dir: Path, one_epoch_run: Path, two_epoch_run: tuple[Path, str],
                                         tmp_path: Path):
     shutil.copytree(one_epoch_run, tmp_path, dirs_exist_ok=True)
-    run_recipe(str(data_dir), *TINY_RUN, "--epochs", "2", "--resume", str(tmp_path / "checkpoint.pth.tar"),
-               "--output", str(tmp_path))
+    run_recipe(str(data_dir), *TINY_RUN, '--epochs', '2', '--resume', str(tmp_path / 'checkpoint.pth.tar'),
+               '--output', str(tmp_path))
     straight, _ = two_epoch_run
-    assert_same_training_state(straight / "checkpoint.pth.tar", tmp_path / "checkpoint.pth.tar")
+    assert_same_training_state(straight / 'checkpoint.pth.tar', tmp_path / 'checkpoint.pth.tar')
     assert read_log(straight) == [
-        {**record, "img_per_s": a["img_per_s"], "epoch_time_s": a["epoch_time_s"]}
+        {**record, 'img_per_s': a['img_per_s'], 'epoch_time_s': a['epoch_time_s']}
         for a, record in zip(read_log(straight), read_log(tmp_path))]
 
 
-@pytest.mark.parametrize("in_memory", [False, True], ids=["imagefolder", "in_memory"])
+@pytest.mark.parametrize('in_memory', [False, True], ids=['imagefolder', 'in_memory'])
 def test_torchrun_two_processes_count_every_val_sample_once(data_dir: Path, num_val: int, tmp_path: Path,
                                                             in_memory: bool):
-    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
-    extra = ["--in-memory"] if in_memory else []
-    result = run_recipe(str(data_dir), *TINY_RUN, "--epochs", "1", "--dist-url", "env://", "--output",
+    torchrun = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2')
+    extra = ['--in-memory'] if in_memory else []
+    result = run_recipe(str(data_dir), *TINY_RUN, '--epochs', '1', '--dist-url', 'env://', '--output',
                         str(tmp_path), *extra, launcher=torchrun)
     assert num_val % 2 == 1  # the two shards differ in size
     [record] = read_log(tmp_path)
-    assert record["val_count"] == num_val
-    assert result.stdout.count("=> creating model") == 1  # progress on rank 0 only
+    assert record['val_count'] == num_val
+    assert result.stdout.count('=> creating model') == 1  # progress on rank 0 only
 
-    checkpoint = torch.load(tmp_path / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
-    assert not any(key.startswith("module.") for key in checkpoint["state_dict"])
-    single = run_recipe(str(data_dir), *TINY_RUN, "--resume", str(tmp_path / "checkpoint.pth.tar"), "--evaluate",
-                        "--output", str(tmp_path / "eval"), *extra)
-    assert reported_val_acc1(single.stdout) == pytest.approx(record["val_acc1"], abs=1e-3)
+    checkpoint = torch.load(tmp_path / 'checkpoint.pth.tar', map_location='cpu', weights_only=True)
+    assert not any(key.startswith('module.') for key in checkpoint['state_dict'])
+    single = run_recipe(str(data_dir), *TINY_RUN, '--resume', str(tmp_path / 'checkpoint.pth.tar'), '--evaluate',
+                        '--output', str(tmp_path / 'eval'), *extra)
+    assert reported_val_acc1(single.stdout) == pytest.approx(record['val_acc1'], abs=1e-3)
 
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
 
 
 def test_multiprocessing_distributed_on_cpu(data_dir: Path, tmp_path: Path, num_val: int):
-    run_recipe(str(data_dir), *TINY_RUN, "--epochs", "1", "--multiprocessing-distributed", "--world-size", "1",
-               "--rank", "0", "--dist-url", f"tcp://127.0.0.1:{free_port()}", "--output", str(tmp_path))
-    assert read_log(tmp_path)[0]["val_count"] == num_val
+    run_recipe(str(data_dir), *TINY_RUN, '--epochs', '1', '--multiprocessing-distributed', '--world-size', '1',
+               '--rank', '0', '--dist-url', f'tcp://127.0.0.1:{free_port()}', '--output', str(tmp_path))
+    assert read_log(tmp_path)[0]['val_count'] == num_val
 
 
 def fixed_val_images(data_dir: Path, model: torch.nn.Module, size: int, count: int) -> tuple[torch.Tensor,
@@ -261,16 +261,16 @@ def fixed_val_images(data_dir: Path, model: torch.nn.Module, size: int, count: i
     # timm's eval transform at crop_pct 0.875: the shorter side to floor(size / 0.875), then the center crop
     transform = transforms.Compose([
         transforms.Resize(math.floor(size / 0.875)), transforms.CenterCrop(size), transforms.ToTensor(),
-        transforms.Normalize(model.pretrained_cfg["mean"], model.pretrained_cfg["std"])])
-    val = datasets.ImageFolder(data_dir / "val", transform=transform)
+        transforms.Normalize(model.pretrained_cfg['mean'], model.pretrained_cfg['std'])])
+    val = datasets.ImageFolder(data_dir / 'val', transform=transform)
     indices = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:count].tolist()
     return torch.stack([val[i][0] for i in indices]), torch.tensor([val[i][1] for i in indices])
 
 
 def load_checkpoint_model(checkpoint_path: Path) -> torch.nn.Module:
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    model = timm.create_model(checkpoint["arch"], num_classes=len(checkpoint["class_names"]))
-    model.load_state_dict(checkpoint["state_dict"])
+    checkpoint = torch.load(checkpoint_path, map_location='cpu', weights_only=True)
+    model = timm.create_model(checkpoint['arch'], num_classes=len(checkpoint['class_names']))
+    model.load_state_dict(checkpoint['state_dict'])
     return model.eval()
 
 
@@ -281,61 +281,61 @@ def recomputed_area_ratio(checkpoint_path: Path, data_dir: Path) -> float:
     return attribution_area_ratio(grad_cam_maps(model, images, targets)).mean().item()
 
 
-@pytest.mark.parametrize("in_memory", [False, True], ids=["imagefolder", "in_memory"])
+@pytest.mark.parametrize('in_memory', [False, True], ids=['imagefolder', 'in_memory'])
 def test_val_subset_validates_the_fixed_images(two_epoch_run: tuple[Path, str], data_dir: Path, in_memory: bool):
     output, _ = two_epoch_run
     subset = 13
-    result = run_recipe(str(data_dir), *TINY_RUN, "--resume", str(output / "checkpoint.pth.tar"), "--evaluate",
-                        "--val-subset", str(subset), "--output", str(output / "eval_subset"),
-                        *(["--in-memory"] if in_memory else []))
-    model = load_checkpoint_model(output / "checkpoint.pth.tar")
+    result = run_recipe(str(data_dir), *TINY_RUN, '--resume', str(output / 'checkpoint.pth.tar'), '--evaluate',
+                        '--val-subset', str(subset), '--output', str(output / 'eval_subset'),
+                        *(['--in-memory'] if in_memory else []))
+    model = load_checkpoint_model(output / 'checkpoint.pth.tar')
     images, targets = fixed_val_images(data_dir, model, 32, subset)
     with torch.no_grad():
         expected = 100.0 * (model(images).argmax(1) == targets).sum().item() / subset
-    assert f"on {subset} images" in result.stdout
+    assert f'on {subset} images' in result.stdout
     assert reported_val_acc1(result.stdout) == pytest.approx(expected, abs=1e-3)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def area_ratio_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    output = tmp_path_factory.mktemp("area_ratio")
-    result = run_recipe(str(data_dir), *AREA_RUN, "--epochs", "2", "--log-area-ratio", str(AREA_IMAGES), "--output",
+    output = tmp_path_factory.mktemp('area_ratio')
+    result = run_recipe(str(data_dir), *AREA_RUN, '--epochs', '2', '--log-area-ratio', str(AREA_IMAGES), '--output',
                         str(output))
     return output, result.stdout
 
 
-@pytest.mark.parametrize("launch", ["imagefolder", "in_memory", "torchrun"])
+@pytest.mark.parametrize('launch', ['imagefolder', 'in_memory', 'torchrun'])
 def test_log_area_ratio_matches_grad_cam_of_saved_weights(area_ratio_run: tuple[Path, str], data_dir: Path,
                                                           tmp_path: Path, launch: str):
-    if launch == "imagefolder":
+    if launch == 'imagefolder':
         output, stdout = area_ratio_run
     else:
         # under torchrun rank 0 measures alone while rank 1 goes on; a collective inside would hang the run
-        torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
-        extra = ["--in-memory", "--epochs", "2"] if launch == "in_memory" else ["--dist-url", "env://", "--epochs", "1"]
+        torchrun = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2')
+        extra = ['--in-memory', '--epochs', '2'] if launch == 'in_memory' else ['--dist-url', 'env://', '--epochs', '1']
         output = tmp_path
-        stdout = run_recipe(str(data_dir), *AREA_RUN, "--log-area-ratio", str(AREA_IMAGES), "--output", str(output),
-                            *extra, launcher=torchrun if launch == "torchrun" else ()).stdout
+        stdout = run_recipe(str(data_dir), *AREA_RUN, '--log-area-ratio', str(AREA_IMAGES), '--output', str(output),
+                            *extra, launcher=torchrun if launch == 'torchrun' else ()).stdout
     log = read_log(output)
-    assert all(0.0 <= record["val_area_ratio"] <= 1.0 for record in log)
-    assert stdout.count(" * Area ratio ") == len(log)  # with the epoch's summary, by rank 0 only
+    assert all(0.0 <= record['val_area_ratio'] <= 1.0 for record in log)
+    assert stdout.count(' * Area ratio ') == len(log)  # with the epoch's summary, by rank 0 only
 
     # the last checkpoint holds the weights the last epoch was measured with; model_best those of its own epoch
-    for name in ("checkpoint.pth.tar", "model_best.pth.tar"):
-        epoch = torch.load(output / name, map_location="cpu", weights_only=True)["epoch"]
-        assert log[epoch - 1]["val_area_ratio"] == pytest.approx(recomputed_area_ratio(output / name, data_dir),
+    for name in ('checkpoint.pth.tar', 'model_best.pth.tar'):
+        epoch = torch.load(output / name, map_location='cpu', weights_only=True)['epoch']
+        assert log[epoch - 1]['val_area_ratio'] == pytest.approx(recomputed_area_ratio(output / name, data_dir),
                                                                  abs=1e-6)
 
 
 def test_log_area_ratio_leaves_training_unchanged(area_ratio_run: tuple[Path, str], data_dir: Path, tmp_path: Path):
-    run_recipe(str(data_dir), *AREA_RUN, "--epochs", "2", "--output", str(tmp_path))
+    run_recipe(str(data_dir), *AREA_RUN, '--epochs', '2', '--output', str(tmp_path))
     measured, _ = area_ratio_run
-    assert_same_training_state(measured / "checkpoint.pth.tar", tmp_path / "checkpoint.pth.tar")
+    assert_same_training_state(measured / 'checkpoint.pth.tar', tmp_path / 'checkpoint.pth.tar')
     unmeasured = read_log(tmp_path)
-    assert all("val_area_ratio" not in record for record in unmeasured)
+    assert all('val_area_ratio' not in record for record in unmeasured)
     assert unmeasured == [
-        {key: value for key, value in record.items() if key != "val_area_ratio"} | {
-            "img_per_s": plain["img_per_s"], "epoch_time_s": plain["epoch_time_s"]}
+        {key: value for key, value in record.items() if key != 'val_area_ratio'} | {
+            'img_per_s': plain['img_per_s'], 'epoch_time_s': plain['epoch_time_s']}
         for plain, record in zip(unmeasured, read_log(measured))]
 
 
@@ -363,34 +363,34 @@ recipe.save_checkpoint(state, True, Path({output!r}))
 def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(data_dir: Path, one_epoch_run: Path,
                                                                    two_epoch_run: tuple[Path, str], tmp_path: Path):
     shutil.copytree(one_epoch_run, tmp_path, dirs_exist_ok=True)
-    checkpoint_path = tmp_path / "checkpoint.pth.tar"
+    checkpoint_path = tmp_path / 'checkpoint.pth.tar'
     before = checkpoint_path.read_bytes()
-    best_before = (tmp_path / "model_best.pth.tar").read_bytes()
+    best_before = (tmp_path / 'model_best.pth.tar').read_bytes()
 
-    marker = tmp_path / "writing"
+    marker = tmp_path / 'writing'
     script = SLOW_SAVE.format(main=str(MAIN), marker=str(marker), checkpoint=str(checkpoint_path),
                               output=str(tmp_path))
-    writer = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    writer = subprocess.Popen([sys.executable, '-c', script], env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
     try:
         deadline = time.time() + 120
         while not marker.exists():
-            assert writer.poll() is None, "the checkpoint writer exited before writing"
-            assert time.time() < deadline, "the checkpoint writer never started writing"
+            assert writer.poll() is None, 'the checkpoint writer exited before writing'
+            assert time.time() < deadline, 'the checkpoint writer never started writing'
             time.sleep(0.05)
-        assert list(tmp_path.glob(".checkpoint.pth.tar.*.tmp")), "the write should be under way in a temporary file"
+        assert list(tmp_path.glob('.checkpoint.pth.tar.*.tmp')), 'the write should be under way in a temporary file'
         writer.send_signal(signal.SIGKILL)
     finally:
         writer.wait(timeout=30)
     assert writer.returncode == -signal.SIGKILL
 
     assert checkpoint_path.read_bytes() == before
-    assert (tmp_path / "model_best.pth.tar").read_bytes() == best_before
-    assert torch.load(checkpoint_path, map_location="cpu", weights_only=True)["epoch"] == 1
+    assert (tmp_path / 'model_best.pth.tar').read_bytes() == best_before
+    assert torch.load(checkpoint_path, map_location='cpu', weights_only=True)['epoch'] == 1
     # the killed run resumes from the last complete checkpoint
-    run_recipe(str(data_dir), *TINY_RUN, "--epochs", "2", "--resume", str(checkpoint_path), "--output", str(tmp_path))
-    assert [record["epoch"] for record in read_log(tmp_path)] == [1, 2]
-    assert not list(tmp_path.glob(".*.tmp")), "the resumed run removes the killed write's temporary file"
-    assert_same_training_state(two_epoch_run[0] / "checkpoint.pth.tar", checkpoint_path)
+    run_recipe(str(data_dir), *TINY_RUN, '--epochs', '2', '--resume', str(checkpoint_path), '--output', str(tmp_path))
+    assert [record['epoch'] for record in read_log(tmp_path)] == [1, 2]
+    assert not list(tmp_path.glob('.*.tmp')), "the resumed run removes the killed write's temporary file"
+    assert_same_training_state(two_epoch_run[0] / 'checkpoint.pth.tar', checkpoint_path)
 
 
 SLOW_BEST_COPY = """
@@ -413,310 +413,310 @@ recipe.save_checkpoint(state, True, Path({output!r}))
 
 def test_sigkill_while_copying_model_best_leaves_nothing_stale(data_dir: Path, one_epoch_run: Path, tmp_path: Path):
     shutil.copytree(one_epoch_run, tmp_path, dirs_exist_ok=True)
-    checkpoint_path, best_path = tmp_path / "checkpoint.pth.tar", tmp_path / "model_best.pth.tar"
-    marker = tmp_path / "copying"
+    checkpoint_path, best_path = tmp_path / 'checkpoint.pth.tar', tmp_path / 'model_best.pth.tar'
+    marker = tmp_path / 'copying'
     script = SLOW_BEST_COPY.format(main=str(MAIN), marker=str(marker), checkpoint=str(checkpoint_path),
                                    output=str(tmp_path))
-    writer = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    writer = subprocess.Popen([sys.executable, '-c', script], env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
     try:
         deadline = time.time() + 120
         while not marker.exists():
-            assert writer.poll() is None, "the checkpoint writer exited before copying"
-            assert time.time() < deadline, "the checkpoint writer never started copying"
+            assert writer.poll() is None, 'the checkpoint writer exited before copying'
+            assert time.time() < deadline, 'the checkpoint writer never started copying'
             time.sleep(0.05)
         writer.send_signal(signal.SIGKILL)
     finally:
         writer.wait(timeout=30)
     # the fault: the checkpoint of the new best epoch is written, model_best still holds the previous best
-    assert torch.load(checkpoint_path, map_location="cpu", weights_only=True)["best_epoch"] == 2
-    assert torch.load(best_path, map_location="cpu", weights_only=True)["epoch"] == 1
+    assert torch.load(checkpoint_path, map_location='cpu', weights_only=True)['best_epoch'] == 2
+    assert torch.load(best_path, map_location='cpu', weights_only=True)['epoch'] == 1
 
-    result = run_recipe(str(data_dir), *TINY_RUN, "--epochs", "2", "--resume", str(checkpoint_path), "--output",
+    result = run_recipe(str(data_dir), *TINY_RUN, '--epochs', '2', '--resume', str(checkpoint_path), '--output',
                         str(tmp_path))
-    assert f"{best_path} holds epoch 1, not the best epoch 2" in result.stdout
+    assert f'{best_path} holds epoch 1, not the best epoch 2' in result.stdout
     assert best_path.read_bytes() == checkpoint_path.read_bytes()
-    assert json.loads((tmp_path / "config.json").read_text())["training"]["epoch"] == 2
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert json.loads((tmp_path / 'config.json').read_text())['training']['epoch'] == 2
+    assert not list(tmp_path.glob('.*.tmp'))
 
 
 def test_sigkill_during_training_resumes_from_last_complete_epoch(data_dir: Path, tmp_path: Path):
-    args = [str(data_dir), *TINY_RUN, "--epochs", "30", "--output", str(tmp_path)]
+    args = [str(data_dir), *TINY_RUN, '--epochs', '30', '--output', str(tmp_path)]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     run = subprocess.Popen([sys.executable, str(MAIN), *args], env=env, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
-        while not (tmp_path / "checkpoint.pth.tar").exists():
-            assert run.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        while not (tmp_path / 'checkpoint.pth.tar').exists():
+            assert run.poll() is None and time.time() < deadline, 'the run ended before its first checkpoint'
             time.sleep(0.05)
         time.sleep(0.5)  # into the next epoch, or its log line, or its checkpoint write: any moment will do
         run.send_signal(signal.SIGKILL)
     finally:
         run.wait(timeout=30)
-    epoch = torch.load(tmp_path / "checkpoint.pth.tar", map_location="cpu", weights_only=True)["epoch"]
+    epoch = torch.load(tmp_path / 'checkpoint.pth.tar', map_location='cpu', weights_only=True)['epoch']
     assert 1 <= epoch < 30
-    run_recipe(*args[:-4], "--epochs", str(epoch + 1), "--resume", str(tmp_path / "checkpoint.pth.tar"),
-               "--output", str(tmp_path))
-    assert torch.load(tmp_path / "checkpoint.pth.tar", map_location="cpu", weights_only=True)["epoch"] == epoch + 1
+    run_recipe(*args[:-4], '--epochs', str(epoch + 1), '--resume', str(tmp_path / 'checkpoint.pth.tar'),
+               '--output', str(tmp_path))
+    assert torch.load(tmp_path / 'checkpoint.pth.tar', map_location='cpu', weights_only=True)['epoch'] == epoch + 1
     # one log line per epoch, none repeated by the resumed run
-    assert [record["epoch"] for record in read_log(tmp_path)] == list(range(1, epoch + 2))
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert [record['epoch'] for record in read_log(tmp_path)] == list(range(1, epoch + 2))
+    assert not list(tmp_path.glob('.*.tmp'))
 
 
 def run_bad_input(capsys: pytest.CaptureFixture, *args: str) -> str:
     """Runs main() in-process, checks it stops with exit code 2 before training, returns its one-line message."""
     with pytest.raises(SystemExit) as stopped, warnings.catch_warnings():
-        warnings.simplefilter("error")  # a warning printed before the error would make it two lines
+        warnings.simplefilter('error')  # a warning printed before the error would make it two lines
         recipe.main([*TINY_RUN, *args])
     assert stopped.value.code == 2
     captured = capsys.readouterr()
-    assert "=> creating model" not in captured.out
+    assert '=> creating model' not in captured.out
     lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert len(lines) == 1 and lines[0].startswith('error: '), captured.err
     return lines[0]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--epochs", "0"], "--epochs 0: pass a positive number"),
-    (["-b", "0"], "-b/--batch-size 0: pass a positive number"),
-    (["-p", "0"], "-p/--print-freq 0: pass a positive number"),
-    (["--image-size", "0"], "--image-size 0: pass a positive number"),
-    (["--lr-step-size", "0"], "--lr-step-size 0: pass a positive number"),
-    (["--lr", "-0.1"], "--lr -0.1: the learning rate must be positive"),
-    (["--sgdrop-rho-end", "2"], "--sgdrop-rho-end 2.0: sgdrop_rho_end must be in [0, 1)"),
-    (["--regularizer", "dropout", "--sgdrop-rho", "2"], "--sgdrop-rho 2.0: sgdrop_rho must be in [0, 1)"),
-    (["--sgdrop-ema-decay", "1"], "--sgdrop-ema-decay 1.0: sgdrop_ema_decay must be a float in [0, 1)"),
-    (["--latent-drop-rate", "1.5"], "--latent-drop-rate 1.5: latent_drop_rate must be a float in [0, 1)"),
-    (["--dropout-p", "1.5"], "--latent-drop-rate 1.5: latent_drop_rate must be a float in [0, 1)"),
-    (["--train-subset", "-20"], "--train-subset -20 is negative"),
-    (["--train-subset-per-class", "-2"], "--train-subset-per-class -2 is negative"),
-    (["--train-subset", "10", "--train-subset-per-class", "2"], "--train-subset and --train-subset-per-class both"),
-    (["--start-epoch", "5", "--epochs", "1"], "--start-epoch 5 leaves nothing to train with --epochs 1"),
-    (["--model-kwargs", "sgdrop_rho=0.5"], "--model-kwargs sets sgdrop_rho, which the recipe sets from its own"),
-    (["--model-kwargs", "no_such_argument=1"], "--model-kwargs {'no_such_argument': 1}: sgdrop_vgg_tiny does not "
+@pytest.mark.parametrize('flags, message', [
+    (['--epochs', '0'], '--epochs 0: pass a positive number'),
+    (['-b', '0'], '-b/--batch-size 0: pass a positive number'),
+    (['-p', '0'], '-p/--print-freq 0: pass a positive number'),
+    (['--image-size', '0'], '--image-size 0: pass a positive number'),
+    (['--lr-step-size', '0'], '--lr-step-size 0: pass a positive number'),
+    (['--lr', '-0.1'], '--lr -0.1: the learning rate must be positive'),
+    (['--sgdrop-rho-end', '2'], '--sgdrop-rho-end 2.0: sgdrop_rho_end must be in [0, 1)'),
+    (['--regularizer', 'dropout', '--sgdrop-rho', '2'], '--sgdrop-rho 2.0: sgdrop_rho must be in [0, 1)'),
+    (['--sgdrop-ema-decay', '1'], '--sgdrop-ema-decay 1.0: sgdrop_ema_decay must be a float in [0, 1)'),
+    (['--latent-drop-rate', '1.5'], '--latent-drop-rate 1.5: latent_drop_rate must be a float in [0, 1)'),
+    (['--dropout-p', '1.5'], '--latent-drop-rate 1.5: latent_drop_rate must be a float in [0, 1)'),
+    (['--train-subset', '-20'], '--train-subset -20 is negative'),
+    (['--train-subset-per-class', '-2'], '--train-subset-per-class -2 is negative'),
+    (['--train-subset', '10', '--train-subset-per-class', '2'], '--train-subset and --train-subset-per-class both'),
+    (['--start-epoch', '5', '--epochs', '1'], '--start-epoch 5 leaves nothing to train with --epochs 1'),
+    (['--model-kwargs', 'sgdrop_rho=0.5'], '--model-kwargs sets sgdrop_rho, which the recipe sets from its own'),
+    (['--model-kwargs', 'no_such_argument=1'], "--model-kwargs {'no_such_argument': 1}: sgdrop_vgg_tiny does not "
                                                "take them"),
 ])
 def test_bad_arguments_stop_before_any_work(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path,
                                             flags: list[str], message: str):
-    assert message in run_bad_input(capsys, str(data_dir), "--output", str(tmp_path / "run"), *flags)
-    assert not (tmp_path / "run").exists()
+    assert message in run_bad_input(capsys, str(data_dir), '--output', str(tmp_path / 'run'), *flags)
+    assert not (tmp_path / 'run').exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machines without a GPU")
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the machines without a GPU')
 def test_gpu_without_a_gpu(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):
-    message = run_bad_input(capsys, str(data_dir), "--output", str(tmp_path), "--gpu", "0")
-    assert "--gpu 0: no CUDA GPU is visible; leave --gpu out" in message
+    message = run_bad_input(capsys, str(data_dir), '--output', str(tmp_path), '--gpu', '0')
+    assert '--gpu 0: no CUDA GPU is visible; leave --gpu out' in message
 
 
 def test_output_that_is_a_file_or_not_writable(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):
-    (tmp_path / "file").write_text("")
-    assert "--output" in run_bad_input(capsys, str(data_dir), "--output", str(tmp_path / "file"))
+    (tmp_path / 'file').write_text('')
+    assert '--output' in run_bad_input(capsys, str(data_dir), '--output', str(tmp_path / 'file'))
     if os.geteuid() != 0:  # root writes anywhere
-        (tmp_path / "locked").mkdir(mode=0o500)
-        message = run_bad_input(capsys, str(data_dir), "--output", str(tmp_path / "locked" / "run"))
-        assert "is not writable" in message
+        (tmp_path / 'locked').mkdir(mode=0o500)
+        message = run_bad_input(capsys, str(data_dir), '--output', str(tmp_path / 'locked' / 'run'))
+        assert 'is not writable' in message
 
 
 def test_overwrite_replaces_every_file_of_the_previous_run(data_dir: Path, two_epoch_run: tuple[Path, str],
                                                           tmp_path: Path):
-    run = tmp_path / "run"
+    run = tmp_path / 'run'
     shutil.copytree(two_epoch_run[0], run)
-    run_recipe(str(data_dir), *TINY_RUN, "--epochs", "1", "--seed", "1", "--output", str(run), "--overwrite")
-    assert [record["epoch"] for record in read_log(run)] == [1]
-    for name in ("checkpoint.pth.tar", "model_best.pth.tar"):
-        state = torch.load(run / name, map_location="cpu", weights_only=True)
-        assert (state["epoch"], state["best_epoch"], state["args"]["seed"]) == (1, 1, 1), name
-    export = json.loads((run / "config.json").read_text())
-    assert export["training"]["epoch"] == 1
+    run_recipe(str(data_dir), *TINY_RUN, '--epochs', '1', '--seed', '1', '--output', str(run), '--overwrite')
+    assert [record['epoch'] for record in read_log(run)] == [1]
+    for name in ('checkpoint.pth.tar', 'model_best.pth.tar'):
+        state = torch.load(run / name, map_location='cpu', weights_only=True)
+        assert (state['epoch'], state['best_epoch'], state['args']['seed']) == (1, 1, 1), name
+    export = json.loads((run / 'config.json').read_text())
+    assert export['training']['epoch'] == 1
 
 
 def test_a_new_run_never_replaces_another_run(capsys: pytest.CaptureFixture, data_dir: Path, one_epoch_run: Path,
                                               tmp_path: Path):
-    shutil.copytree(one_epoch_run, tmp_path / "run")
-    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
-    message = run_bad_input(capsys, str(data_dir), "--epochs", "1", "--output", str(tmp_path / "run"))
-    assert "holds another run (log.jsonl, checkpoint.pth.tar, model_best.pth.tar" in message
-    assert f"--resume {tmp_path / 'run' / 'checkpoint.pth.tar'}" in message and "--overwrite" in message
-    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+    shutil.copytree(one_epoch_run, tmp_path / 'run')
+    before = {p.name: p.read_bytes() for p in (tmp_path / 'run').iterdir() if p.is_file()}
+    message = run_bad_input(capsys, str(data_dir), '--epochs', '1', '--output', str(tmp_path / 'run'))
+    assert 'holds another run (log.jsonl, checkpoint.pth.tar, model_best.pth.tar' in message
+    assert f"--resume {tmp_path / 'run' / 'checkpoint.pth.tar'}" in message and '--overwrite' in message
+    assert {p.name: p.read_bytes() for p in (tmp_path / 'run').iterdir() if p.is_file()} == before
 
 
 def test_missing_data_folder(capsys: pytest.CaptureFixture, tmp_path: Path):
-    message = run_bad_input(capsys, str(tmp_path / "nowhere"))
-    assert "nowhere does not exist" in message and "train/<class>/<image>" in message
+    message = run_bad_input(capsys, str(tmp_path / 'nowhere'))
+    assert 'nowhere does not exist' in message and 'train/<class>/<image>' in message
 
 
 def test_empty_data_folder(capsys: pytest.CaptureFixture, tmp_path: Path):
-    assert "train does not exist" in run_bad_input(capsys, str(tmp_path))
-    (tmp_path / "train").mkdir()
-    (tmp_path / "val").mkdir()
-    assert "has no class folders" in run_bad_input(capsys, str(tmp_path))
-    (tmp_path / "train" / "cat").mkdir()
-    (tmp_path / "val" / "cat").mkdir()
-    assert "holds no images" in run_bad_input(capsys, str(tmp_path))
+    assert 'train does not exist' in run_bad_input(capsys, str(tmp_path))
+    (tmp_path / 'train').mkdir()
+    (tmp_path / 'val').mkdir()
+    assert 'has no class folders' in run_bad_input(capsys, str(tmp_path))
+    (tmp_path / 'train' / 'cat').mkdir()
+    (tmp_path / 'val' / 'cat').mkdir()
+    assert 'holds no images' in run_bad_input(capsys, str(tmp_path))
 
 
 def test_empty_or_hidden_class_folder(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):
-    shutil.copytree(data_dir, tmp_path / "data")
-    (tmp_path / "data" / "val" / "zebra").mkdir()
-    (tmp_path / "data" / "train" / "zebra").mkdir()
+    shutil.copytree(data_dir, tmp_path / 'data')
+    (tmp_path / 'data' / 'val' / 'zebra').mkdir()
+    (tmp_path / 'data' / 'train' / 'zebra').mkdir()
     assert f"class folder {tmp_path / 'data' / 'train' / 'zebra'} holds no images" in run_bad_input(
-        capsys, str(tmp_path / "data"))
-    for split in ("train", "val"):
-        (tmp_path / "data" / split / "zebra").rmdir()
-    (tmp_path / "data" / "train" / ".ipynb_checkpoints").mkdir()
-    message = run_bad_input(capsys, str(tmp_path / "data"))
+        capsys, str(tmp_path / 'data'))
+    for split in ('train', 'val'):
+        (tmp_path / 'data' / split / 'zebra').rmdir()
+    (tmp_path / 'data' / 'train' / '.ipynb_checkpoints').mkdir()
+    message = run_bad_input(capsys, str(tmp_path / 'data'))
     assert f"{tmp_path / 'data' / 'train' / '.ipynb_checkpoints'} is a hidden folder" in message
-    assert "move it out of" in message
+    assert 'move it out of' in message
 
 
 def test_class_in_train_but_not_in_val(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):
-    shutil.copytree(data_dir, tmp_path / "data")
-    shutil.rmtree(tmp_path / "data" / "val" / "frog")
-    message = run_bad_input(capsys, str(tmp_path / "data"))
-    assert "only in train: ['frog']" in message and "needs a folder in both" in message
+    shutil.copytree(data_dir, tmp_path / 'data')
+    shutil.rmtree(tmp_path / 'data' / 'val' / 'frog')
+    message = run_bad_input(capsys, str(tmp_path / 'data'))
+    assert "only in train: ['frog']" in message and 'needs a folder in both' in message
 
 
 def test_unreadable_image(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):
-    shutil.copytree(data_dir, tmp_path / "data")
-    broken = tmp_path / "data" / "train" / "cat" / "broken.jpg"
-    broken.write_bytes(b"not a jpeg")
-    message = run_bad_input(capsys, str(tmp_path / "data"))
-    assert f"unreadable image {broken}" in message and "delete or replace it" in message
+    shutil.copytree(data_dir, tmp_path / 'data')
+    broken = tmp_path / 'data' / 'train' / 'cat' / 'broken.jpg'
+    broken.write_bytes(b'not a jpeg')
+    message = run_bad_input(capsys, str(tmp_path / 'data'))
+    assert f'unreadable image {broken}' in message and 'delete or replace it' in message
 
 
-@pytest.mark.parametrize("workers", ["0", "2"])
+@pytest.mark.parametrize('workers', ['0', '2'])
 def test_image_cut_short_after_its_header_stops_the_run_in_one_line(data_dir: Path, tmp_path: Path, workers: str):
     """The header check before training passes it; decoding fails mid-epoch, in a DataLoader worker or not."""
-    shutil.copytree(data_dir, tmp_path / "data")
-    cut = tmp_path / "data" / "train" / "cat" / "cut.jpg"
-    whole = next((tmp_path / "data" / "train" / "cat").iterdir()).read_bytes()
+    shutil.copytree(data_dir, tmp_path / 'data')
+    cut = tmp_path / 'data' / 'train' / 'cat' / 'cut.jpg'
+    whole = next((tmp_path / 'data' / 'train' / 'cat').iterdir()).read_bytes()
     cut.write_bytes(whole[:-50])
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    result = subprocess.run([sys.executable, str(MAIN), str(tmp_path / "data"), *TINY_RUN, "-j", workers, "--epochs",
-                             "1", "--output", str(tmp_path / "run")], capture_output=True, text=True, env=env,
+    result = subprocess.run([sys.executable, str(MAIN), str(tmp_path / 'data'), *TINY_RUN, '-j', workers, '--epochs',
+                             '1', '--output', str(tmp_path / 'run')], capture_output=True, text=True, env=env,
                             timeout=300, cwd=REPO_ROOT)
     assert result.returncode == 2, result.stderr
-    assert "=> creating model" in result.stdout  # it failed in training, not in the checks before it
+    assert '=> creating model' in result.stdout  # it failed in training, not in the checks before it
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: unreadable image {cut} (image file is truncated ("), lines
-    assert lines[0].endswith("; delete or replace it and rerun")
+    assert len(lines) == 1 and lines[0].startswith(f'error: unreadable image {cut} (image file is truncated ('), lines
+    assert lines[0].endswith('; delete or replace it and rerun')
 
 
 def test_resume_with_other_model_kwargs(capsys: pytest.CaptureFixture, data_dir: Path, one_epoch_run: Path):
-    message = run_bad_input(capsys, str(data_dir), "--epochs", "2", "--model-kwargs", "mlp_ratio=0.125", "--resume",
-                            str(one_epoch_run / "checkpoint.pth.tar"), "--output", str(one_epoch_run))
+    message = run_bad_input(capsys, str(data_dir), '--epochs', '2', '--model-kwargs', 'mlp_ratio=0.125', '--resume',
+                            str(one_epoch_run / 'checkpoint.pth.tar'), '--output', str(one_epoch_run))
     assert "was built with --model-kwargs {}, not {'mlp_ratio': 0.125}; pass the same --model-kwargs" in message
 
 
 def test_resume_from_nothing(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):
-    message = run_bad_input(capsys, str(data_dir), "--resume", str(tmp_path / "missing.pth.tar"))
-    assert "no such checkpoint file" in message
+    message = run_bad_input(capsys, str(data_dir), '--resume', str(tmp_path / 'missing.pth.tar'))
+    assert 'no such checkpoint file' in message
 
 
 def test_resume_from_a_corrupt_checkpoint(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):
-    truncated = tmp_path / "checkpoint.pth.tar"
-    torch.save({"arch": "sgdrop_vgg_tiny", "state_dict": {"w": torch.zeros(1000)}}, truncated)
+    truncated = tmp_path / 'checkpoint.pth.tar'
+    torch.save({'arch': 'sgdrop_vgg_tiny', 'state_dict': {'w': torch.zeros(1000)}}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:200])
-    message = run_bad_input(capsys, str(data_dir), "--resume", str(truncated))
-    assert f"--resume {truncated}: not a readable checkpoint (truncated, or not written by torch.save)" in message
-    assert message.endswith("Pass an intact checkpoint.pth.tar") and "weights_only" not in message
+    message = run_bad_input(capsys, str(data_dir), '--resume', str(truncated))
+    assert f'--resume {truncated}: not a readable checkpoint (truncated, or not written by torch.save)' in message
+    assert message.endswith('Pass an intact checkpoint.pth.tar') and 'weights_only' not in message
 
 
 def test_resume_from_another_architecture(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):
-    other = tmp_path / "checkpoint.pth.tar"
-    torch.save({"epoch": 1, "arch": "sgdrop_cifar_cnn", "state_dict": {}}, other)
-    message = run_bad_input(capsys, str(data_dir), "--resume", str(other))
-    assert "holds a 'sgdrop_cifar_cnn' model, not 'sgdrop_vgg_tiny'" in message and "-a sgdrop_cifar_cnn" in message
+    other = tmp_path / 'checkpoint.pth.tar'
+    torch.save({'epoch': 1, 'arch': 'sgdrop_cifar_cnn', 'state_dict': {}}, other)
+    message = run_bad_input(capsys, str(data_dir), '--resume', str(other))
+    assert "holds a 'sgdrop_cifar_cnn' model, not 'sgdrop_vgg_tiny'" in message and '-a sgdrop_cifar_cnn' in message
 
 
 def test_log_area_ratio_beyond_the_val_split(capsys: pytest.CaptureFixture, data_dir: Path, num_val: int):
-    message = run_bad_input(capsys, str(data_dir), "--log-area-ratio", str(num_val + 1))
-    assert f"--log-area-ratio {num_val + 1} asks for more images than the {num_val}" in message
-    assert f"pass at most {num_val}" in message
-    assert "is negative" in run_bad_input(capsys, str(data_dir), "--log-area-ratio", "-1")
+    message = run_bad_input(capsys, str(data_dir), '--log-area-ratio', str(num_val + 1))
+    assert f'--log-area-ratio {num_val + 1} asks for more images than the {num_val}' in message
+    assert f'pass at most {num_val}' in message
+    assert 'is negative' in run_bad_input(capsys, str(data_dir), '--log-area-ratio', '-1')
 
 
 def test_val_subset_beyond_the_val_split(capsys: pytest.CaptureFixture, data_dir: Path, num_val: int):
-    message = run_bad_input(capsys, str(data_dir), "--val-subset", str(num_val + 1))
-    assert f"--val-subset {num_val + 1} asks for more images than the {num_val}" in message
-    assert "is negative" in run_bad_input(capsys, str(data_dir), "--val-subset", "-1")
-    message = run_bad_input(capsys, str(data_dir), "--val-subset", "5", "--log-area-ratio", "6")
-    assert "--log-area-ratio 6 is larger than --val-subset 5" in message
+    message = run_bad_input(capsys, str(data_dir), '--val-subset', str(num_val + 1))
+    assert f'--val-subset {num_val + 1} asks for more images than the {num_val}' in message
+    assert 'is negative' in run_bad_input(capsys, str(data_dir), '--val-subset', '-1')
+    message = run_bad_input(capsys, str(data_dir), '--val-subset', '5', '--log-area-ratio', '6')
+    assert '--log-area-ratio 6 is larger than --val-subset 5' in message
 
 
 def test_unknown_arch(capsys: pytest.CaptureFixture, data_dir: Path):
     with pytest.raises(SystemExit) as stopped:
-        recipe.main([str(data_dir), *TINY_RUN, "-a", "sgdrop_resnet5"])
+        recipe.main([str(data_dir), *TINY_RUN, '-a', 'sgdrop_resnet5'])
     assert stopped.value.code == 2
     message = capsys.readouterr().err.strip()
-    assert message.startswith("error: unknown --arch 'sgdrop_resnet5'") and "sgdrop_resnet50" in message
-    assert "\n" not in message
+    assert message.startswith("error: unknown --arch 'sgdrop_resnet5'") and 'sgdrop_resnet50' in message
+    assert '\n' not in message
 
 
 def test_presets_are_plain_data_and_command_line_wins():
-    args = recipe.parse_args(["data", "--preset", "lowdata", "-a", "sgdrop_convnext_tiny"])
+    args = recipe.parse_args(['data', '--preset', 'lowdata', '-a', 'sgdrop_convnext_tiny'])
     assert (args.optimizer, args.lr, args.epochs, args.train_transform, args.sgdrop_rho) == (
-        "adam", 1e-4, 80, "resize", 0.1)
-    assert recipe.parse_args(["data", "--preset", "lowdata", "-a", "sgdrop_vgg16"]).sgdrop_rho == 0.01
-    args = recipe.parse_args(["data", "--preset", "lowdata", "--epochs", "3", "--sgdrop-rho", "0.02"])
+        'adam', 1e-4, 80, 'resize', 0.1)
+    assert recipe.parse_args(['data', '--preset', 'lowdata', '-a', 'sgdrop_vgg16']).sgdrop_rho == 0.01
+    args = recipe.parse_args(['data', '--preset', 'lowdata', '--epochs', '3', '--sgdrop-rho', '0.02'])
     assert (args.epochs, args.sgdrop_rho) == (3, 0.02)
     official = recipe.parse_args([])
     assert (official.data, official.epochs, official.batch_size, official.lr, official.momentum,
             official.weight_decay, official.optimizer, official.lr_step_size, official.lr_gamma) == (
-        "imagenet", 90, 256, 0.1, 0.9, 1e-4, "sgd", 30, 0.1)
+        'imagenet', 90, 256, 0.1, 0.9, 1e-4, 'sgd', 30, 0.1)
 
 
-@pytest.mark.parametrize("regularizer, rho, drop_rate, attribution", [
-    ("sgdrop", 0.01, 0.0, "ema"),
-    ("dropout", 0.0, 0.3, "online"),
-    ("none", 0.0, 0.0, "online"),
+@pytest.mark.parametrize('regularizer, rho, drop_rate, attribution', [
+    ('sgdrop', 0.01, 0.0, 'ema'),
+    ('dropout', 0.0, 0.3, 'online'),
+    ('none', 0.0, 0.0, 'online'),
 ])
-@pytest.mark.parametrize("arch", ["sgdrop_vgg_tiny", "resnet18"])
+@pytest.mark.parametrize('arch', ['sgdrop_vgg_tiny', 'resnet18'])
 def test_regularizer_builds_the_paper_baselines_on_any_timm_arch(arch: str, regularizer: str, rho: float,
                                                                  drop_rate: float, attribution: str):
-    args = recipe.parse_args(["data", "-a", arch, "--regularizer", regularizer, "--latent-drop-rate", "0.3"])
+    args = recipe.parse_args(['data', '-a', arch, '--regularizer', regularizer, '--latent-drop-rate', '0.3'])
     model = recipe.create_model(args, num_classes=3)
     assert sgdrop_zoo.is_sgdrop_model(model)
-    assert (model.sgdrop_rho, model.latent_drop_rate, model.sgdrop_config["sgdrop_attribution"]) == (
+    assert (model.sgdrop_rho, model.latent_drop_rate, model.sgdrop_config['sgdrop_attribution']) == (
         rho, drop_rate, attribution)
     assert model.num_classes == 3
 
 
 def test_env_dist_url_without_torchrun(capsys: pytest.CaptureFixture, data_dir: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert "start the script with torchrun" in run_bad_input(capsys, str(data_dir), "--dist-url", "env://")
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    assert 'start the script with torchrun' in run_bad_input(capsys, str(data_dir), '--dist-url', 'env://')
 
 
 def test_resume_drops_an_incomplete_last_log_line(data_dir: Path, one_epoch_run: Path, tmp_path: Path):
-    run = tmp_path / "run"
+    run = tmp_path / 'run'
     shutil.copytree(one_epoch_run, run)
-    log = run / "log.jsonl"
+    log = run / 'log.jsonl'
     log.write_text(log.read_text() + '{"epoch": 2, "train_lo')  # killed while appending epoch 2's line
-    run_recipe(str(data_dir), *TINY_RUN, "--epochs", "2", "--output", str(run), "--resume",
-               str(run / "checkpoint.pth.tar"))
-    assert [record["epoch"] for record in read_log(run)] == [1, 2]
+    run_recipe(str(data_dir), *TINY_RUN, '--epochs', '2', '--output', str(run), '--resume',
+               str(run / 'checkpoint.pth.tar'))
+    assert [record['epoch'] for record in read_log(run)] == [1, 2]
 
 
 def test_resume_names_a_damaged_log_line(capsys: pytest.CaptureFixture, data_dir: Path, one_epoch_run: Path,
                                          tmp_path: Path):
-    run = tmp_path / "run"
+    run = tmp_path / 'run'
     shutil.copytree(one_epoch_run, run)
-    log = run / "log.jsonl"
-    log.write_text("garbage\n" + log.read_text())
-    message = run_bad_input(capsys, str(data_dir), "--epochs", "2", "--output", str(run), "--resume",
-                            str(run / "checkpoint.pth.tar"))
-    assert f"{log}: line 1 is not an epoch record; delete or repair that line" in message
+    log = run / 'log.jsonl'
+    log.write_text('garbage\n' + log.read_text())
+    message = run_bad_input(capsys, str(data_dir), '--epochs', '2', '--output', str(run), '--resume',
+                            str(run / 'checkpoint.pth.tar'))
+    assert f'{log}: line 1 is not an epoch record; delete or repair that line' in message
 
 
 def test_resume_rebuilds_a_missing_model_best(data_dir: Path, one_epoch_run: Path, tmp_path: Path):
-    run = tmp_path / "run"
+    run = tmp_path / 'run'
     shutil.copytree(one_epoch_run, run)
-    (run / "model_best.pth.tar").unlink()  # a run killed while copying it
-    (run / "model.safetensors").unlink()
-    result = run_recipe(str(data_dir), *TINY_RUN, "--epochs", "2", "--output", str(run), "--resume",
-                        str(run / "checkpoint.pth.tar"))
-    assert f"{run / 'model_best.pth.tar'} is missing" in result.stdout and "copied again from" in result.stdout
-    best = torch.load(run / "model_best.pth.tar", map_location="cpu", weights_only=True)
-    assert best["epoch"] in (1, 2) and (run / "model.safetensors").exists()
-    assert oct((run / "checkpoint.pth.tar").stat().st_mode & 0o777) == "0o644"
-    assert oct((run / "model.safetensors").stat().st_mode & 0o777) == "0o644"
+    (run / 'model_best.pth.tar').unlink()  # a run killed while copying it
+    (run / 'model.safetensors').unlink()
+    result = run_recipe(str(data_dir), *TINY_RUN, '--epochs', '2', '--output', str(run), '--resume',
+                        str(run / 'checkpoint.pth.tar'))
+    assert f"{run / 'model_best.pth.tar'} is missing" in result.stdout and 'copied again from' in result.stdout
+    best = torch.load(run / 'model_best.pth.tar', map_location='cpu', weights_only=True)
+    assert best['epoch'] in (1, 2) and (run / 'model.safetensors').exists()
+    assert oct((run / 'checkpoint.pth.tar').stat().st_mode & 0o777) == '0o644'
+    assert oct((run / 'model.safetensors').stat().st_mode & 0o777) == '0o644'

@@ -66,7 +66,7 @@ def test_shipped_folder_is_a_hub_repo_pinned_by_its_record(record):
 @pytest.mark.skipif(not IMAGENETTE_VAL.is_dir(), reason=f'shared data not found at {IMAGENETTE_VAL}')
 def test_tags_load_offline_and_classify_the_check_images_as_recorded(tmp_path):
     # a fresh process: huggingface_hub reads HF_HUB_OFFLINE when it is imported
-    code = f'''
+    code = f"""
         import json, timm, torch, torchvision
         import sgdrop_zoo
         val = torchvision.datasets.ImageFolder({str(IMAGENETTE_VAL)!r})
@@ -81,7 +81,7 @@ def test_tags_load_offline_and_classify_the_check_images_as_recorded(tmp_path):
             with torch.no_grad():
                 counts[name] = int((model(images).argmax(1) == targets).sum())
         print(json.dumps(counts))
-    '''
+    """
     counts = json.loads(_run(code, _offline_env(tmp_path)).stdout.splitlines()[-1])
     assert counts == {name: r['metrics']['check']['correct'] for name, r in zip(NAMES, RECORDS)}
     assert not any((tmp_path / 'empty_hf_home').rglob('*.safetensors'))  # nothing was downloaded
@@ -92,7 +92,7 @@ def test_plain_timm_loads_the_folders_with_identical_logits(tmp_path):
     torch.save(images, tmp_path / 'images.pt')
     # every shipped folder names a plain timm architecture, with the arguments that rebuild it (vgg11's mlp_ratio)
     assert not any(r['base_architecture'].startswith('sgdrop_') for r in RECORDS)
-    code = f'''
+    code = f"""
         import sys, timm, torch
         images = torch.load({str(tmp_path / 'images.pt')!r})
         for name, folder in {[(n, str(hub_configs_dir() / r['local_dir'])) for n, r in zip(NAMES, RECORDS)]!r}:
@@ -100,7 +100,7 @@ def test_plain_timm_loads_the_folders_with_identical_logits(tmp_path):
             with torch.no_grad():
                 torch.save(model(images), {str(tmp_path)!r} + '/' + name + '.pt')
         assert 'sgdrop_zoo' not in sys.modules
-    '''
+    """
     _run(code, _offline_env(tmp_path))
     for name in NAMES:
         model = timm.create_model(name, pretrained=True).eval()
@@ -132,7 +132,7 @@ def test_changed_or_missing_weights_are_refused(tmp_path):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
-    code = f'''
+    code = f"""
         import timm, sgdrop_zoo
         from sgdrop_zoo.pretrained import HubError
         try:
@@ -141,7 +141,7 @@ def test_changed_or_missing_weights_are_refused(tmp_path):
             print(e)
         else:
             raise SystemExit('loaded changed weights')
-    '''
+    """
     out = _run(code, _offline_env(tmp_path, SGDROP_ZOO_HUB_CONFIGS=str(configs))).stdout
     assert f'has sha256 {sha256_of_file(weights)}, but its hub_configs/ record expects {record["sha256"]}' in out
     weights.unlink()

@@ -24,8 +24,9 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.backends.cudnn as cudnn
@@ -56,7 +57,7 @@ from sgdrop_zoo.export import regularizer_settings, save_recipe_export
 from sgdrop_zoo.loading import check_writable_folder, read_checkpoint
 from sgdrop_zoo.sgdrop import DEFAULT_EMA_DECAY, DEFAULT_RHO, check_sgdrop_settings
 
-PRESETS_PATH = Path(__file__).with_name("presets.json")
+PRESETS_PATH = Path(__file__).with_name('presets.json')
 DUMMY_TRAIN_IMAGES, DUMMY_VAL_IMAGES = 1281167, 50000  # ImageNet's sizes
 
 
@@ -66,103 +67,103 @@ class RecipeError(Exception):
 
 def load_presets() -> dict[str, dict]:
     with PRESETS_PATH.open() as f:
-        return {name: preset for name, preset in json.load(f).items() if not name.startswith("_")}
+        return {name: preset for name, preset in json.load(f).items() if not name.startswith('_')}
 
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="PyTorch ImageNet Training with Saliency-Guided Dropout (SGDrop)",
+        description='PyTorch ImageNet Training with Saliency-Guided Dropout (SGDrop)',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     # The official script's arguments, names and defaults.
-    parser.add_argument("data", metavar="DIR", nargs="?", default="imagenet",
-                        help="path to dataset, holding train/<class>/* and val/<class>/*")
-    parser.add_argument("-a", "--arch", metavar="ARCH", default="sgdrop_resnet50",
-                        help="any timm model name; sgdrop_* names are registered by sgdrop_zoo")
-    parser.add_argument("-j", "--workers", default=4, type=int, metavar="N", help="number of data loading workers")
-    parser.add_argument("--epochs", default=90, type=int, metavar="N", help="number of total epochs to run")
-    parser.add_argument("--start-epoch", default=0, type=int, metavar="N",
-                        help="manual epoch number (useful on restarts)")
-    parser.add_argument("-b", "--batch-size", default=256, type=int, metavar="N",
-                        help="mini-batch size, the total of all processes on this node when distributed")
-    parser.add_argument("--lr", "--learning-rate", default=0.1, type=float, metavar="LR", help="initial learning rate",
-                        dest="lr")
-    parser.add_argument("--momentum", default=0.9, type=float, metavar="M", help="momentum (SGD only)")
-    parser.add_argument("--wd", "--weight-decay", default=1e-4, type=float, metavar="W", help="weight decay",
-                        dest="weight_decay")
-    parser.add_argument("-p", "--print-freq", default=10, type=int, metavar="N", help="print frequency")
-    parser.add_argument("--resume", default="", type=str, metavar="PATH", help="path to a checkpoint to resume from")
-    parser.add_argument("-e", "--evaluate", dest="evaluate", action="store_true",
-                        help="evaluate model on validation set")
-    parser.add_argument("--pretrained", dest="pretrained", action="store_true", help="use pre-trained model")
-    parser.add_argument("--world-size", default=-1, type=int, help="number of nodes for distributed training")
-    parser.add_argument("--rank", default=-1, type=int, help="node rank for distributed training")
-    parser.add_argument("--dist-url", default="tcp://224.66.41.62:23456", type=str,
-                        help="url used to set up distributed training; env:// under torchrun")
-    parser.add_argument("--dist-backend", default=None, type=str,
-                        help="distributed backend (default: nccl with GPUs, gloo on CPU)")
-    parser.add_argument("--seed", default=None, type=int, help="seed for initializing training")
-    parser.add_argument("--gpu", default=None, type=int, help="GPU id to use")
-    parser.add_argument("--multiprocessing-distributed", action="store_true",
-                        help="launch N processes per node, one per GPU (one on CPU), as the official script does")
-    parser.add_argument("--dummy", action="store_true", help="use fake data to benchmark")
+    parser.add_argument('data', metavar='DIR', nargs='?', default='imagenet',
+                        help='path to dataset, holding train/<class>/* and val/<class>/*')
+    parser.add_argument('-a', '--arch', metavar='ARCH', default='sgdrop_resnet50',
+                        help='any timm model name; sgdrop_* names are registered by sgdrop_zoo')
+    parser.add_argument('-j', '--workers', default=4, type=int, metavar='N', help='number of data loading workers')
+    parser.add_argument('--epochs', default=90, type=int, metavar='N', help='number of total epochs to run')
+    parser.add_argument('--start-epoch', default=0, type=int, metavar='N',
+                        help='manual epoch number (useful on restarts)')
+    parser.add_argument('-b', '--batch-size', default=256, type=int, metavar='N',
+                        help='mini-batch size, the total of all processes on this node when distributed')
+    parser.add_argument('--lr', '--learning-rate', default=0.1, type=float, metavar='LR', help='initial learning rate',
+                        dest='lr')
+    parser.add_argument('--momentum', default=0.9, type=float, metavar='M', help='momentum (SGD only)')
+    parser.add_argument('--wd', '--weight-decay', default=1e-4, type=float, metavar='W', help='weight decay',
+                        dest='weight_decay')
+    parser.add_argument('-p', '--print-freq', default=10, type=int, metavar='N', help='print frequency')
+    parser.add_argument('--resume', default='', type=str, metavar='PATH', help='path to a checkpoint to resume from')
+    parser.add_argument('-e', '--evaluate', dest='evaluate', action='store_true',
+                        help='evaluate model on validation set')
+    parser.add_argument('--pretrained', dest='pretrained', action='store_true', help='use pre-trained model')
+    parser.add_argument('--world-size', default=-1, type=int, help='number of nodes for distributed training')
+    parser.add_argument('--rank', default=-1, type=int, help='node rank for distributed training')
+    parser.add_argument('--dist-url', default='tcp://224.66.41.62:23456', type=str,
+                        help='url used to set up distributed training; env:// under torchrun')
+    parser.add_argument('--dist-backend', default=None, type=str,
+                        help='distributed backend (default: nccl with GPUs, gloo on CPU)')
+    parser.add_argument('--seed', default=None, type=int, help='seed for initializing training')
+    parser.add_argument('--gpu', default=None, type=int, help='GPU id to use')
+    parser.add_argument('--multiprocessing-distributed', action='store_true',
+                        help='launch N processes per node, one per GPU (one on CPU), as the official script does')
+    parser.add_argument('--dummy', action='store_true', help='use fake data to benchmark')
 
     group = parser.add_argument_group("SGDrop and the paper's protocols")
-    group.add_argument("--preset", default=None, choices=sorted(load_presets()),
-                       help=f"named defaults from {PRESETS_PATH.name}; explicit flags still win")
-    group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
+    group.add_argument('--preset', default=None, choices=sorted(load_presets()),
+                       help=f'named defaults from {PRESETS_PATH.name}; explicit flags still win')
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                        help="architecture arguments, as timm's train.py takes them, e.g. mlp_ratio=0.03125; the "
                             "export records them so that plain timm rebuilds the same model")
-    group.add_argument("--regularizer", default="sgdrop", choices=("none", "dropout", "sgdrop"),
+    group.add_argument('--regularizer', default='sgdrop', choices=('none', 'dropout', 'sgdrop'),
                        help="sgdrop, or one of the paper's baselines on the same latent features")
-    group.add_argument("--sgdrop-rho", default=None, type=float, metavar="RHO",
+    group.add_argument('--sgdrop-rho', default=None, type=float, metavar='RHO',
                        help=f"fraction of latent features dropped per sample (default: {DEFAULT_RHO}, or the "
                             "preset's value for the architecture family)")
-    group.add_argument("--sgdrop-rho-end", default=None, type=float, metavar="RHO",
-                       help="if set, rho grows linearly from --sgdrop-rho to this value over the epochs (curriculum)")
-    group.add_argument("--sgdrop-attribution", default="ema", choices=("ema", "online"),
-                       help="weights that compute the attribution: EMA of the network (paper) or the online network")
-    group.add_argument("--sgdrop-ema-decay", default=DEFAULT_EMA_DECAY, type=float,
-                       help=f"decay of the attribution EMA ({DEFAULT_EMA_DECAY})")
+    group.add_argument('--sgdrop-rho-end', default=None, type=float, metavar='RHO',
+                       help='if set, rho grows linearly from --sgdrop-rho to this value over the epochs (curriculum)')
+    group.add_argument('--sgdrop-attribution', default='ema', choices=('ema', 'online'),
+                       help='weights that compute the attribution: EMA of the network (paper) or the online network')
+    group.add_argument('--sgdrop-ema-decay', default=DEFAULT_EMA_DECAY, type=float,
+                       help=f'decay of the attribution EMA ({DEFAULT_EMA_DECAY})')
     # --dropout-p: the option's former name, which recorded commands use
-    group.add_argument("--latent-drop-rate", "--dropout-p", default=0.5, type=float,
-                       help="drop probability of --regularizer dropout on the latent features")
-    group.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"), help="optimizer")
-    group.add_argument("--lr-step-size", default=30, type=int, help="StepLR: epochs between lr decays")
-    group.add_argument("--lr-gamma", default=0.1, type=float, help="StepLR: lr factor per step (1.0 = constant lr)")
-    group.add_argument("--image-size", default=224, type=int, help="training and validation image size")
-    group.add_argument("--train-transform", default="crop-flip", choices=("crop-flip", "resize"),
+    group.add_argument('--latent-drop-rate', '--dropout-p', default=0.5, type=float,
+                       help='drop probability of --regularizer dropout on the latent features')
+    group.add_argument('--optimizer', default='sgd', choices=('sgd', 'adam'), help='optimizer')
+    group.add_argument('--lr-step-size', default=30, type=int, help='StepLR: epochs between lr decays')
+    group.add_argument('--lr-gamma', default=0.1, type=float, help='StepLR: lr factor per step (1.0 = constant lr)')
+    group.add_argument('--image-size', default=224, type=int, help='training and validation image size')
+    group.add_argument('--train-transform', default='crop-flip', choices=('crop-flip', 'resize'),
                        help="crop-flip: official RandomResizedCrop + flip, val resize + center crop; "
                             "resize: train and val images only resized to a square (paper's low-data protocol)")
-    group.add_argument("--train-subset", default=0, type=int, metavar="N",
-                       help="train on a fixed random subset of N training images (0: all)")
-    group.add_argument("--train-subset-per-class", default=0, type=int, metavar="N",
-                       help="train on a fixed, class-balanced random subset: N training images of each class "
-                            "(0: off; not with --train-subset)")
-    group.add_argument("--val-subset", default=0, type=int, metavar="N",
-                       help="validate each epoch on N fixed validation images, the same for every seed (0: all); "
-                            "--log-area-ratio takes its images among them")
-    group.add_argument("--train-eval-samples", default=1000, type=int, metavar="N",
-                       help="per epoch, accuracy of the unmasked eval-mode model on N fixed training images; far "
-                            "below the masked train accuracy means the SGDrop mask leaks the label (0: off)")
-    group.add_argument("--log-area-ratio", default=0, type=int, metavar="N",
-                       help="per epoch (and with --evaluate), the attribution area ratio (paper section 4.2) of the "
-                            "eval-mode model on N fixed validation images, logged as val_area_ratio: the share of "
-                            "each image where the Grad-CAM map of the true class at z exceeds half its peak (0: off)")
+    group.add_argument('--train-subset', default=0, type=int, metavar='N',
+                       help='train on a fixed random subset of N training images (0: all)')
+    group.add_argument('--train-subset-per-class', default=0, type=int, metavar='N',
+                       help='train on a fixed, class-balanced random subset: N training images of each class '
+                            '(0: off; not with --train-subset)')
+    group.add_argument('--val-subset', default=0, type=int, metavar='N',
+                       help='validate each epoch on N fixed validation images, the same for every seed (0: all); '
+                            '--log-area-ratio takes its images among them')
+    group.add_argument('--train-eval-samples', default=1000, type=int, metavar='N',
+                       help='per epoch, accuracy of the unmasked eval-mode model on N fixed training images; far '
+                            'below the masked train accuracy means the SGDrop mask leaks the label (0: off)')
+    group.add_argument('--log-area-ratio', default=0, type=int, metavar='N',
+                       help='per epoch (and with --evaluate), the attribution area ratio (paper section 4.2) of the '
+                            'eval-mode model on N fixed validation images, logged as val_area_ratio: the share of '
+                            'each image where the Grad-CAM map of the true class at z exceeds half its peak (0: off)')
 
-    group = parser.add_argument_group("performance and output")
-    group.add_argument("--amp", action="store_true", help="autocast (bf16 by default)")
-    group.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"),
-                       help="autocast dtype; float16 adds a gradient scaler")
-    group.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    group.add_argument("--compile", action="store_true", help="torch.compile the model")
-    group.add_argument("--in-memory", action="store_true",
-                       help="decode the dataset once into a uint8 tensor kept in memory (on the GPU when there is "
-                            "one); for small datasets")
-    group.add_argument("--output", default=".", metavar="DIR",
-                       help="directory for checkpoints, log.jsonl and the exported model")
-    group.add_argument("--overwrite", action="store_true",
-                       help="replace the files of a previous run in --output instead of refusing to start")
+    group = parser.add_argument_group('performance and output')
+    group.add_argument('--amp', action='store_true', help='autocast (bf16 by default)')
+    group.add_argument('--amp-dtype', default='bfloat16', choices=('bfloat16', 'float16'),
+                       help='autocast dtype; float16 adds a gradient scaler')
+    group.add_argument('--channels-last', action='store_true', help='channels_last memory format')
+    group.add_argument('--compile', action='store_true', help='torch.compile the model')
+    group.add_argument('--in-memory', action='store_true',
+                       help='decode the dataset once into a uint8 tensor kept in memory (on the GPU when there is '
+                            'one); for small datasets')
+    group.add_argument('--output', default='.', metavar='DIR',
+                       help='directory for checkpoints, log.jsonl and the exported model')
+    group.add_argument('--overwrite', action='store_true',
+                       help='replace the files of a previous run in --output instead of refusing to start')
     return parser
 
 
@@ -171,13 +172,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = get_parser()
     preset_name = parser.parse_known_args(argv)[0].preset
     preset = load_presets()[preset_name] if preset_name else {}
-    unknown = set(preset.get("args", {})) - set(vars(parser.parse_args([])))
+    unknown = set(preset.get('args', {})) - set(vars(parser.parse_args([])))
     if unknown:
-        parser.error(f"preset {preset_name!r} sets unknown options {sorted(unknown)}; fix {PRESETS_PATH}")
-    parser.set_defaults(**preset.get("args", {}))
+        parser.error(f'preset {preset_name!r} sets unknown options {sorted(unknown)}; fix {PRESETS_PATH}')
+    parser.set_defaults(**preset.get('args', {}))
     args = parser.parse_args(argv)
     if args.sgdrop_rho is None:
-        args.sgdrop_rho = rho_for_arch(args.arch, preset.get("sgdrop_rho_by_arch", []))
+        args.sgdrop_rho = rho_for_arch(args.arch, preset.get('sgdrop_rho_by_arch', []))
     return args
 
 
@@ -196,25 +197,25 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         check_inputs(args)
     except (RecipeError, DatasetError) as e:
         # under torchrun every process finds the same problem; one line is enough
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
+        if int(os.environ.get('RANK', '0')) == 0:
+            print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
 
     if args.seed is not None and torch.cuda.is_available():
-        warnings.warn("You have chosen to seed training. This will turn on the CUDNN deterministic setting, "
-                      "which can slow down your training considerably!")
+        warnings.warn('You have chosen to seed training. This will turn on the CUDNN deterministic setting, '
+                      'which can slow down your training considerably!')
     if args.gpu is not None:
-        warnings.warn("You have chosen a specific GPU. This will completely disable data parallelism.")
+        warnings.warn('You have chosen a specific GPU. This will completely disable data parallelism.')
 
-    if args.dist_url == "env://" and args.world_size == -1:
-        args.world_size = int(os.environ["WORLD_SIZE"])
+    if args.dist_url == 'env://' and args.world_size == -1:
+        args.world_size = int(os.environ['WORLD_SIZE'])
     args.distributed = args.world_size > 1 or args.multiprocessing_distributed
     if torch.cuda.is_available():
         ngpus_per_node = torch.cuda.device_count()
     else:
         ngpus_per_node = 1
     if args.dist_backend is None:
-        args.dist_backend = "nccl" if torch.cuda.is_available() else "gloo"
+        args.dist_backend = 'nccl' if torch.cuda.is_available() else 'gloo'
 
     if args.multiprocessing_distributed:
         # world_size is the number of nodes here; it becomes the total number of processes
@@ -224,8 +225,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         except mp.ProcessExitedException as e:  # the process has said why
             sys.exit(e.exit_code)
     else:
-        if args.distributed and torch.cuda.is_available() and args.gpu is None and "LOCAL_RANK" in os.environ:
-            args.gpu = int(os.environ["LOCAL_RANK"])  # torchrun: one process per GPU
+        if args.distributed and torch.cuda.is_available() and args.gpu is None and 'LOCAL_RANK' in os.environ:
+            args.gpu = int(os.environ['LOCAL_RANK'])  # torchrun: one process per GPU
         run_worker(args.gpu, ngpus_per_node, args)
 
 
@@ -235,9 +236,9 @@ def run_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespace
     try:
         main_worker(gpu, ngpus_per_node, args)
     except DatasetError as e:
-        checkpoint = Path(args.output) / "checkpoint.pth.tar"
-        resume = f" (continue the run with --resume {checkpoint})" if checkpoint.exists() else ""
-        print(f"error: {e}{resume}", file=sys.stderr)
+        checkpoint = Path(args.output) / 'checkpoint.pth.tar'
+        resume = f' (continue the run with --resume {checkpoint})' if checkpoint.exists() else ''
+        print(f'error: {e}{resume}', file=sys.stderr)
         sys.exit(2)
 
 
@@ -248,31 +249,31 @@ def check_inputs(args: argparse.Namespace) -> None:
     """
     if not timm.is_model(args.arch):
         close = difflib.get_close_matches(args.arch, timm.list_models(), n=3)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
+        hint = f"did you mean {', '.join(close)}? " if close else ''
         raise RecipeError(f"unknown --arch {args.arch!r}: not a timm model; {hint}"
                           f"list names with timm.list_models('*{args.arch.split('_')[-1]}*')")
-    if args.dist_url == "env://" and "WORLD_SIZE" not in os.environ:
-        raise RecipeError("--dist-url env:// reads WORLD_SIZE and RANK from the launcher; start the script with "
-                          "torchrun, e.g. torchrun --nproc-per-node 2 train/main.py DATA --dist-url env://")
+    if args.dist_url == 'env://' and 'WORLD_SIZE' not in os.environ:
+        raise RecipeError('--dist-url env:// reads WORLD_SIZE and RANK from the launcher; start the script with '
+                          'torchrun, e.g. torchrun --nproc-per-node 2 train/main.py DATA --dist-url env://')
     if args.multiprocessing_distributed and (args.world_size < 1 or args.rank < 0):
-        raise RecipeError("--multiprocessing-distributed needs --world-size (number of nodes) and --rank (node rank), "
-                          "e.g. --world-size 1 --rank 0 on one machine")
+        raise RecipeError('--multiprocessing-distributed needs --world-size (number of nodes) and --rank (node rank), '
+                          'e.g. --world-size 1 --rank 0 on one machine')
     check_arguments(args)
     if args.train_subset and args.train_subset_per_class:
-        raise RecipeError("--train-subset and --train-subset-per-class both choose the training images; pass one")
+        raise RecipeError('--train-subset and --train-subset-per-class both choose the training images; pass one')
     if args.log_area_ratio < 0:
-        raise RecipeError(f"--log-area-ratio {args.log_area_ratio} is negative; pass a number of validation images, "
-                          f"or 0 to turn it off")
+        raise RecipeError(f'--log-area-ratio {args.log_area_ratio} is negative; pass a number of validation images, '
+                          f'or 0 to turn it off')
 
-    reserved = sorted(set(args.model_kwargs) & {"num_classes", "pretrained", *regularizer_settings(vars(args))})
+    reserved = sorted(set(args.model_kwargs) & {'num_classes', 'pretrained', *regularizer_settings(vars(args))})
     if reserved:
         raise RecipeError(f"--model-kwargs sets {', '.join(reserved)}, which the recipe sets from its own options; "
                           f"leave them out")
     try:
-        with torch.device("meta"):  # builds nothing but the module tree
-            create_model(argparse.Namespace(**{**vars(args), "pretrained": False}), num_classes=2)
+        with torch.device('meta'):  # builds nothing but the module tree
+            create_model(argparse.Namespace(**{**vars(args), 'pretrained': False}), num_classes=2)
     except TypeError as e:
-        raise RecipeError(f"--model-kwargs {args.model_kwargs}: {args.arch} does not take them ({e})") from e
+        raise RecipeError(f'--model-kwargs {args.model_kwargs}: {args.arch} does not take them ({e})') from e
 
     if args.dummy:
         args.class_names = [str(i) for i in range(1000)]
@@ -280,61 +281,61 @@ def check_inputs(args: argparse.Namespace) -> None:
         args.class_names = check_image_folders(Path(args.data), args.workers)
 
     if args.val_subset < 0:
-        raise RecipeError(f"--val-subset {args.val_subset} is negative; pass a number of validation images, or 0 for "
-                          f"all of them")
+        raise RecipeError(f'--val-subset {args.val_subset} is negative; pass a number of validation images, or 0 for '
+                          f'all of them')
     if args.val_subset and args.log_area_ratio > args.val_subset:
-        raise RecipeError(f"--log-area-ratio {args.log_area_ratio} is larger than --val-subset {args.val_subset}; its "
-                          f"images are taken among the validated ones, so pass at most {args.val_subset}")
+        raise RecipeError(f'--log-area-ratio {args.log_area_ratio} is larger than --val-subset {args.val_subset}; its '
+                          f'images are taken among the validated ones, so pass at most {args.val_subset}')
     if args.log_area_ratio or args.val_subset:
         if args.dummy:
             num_val = DUMMY_VAL_IMAGES
         else:
             # the images ImageFolder will list, without decoding any
             class_to_idx = {name: i for i, name in enumerate(args.class_names)}
-            num_val = len(datasets.folder.make_dataset(os.path.join(args.data, "val"), class_to_idx,
+            num_val = len(datasets.folder.make_dataset(os.path.join(args.data, 'val'), class_to_idx,
                                                        datasets.folder.IMG_EXTENSIONS))
-        for flag, value in (("--log-area-ratio", args.log_area_ratio), ("--val-subset", args.val_subset)):
+        for flag, value in (('--log-area-ratio', args.log_area_ratio), ('--val-subset', args.val_subset)):
             if value > num_val:
-                raise RecipeError(f"{flag} {value} asks for more images than the {num_val} of the validation split; "
-                                  f"pass at most {num_val}")
+                raise RecipeError(f'{flag} {value} asks for more images than the {num_val} of the validation split; '
+                                  f'pass at most {num_val}')
 
     if args.resume:
-        log_path = Path(args.output) / "log.jsonl"
+        log_path = Path(args.output) / 'log.jsonl'
         if log_path.exists() and not args.evaluate:
             read_log_lines(log_path)
         checkpoint = load_checkpoint(args.resume)
-        if checkpoint.get("arch") != args.arch:
+        if checkpoint.get('arch') != args.arch:
             raise RecipeError(f"--resume {args.resume} holds a {checkpoint.get('arch')!r} model, not {args.arch!r}; "
                               f"pass -a {checkpoint.get('arch')} or a checkpoint of {args.arch}")
-        saved_kwargs = checkpoint.get("args", {}).get("model_kwargs", {})
+        saved_kwargs = checkpoint.get('args', {}).get('model_kwargs', {})
         if saved_kwargs != args.model_kwargs:
-            raise RecipeError(f"--resume {args.resume} was built with --model-kwargs {saved_kwargs}, not "
-                              f"{args.model_kwargs}; pass the same --model-kwargs")
-        saved_classes = checkpoint.get("class_names")
+            raise RecipeError(f'--resume {args.resume} was built with --model-kwargs {saved_kwargs}, not '
+                              f'{args.model_kwargs}; pass the same --model-kwargs')
+        saved_classes = checkpoint.get('class_names')
         if saved_classes is not None and saved_classes != args.class_names:
-            raise RecipeError(f"--resume {args.resume} was trained on {len(saved_classes)} other classes than the "
-                              f"{len(args.class_names)} in {args.data}; resume on the same dataset")
+            raise RecipeError(f'--resume {args.resume} was trained on {len(saved_classes)} other classes than the '
+                              f'{len(args.class_names)} in {args.data}; resume on the same dataset')
 
 
-RUN_FILES = ("log.jsonl", "checkpoint.pth.tar", "model_best.pth.tar", "model.safetensors", "config.json")
+RUN_FILES = ('log.jsonl', 'checkpoint.pth.tar', 'model_best.pth.tar', 'model.safetensors', 'config.json')
 
 
 def check_arguments(args: argparse.Namespace) -> None:
     """The checks of single arguments: each bad value stops the run before any work, with the fix."""
-    at_least_one = (("--epochs", args.epochs), ("-b/--batch-size", args.batch_size), ("-p/--print-freq",
-                    args.print_freq), ("--image-size", args.image_size), ("--lr-step-size", args.lr_step_size))
+    at_least_one = (('--epochs', args.epochs), ('-b/--batch-size', args.batch_size), ('-p/--print-freq',
+                    args.print_freq), ('--image-size', args.image_size), ('--lr-step-size', args.lr_step_size))
     for flag, value in at_least_one:
         if value < 1:
-            raise RecipeError(f"{flag} {value}: pass a positive number")
-    for flag, value in (("-j/--workers", args.workers), ("--train-subset", args.train_subset),
-                        ("--train-subset-per-class", args.train_subset_per_class), ("--start-epoch", args.start_epoch),
-                        ("--train-eval-samples", args.train_eval_samples)):
+            raise RecipeError(f'{flag} {value}: pass a positive number')
+    for flag, value in (('-j/--workers', args.workers), ('--train-subset', args.train_subset),
+                        ('--train-subset-per-class', args.train_subset_per_class), ('--start-epoch', args.start_epoch),
+                        ('--train-eval-samples', args.train_eval_samples)):
         if value < 0:
-            raise RecipeError(f"{flag} {value} is negative; pass 0 or more")
+            raise RecipeError(f'{flag} {value} is negative; pass 0 or more')
     if not args.lr > 0:
-        raise RecipeError(f"--lr {args.lr}: the learning rate must be positive, e.g. 0.1 for SGD or 1e-4 for Adam")
+        raise RecipeError(f'--lr {args.lr}: the learning rate must be positive, e.g. 0.1 for SGD or 1e-4 for Adam')
     # by the models' own rule, whatever the --regularizer: every run builds its rho schedule and model from them
-    for name in ("sgdrop_rho", "sgdrop_rho_end", "sgdrop_ema_decay", "latent_drop_rate"):
+    for name in ('sgdrop_rho', 'sgdrop_rho_end', 'sgdrop_ema_decay', 'latent_drop_rate'):
         value = getattr(args, name)
         if value is not None:
             try:
@@ -342,10 +343,10 @@ def check_arguments(args: argparse.Namespace) -> None:
             except ValueError as e:
                 raise RecipeError(f"--{name.replace('_', '-')} {value}: {e}") from e
     if args.gpu is not None and not torch.cuda.is_available():
-        raise RecipeError(f"--gpu {args.gpu}: no CUDA GPU is visible; leave --gpu out to train on the CPU")
+        raise RecipeError(f'--gpu {args.gpu}: no CUDA GPU is visible; leave --gpu out to train on the CPU')
     if args.start_epoch >= args.epochs and not args.evaluate and not args.resume:
-        raise RecipeError(f"--start-epoch {args.start_epoch} leaves nothing to train with --epochs {args.epochs}; "
-                          f"pass a larger --epochs")
+        raise RecipeError(f'--start-epoch {args.start_epoch} leaves nothing to train with --epochs {args.epochs}; '
+                          f'pass a larger --epochs')
     check_output(args)
 
 
@@ -365,12 +366,12 @@ def check_output(args: argparse.Namespace) -> None:
 def load_checkpoint(path: str) -> dict[str, Any]:
     """Load a checkpoint written by this script, tensors on the CPU, without executing pickled code."""
     if not os.path.isfile(path):
-        raise RecipeError(f"--resume {path}: no such checkpoint file; pass a checkpoint.pth.tar written by this script")
+        raise RecipeError(f'--resume {path}: no such checkpoint file; pass a checkpoint.pth.tar written by this script')
     try:
         checkpoint = read_checkpoint(Path(path))
     except ValueError as e:
-        raise RecipeError(f"--resume {e} Pass an intact checkpoint.pth.tar") from e
-    if "state_dict" not in checkpoint:
+        raise RecipeError(f'--resume {e} Pass an intact checkpoint.pth.tar') from e
+    if 'state_dict' not in checkpoint:
         raise RecipeError(f"--resume {path}: not a checkpoint of this script (no 'state_dict'); "
                           f"pass checkpoint.pth.tar")
     return checkpoint
@@ -379,7 +380,7 @@ def load_checkpoint(path: str) -> dict[str, Any]:
 def create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     """The timm model `args.arch` with the regularizer of `args`; plain timm names get SGDrop added."""
     options = regularizer_settings(vars(args))
-    if args.arch.startswith("sgdrop_"):
+    if args.arch.startswith('sgdrop_'):
         return timm.create_model(args.arch, pretrained=args.pretrained, num_classes=num_classes, **options,
                                  **args.model_kwargs)
     model = timm.create_model(args.arch, pretrained=args.pretrained, num_classes=num_classes, **args.model_kwargs)
@@ -389,8 +390,8 @@ def create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
 def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespace) -> None:
     args.gpu = gpu
     if args.distributed:
-        if args.dist_url == "env://" and args.rank == -1:
-            args.rank = int(os.environ["RANK"])
+        if args.dist_url == 'env://' and args.rank == -1:
+            args.rank = int(os.environ['RANK'])
         if args.multiprocessing_distributed:
             # the global rank of this process among all processes
             args.rank = args.rank * ngpus_per_node + gpu
@@ -403,7 +404,7 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
     if args.is_main:
         output.mkdir(parents=True, exist_ok=True)
         # left by a run killed while writing a checkpoint or the export; the previous files are intact
-        for stale in output.glob(".*.tmp"):
+        for stale in output.glob('.*.tmp'):
             if stale.is_dir():
                 shutil.rmtree(stale)
             else:
@@ -414,10 +415,10 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
                 (output / name).unlink(missing_ok=True)
 
     if torch.cuda.is_available():
-        device = torch.device("cuda", args.gpu if args.gpu is not None else 0)
+        device = torch.device('cuda', args.gpu if args.gpu is not None else 0)
         torch.cuda.set_device(device)
     else:
-        device = torch.device("cpu")
+        device = torch.device('cpu')
     if args.seed is not None:
         # the same seed on every process would give every process the same dropout masks
         random_seed(args.seed, args.rank)
@@ -440,13 +441,13 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
     if args.distributed:
         # the batch size and workers are totals for this node, as in the official script
         procs_per_node = ngpus_per_node if args.multiprocessing_distributed else int(
-            os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            os.environ.get('LOCAL_WORLD_SIZE', '1'))
         args.batch_size = max(1, args.batch_size // procs_per_node)
         args.workers = (args.workers + procs_per_node - 1) // procs_per_node
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
 
     criterion = nn.CrossEntropyLoss().to(device)
-    if args.optimizer == "sgd":
+    if args.optimizer == 'sgd':
         optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
                                     weight_decay=args.weight_decay)
     else:
@@ -462,22 +463,22 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
     rng_state = None
     if args.resume:
         checkpoint = load_checkpoint(args.resume)
-        args.start_epoch = checkpoint["epoch"]
-        best_acc1 = checkpoint["best_acc1"]
-        best_epoch = checkpoint.get("best_epoch", 0)  # 0: a checkpoint of an older version, which did not record it
-        model_without_ddp.load_state_dict(checkpoint["state_dict"])
-        if checkpoint.get("sgdrop_ema") is not None and model_without_ddp.sgdrop_attribution.value == "ema":
-            model_without_ddp.load_ema_state_dict(checkpoint["sgdrop_ema"])
+        args.start_epoch = checkpoint['epoch']
+        best_acc1 = checkpoint['best_acc1']
+        best_epoch = checkpoint.get('best_epoch', 0)  # 0: a checkpoint of an older version, which did not record it
+        model_without_ddp.load_state_dict(checkpoint['state_dict'])
+        if checkpoint.get('sgdrop_ema') is not None and model_without_ddp.sgdrop_attribution.value == 'ema':
+            model_without_ddp.load_ema_state_dict(checkpoint['sgdrop_ema'])
         if not args.evaluate:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["scheduler"])
-            if checkpoint.get("scaler"):
-                scaler.load_state_dict(checkpoint["scaler"])
-            rng_state = checkpoint.get("rng_state")
+            optimizer.load_state_dict(checkpoint['optimizer'])
+            scheduler.load_state_dict(checkpoint['scheduler'])
+            if checkpoint.get('scaler'):
+                scaler.load_state_dict(checkpoint['scaler'])
+            rng_state = checkpoint.get('rng_state')
         if args.is_main:
             print(f"=> loaded checkpoint '{args.resume}' (epoch {checkpoint['epoch']})", flush=True)
         if args.is_main and not args.evaluate:
-            best_acc1, best_epoch = restore_model_best(checkpoint, Path(args.resume), output / "model_best.pth.tar")
+            best_acc1, best_epoch = restore_model_best(checkpoint, Path(args.resume), output / 'model_best.pth.tar')
         del checkpoint
 
     # Data loading code
@@ -497,13 +498,13 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
         # continues exactly where the interrupted run stopped: shuffling, augmentation, dropout
         set_rng_state(rng_state)
 
-    log_path = output / "log.jsonl"
+    log_path = output / 'log.jsonl'
     if args.is_main:
         keep_log_until(log_path, args.start_epoch)
     for epoch in range(args.start_epoch, args.epochs):
-        if hasattr(train_loader.sampler, "set_epoch"):
+        if hasattr(train_loader.sampler, 'set_epoch'):
             train_loader.sampler.set_epoch(epoch)
-        if args.regularizer == "sgdrop":
+        if args.regularizer == 'sgdrop':
             model_without_ddp.sgdrop_rho = rho_schedule(epoch)
 
         # train for one epoch
@@ -514,17 +515,17 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
 
         # evaluate on validation set
         val_metrics = validate(val_loader, model_without_ddp, criterion, device, args)
-        clean_metrics = validate(train_eval_loader, model_without_ddp, criterion, device, args, "Train (clean)") \
+        clean_metrics = validate(train_eval_loader, model_without_ddp, criterion, device, args, 'Train (clean)') \
             if train_eval_loader is not None else None
         # main process only (the others hold no area loader), and without collectives: the other processes simply
         # wait for it at the first collective of the next epoch
         area_ratio = validate_area_ratio(area_loader, model_without_ddp, device, args) \
             if area_loader is not None else None
-        lr = optimizer.param_groups[0]["lr"]
+        lr = optimizer.param_groups[0]['lr']
         scheduler.step()
 
         # remember best acc@1 and save checkpoint
-        acc1 = val_metrics["acc1"]
+        acc1 = val_metrics['acc1']
         # the first epoch of a run is its best so far whatever its top-1, so every run has a model_best to export
         is_best = best_epoch is None or acc1 > best_acc1
         if is_best:
@@ -533,49 +534,49 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
             # the log line goes first: a run killed before its checkpoint is written repeats this epoch on resume,
             # and resuming drops the lines of epochs the checkpoint does not hold
             append_log(log_path, {
-                "epoch": epoch + 1,
-                "train_loss": train_metrics["loss"],
-                "train_acc1": train_metrics["acc1"],
-                "train_clean_acc1": clean_metrics["acc1"] if clean_metrics else None,
-                "val_loss": val_metrics["loss"],
-                "val_acc1": val_metrics["acc1"],
-                "val_acc5": val_metrics["acc5"],
-                "val_count": val_metrics["count"],
+                'epoch': epoch + 1,
+                'train_loss': train_metrics['loss'],
+                'train_acc1': train_metrics['acc1'],
+                'train_clean_acc1': clean_metrics['acc1'] if clean_metrics else None,
+                'val_loss': val_metrics['loss'],
+                'val_acc1': val_metrics['acc1'],
+                'val_acc5': val_metrics['acc5'],
+                'val_count': val_metrics['count'],
                 # only when measured, so that plots draw no empty area-ratio panel for the runs without it
-                **({"val_area_ratio": area_ratio} if area_ratio is not None else {}),
-                "lr": lr,
-                "sgdrop_rho": model_without_ddp.sgdrop_rho,
-                "img_per_s": train_metrics["count"] / epoch_time,
-                "epoch_time_s": epoch_time,
+                **({'val_area_ratio': area_ratio} if area_ratio is not None else {}),
+                'lr': lr,
+                'sgdrop_rho': model_without_ddp.sgdrop_rho,
+                'img_per_s': train_metrics['count'] / epoch_time,
+                'epoch_time_s': epoch_time,
             })
             save_checkpoint({
-                "epoch": epoch + 1,
-                "arch": args.arch,
-                "state_dict": model_without_ddp.state_dict(),
-                "acc1": acc1,
-                "best_acc1": best_acc1,
-                "best_epoch": best_epoch,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "sgdrop_ema": model_without_ddp.ema_state_dict(),
-                "sgdrop_rho": model_without_ddp.sgdrop_rho,
-                "rho_schedule": {"start": args.sgdrop_rho, "end": args.sgdrop_rho_end, "num_epochs": args.epochs},
-                "scaler": scaler.state_dict(),
-                "rng_state": get_rng_state(),
-                "class_names": args.class_names,
-                "args": {k: v for k, v in vars(args).items() if k != "class_names"},
+                'epoch': epoch + 1,
+                'arch': args.arch,
+                'state_dict': model_without_ddp.state_dict(),
+                'acc1': acc1,
+                'best_acc1': best_acc1,
+                'best_epoch': best_epoch,
+                'optimizer': optimizer.state_dict(),
+                'scheduler': scheduler.state_dict(),
+                'sgdrop_ema': model_without_ddp.ema_state_dict(),
+                'sgdrop_rho': model_without_ddp.sgdrop_rho,
+                'rho_schedule': {'start': args.sgdrop_rho, 'end': args.sgdrop_rho_end, 'num_epochs': args.epochs},
+                'scaler': scaler.state_dict(),
+                'rng_state': get_rng_state(),
+                'class_names': args.class_names,
+                'args': {k: v for k, v in vars(args).items() if k != 'class_names'},
             }, is_best, output)
 
-    if args.is_main and (output / "model_best.pth.tar").exists():
-        export_dir = export_for_hub(output / "model_best.pth.tar", output, args)
+    if args.is_main and (output / 'model_best.pth.tar').exists():
+        export_dir = export_for_hub(output / 'model_best.pth.tar', output, args)
         print(f"=> best val Acc@1 {best_acc1:.3f}; checkpoints {output / 'checkpoint.pth.tar'} and "
               f"{output / 'model_best.pth.tar'}; weights {export_dir / 'model.safetensors'}", flush=True)
     cleanup(args)
 
 
 def append_log(log_path: Path, record: dict[str, Any]) -> None:
-    with log_path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    with log_path.open('a') as f:
+        f.write(json.dumps(record) + '\n')
         f.flush()
         os.fsync(f.fileno())
 
@@ -590,12 +591,12 @@ def read_log_lines(log_path: Path) -> list[str]:
     lines = [line for line in log_path.read_text().splitlines() if line.strip()]
     for number, line in enumerate(lines, 1):
         try:
-            json.loads(line)["epoch"]
+            json.loads(line)['epoch']
         except (json.JSONDecodeError, KeyError, TypeError):
             if number == len(lines):
                 return lines[:-1]
-            raise RecipeError(f"{log_path}: line {number} is not an epoch record; delete or repair that line, then "
-                              f"resume again") from None
+            raise RecipeError(f'{log_path}: line {number} is not an epoch record; delete or repair that line, then '
+                              f'resume again') from None
     return lines
 
 
@@ -604,9 +605,9 @@ def keep_log_until(log_path: Path, last_epoch: int) -> None:
     if not log_path.exists():
         return
     lines = read_log_lines(log_path)
-    kept = [line for line in lines if json.loads(line)["epoch"] <= last_epoch]
+    kept = [line for line in lines if json.loads(line)['epoch'] <= last_epoch]
     if kept != log_path.read_text().splitlines():
-        atomic_write(log_path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+        atomic_write(log_path, lambda f: f.write(''.join(line + '\n' for line in kept).encode()))
 
 
 def cleanup(args: argparse.Namespace) -> None:
@@ -620,18 +621,18 @@ def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devi
 
     Loaders yield (images, targets); the in-memory ones yield batches already normalised on `device`.
     """
-    mean = model.pretrained_cfg.get("mean", IMAGENET_DEFAULT_MEAN)
-    std = model.pretrained_cfg.get("std", IMAGENET_DEFAULT_STD)
+    mean = model.pretrained_cfg.get('mean', IMAGENET_DEFAULT_MEAN)
+    std = model.pretrained_cfg.get('std', IMAGENET_DEFAULT_STD)
     size = args.image_size
     normalize = transforms.Normalize(mean=mean, std=std)
-    if args.train_transform == "resize":
+    if args.train_transform == 'resize':
         train_resize = [transforms.Resize((size, size))]
     else:
         train_resize = [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()]
 
     if args.dummy:
         if args.is_main:
-            print("=> Dummy data is used!", flush=True)
+            print('=> Dummy data is used!', flush=True)
         train_dataset = datasets.FakeData(DUMMY_TRAIN_IMAGES, (3, size, size), 1000, transforms.ToTensor())
         val_dataset = datasets.FakeData(DUMMY_VAL_IMAGES, (3, size, size), 1000, transforms.ToTensor())
         val_indices, area_indices = fixed_val_indices(len(val_dataset), args)
@@ -641,8 +642,8 @@ def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devi
         return make_loader(train_dataset, True, args), val_loader, None, area_loader
 
     # scanned once: listing the files of a large dataset takes a while
-    train_folder = datasets.ImageFolder(os.path.join(args.data, "train"), loader=load_rgb)
-    val_folder = datasets.ImageFolder(os.path.join(args.data, "val"), loader=load_rgb)
+    train_folder = datasets.ImageFolder(os.path.join(args.data, 'train'), loader=load_rgb)
+    val_folder = datasets.ImageFolder(os.path.join(args.data, 'val'), loader=load_rgb)
     num_train = len(train_folder)
     # Fixed subsets, independent of --seed, so that runs with different seeds see the same images.
     train_indices = torch.randperm(num_train, generator=torch.Generator().manual_seed(0)).tolist()
@@ -673,8 +674,8 @@ def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devi
 
     # In memory: decode every image once, after the deterministic part of the transform; the random crop and flip
     # run per batch on `device`.
-    store_device = device if device.type == "cuda" else torch.device("cpu")
-    train_store = [transforms.Resize((size, size))] if args.train_transform == "resize" else [
+    store_device = device if device.type == 'cuda' else torch.device('cpu')
+    train_store = [transforms.Resize((size, size))] if args.train_transform == 'resize' else [
         transforms.Resize((round(size / DEFAULT_CROP_PCT),) * 2)]
     decode = dict(workers=args.workers, device=store_device, verbose=args.is_main)
     train_images = decode_images(with_transform(train_folder, transforms.Compose(train_store)), sorted(train_indices),
@@ -683,7 +684,7 @@ def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devi
                                **decode)
     common = dict(mean=mean, std=std, rank=args.rank, world_size=args.world_size, device=device)
     train_loader = InMemoryLoader(*train_images, args.batch_size, shuffle=True, seed=args.seed or 0,
-                                  crop_flip_size=size if args.train_transform == "crop-flip" else None, **common)
+                                  crop_flip_size=size if args.train_transform == 'crop-flip' else None, **common)
     val_loader = InMemoryLoader(*val_images, args.batch_size, shuffle=False, **common)
     train_eval_loader = None
     if train_eval_indices:
@@ -696,7 +697,7 @@ def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devi
         position = {index: i for i, index in enumerate(val_indices)}
         subset = torch.tensor([position[index] for index in area_indices], device=store_device)
         area_loader = InMemoryLoader(val_images[0][subset], val_images[1][subset], args.batch_size, shuffle=False,
-                                     **{**common, "rank": 0, "world_size": 1})
+                                     **{**common, 'rank': 0, 'world_size': 1})
     return train_loader, val_loader, train_eval_loader, area_loader
 
 
@@ -750,10 +751,10 @@ def train(train_loader: Any, model: nn.Module, model_without_ddp: nn.Module, cri
           args: argparse.Namespace) -> dict[str, float]:
     """Train for one epoch; returns the loss and the accuracy of the (SGDrop-masked) training logits."""
     batch_time, data_time, losses, top1, top5 = (AverageMeter() for _ in range(5))
-    progress = ProgressMeter(len(train_loader), {"Time": (batch_time, "6.3f"), "Data": (data_time, "6.3f"),
-                                                 "Loss": (losses, ".4e"), "Acc@1": (top1, "6.2f"),
-                                                 "Acc@5": (top5, "6.2f")},
-                             prefix=f"Epoch: [{epoch}]", enabled=args.is_main)
+    progress = ProgressMeter(len(train_loader), {'Time': (batch_time, '6.3f'), 'Data': (data_time, '6.3f'),
+                                                 'Loss': (losses, '.4e'), 'Acc@1': (top1, '6.2f'),
+                                                 'Acc@5': (top5, '6.2f')},
+                             prefix=f'Epoch: [{epoch}]', enabled=args.is_main)
     amp_dtype = getattr(torch, args.amp_dtype)
 
     # switch to train mode
@@ -796,20 +797,20 @@ def train(train_loader: Any, model: nn.Module, model_without_ddp: nn.Module, cri
 
     if args.distributed:
         all_reduce_meters((losses, top1, top5), device)
-    return {"loss": losses.avg, "acc1": top1.avg, "acc5": top5.avg, "count": top1.count}
+    return {'loss': losses.avg, 'acc1': top1.avg, 'acc5': top5.avg, 'count': top1.count}
 
 
 def validate(val_loader: Any, model: nn.Module, criterion: nn.Module, device: torch.device, args: argparse.Namespace,
-             name: str = "Test") -> dict[str, float]:
+             name: str = 'Test') -> dict[str, float]:
     """Evaluate the unwrapped eval-mode model on this process's shard, then sum the metrics over processes.
 
     The unwrapped model is used so that processes with one batch more or less than the others never wait on a DDP
     collective.
     """
     batch_time, losses, top1, top5 = (AverageMeter() for _ in range(4))
-    progress = ProgressMeter(len(val_loader), {"Time": (batch_time, "6.3f"), "Loss": (losses, ".4e"),
-                                               "Acc@1": (top1, "6.2f"), "Acc@5": (top5, "6.2f")},
-                             prefix=f"{name}: ", enabled=args.is_main)
+    progress = ProgressMeter(len(val_loader), {'Time': (batch_time, '6.3f'), 'Loss': (losses, '.4e'),
+                                               'Acc@1': (top1, '6.2f'), 'Acc@5': (top5, '6.2f')},
+                             prefix=f'{name}: ', enabled=args.is_main)
     amp_dtype = getattr(torch, args.amp_dtype)
 
     # switch to evaluate mode
@@ -843,8 +844,8 @@ def validate(val_loader: Any, model: nn.Module, criterion: nn.Module, device: to
 
     if args.distributed:
         all_reduce_meters((losses, top1, top5), device)
-    progress.display_summary(["Acc@1", "Acc@5"])
-    return {"loss": losses.avg, "acc1": top1.avg, "acc5": top5.avg, "count": int(top1.count)}
+    progress.display_summary(['Acc@1', 'Acc@5'])
+    return {'loss': losses.avg, 'acc1': top1.avg, 'acc5': top5.avg, 'count': int(top1.count)}
 
 
 def validate_area_ratio(loader: Any, model: nn.Module, device: torch.device, args: argparse.Namespace) -> float:
@@ -874,7 +875,7 @@ def validate_area_ratio(loader: Any, model: nn.Module, device: torch.device, arg
         # Grad-CAM's backward leaves gradients on the weights; the next step would set them to None anyway
         model.zero_grad(set_to_none=True)
     area_ratio = torch.cat(ratios).mean().item()
-    print(f" * Area ratio {area_ratio:.4f} ({sum(len(r) for r in ratios)} images)", flush=True)
+    print(f' * Area ratio {area_ratio:.4f} ({sum(len(r) for r in ratios)} images)', flush=True)
     return area_ratio
 
 
@@ -888,28 +889,28 @@ def restore_model_best(checkpoint: dict[str, Any], resume_path: Path, best_path:
     Returns:
         The best top-1 and best epoch to continue with.
     """
-    best_acc1, best_epoch = checkpoint["best_acc1"], checkpoint.get("best_epoch", 0)
+    best_acc1, best_epoch = checkpoint['best_acc1'], checkpoint.get('best_epoch', 0)
     if best_path.exists():
-        held = read_checkpoint(best_path)["epoch"]
-        if "best_epoch" not in checkpoint or held == best_epoch:
+        held = read_checkpoint(best_path)['epoch']
+        if 'best_epoch' not in checkpoint or held == best_epoch:
             return best_acc1, best_epoch
-        problem = f"holds epoch {held}, not the best epoch {best_epoch}"
+        problem = f'holds epoch {held}, not the best epoch {best_epoch}'
     else:
-        problem = "is missing"
-    if best_epoch == checkpoint["epoch"]:
-        print(f"=> {best_path} {problem} (the run was stopped while writing it); copied again from {resume_path}, "
-              f"which holds that epoch", flush=True)
+        problem = 'is missing'
+    if best_epoch == checkpoint['epoch']:
+        print(f'=> {best_path} {problem} (the run was stopped while writing it); copied again from {resume_path}, '
+              f'which holds that epoch', flush=True)
     else:
-        best_acc1, best_epoch = checkpoint.get("acc1", best_acc1), checkpoint["epoch"]
+        best_acc1, best_epoch = checkpoint.get('acc1', best_acc1), checkpoint['epoch']
         print(f"=> {best_path} {problem} (the run was stopped while writing it) and the best epoch's weights are "
               f"gone; rebuilt from {resume_path} (epoch {best_epoch}, val Acc@1 {best_acc1:.3f}), the best to beat "
               f"from now on", flush=True)
-    with resume_path.open("rb") as src:
+    with resume_path.open('rb') as src:
         atomic_write(best_path, lambda f: shutil.copyfileobj(src, f))
     return best_acc1, best_epoch
 
 
-def save_checkpoint(state: dict[str, Any], is_best: bool, output: Path, filename: str = "checkpoint.pth.tar") -> None:
+def save_checkpoint(state: dict[str, Any], is_best: bool, output: Path, filename: str = 'checkpoint.pth.tar') -> None:
     """Write `state` to `output`/`filename`, and copy it to model_best.pth.tar when best.
 
     Each file is written to a temporary file in the same directory and renamed over the old one, so a run killed at any
@@ -918,14 +919,14 @@ def save_checkpoint(state: dict[str, Any], is_best: bool, output: Path, filename
     path = output / filename
     atomic_write(path, lambda f: torch.save(state, f))
     if is_best:
-        with path.open("rb") as src:
-            atomic_write(output / "model_best.pth.tar", lambda f: shutil.copyfileobj(src, f))
+        with path.open('rb') as src:
+            atomic_write(output / 'model_best.pth.tar', lambda f: shutil.copyfileobj(src, f))
 
 
 def atomic_write(path: Path, write: Any) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, 'wb') as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -943,26 +944,26 @@ def export_for_hub(checkpoint_path: Path, output: Path, args: argparse.Namespace
     the training memory format or compile state.
     """
     checkpoint = read_checkpoint(checkpoint_path)
-    model = create_model(argparse.Namespace(**{**vars(args), "pretrained": False}), len(args.class_names))
-    model.load_state_dict(checkpoint["state_dict"])
+    model = create_model(argparse.Namespace(**{**vars(args), 'pretrained': False}), len(args.class_names))
+    model.load_state_dict(checkpoint['state_dict'])
     # model_best holds its own epoch, whose top-1 is the best one (checkpoints of older versions have no "acc1")
-    save_recipe_export(model, output, vars(args), args.class_names, checkpoint["epoch"],
-                       checkpoint.get("acc1", checkpoint["best_acc1"]))
+    save_recipe_export(model, output, vars(args), args.class_names, checkpoint['epoch'],
+                       checkpoint.get('acc1', checkpoint['best_acc1']))
     return output
 
 
 def get_rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    state = {'python': random.getstate(), 'torch': torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state['cuda'] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state['python'])
+    torch.set_rng_state(state['torch'])
+    if torch.cuda.is_available() and 'cuda' in state:
+        torch.cuda.set_rng_state_all(state['cuda'])
 
 
 def all_reduce_meters(meters: Sequence[AverageMeter], device: torch.device) -> None:
@@ -978,11 +979,11 @@ def all_reduce_meters(meters: Sequence[AverageMeter], device: torch.device) -> N
 class ProgressMeter:
     """Prints named meters every few batches and their averages at the end, on the main process only."""
 
-    def __init__(self, num_batches: int, meters: dict[str, tuple[AverageMeter, str]], prefix: str = "",
+    def __init__(self, num_batches: int, meters: dict[str, tuple[AverageMeter, str]], prefix: str = '',
                  enabled: bool = True):
         """`meters` maps each name to its meter and the format of its values, e.g. "6.3f"."""
         digits = len(str(num_batches))
-        self.batch_fmtstr = f"[{{:{digits}d}}/{num_batches:{digits}d}]"
+        self.batch_fmtstr = f'[{{:{digits}d}}/{num_batches:{digits}d}]'
         self.meters = meters
         self.prefix = prefix
         self.enabled = enabled
@@ -990,14 +991,14 @@ class ProgressMeter:
     def display(self, batch: int) -> None:
         if self.enabled:
             entries = [self.prefix + self.batch_fmtstr.format(batch)]
-            entries += [f"{name} {meter.val:{fmt}} ({meter.avg:{fmt}})" for name, (meter, fmt) in self.meters.items()]
-            print("\t".join(entries), flush=True)
+            entries += [f'{name} {meter.val:{fmt}} ({meter.avg:{fmt}})' for name, (meter, fmt) in self.meters.items()]
+            print('\t'.join(entries), flush=True)
 
     def display_summary(self, names: Sequence[str]) -> None:
         if self.enabled:
-            averages = " ".join(f"{name} {self.meters[name][0].avg:.3f}" for name in names)
-            print(f" * {averages} ({self.meters[names[0]][0].count} images)", flush=True)
+            averages = ' '.join(f'{name} {self.meters[name][0].avg:.3f}' for name in names)
+            print(f' * {averages} ({self.meters[names[0]][0].count} images)', flush=True)
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
     main()

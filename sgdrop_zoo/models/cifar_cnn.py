@@ -13,7 +13,8 @@ pooling off; the MLP needs the flattened grid, so it goes with it and ``forward`
 feature extractor, ``num_classes=0``).
 """
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -54,7 +55,7 @@ class CifarCNN(nn.Module):
             hidden_size: int = 2048,
             head_grid: int = 4,
             drop_rate: float = 0.,
-            act_layer: Type[nn.Module] = nn.ReLU,
+            act_layer: type[nn.Module] = nn.ReLU,
             global_pool: Optional[str] = 'avg',
     ):
         """
@@ -104,7 +105,7 @@ class CifarCNN(nn.Module):
         self.fc = nn.Linear(hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         return dict(stem=r'^stages\.0', blocks=r'^stages\.(\d+)')
 
     @torch.jit.ignore
@@ -129,12 +130,12 @@ class CifarCNN(nn.Module):
     def forward_intermediates(
             self,
             x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
+            indices: Optional[Union[int, list[int]]] = None,
             norm: bool = False,
             stop_early: bool = False,
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+    ) -> Union[list[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
         """Forward features that also returns the outputs of the convolution blocks.
 
         Args:
@@ -165,10 +166,10 @@ class CifarCNN(nn.Module):
 
     def prune_intermediate_layers(
             self,
-            indices: Union[int, List[int]] = 1,
+            indices: Union[int, list[int]] = 1,
             prune_norm: bool = False,
             prune_head: bool = True,
-    ) -> List[int]:
+    ) -> list[int]:
         """Drop the blocks after the last one taken; the head goes whenever a block does or ``prune_head``."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         prune_end = max_index < len(self.stages) - 1
@@ -214,7 +215,7 @@ def _create_sgdrop_cifar_cnn(variant: str, pretrained: bool = False, **kwargs: A
     )
 
 
-def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
+def _cfg(url: str = '', **kwargs: Any) -> dict[str, Any]:
     return {
         'url': url,
         'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (4, 4),

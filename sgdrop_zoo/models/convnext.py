@@ -8,7 +8,7 @@ The architecture is timm's ``ConvNeXt`` unchanged, so weights load both ways wit
 The latent features are the last stage's output, before the head's pooling and LayerNorm, so they can be negative:
 those have a non-positive attribution and are never dropped.
 """
-from typing import Any, Dict
+from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
@@ -35,7 +35,7 @@ def _create_sgdrop_convnext(variant: str, pretrained: bool = False, **kwargs: An
     )
 
 
-def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
+def _cfg(url: str = '', **kwargs: Any) -> dict[str, Any]:
     return {
         'url': url,
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),

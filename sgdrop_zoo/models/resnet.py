@@ -6,7 +6,7 @@ SGDrop: `The Overfocusing Bias of Convolutional Neural Networks: A Saliency-Guid
 
 The architecture is timm's ``ResNet`` unchanged, so weights load both ways with ``resnet50`` and its tags.
 """
-from typing import Any, Dict
+from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
@@ -26,7 +26,7 @@ def _create_sgdrop_resnet(variant: str, pretrained: bool = False, **kwargs: Any)
     return build_model_with_checked_weights(SGDropResNet, variant, pretrained, **kwargs)
 
 
-def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
+def _cfg(url: str = '', **kwargs: Any) -> dict[str, Any]:
     return {
         'url': url,
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),

@@ -9,7 +9,7 @@ The architecture is timm's ``VGG`` unchanged, so weights load both ways with ``v
 ``sgdrop_vgg_tiny`` is a small VGG (4 stages, 32-256 channels, mlp_ratio 0.0625: a 256-wide 7x7 first head layer) for
 CPU-scale checkpoints and tests.
 """
-from typing import Any, Dict
+from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
@@ -45,7 +45,7 @@ def _create_sgdrop_vgg(variant: str, pretrained: bool = False, **kwargs: Any) ->
     )
 
 
-def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
+def _cfg(url: str = '', **kwargs: Any) -> dict[str, Any]:
     return {
         'url': url,
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
