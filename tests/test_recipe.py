@@ -3,7 +3,9 @@
 Training runs go through the command line in subprocesses, as a user runs them; the bad-input checks call `main()`
 in-process because they stop before any training.
 """
+import errno
 import importlib.util
+import io
 import json
 import math
 import os
@@ -360,6 +362,29 @@ recipe.save_checkpoint(state, True, Path({output!r}))
 """
 
 
+def kill_once_marked(script: str, marker: Path, during: Any = None) -> None:
+    """Run `script` in a Python process and SIGKILL it as soon as it has created `marker`, mid-write.
+
+    Args:
+        script: Python code that creates `marker`, then blocks in the middle of the write under test.
+        marker: The file it creates.
+        during: Called between the marker's appearance and the kill, to look at the write under way.
+    """
+    writer = subprocess.Popen([sys.executable, '-c', script], env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert writer.poll() is None, 'the writer exited before the write under test'
+            assert time.time() < deadline, 'the writer never reached the write under test'
+            time.sleep(0.05)
+        if during is not None:
+            during()
+        writer.send_signal(signal.SIGKILL)
+    finally:
+        writer.wait(timeout=30)
+    assert writer.returncode == -signal.SIGKILL
+
+
 def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(data_dir: Path, one_epoch_run: Path,
                                                                    two_epoch_run: tuple[Path, str], tmp_path: Path):
     shutil.copytree(one_epoch_run, tmp_path, dirs_exist_ok=True)
@@ -370,18 +395,11 @@ def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(data_dir: Pat
     marker = tmp_path / 'writing'
     script = SLOW_SAVE.format(main=str(MAIN), marker=str(marker), checkpoint=str(checkpoint_path),
                               output=str(tmp_path))
-    writer = subprocess.Popen([sys.executable, '-c', script], env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
-    try:
-        deadline = time.time() + 120
-        while not marker.exists():
-            assert writer.poll() is None, 'the checkpoint writer exited before writing'
-            assert time.time() < deadline, 'the checkpoint writer never started writing'
-            time.sleep(0.05)
+
+    def writes_a_temporary_file() -> None:
         assert list(tmp_path.glob('.checkpoint.pth.tar.*.tmp')), 'the write should be under way in a temporary file'
-        writer.send_signal(signal.SIGKILL)
-    finally:
-        writer.wait(timeout=30)
-    assert writer.returncode == -signal.SIGKILL
+
+    kill_once_marked(script, marker, during=writes_a_temporary_file)
 
     assert checkpoint_path.read_bytes() == before
     assert (tmp_path / 'model_best.pth.tar').read_bytes() == best_before
@@ -415,18 +433,8 @@ def test_sigkill_while_copying_model_best_leaves_nothing_stale(data_dir: Path, o
     shutil.copytree(one_epoch_run, tmp_path, dirs_exist_ok=True)
     checkpoint_path, best_path = tmp_path / 'checkpoint.pth.tar', tmp_path / 'model_best.pth.tar'
     marker = tmp_path / 'copying'
-    script = SLOW_BEST_COPY.format(main=str(MAIN), marker=str(marker), checkpoint=str(checkpoint_path),
-                                   output=str(tmp_path))
-    writer = subprocess.Popen([sys.executable, '-c', script], env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
-    try:
-        deadline = time.time() + 120
-        while not marker.exists():
-            assert writer.poll() is None, 'the checkpoint writer exited before copying'
-            assert time.time() < deadline, 'the checkpoint writer never started copying'
-            time.sleep(0.05)
-        writer.send_signal(signal.SIGKILL)
-    finally:
-        writer.wait(timeout=30)
+    kill_once_marked(SLOW_BEST_COPY.format(main=str(MAIN), marker=str(marker), checkpoint=str(checkpoint_path),
+                                           output=str(tmp_path)), marker)
     # the fault: the checkpoint of the new best epoch is written, model_best still holds the previous best
     assert torch.load(checkpoint_path, map_location='cpu', weights_only=True)['best_epoch'] == 2
     assert torch.load(best_path, map_location='cpu', weights_only=True)['epoch'] == 1
@@ -437,6 +445,43 @@ def test_sigkill_while_copying_model_best_leaves_nothing_stale(data_dir: Path, o
     assert best_path.read_bytes() == checkpoint_path.read_bytes()
     assert json.loads((tmp_path / 'config.json').read_text())['training']['epoch'] == 2
     assert not list(tmp_path.glob('.*.tmp'))
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(
+        capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, data_dir: Path, one_epoch_run: Path,
+        tmp_path: Path):
+    run = tmp_path / 'run'
+    shutil.copytree(one_epoch_run, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    save = torch.save
+
+    def save_onto_a_full_disk(state: Any, f: Any) -> None:
+        class FullDisk(io.RawIOBase):
+            written = 0
+
+            def writable(self) -> bool:
+                return True
+
+            def write(self, data: Any) -> int:
+                FullDisk.written += len(data)
+                if FullDisk.written > 4096:
+                    raise OSError(errno.ENOSPC, 'No space left on device')
+                return f.write(data)
+        save(state, FullDisk())
+
+    monkeypatch.setattr(torch, 'save', save_onto_a_full_disk)
+    with pytest.raises(SystemExit) as stopped:
+        recipe.main([str(data_dir), *TINY_RUN, '--epochs', '2', '--output', str(run), '--resume',
+                     str(run / 'checkpoint.pth.tar')])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f'error: cannot write {run / "checkpoint.pth.tar"} (No space left on device); the files written '
+                     f'before it are intact: free some space there, or fix the folder (continue the run with --resume '
+                     f'{run / "checkpoint.pth.tar"})']
+    # the epoch-2 log line went first, as in a kill; the checkpoints are those of epoch 1, and no temporary file is left
+    assert {name: data for name, data in before.items() if name != 'log.jsonl'} == {
+        p.name: p.read_bytes() for p in run.iterdir() if p.name != 'log.jsonl'}
+    assert [record['epoch'] for record in read_log(run)] == [1, 2]
 
 
 def test_sigkill_during_training_resumes_from_last_complete_epoch(data_dir: Path, tmp_path: Path):

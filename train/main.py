@@ -232,10 +232,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 def run_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespace) -> None:
     """`main_worker`, stopped in one line by an image that cannot be decoded (the checks before training read only
-    the headers); the checkpoint of the last finished epoch stays as it was."""
+    the headers) or a write the system refused; the checkpoint of the last finished epoch stays as it was."""
     try:
         main_worker(gpu, ngpus_per_node, args)
-    except DatasetError as e:
+    except (DatasetError, RecipeError) as e:
         checkpoint = Path(args.output) / 'checkpoint.pth.tar'
         resume = f' (continue the run with --resume {checkpoint})' if checkpoint.exists() else ''
         print(f'error: {e}{resume}', file=sys.stderr)
@@ -575,10 +575,14 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
 
 
 def append_log(log_path: Path, record: dict[str, Any]) -> None:
-    with log_path.open('a') as f:
-        f.write(json.dumps(record) + '\n')
-        f.flush()
-        os.fsync(f.fileno())
+    # a line cut short by a failed write is dropped when the run is resumed (read_log_lines)
+    try:
+        with log_path.open('a') as f:
+            f.write(json.dumps(record) + '\n')
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise write_error(log_path, e) from e
 
 
 def read_log_lines(log_path: Path) -> list[str]:
@@ -924,7 +928,10 @@ def save_checkpoint(state: dict[str, Any], is_best: bool, output: Path, filename
 
 
 def atomic_write(path: Path, write: Any) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    except OSError as e:
+        raise write_error(path, e) from e
     try:
         with os.fdopen(fd, 'wb') as f:
             write(f)
@@ -932,9 +939,19 @@ def atomic_write(path: Path, write: Any) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp_name, 0o644)  # mkstemp makes the file private; a checkpoint is an ordinary output file
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp_name)
+        # torch.save reports a failed write as a RuntimeError raised while handling the OSError
+        cause = e if isinstance(e, OSError) else e.__context__
+        if isinstance(cause, OSError):
+            raise write_error(path, cause) from e
         raise
+
+
+def write_error(path: Path, error: OSError) -> RecipeError:
+    """The one-line error of a write that the system refused (a full disk, a lost mount); no file was changed."""
+    return RecipeError(f'cannot write {path} ({error.strerror or error}); the files written before it are intact: '
+                       f'free some space there, or fix the folder')
 
 
 def export_for_hub(checkpoint_path: Path, output: Path, args: argparse.Namespace) -> Path:
