@@ -22,7 +22,9 @@ from typing import Any
 import pytest
 import timm
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision import datasets, transforms
 
 import sgdrop_zoo
@@ -157,6 +159,50 @@ def test_timm_eval_transform_of_the_export_reproduces_the_recipe_top1(two_epoch_
                   torch.utils.data.DataLoader(val, batch_size=16))
     best = torch.load(output / 'model_best.pth.tar', map_location='cpu', weights_only=True)
     assert 100 * correct / num_val == pytest.approx(best['best_acc1'], abs=1e-3)
+
+
+class RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class RecordSecondStep:
+    """Two batches; every op the training loop runs with the second one (no progress line: -p 1000) is recorded."""
+
+    def __init__(self, batches: list):
+        self.batches, self.recorded = batches, None
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        yield self.batches[0]
+        with RecordOps() as self.recorded:
+            yield self.batches[1]  # until the loop asks for the next batch
+
+
+def test_a_training_step_reads_nothing_back_to_the_host():
+    # aten._local_scalar_dense is what .item(), int(), float() and bool() of a tensor run: on a GPU, a sync
+    args = recipe.parse_args(['data', *TINY_RUN, '-p', '1000'])
+    args.is_main, args.distributed = True, False
+    model = recipe.create_model(args, num_classes=10)
+    torch.manual_seed(0)
+    loader = RecordSecondStep([(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(2)])
+    # SGD: torch's Adam reads its step count, a CPU tensor by design and no GPU sync, with .item() on the CPU
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    metrics = recipe.train(loader, model, model, nn.CrossEntropyLoss(), optimizer,
+                           torch.amp.GradScaler('cpu', enabled=False), 0, torch.device('cpu'), args)
+    ops = loader.recorded.ops
+    # the whole step was recorded: the forward's label check, the backward, the momentum update
+    assert {'aten._assert_async.msg', 'aten.convolution_backward.default'} <= set(ops)
+    assert any(op.startswith('aten._foreach_add') or op.startswith('aten.add_') for op in ops)
+    assert not [op for op in ops if '_local_scalar_dense' in op or op.startswith('aten.item')]
+    assert 0 <= metrics['acc1'] <= 100 and metrics['count'] == 8
 
 
 def test_model_kwargs_reach_the_export_and_plain_timm(data_dir: Path, tmp_path: Path):
