@@ -467,6 +467,26 @@ def test_publish_from_a_recipe_checkpoint(tmp_path, capsys):
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize('name, acc1, top1', [
+    ('checkpoint.pth.tar', 41.25, 41.25),  # the last epoch's weights and their own top-1, not the best epoch's
+    ('model_best.pth.tar', 50.0, 50.0),
+    ('checkpoint.pth.tar', None, None),  # an older checkpoint without its epoch's top-1: none is claimed
+])
+def test_publish_records_the_top1_of_the_published_weights(tmp_path, capsys, name, acc1, top1):
+    model = timm.create_model('test_convnext', num_classes=2)
+    checkpoint = dict(arch='test_convnext', state_dict=model.state_dict(), class_names=['a', 'b'], epoch=3,
+                      best_acc1=50.0, sgdrop_ema=None,
+                      args=dict(data='/data/ab', sgdrop_rho=0.01, sgdrop_attribution='ema', sgdrop_ema_decay=0.999,
+                                regularizer='sgdrop', image_size=64, train_transform='resize'))
+    if acc1 is not None:
+        checkpoint['acc1'] = acc1
+    torch.save(checkpoint, tmp_path / name)
+    assert main(['publish', str(tmp_path / name), '--repo-id', f'{ORG}/ab', '--dry-run', '--output',
+                 str(tmp_path / 'dry')]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record['metrics'].get('top1') == top1
+
+
 def test_load_sgdrop_model_from_plain_timm_weights_uses_the_method_defaults(tmp_path):
     torch.manual_seed(0)
     plain = timm.create_model('resnet18', num_classes=3)

@@ -398,3 +398,17 @@ def test_training_forward_reads_nothing_back_to_the_host(attribution):
         model.update_ema()
     assert 'aten._assert_async.msg' in recorded.ops  # the label range is still checked, on the device
     assert not [op for op in recorded.ops if '_local_scalar_dense' in op or op.startswith('aten.item')]
+
+
+def test_on_a_class_token_vit_only_class_token_features_can_be_dropped():
+    # the head reads the class token alone, so no patch token gets a gradient, hence an attribution (README)
+    torch.manual_seed(0)
+    model = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=1, num_classes=5)
+    add_sgdrop(model, sgdrop_rho=0.25, sgdrop_attribution='online').train()
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
+    features = model.forward_features(images)
+    dropped = ~model.saliency_keep_mask(images, features, labels)
+    assert features.shape == (2, 17, 192)  # the class token, then 4x4 patch tokens
+    assert not dropped[:, 1:].any()
+    assert (dropped[:, 0].sum(1) > 0).all()
+    assert (dropped.flatten(1).sum(1) < num_dropped_features(0.25, features[0].numel())).all()
