@@ -599,13 +599,17 @@ def test_gpu_without_a_gpu(capsys: pytest.CaptureFixture, data_dir: Path, tmp_pa
     assert '--gpu 0: no CUDA GPU is visible; leave --gpu out' in message
 
 
-def test_output_that_is_a_file_or_not_writable(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):
+def test_output_that_is_a_file_or_not_writable(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+                                               data_dir: Path, tmp_path: Path):
     (tmp_path / 'file').write_text('')
-    assert '--output' in run_bad_input(capsys, str(data_dir), '--output', str(tmp_path / 'file'))
-    if os.geteuid() != 0:  # root writes anywhere
-        (tmp_path / 'locked').mkdir(mode=0o500)
-        message = run_bad_input(capsys, str(data_dir), '--output', str(tmp_path / 'locked' / 'run'))
-        assert 'is not writable' in message
+    message = run_bad_input(capsys, str(data_dir), '--output', str(tmp_path / 'file'))
+    assert message == f'error: --output {tmp_path / "file"} is a file; pass a folder.'
+    (tmp_path / 'locked').mkdir(mode=0o500)
+    if os.geteuid() == 0:  # root writes anywhere: the permission check is what answers here
+        monkeypatch.setattr(os, 'access', lambda path, mode: Path(path) != tmp_path / 'locked')
+    message = run_bad_input(capsys, str(data_dir), '--output', str(tmp_path / 'locked' / 'run'))
+    assert message == (f'error: --output {tmp_path / "locked" / "run"}: {tmp_path / "locked"} is not writable; pass a '
+                       f'folder you can write to.')
 
 
 def test_overwrite_replaces_every_file_of_the_previous_run(data_dir: Path, two_epoch_run: tuple[Path, str],
