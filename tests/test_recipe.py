@@ -530,6 +530,21 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(
     assert [record['epoch'] for record in read_log(run)] == [1, 2]
 
 
+def test_resume_keeps_a_model_best_its_checkpoint_cannot_replace(data_dir: Path, one_epoch_run: Path, tmp_path: Path):
+    run = tmp_path / 'run'
+    shutil.copytree(one_epoch_run, run)
+    state = torch.load(run / 'checkpoint.pth.tar', map_location='cpu', weights_only=True)
+    # an older checkpoint (epoch 2, best epoch 1) resumed beside the model_best of a later epoch
+    torch.save(dict(state, epoch=2, best_epoch=1), run / 'checkpoint.pth.tar')
+    torch.save(dict(state, epoch=9, best_epoch=9), run / 'model_best.pth.tar')
+    best_before = (run / 'model_best.pth.tar').read_bytes()
+    result = run_recipe(str(data_dir), *TINY_RUN, '--epochs', '2', '--output', str(run), '--resume',
+                        str(run / 'checkpoint.pth.tar'))
+    assert f'{run / "model_best.pth.tar"} holds epoch 9, not the best epoch 1' in result.stdout
+    assert 'it is kept until this run has a better epoch' in result.stdout
+    assert (run / 'model_best.pth.tar').read_bytes() == best_before
+
+
 def test_sigkill_during_training_resumes_from_last_complete_epoch(data_dir: Path, tmp_path: Path):
     args = [str(data_dir), *TINY_RUN, '--epochs', '30', '--output', str(tmp_path)]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))

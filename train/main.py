@@ -881,8 +881,9 @@ def restore_model_best(checkpoint: dict[str, Any], resume_path: Path, best_path:
     """Check that `best_path` holds the resumed run's best epoch, rebuilding it when a kill left it missing or stale.
 
     A run stopped between writing its checkpoint and copying it to model_best leaves model_best missing or one best
-    epoch behind. When the resumed checkpoint is that best epoch, the copy is made again and nothing is lost; when the
-    best epoch's weights are gone, the resumed epoch stands in for it and becomes the best to beat.
+    epoch behind. When the resumed checkpoint is that best epoch, the copy is made again and nothing is lost; when
+    model_best is missing and the best epoch's weights are gone, the resumed epoch stands in for it and becomes the
+    best to beat. A model_best of another epoch that the resumed checkpoint cannot replace is kept.
 
     Returns:
         The best top-1 and best epoch to continue with.
@@ -892,17 +893,20 @@ def restore_model_best(checkpoint: dict[str, Any], resume_path: Path, best_path:
         held = read_checkpoint(best_path)['epoch']
         if 'best_epoch' not in checkpoint or held == best_epoch:
             return best_acc1, best_epoch
-        problem = f'holds epoch {held}, not the best epoch {best_epoch}'
-    else:
-        problem = 'is missing'
-    if best_epoch == checkpoint['epoch']:
-        print(f'=> {best_path} {problem} (the run was stopped while writing it); copied again from {resume_path}, '
-              f'which holds that epoch', flush=True)
+        if best_epoch != checkpoint['epoch']:
+            # not what a kill leaves (an older checkpoint resumed, say): weights the resumed one cannot replace
+            print(f'=> {best_path} holds epoch {held}, not the best epoch {best_epoch} of {resume_path}; it is kept '
+                  f'until this run has a better epoch', flush=True)
+            return best_acc1, best_epoch
+        print(f'=> {best_path} holds epoch {held}, not the best epoch {best_epoch} (the run was stopped while '
+              f'writing it); copied again from {resume_path}, which holds that epoch', flush=True)
+    elif best_epoch == checkpoint['epoch']:
+        print(f'=> {best_path} is missing (the run was stopped while writing it); copied again from {resume_path}, '
+              f'which holds its best epoch', flush=True)
     else:
         best_acc1, best_epoch = checkpoint.get('acc1', best_acc1), checkpoint['epoch']
-        print(f"=> {best_path} {problem} (the run was stopped while writing it) and the best epoch's weights are "
-              f"gone; rebuilt from {resume_path} (epoch {best_epoch}, val Acc@1 {best_acc1:.3f}), the best to beat "
-              f"from now on", flush=True)
+        print(f"=> {best_path} is missing and the best epoch's weights are gone; rebuilt from {resume_path} (epoch "
+              f"{best_epoch}, val Acc@1 {best_acc1:.3f}), the best to beat from now on", flush=True)
     with resume_path.open('rb') as src:
         atomic_write(best_path, lambda f: shutil.copyfileobj(src, f))
     return best_acc1, best_epoch
