@@ -3,6 +3,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from torch.utils._python_dispatch import TorchDispatchMode
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'cifar10_subset'
 SMALL_CLASSES = ('airplane', 'automobile', 'bird')
@@ -25,3 +26,15 @@ def make_image_folder(root: Path, classes=SMALL_CLASSES, per_split=(('train', 4)
 def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three CIFAR-10 classes, 4 training and 2 validation images each (32 px)."""
     return make_image_folder(tmp_path_factory.mktemp('small_data'))
+
+
+class RecordOps(TorchDispatchMode):
+    """Records the name of every aten op run inside it, e.g. aten._local_scalar_dense (a tensor read on the host)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))

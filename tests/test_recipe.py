@@ -24,12 +24,13 @@ import timm
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file
-from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision import datasets, transforms
 
 import sgdrop_zoo
 from sgdrop_zoo.cli import main as cli_main
 from sgdrop_zoo.saliency import attribution_area_ratio, grad_cam_maps
+
+from conftest import RecordOps
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAIN = REPO_ROOT / 'train' / 'main.py'
@@ -159,16 +160,6 @@ def test_timm_eval_transform_of_the_export_reproduces_the_recipe_top1(two_epoch_
                   torch.utils.data.DataLoader(val, batch_size=16))
     best = torch.load(output / 'model_best.pth.tar', map_location='cpu', weights_only=True)
     assert 100 * correct / num_val == pytest.approx(best['best_acc1'], abs=1e-3)
-
-
-class RecordOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 class RecordSecondStep:

@@ -5,10 +5,11 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from sgdrop_zoo import AttributionSource, LinearRhoSchedule, add_sgdrop, is_sgdrop_model, saliency_mask
 from sgdrop_zoo.sgdrop import latent_attribution, num_dropped_features
+
+from conftest import RecordOps
 
 # Head weight of the reference classifier: 3 classes, 4 latent features (a 2x1x2 map).
 HEAD_WEIGHT = torch.tensor([
@@ -377,23 +378,13 @@ def test_repr_shows_the_sgdrop_settings():
     assert settings == 'sgdrop_rho=0.25, sgdrop_attribution=online, sgdrop_ema_decay=0.999, latent_drop_rate=0.0'
 
 
-class _RecordOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize('attribution', ['ema', 'online'])
 def test_training_forward_reads_nothing_back_to_the_host(attribution):
     # aten._local_scalar_dense is what .item(), int(), float() and bool() of a tensor run: on a GPU, a sync
     model = timm.create_model('sgdrop_resnet10t', num_classes=10, sgdrop_attribution=attribution).train()
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
     model(images, target=labels)  # builds the EMA network
-    with _RecordOps() as recorded:
+    with RecordOps() as recorded:
         model(images, target=labels).sum().backward()
         model.update_ema()
     assert 'aten._assert_async.msg' in recorded.ops  # the label range is still checked, on the device
