@@ -25,7 +25,8 @@ from timm.data.transforms import MaybePILToTensor
 
 __all__ = [
     'EVAL_CROP', 'DatasetError', 'InMemoryLoader', 'check_image_folders', 'decode_images', 'eval_transform',
-    'image_header_error', 'load_rgb', 'per_class_subset', 'random_resized_crop_flip', 'with_transform',
+    'image_header_error', 'load_rgb', 'per_class_subset', 'random_resized_crop_flip', 'stored_train_resize',
+    'with_transform',
 ]
 
 # crop_pct and crop_mode of the validation images, by training transform: the images only resized to a square, or
@@ -48,9 +49,19 @@ def eval_transform(size: int, train_transform: str, mean: Optional[Sequence[floa
         std: Normalisation std.
     """
     crop_pct, crop_mode = EVAL_CROP[train_transform]
-    normalize = {} if mean is None else dict(mean=tuple(mean), std=tuple(std))
+    mean_std = {} if mean is None else dict(mean=tuple(mean), std=tuple(std))
     return create_transform(size, is_training=False, interpolation='bilinear', crop_pct=crop_pct, crop_mode=crop_mode,
-                            normalize=mean is not None, **normalize)
+                            normalize=mean is not None, **mean_std)
+
+
+def stored_train_resize(size: int, train_transform: str) -> transforms.Resize:
+    """The resize of training images decoded into memory (``decode_images``) for ``InMemoryLoader``.
+
+    'resize' stores them at the training size; 'crop-flip' stores squares a crop_pct larger, from which the random
+    crops are taken per batch.
+    """
+    side = size if train_transform == 'resize' else round(size / DEFAULT_CROP_PCT)
+    return transforms.Resize((side, side))
 
 
 class DatasetError(ValueError):
@@ -164,7 +175,7 @@ def with_transform(folder: datasets.ImageFolder, transform: Callable) -> dataset
 def decode_images(dataset: datasets.ImageFolder, indices: Optional[list[int]], workers: int, device: torch.device,
                   verbose: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode (a subset of) an ImageFolder into a uint8 [N, 3, H, W] tensor and its int64 targets."""
-    # uint8 tensors; a transform that already gives them (timm's prefetcher transforms) passes them through
+    # uint8 tensors; a transform that already gives them (eval_transform without mean and std) passes them through
     dataset = with_transform(dataset, transforms.Compose([dataset.transform, MaybePILToTensor()]))
     if indices is not None:
         dataset = torch.utils.data.Subset(dataset, indices)

@@ -34,6 +34,7 @@ from .loading import (
     make_loader,
     split_encoder_head,
 )
+from .pretrained import CONFIG_NAME, WEIGHTS_NAME
 from .sgdrop import add_sgdrop, check_sgdrop_settings, is_sgdrop_model
 
 __all__ = ['MODES', 'TRAIN_TRANSFORMS', 'evaluate', 'finetune']
@@ -43,7 +44,7 @@ TRAIN_TRANSFORMS = ('resize', 'crop-flip')
 # Adam, as in the paper's low-data runs; a new linear head on frozen features learns faster at a larger rate
 DEFAULT_LR = {'linear-probe': 1e-3, 'full': 1e-4}
 # what a fine-tuning writes into its output folder (an evaluation writes metrics.json only)
-OUTPUT_FILES = ('model.safetensors', 'config.json', 'metrics.json', 'log.jsonl')
+OUTPUT_FILES = (WEIGHTS_NAME, CONFIG_NAME, 'metrics.json', 'log.jsonl')
 
 
 @torch.no_grad()

@@ -13,8 +13,7 @@ import timm
 import torch
 import torch.nn as nn
 import torchvision.datasets as datasets
-import torchvision.transforms as transforms
-from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .data import (
     DatasetError,
@@ -23,6 +22,7 @@ from .data import (
     eval_transform,
     load_rgb,
     per_class_subset,
+    stored_train_resize,
     with_transform,
 )
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME
@@ -196,12 +196,7 @@ def load_split(root: Path, split: str, class_names: list[str], size: int, train:
     The subset is the recipe's ``--train-subset-per-class``: the first images of each class in a permutation of the
     split that does not depend on any seed.
     """
-    if train and train_transform == 'crop-flip':
-        resize = transforms.Resize((round(size / DEFAULT_CROP_PCT),) * 2)  # random crops are taken per batch
-    elif train:
-        resize = transforms.Resize((size, size))
-    else:
-        resize = eval_transform(size, train_transform)
+    resize = stored_train_resize(size, train_transform) if train else eval_transform(size, train_transform)
     folder = datasets.ImageFolder(os.fspath(root / split), loader=load_rgb)
     if folder.classes != class_names:
         raise DatasetError(f'{root / split} has classes {folder.classes}, expected {class_names}.')

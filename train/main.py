@@ -39,7 +39,7 @@ import torchvision.datasets as datasets
 import torchvision.transforms as transforms
 
 import timm
-from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.utils import AverageMeter, ParseKwargs, accuracy, random_seed
 
 import sgdrop_zoo
@@ -51,10 +51,12 @@ from sgdrop_zoo.data import (
     eval_transform,
     load_rgb,
     per_class_subset,
+    stored_train_resize,
     with_transform,
 )
 from sgdrop_zoo.export import regularizer_settings, save_recipe_export
 from sgdrop_zoo.loading import check_writable_folder, read_checkpoint
+from sgdrop_zoo.pretrained import CONFIG_NAME, WEIGHTS_NAME
 from sgdrop_zoo.sgdrop import DEFAULT_EMA_DECAY, DEFAULT_RHO, check_sgdrop_settings
 
 PRESETS_PATH = Path(__file__).with_name('presets.json')
@@ -317,7 +319,7 @@ def check_inputs(args: argparse.Namespace) -> None:
                               f'{len(args.class_names)} in {args.data}; resume on the same dataset')
 
 
-RUN_FILES = ('log.jsonl', 'checkpoint.pth.tar', 'model_best.pth.tar', 'model.safetensors', 'config.json')
+RUN_FILES = ('log.jsonl', 'checkpoint.pth.tar', 'model_best.pth.tar', WEIGHTS_NAME, CONFIG_NAME)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -679,11 +681,9 @@ def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devi
     # In memory: decode every image once, after the deterministic part of the transform; the random crop and flip
     # run per batch on `device`.
     store_device = device if device.type == 'cuda' else torch.device('cpu')
-    train_store = [transforms.Resize((size, size))] if args.train_transform == 'resize' else [
-        transforms.Resize((round(size / DEFAULT_CROP_PCT),) * 2)]
     decode = dict(workers=args.workers, device=store_device, verbose=args.is_main)
-    train_images = decode_images(with_transform(train_folder, transforms.Compose(train_store)), sorted(train_indices),
-                                 **decode)
+    train_images = decode_images(with_transform(train_folder, stored_train_resize(size, args.train_transform)),
+                                 sorted(train_indices), **decode)
     val_images = decode_images(with_transform(val_folder, eval_transform(size, args.train_transform)), val_indices,
                                **decode)
     common = dict(mean=mean, std=std, rank=args.rank, world_size=args.world_size, device=device)
