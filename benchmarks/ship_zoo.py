@@ -39,7 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets
 
 from sgdrop_zoo.export import read_config, to_hub_config, write_config
-from sgdrop_zoo.hub import prepare_hub_folder
+from sgdrop_zoo.hub import hub_config_record, prepare_hub_folder
 from sgdrop_zoo.model_card import render_model_card
 from sgdrop_zoo.pretrained import CONFIG_NAME, WEIGHTS_NAME, sha256_of_file
 
@@ -116,7 +116,7 @@ def reuse_shipped(name: str, seed: int, shipped: Path, folder: Path) -> dict[str
     shipped one, and the shipped weights must still have the record's sha256.
 
     Returns:
-        The shipped record, with the SGDrop settings of the rewritten config.json.
+        The record of the rewritten config.json, as ``prepare_hub_folder`` returns it.
     """
     record = json.loads((shipped.parent / f'{name}.json').read_text())
     if record['metrics']['seed'] != seed:
@@ -128,8 +128,7 @@ def reuse_shipped(name: str, seed: int, shipped: Path, folder: Path) -> dict[str
     shutil.copyfile(shipped / WEIGHTS_NAME, folder / WEIGHTS_NAME)
     config = to_hub_config(read_config(shipped / CONFIG_NAME))
     write_config(config, folder)
-    record['sgdrop'] = {k: v for k, v in config['sgdrop'].items() if k != 'architecture'}
-    return record
+    return hub_config_record(config, record['sha256'], f'sgdrop-zoo/{name}', DATASET, TAG, record['license'])
 
 
 def ship(arch: str, runs: list[dict[str, Any]], data: Path, runs_dir: Path, results_dir: Path,
