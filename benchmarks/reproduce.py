@@ -40,6 +40,9 @@ METHODS: dict[str, list[str]] = {
     'sgdrop': ['--regularizer', 'sgdrop', '--sgdrop-attribution', 'ema'],
     'sgdrop_online': ['--regularizer', 'sgdrop', '--sgdrop-attribution', 'online'],
     'sgdrop_curriculum': ['--regularizer', 'sgdrop', '--sgdrop-rho', '0.0', '--sgdrop-rho-end', 'RHO_END'],
+    # the sign-aware attribution ReLU(d logit_y / d z * z), for the signed latent of ConvNeXt
+    'sgdrop_product': ['--regularizer', 'sgdrop', '--sgdrop-attribution', 'ema', '--sgdrop-attribution-relu',
+                       'product'],
 }
 
 # Protocols: the recipe's low-data preset (from scratch, Adam 1e-4, resize only, constant lr, batch 64) at a size
@@ -91,6 +94,31 @@ PROTOCOLS: dict[str, dict] = {
                          'so no figure compares directly',
         'paper': {},
     },
+    'pilot128': {
+        'description': "Pilot of the 128 px zoo, on a dev split: Imagenette's training folder only, at the 128 px it "
+                       "is stored at; a fixed class-balanced subset of 150 training images per class (the 64 px "
+                       "zoo's images) and a disjoint, fixed dev split of 100 other training images per class "
+                       "(--holdout-per-class 100, 1,000 images) that every epoch is validated on; the paper's "
+                       "low-data protocol (Adam 1e-4, batch 64, constant lr, resize only), 1 seed. Epochs: 40 for "
+                       "ResNet-10-T and ConvNeXt-Atto, 20 for VGG-11 (its step costs 4.5x ResNet-10-T's). Clean "
+                       "train top-1 on 500 fixed training images, attribution area ratio on 100 dev images. 2 CPU "
+                       "threads. The official validation split is not read.",
+        'archs': ['sgdrop_resnet10t', 'sgdrop_convnext_atto', 'sgdrop_vgg11'],
+        'model_kwargs': {'sgdrop_vgg11': {'mlp_ratio': 0.03125}},
+        # the candidates, fixed before the first run (benchmarks/README.md, "Zoo v2 pilot")
+        'methods': {'sgdrop_resnet10t': ['vanilla', 'sgdrop'],
+                    'sgdrop_convnext_atto': ['vanilla', 'sgdrop', 'sgdrop_product'],
+                    'sgdrop_vgg11': ['vanilla', 'sgdrop', 'sgdrop_curriculum']},
+        'epochs': {'sgdrop_resnet10t': 40, 'sgdrop_convnext_atto': 40, 'sgdrop_vgg11': 20},
+        'seeds': [0],
+        'args': ['--preset', 'lowdata', '--image-size', '128', '--train-subset-per-class', '150',
+                 '--holdout-per-class', '100', '--in-memory', '--channels-last', '--train-eval-samples', '500',
+                 '--log-area-ratio', '100', '-j', '2', '-p', '1000'],
+        'curve_val_subset': 0,
+        'paper_dataset': 'Imagenette at 224 px with VGG16 / ResNet50 / ConvNeXt-T (Table 3); other architectures '
+                         'and a dev split, so no figure compares directly',
+        'paper': {},
+    },
     'gpu': {
         'description': "The paper's Table 3 protocol on ../shared/data/imagenette: from scratch, Adam 1e-4, 80 "
                        "epochs, batch 64, no augmentation, rho per Appendix B, images resized to 128 px (the size "
@@ -129,6 +157,17 @@ def method_args(method: str, arch: str) -> list[str]:
     return [f'{2.5 * rho:g}' if flag == 'RHO_END' else flag for flag in METHODS[method]]
 
 
+def protocol_methods(config: dict, arch: str) -> list[str]:
+    """The protocol's methods, or those it names for ``arch`` when it has methods per architecture."""
+    methods = config['methods']
+    return methods[arch] if isinstance(methods, dict) else methods
+
+
+def epoch_args(config: dict, arch: str) -> list[str]:
+    """``--epochs`` of ``arch`` when the protocol sets epochs per architecture (else its args set them)."""
+    return ['--epochs', str(config['epochs'][arch])] if 'epochs' in config else []
+
+
 def git_commit() -> str:
     out = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True, text=True)
     return out.stdout.strip() or 'unknown'
@@ -151,6 +190,11 @@ def summarize_run(curve: list[dict], final_val: Optional[dict] = None) -> dict:
         'final_train_acc1': last['train_clean_acc1'],
         'final_train_val_gap': last['train_clean_acc1'] - final_val['acc1'],
         'final_masked_train_acc1': last['train_acc1'],
+        'first_epoch_masked_train_acc1': curve[0]['train_acc1'],
+        'first_epoch_train_acc1': curve[0]['train_clean_acc1'],
+        # the SGDrop diagnostics of the last epoch (absent from logs of older recipes)
+        'final_dropped_attribution_share': last.get('train_dropped_attribution_share'),
+        'final_nonpositive_feature_share': last.get('train_nonpositive_feature_share'),
         'img_per_s': statistics.median(r['img_per_s'] for r in curve),
         'train_time_s': sum(r['epoch_time_s'] for r in curve),
     }
@@ -177,7 +221,7 @@ def train_one(protocol: str, config: dict, data: str, arch: str, method: str, se
     model_kwargs = [f'{key}={value}' for key, value in config.get('model_kwargs', {}).get(arch, {}).items()]
     base = [sys.executable, 'train/main.py', data, '-a', arch, *(['--model-kwargs', *model_kwargs] if model_kwargs
                                                                   else []), *config['args'], *method_args(method, arch),
-            '--seed', str(seed), '--output', str(output)]
+            *epoch_args(config, arch), '--seed', str(seed), '--output', str(output)]
     subset = config['curve_val_subset']
     command = base + (['--val-subset', str(subset)] if subset else [])
     checkpoint = output / 'checkpoint.pth.tar'
@@ -231,11 +275,15 @@ def write_table(protocol: str, config: dict, results_dir: Path) -> str:
         f"--log-area-ratio, where it was logged. Params: with a {NUM_CLASSES_OF_TABLE}-class head. img/s: median "
         "training throughput of the runs' epochs. Step overhead: SGDrop's extra time per training step against the "
         "same model without it, from `overhead.json` of this folder (benchmarks/overhead.py), where it exists. "
+        "Masked ep. 1: top-1 of the SGDrop-masked training logits in the first epoch (below the 10% of chance: the "
+        "mask removed most of an untrained network's evidence). Dropped: the mean share of each training sample's "
+        "positive attribution that the mask removed, at the last epoch; <= 0: the share of latent features at or "
+        "below zero, at the last epoch (benchmarks/README.md, \"Diagnostics\"). "
         f"Paper: {config['paper_dataset']}.",
         '',
-        '| arch | method | seeds | final val top-1 | curve peak | train top-1 | train-val gap | area | params | img/s '
-        '| step overhead | paper |',
-        '|---|---|---|---|---|---|---|---|---|---|---|---|',
+        '| arch | method | seeds | final val top-1 | curve peak | train top-1 | train-val gap | masked ep. 1 | dropped '
+        '| <= 0 | area | params | img/s | step overhead | paper |',
+        '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
     ]
     overhead = {}
     for name in config.get('overhead', ['overhead.json']):
@@ -256,6 +304,11 @@ def write_table(protocol: str, config: dict, results_dir: Path) -> str:
                 mean_std([r['curve_peak_val_acc1'] for r in group]),
                 mean_std([r['final_train_acc1'] for r in group]),
                 mean_std([r['final_train_val_gap'] for r in group]),
+                mean_std([r['first_epoch_masked_train_acc1'] for r in group])
+                if all('first_epoch_masked_train_acc1' in r for r in group) else '-',
+                *(mean_std([r[key] for r in group], digits=3)
+                  if all(r.get(key) is not None for r in group) else '-'
+                  for key in ('final_dropped_attribution_share', 'final_nonpositive_feature_share')),
                 mean_std([r['curve'][-1]['val_area_ratio'] for r in group], digits=3)
                 if all('val_area_ratio' in r['curve'][-1] for r in group) else '-',
                 f'{params / 1e6:.2f}M',
@@ -296,7 +349,9 @@ def main() -> None:
         # Seeds outermost: a grid cut short still has every method at the first seeds.
         for seed in args.seeds or config['seeds']:
             for arch in args.archs or config['archs']:
-                for method in args.methods or config['methods']:
+                for method in args.methods or protocol_methods(config, arch):
+                    if method not in protocol_methods(config, arch):
+                        continue
                     train_one(args.protocol, config, data, arch, method, seed, runs_dir, results_dir)
                     write_table(args.protocol, config, results_dir)
     print(write_table(args.protocol, config, results_dir))

@@ -31,7 +31,8 @@ __all__ = [
 ]
 
 # constructor arguments of an SGDrop model that plain timm's base architecture does not accept
-SGDROP_MODEL_ARGS = ('sgdrop_rho', 'sgdrop_attribution', 'sgdrop_ema_decay', 'latent_drop_rate')
+SGDROP_MODEL_ARGS = ('sgdrop_rho', 'sgdrop_attribution', 'sgdrop_attribution_relu', 'sgdrop_ema_decay',
+                     'latent_drop_rate')
 # the names of the "sgdrop" settings in the config.json of sgdrop-zoo 0.1 exports, still read
 _FORMER_KEYS = {'rho': 'sgdrop_rho', 'attribution': 'sgdrop_attribution', 'ema_decay': 'sgdrop_ema_decay',
                 'rho_end': 'sgdrop_rho_end'}
@@ -45,9 +46,11 @@ def regularizer_settings(args: Mapping[str, Any]) -> dict[str, Any]:
     """
     if args.get('regularizer', 'sgdrop') == 'sgdrop':
         return dict(sgdrop_rho=args['sgdrop_rho'], sgdrop_attribution=args['sgdrop_attribution'],
+                    sgdrop_attribution_relu=args.get('sgdrop_attribution_relu', 'gradient'),
                     sgdrop_ema_decay=args['sgdrop_ema_decay'], latent_drop_rate=0.0)
     # Online attribution keeps no EMA copy of the weights, which a run without SGDrop never reads.
-    return dict(sgdrop_rho=0.0, sgdrop_attribution='online', sgdrop_ema_decay=args['sgdrop_ema_decay'],
+    return dict(sgdrop_rho=0.0, sgdrop_attribution='online', sgdrop_attribution_relu='gradient',
+                sgdrop_ema_decay=args['sgdrop_ema_decay'],
                 # dropout_p: the setting's name in checkpoints of older versions of the recipe
                 latent_drop_rate=args.get('latent_drop_rate', args.get('dropout_p')) if args['regularizer'] == 'dropout'
                 else 0.0)
@@ -155,6 +158,7 @@ def sgdrop_model_args(settings: dict[str, Any]) -> dict[str, Any]:
     return dict(
         sgdrop_rho=settings.get('sgdrop_rho', DEFAULT_RHO) if regularizer == 'sgdrop' else 0.0,
         sgdrop_attribution=settings.get('sgdrop_attribution', 'ema'),
+        sgdrop_attribution_relu=settings.get('sgdrop_attribution_relu', 'gradient'),
         sgdrop_ema_decay=settings.get('sgdrop_ema_decay', DEFAULT_EMA_DECAY),
         latent_drop_rate=(settings.get('latent_drop_rate') or 0.0) if regularizer == 'dropout' else 0.0,
     )

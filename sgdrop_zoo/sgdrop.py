@@ -7,6 +7,7 @@ A classifier is split into an encoder ``forward_features`` (latent features z) a
 During training, for an input x with true label y:
 
     A = ReLU(d logit_y / d z) * z            (attribution, computed by the EMA network or the online one)
+    A = ReLU(d logit_y / d z * z)            (``sgdrop_attribution_relu='product'``, for signed latents)
     mask = 0 where A is in the sample's top-rho share, 1 elsewhere
     loss = cross_entropy(head(z * mask), y)
 
@@ -24,6 +25,16 @@ EMA (``ema`` attribution): a copy of the whole network taken at the first SGDrop
 ``decay_n = min(decay, (n - 1) / (n + 9))``: the first update copies the weights and the average warms up over the
 first few hundred steps. Without that warmup a slow EMA barely moves early on, the mask becomes a near-fixed function
 of (x, y), and the online network learns to read the label from the position of the zeros.
+
+Where the ReLU goes (``sgdrop_attribution_relu``): the paper's ``'gradient'`` rule ReLU(d logit_y / d z) * z cannot
+select a negative feature, since its attribution is <= 0 there. On a non-negative latent (VGG and ResNet: z is the
+output of a ReLU) it equals ``'product'``, ReLU(d logit_y / d z * z); on a signed latent (ConvNeXt: z is the residual
+stream, normalised only inside the head) ``'product'`` also selects the negative features whose sign raises the class score,
+which a network trained with the paper's rule can otherwise route its evidence through, out of the mask's reach.
+
+Diagnostics (``sgdrop_step_stats``): each train-mode forward with a target records, per sample, the share of the
+sample's positive attribution that the mask removed and the share of its latent features at or below zero, as
+detached device tensors, so that a training loop can average them without reading them back every step.
 """
 import contextlib
 import copy
@@ -41,7 +52,7 @@ from torch.fx import _symbolic_trace as fx_symbolic_trace
 from timm.utils import ModelEmaV3, unwrap_model
 
 __all__ = [
-    'AttributionSource', 'LinearRhoSchedule', 'SaliencyGuidedDropout', 'add_sgdrop', 'check_sgdrop_settings',
+    'AttributionRelu', 'AttributionSource', 'LinearRhoSchedule', 'SaliencyGuidedDropout', 'add_sgdrop', 'check_sgdrop_settings',
     'is_sgdrop_model', 'latent_attribution', 'saliency_mask',
 ]
 
@@ -56,6 +67,12 @@ class AttributionSource(str, enum.Enum):
     """Which weights compute the attribution map."""
     EMA = 'ema'
     ONLINE = 'online'
+
+
+class AttributionRelu(str, enum.Enum):
+    """Where the attribution's ReLU applies: to the gradient (the paper's rule) or to gradient times feature."""
+    GRADIENT = 'gradient'
+    PRODUCT = 'product'
 
 
 def _check_rho(rho: float, name: str = 'rho') -> float:
@@ -76,6 +93,14 @@ def _check_attribution(source: Union[str, AttributionSource]) -> AttributionSour
         raise ValueError(f'Unknown sgdrop_attribution {source!r}: choose one of {choices}.') from None
 
 
+def _check_attribution_relu(relu: Union[str, AttributionRelu]) -> AttributionRelu:
+    try:
+        return AttributionRelu(relu)
+    except ValueError:
+        choices = ', '.join(repr(s.value) for s in AttributionRelu)
+        raise ValueError(f'Unknown sgdrop_attribution_relu {relu!r}: choose one of {choices}.') from None
+
+
 def _check_ema_decay(decay: float) -> float:
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
         raise ValueError(f'sgdrop_ema_decay must be a float in [0, 1), e.g. {DEFAULT_EMA_DECAY}, got {decay!r}.')
@@ -92,6 +117,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     'sgdrop_rho': lambda rho: _check_rho(rho, 'sgdrop_rho'),
     'sgdrop_rho_end': lambda rho: _check_rho(rho, 'sgdrop_rho_end'),  # the end of a curriculum (LinearRhoSchedule)
     'sgdrop_attribution': _check_attribution,
+    'sgdrop_attribution_relu': _check_attribution_relu,
     'sgdrop_ema_decay': _check_ema_decay,
     'latent_drop_rate': _check_drop_rate,
 }
@@ -104,7 +130,7 @@ def check_sgdrop_settings(**settings: Any) -> dict[str, Any]:
     any work.
 
     Returns:
-        The checked values (floats, and an ``AttributionSource``), by name.
+        The checked values (floats, an ``AttributionSource`` and an ``AttributionRelu``), by name.
 
     Raises:
         ValueError: A value out of its range, in one line naming the setting and its range.
@@ -120,8 +146,9 @@ def latent_attribution(
         head: Callable[[torch.Tensor], torch.Tensor],
         features: torch.Tensor,
         target: torch.Tensor,
+        relu: Union[str, AttributionRelu] = AttributionRelu.GRADIENT,
 ) -> torch.Tensor:
-    """Attribution of the true-class logit to each latent feature, ReLU(d logit_y / d z) * z.
+    """Attribution of the true-class logit to each latent feature, ReLU(d logit_y / d z) * z (the paper's rule).
 
     The gradient is taken through ``head`` only, on a detached copy of ``features``: no graph reaches the encoder
     and no parameter gradient is accumulated (``torch.autograd.grad`` returns the input gradient alone).
@@ -130,16 +157,20 @@ def latent_attribution(
         head: Maps latent features to logits (a model's ``forward_head``). It must treat samples independently.
         features: Latent features z, shape (B, ...).
         target: True class indices, shape (B,).
+        relu: 'gradient' for ReLU(d logit_y / d z) * z, 'product' for ReLU(d logit_y / d z * z).
 
     Returns:
         Attribution map with the shape, dtype and memory format of ``features``.
     """
+    relu = _check_attribution_relu(relu)
     with torch.enable_grad():
         latent = features.detach().requires_grad_(True)
         logits = head(latent)
         # Samples are independent, so the gradient of the summed true-class logits is the per-sample gradient.
         class_score = logits.gather(1, target.unsqueeze(1)).sum()
         grad, = torch.autograd.grad(class_score, latent)
+    if relu is AttributionRelu.PRODUCT:
+        return (grad * latent.detach()).clamp_min(0)
     return grad.clamp_min(0) * latent.detach()
 
 
@@ -175,6 +206,19 @@ def _saliency_mask(attribution: torch.Tensor, rho: float) -> torch.Tensor:
     kth_largest = kth_largest.view(-1, *([1] * (attribution.dim() - 1)))
     dropped = (scores >= kth_largest) & (scores > 0)
     return ~dropped
+
+
+def dropped_attribution_share(attribution: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per sample, the share of its positive attribution on the features ``keep`` drops (0 when it has none)."""
+    positive = attribution.detach().float().clamp_min(0).flatten(1)
+    total = positive.sum(1)
+    dropped = (positive * (~keep).flatten(1)).sum(1)
+    return torch.where(total > 0, dropped / total.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+
+
+def nonpositive_share(features: torch.Tensor) -> torch.Tensor:
+    """Per sample, the share of latent features at or below zero."""
+    return (features.flatten(1) <= 0).float().mean(1)
 
 
 class LinearRhoSchedule:
@@ -248,6 +292,8 @@ class SaliencyGuidedDropout:
     Args:
         sgdrop_rho: Share of latent features dropped per sample, in [0, 1). 0 disables SGDrop.
         sgdrop_attribution: 'ema' (paper default) or 'online' (the paper's "w/o EMA" variant).
+        sgdrop_attribution_relu: 'gradient' (paper default, ReLU(d logit_y / d z) * z) or 'product'
+            (ReLU(d logit_y / d z * z), which can also select negative features of a signed latent).
         sgdrop_ema_decay: Decay of the EMA network (after warmup, see the module docstring).
         latent_drop_rate: Standard dropout on the same latent features (the paper's Dropout baseline), 0 = off.
     """
@@ -257,12 +303,14 @@ class SaliencyGuidedDropout:
             *args: Any,
             sgdrop_rho: float = DEFAULT_RHO,
             sgdrop_attribution: Union[str, AttributionSource] = AttributionSource.EMA,
+            sgdrop_attribution_relu: Union[str, AttributionRelu] = AttributionRelu.GRADIENT,
             sgdrop_ema_decay: float = DEFAULT_EMA_DECAY,
             latent_drop_rate: float = 0.0,
             **kwargs: Any,
     ):
         # validate before building the network: a bad setting should not cost a full model init
         settings = check_sgdrop_settings(sgdrop_rho=sgdrop_rho, sgdrop_attribution=sgdrop_attribution,
+                                         sgdrop_attribution_relu=sgdrop_attribution_relu,
                                          sgdrop_ema_decay=sgdrop_ema_decay, latent_drop_rate=latent_drop_rate)
         super().__init__(*args, **kwargs)
         self._init_sgdrop(**settings)
@@ -271,12 +319,15 @@ class SaliencyGuidedDropout:
             self,
             sgdrop_rho: float,
             sgdrop_attribution: AttributionSource,
+            sgdrop_attribution_relu: AttributionRelu,
             sgdrop_ema_decay: float,
             latent_drop_rate: float,
     ) -> None:
         self._sgdrop_rho, self._sgdrop_attribution = sgdrop_rho, sgdrop_attribution
+        self._sgdrop_attribution_relu = sgdrop_attribution_relu
         self._sgdrop_ema_decay, self._sgdrop_latent_drop_rate = sgdrop_ema_decay, latent_drop_rate
         self.__dict__['_sgdrop_warned_no_target'] = False
+        self.__dict__['_sgdrop_step_stats'] = None
         self._drop_ema()
 
     @property
@@ -294,6 +345,14 @@ class SaliencyGuidedDropout:
     @sgdrop_attribution.setter
     def sgdrop_attribution(self, source: Union[str, AttributionSource]) -> None:
         self._sgdrop_attribution = _check_attribution(source)
+
+    @property
+    def sgdrop_attribution_relu(self) -> AttributionRelu:
+        return self._sgdrop_attribution_relu
+
+    @sgdrop_attribution_relu.setter
+    def sgdrop_attribution_relu(self, relu: Union[str, AttributionRelu]) -> None:
+        self._sgdrop_attribution_relu = _check_attribution_relu(relu)
 
     @property
     def sgdrop_ema_decay(self) -> float:
@@ -317,6 +376,7 @@ class SaliencyGuidedDropout:
         return dict(
             sgdrop_rho=self.sgdrop_rho,
             sgdrop_attribution=self.sgdrop_attribution.value,
+            sgdrop_attribution_relu=self.sgdrop_attribution_relu.value,
             sgdrop_ema_decay=self.sgdrop_ema_decay,
             latent_drop_rate=self.latent_drop_rate,
         )
@@ -424,8 +484,24 @@ class SaliencyGuidedDropout:
             f'target holds a class outside [0, {self.num_classes}) for this model: check the labels, or build the '
             f'model with num_classes set to the number of classes.')
 
+    @property
+    def sgdrop_step_stats(self) -> Optional[dict[str, torch.Tensor]]:
+        """Per-sample diagnostics of the last train-mode forward with a target (None before the first one).
+
+        Detached tensors of shape (B,), on the device of the batch:
+            dropped_attribution_share: of the sample's positive attribution, the share the mask removed (0 when the
+                sample has no positive attribution, and when rho is 0);
+            nonpositive_feature_share: the share of its online latent features that are <= 0.
+        """
+        return self.__dict__.get('_sgdrop_step_stats')
+
     def saliency_keep_mask(self, x: torch.Tensor, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Keep-mask for the online ``features`` of ``x``, from the configured attribution source."""
+        return self._saliency_keep_mask(x, features, target)[0]
+
+    def _saliency_keep_mask(self, x: torch.Tensor, features: torch.Tensor, target: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keep-mask and the attribution map it was taken from."""
         if self.sgdrop_attribution is AttributionSource.EMA:
             if getattr(self, '_is_replica', False):
                 # nn.DataParallel's replicas share the model's __dict__, so every device would read the one EMA
@@ -441,8 +517,9 @@ class SaliencyGuidedDropout:
             attribution_features = features
         # Eval mode so dropout or batch statistics in the head neither randomise nor couple the attributions.
         with _eval_mode(attribution_net):
-            attribution = latent_attribution(attribution_net.forward_head, attribution_features, target)
-        return _saliency_mask(attribution, self.sgdrop_rho)
+            attribution = latent_attribution(attribution_net.forward_head, attribution_features, target,
+                                             self.sgdrop_attribution_relu)
+        return _saliency_mask(attribution, self.sgdrop_rho), attribution
 
     def forward(self, x: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits of ``x``; in train mode with ``target`` (class indices, shape (B,)) through the SGDrop mask."""
@@ -455,12 +532,18 @@ class SaliencyGuidedDropout:
             self._warn_no_target()
         else:
             self._check_target(x, target)
-        apply_sgdrop = target is not None and self.sgdrop_rho > 0
-        if not apply_sgdrop and self.latent_drop_rate == 0:
+        if target is None and self.latent_drop_rate == 0:
             return super().forward(x)
         features = self.forward_features(x)
-        if apply_sgdrop:
-            features = features * self.saliency_keep_mask(x, features, target).to(features.dtype)
+        if target is not None:
+            # of the online features before the mask, whose zeros would count as non-positive
+            stats = {'nonpositive_feature_share': nonpositive_share(features.detach()),
+                     'dropped_attribution_share': features.new_zeros(features.shape[0], dtype=torch.float32)}
+            if self.sgdrop_rho > 0:
+                keep, attribution = self._saliency_keep_mask(x, features, target)
+                stats['dropped_attribution_share'] = dropped_attribution_share(attribution, keep)
+                features = features * keep.to(features.dtype)
+            self.__dict__['_sgdrop_step_stats'] = stats
         if self.latent_drop_rate > 0:
             features = F.dropout(features, self.latent_drop_rate, training=True)
         return self.forward_head(features)
@@ -517,6 +600,7 @@ def add_sgdrop(
         model: nn.Module,
         sgdrop_rho: float = DEFAULT_RHO,
         sgdrop_attribution: Union[str, AttributionSource] = AttributionSource.EMA,
+        sgdrop_attribution_relu: Union[str, AttributionRelu] = AttributionRelu.GRADIENT,
         sgdrop_ema_decay: float = DEFAULT_EMA_DECAY,
         latent_drop_rate: float = 0.0,
 ) -> nn.Module:
@@ -526,6 +610,7 @@ def add_sgdrop(
         model: A classifier with ``forward_features`` and ``forward_head`` (every timm CNN has them).
         sgdrop_rho: Share of latent features dropped per sample.
         sgdrop_attribution: 'ema' or 'online'.
+        sgdrop_attribution_relu: 'gradient' (the paper's rule) or 'product'.
         sgdrop_ema_decay: EMA decay after warmup.
         latent_drop_rate: Dropout on the latent features (the Dropout baseline), 0 = off.
 
@@ -542,6 +627,7 @@ def add_sgdrop(
             f'{type(model).__name__} has no {", ".join(missing)}: SGDrop needs a timm-style classifier split into '
             f'forward_features (encoder) and forward_head (classifier).')
     settings = check_sgdrop_settings(sgdrop_rho=sgdrop_rho, sgdrop_attribution=sgdrop_attribution,
+                                     sgdrop_attribution_relu=sgdrop_attribution_relu,
                                      sgdrop_ema_decay=sgdrop_ema_decay,
                                      latent_drop_rate=latent_drop_rate)  # before any change
     if not isinstance(model, SaliencyGuidedDropout):

@@ -12,7 +12,8 @@ from sgdrop_zoo.export import save_export, save_recipe_export, sgdrop_settings
 from sgdrop_zoo.hub import load_sgdrop_model
 
 ARGS = dict(data='../shared/data/x', image_size=32, train_transform='resize', optimizer='adam', lr=1e-4, epochs=2,
-            sgdrop_rho=0.05, sgdrop_rho_end=None, sgdrop_attribution='ema', sgdrop_ema_decay=0.99, latent_drop_rate=0.5)
+            sgdrop_rho=0.05, sgdrop_rho_end=None, sgdrop_attribution='ema', sgdrop_attribution_relu='gradient',
+            sgdrop_ema_decay=0.99, latent_drop_rate=0.5)
 
 
 @pytest.mark.parametrize('arch', ['sgdrop_vgg_tiny', 'resnet10t'])
@@ -24,9 +25,12 @@ ARGS = dict(data='../shared/data/x', image_size=32, train_transform='resize', op
      dict(sgdrop_rho=0.05, sgdrop_attribution='online', latent_drop_rate=0.0)),
     (dict(regularizer='sgdrop', sgdrop_rho=0.0, sgdrop_rho_end=0.025),
      dict(sgdrop_rho=0.0, sgdrop_attribution='ema', latent_drop_rate=0.0)),
-], ids=['vanilla', 'dropout', 'sgdrop_ema', 'sgdrop_online', 'curriculum'])
+    (dict(regularizer='sgdrop', sgdrop_attribution_relu='product'),
+     dict(sgdrop_rho=0.05, sgdrop_attribution='ema', sgdrop_attribution_relu='product', latent_drop_rate=0.0)),
+], ids=['vanilla', 'dropout', 'sgdrop_ema', 'sgdrop_online', 'curriculum', 'product'])
 def test_recipe_export_round_trip(tmp_path: Path, arch: str, flags: dict, expected: dict):
     args = dict(ARGS, **flags)
+    expected = dict(dict(sgdrop_attribution_relu='gradient'), **expected)
     torch.manual_seed(0)
     model = timm.create_model(arch, num_classes=3)
     save_recipe_export(model, tmp_path, args, ['a', 'b', 'c'], epoch=2, val_acc1=50.0)
@@ -62,4 +66,6 @@ def test_an_export_in_the_former_schema_loads_with_its_settings(tmp_path: Path):
                             rho_end=0.04)
     (tmp_path / 'config.json').write_text(json.dumps(config))
     assert load_sgdrop_model(f'local-dir:{tmp_path}').sgdrop_config == model.sgdrop_config
-    assert sgdrop_settings(config) == dict(regularizer='sgdrop', **model.sgdrop_config, sgdrop_rho_end=0.04)
+    # a schema older than sgdrop_attribution_relu: the paper's rule, the only one there was
+    recorded = {key: value for key, value in model.sgdrop_config.items() if key != 'sgdrop_attribution_relu'}
+    assert sgdrop_settings(config) == dict(regularizer='sgdrop', **recorded, sgdrop_rho_end=0.04)

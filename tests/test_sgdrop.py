@@ -375,7 +375,8 @@ def test_reset_classifier_restarts_ema():
 def test_repr_shows_the_sgdrop_settings():
     model = reference_model(rho=0.25, attribution='online')
     settings = repr(model).splitlines()[1].strip()
-    assert settings == 'sgdrop_rho=0.25, sgdrop_attribution=online, sgdrop_ema_decay=0.999, latent_drop_rate=0.0'
+    assert settings == ('sgdrop_rho=0.25, sgdrop_attribution=online, sgdrop_attribution_relu=gradient, '
+                        'sgdrop_ema_decay=0.999, latent_drop_rate=0.0')
 
 
 @pytest.mark.parametrize('attribution', ['ema', 'online'])

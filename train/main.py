@@ -15,6 +15,7 @@ Examples:
     python train/main.py DATA -a sgdrop_resnet50 --resume runs/r50/model_best.pth.tar --evaluate
 """
 import argparse
+import collections
 import difflib
 import json
 import os
@@ -125,6 +126,10 @@ def get_parser() -> argparse.ArgumentParser:
                        help='if set, rho grows linearly from --sgdrop-rho to this value over the epochs (curriculum)')
     group.add_argument('--sgdrop-attribution', default='ema', choices=('ema', 'online'),
                        help='weights that compute the attribution: EMA of the network (paper) or the online network')
+    group.add_argument('--sgdrop-attribution-relu', default='gradient', choices=('gradient', 'product'),
+                       help="where the attribution's ReLU applies: gradient, ReLU(d logit_y / d z) * z (paper), or "
+                            'product, ReLU(d logit_y / d z * z), which also reaches negative features of a signed '
+                            'latent (ConvNeXt)')
     group.add_argument('--sgdrop-ema-decay', default=DEFAULT_EMA_DECAY, type=float,
                        help=f'decay of the attribution EMA ({DEFAULT_EMA_DECAY})')
     # --dropout-p: the option's former name, which recorded commands use
@@ -142,6 +147,9 @@ def get_parser() -> argparse.ArgumentParser:
     group.add_argument('--train-subset-per-class', default=0, type=int, metavar='N',
                        help='train on a fixed, class-balanced random subset: N training images of each class '
                             '(0: off; not with --train-subset)')
+    group.add_argument('--holdout-per-class', default=0, type=int, metavar='N',
+                       help='validate on a dev split instead of val/: N images of each class held out of the training '
+                            'folder, fixed (independent of --seed), disjoint from the training images (0: off)')
     group.add_argument('--val-subset', default=0, type=int, metavar='N',
                        help='validate each epoch on N fixed validation images, the same for every seed (0: all); '
                             '--log-area-ratio takes its images among them')
@@ -281,6 +289,8 @@ def check_inputs(args: argparse.Namespace) -> None:
         args.class_names = [str(i) for i in range(1000)]
     else:
         args.class_names = check_image_folders(Path(args.data), args.workers)
+    if args.holdout_per_class:
+        check_holdout(args)
 
     if args.val_subset < 0:
         raise RecipeError(f'--val-subset {args.val_subset} is negative; pass a number of validation images, or 0 for '
@@ -291,6 +301,8 @@ def check_inputs(args: argparse.Namespace) -> None:
     if args.log_area_ratio or args.val_subset:
         if args.dummy:
             num_val = DUMMY_VAL_IMAGES
+        elif args.holdout_per_class:
+            num_val = args.holdout_per_class * len(args.class_names)
         else:
             # the images ImageFolder will list, without decoding any
             class_to_idx = {name: i for i, name in enumerate(args.class_names)}
@@ -300,6 +312,24 @@ def check_inputs(args: argparse.Namespace) -> None:
             if value > num_val:
                 raise RecipeError(f'{flag} {value} asks for more images than the {num_val} of the validation split; '
                                   f'pass at most {num_val}')
+
+
+def check_holdout(args: argparse.Namespace) -> None:
+    """Every class must hold its --holdout-per-class images besides its --train-subset-per-class ones."""
+    if args.dummy:
+        raise RecipeError('--holdout-per-class holds out images of the training folder, and --dummy has none; '
+                          'leave one of them out')
+    class_to_idx = {name: i for i, name in enumerate(args.class_names)}
+    sizes = collections.Counter(target for _, target in datasets.folder.make_dataset(
+        os.path.join(args.data, 'train'), class_to_idx, datasets.folder.IMG_EXTENSIONS))
+    needed = args.holdout_per_class + args.train_subset_per_class
+    smallest = min(range(len(args.class_names)), key=lambda c: (sizes[c], c))
+    if sizes[smallest] < needed + (0 if args.train_subset_per_class else 1):
+        train_part = f' + --train-subset-per-class {args.train_subset_per_class}' if args.train_subset_per_class \
+            else ' and at least one to train on'
+        raise RecipeError(f'--holdout-per-class {args.holdout_per_class}{train_part} needs {needed or 1} training '
+                          f'images of each class, but class {args.class_names[smallest]} has only {sizes[smallest]}; '
+                          f'pass a smaller --holdout-per-class')
 
     if args.resume:
         log_path = Path(args.output) / 'log.jsonl'
@@ -331,7 +361,8 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise RecipeError(f'{flag} {value}: pass a positive number')
     for flag, value in (('-j/--workers', args.workers), ('--train-subset', args.train_subset),
                         ('--train-subset-per-class', args.train_subset_per_class), ('--start-epoch', args.start_epoch),
-                        ('--train-eval-samples', args.train_eval_samples)):
+                        ('--train-eval-samples', args.train_eval_samples),
+                        ('--holdout-per-class', args.holdout_per_class)):
         if value < 0:
             raise RecipeError(f'{flag} {value} is negative; pass 0 or more')
     if not args.lr > 0:
@@ -540,6 +571,10 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
                 'train_loss': train_metrics['loss'],
                 'train_acc1': train_metrics['acc1'],
                 'train_clean_acc1': clean_metrics['acc1'] if clean_metrics else None,
+                # the SGDrop diagnostics of the training forwards (README, "Diagnostics")
+                'train_dropped_attribution_share': train_metrics['dropped_attribution_share']
+                if args.regularizer == 'sgdrop' else None,
+                'train_nonpositive_feature_share': train_metrics['nonpositive_feature_share'],
                 'val_loss': val_metrics['loss'],
                 'val_acc1': val_metrics['acc1'],
                 'val_acc5': val_metrics['acc5'],
@@ -653,12 +688,20 @@ def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devi
     num_train = len(train_folder)
     # Fixed subsets, independent of --seed, so that runs with different seeds see the same images.
     train_indices = torch.randperm(num_train, generator=torch.Generator().manual_seed(0)).tolist()
+    val_pool = range(len(val_folder))
+    if args.holdout_per_class:
+        # the dev split: the last images of each class in the fixed order, so that the training subset, taken from
+        # its front, is the same as without a holdout whenever both fit in every class
+        holdout = set(per_class_subset(train_indices[::-1], train_folder.targets, args.holdout_per_class))
+        train_indices = [index for index in train_indices if index not in holdout]
+        val_folder, val_pool = train_folder, sorted(holdout)
     if args.train_subset:
         train_indices = train_indices[:args.train_subset]
     elif args.train_subset_per_class:
         train_indices = per_class_subset(train_indices, train_folder.targets, args.train_subset_per_class)
     train_eval_indices = train_indices[:args.train_eval_samples]
-    val_indices, area_indices = fixed_val_indices(len(val_folder), args)
+    val_positions, area_positions = fixed_val_indices(len(val_pool), args)
+    val_indices, area_indices = [val_pool[i] for i in val_positions], [val_pool[i] for i in area_positions]
 
     if not args.in_memory:
         to_tensor = [transforms.ToTensor(), normalize]
@@ -753,8 +796,10 @@ class ShardSampler(torch.utils.data.Sampler):
 def train(train_loader: Any, model: nn.Module, model_without_ddp: nn.Module, criterion: nn.Module,
           optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, epoch: int, device: torch.device,
           args: argparse.Namespace) -> dict[str, float]:
-    """Train for one epoch; returns the loss and the accuracy of the (SGDrop-masked) training logits."""
+    """Train for one epoch; returns the loss and the accuracy of the (SGDrop-masked) training logits, and the means of
+    the model's per-sample SGDrop diagnostics (``sgdrop_step_stats``)."""
     batch_time, data_time, losses, top1, top5 = (AverageMeter() for _ in range(5))
+    diagnostics = {name: AverageMeter() for name in ('dropped_attribution_share', 'nonpositive_feature_share')}
     progress = ProgressMeter(len(train_loader), {'Time': (batch_time, '6.3f'), 'Data': (data_time, '6.3f'),
                                                  'Loss': (losses, '.4e'), 'Acc@1': (top1, '6.2f'),
                                                  'Acc@5': (top5, '6.2f')},
@@ -781,6 +826,8 @@ def train(train_loader: Any, model: nn.Module, model_without_ddp: nn.Module, cri
 
         # measure accuracy and record loss
         record_batch((losses, top1, top5), output, target, loss)
+        for name, values in model_without_ddp.sgdrop_step_stats.items():
+            diagnostics[name].update(values.double().mean(), values.numel())
 
         # compute gradient and do optimizer step
         optimizer.zero_grad(set_to_none=True)
@@ -797,8 +844,9 @@ def train(train_loader: Any, model: nn.Module, model_without_ddp: nn.Module, cri
             progress.display(i + 1)
 
     if args.distributed:
-        all_reduce_meters((losses, top1, top5), device)
-    return {'loss': float(losses.avg), 'acc1': float(top1.avg), 'acc5': float(top5.avg), 'count': top1.count}
+        all_reduce_meters((losses, top1, top5, *diagnostics.values()), device)
+    return {'loss': float(losses.avg), 'acc1': float(top1.avg), 'acc5': float(top5.avg), 'count': top1.count,
+            **{name: float(meter.avg) for name, meter in diagnostics.items()}}
 
 
 def validate(val_loader: Any, model: nn.Module, criterion: nn.Module, device: torch.device, args: argparse.Namespace,
