@@ -130,6 +130,9 @@ def test_two_epoch_run_writes_checkpoints_log_and_export(two_epoch_run: tuple[Pa
         assert {'train_loss', 'train_acc1', 'train_clean_acc1', 'val_acc1', 'val_acc5', 'lr', 'sgdrop_rho',
                 'img_per_s', 'epoch_time_s'} <= set(record)
         assert record['val_count'] == num_val and record['sgdrop_rho'] == 0.01 and record['lr'] == 1e-3
+        # vgg_tiny's latent is the output of a ReLU: some of it is exactly zero, none of it negative
+        assert 0 < record['train_dropped_attribution_share'] <= 1
+        assert 0 < record['train_nonpositive_feature_share'] < 1
     assert checkpoint['best_acc1'] == max(record['val_acc1'] for record in log)
 
     best = torch.load(output / 'model_best.pth.tar', map_location='cpu', weights_only=True)
@@ -194,6 +197,35 @@ def test_a_training_step_reads_nothing_back_to_the_host():
     assert any(op.startswith('aten._foreach_add') or op.startswith('aten.add_') for op in ops)
     assert not [op for op in ops if '_local_scalar_dense' in op or op.startswith('aten.item')]
     assert 0 <= metrics['acc1'] <= 100 and metrics['count'] == 8
+
+
+def test_holdout_validates_on_training_images_disjoint_from_the_trained_ones(data_dir: Path, tmp_path: Path):
+    args = recipe.parse_args([str(data_dir), *TINY_RUN, '--holdout-per-class', '1', '--train-subset-per-class', '2',
+                              '--train-eval-samples', '0', '--output', str(tmp_path)])
+    recipe.check_inputs(args)
+    args.is_main, args.distributed, args.rank, args.world_size = True, False, 0, 1
+    model = recipe.create_model(args, num_classes=10)
+    train_loader, val_loader, _, _ = recipe.build_loaders(args, model, torch.device('cpu'))
+    targets = datasets.ImageFolder(data_dir / 'train').targets
+    # by hand from the recipe's fixed order: the first 2 images of each class train, the last one is held out
+    order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(0)).tolist()
+    in_order = [[index for index in order if targets[index] == c] for c in range(10)]
+    assert val_loader.dataset.indices == sorted(images[-1] for images in in_order)
+    assert sorted(train_loader.dataset.indices) == sorted(index for images in in_order for index in images[:2])
+    # the same training images as without the holdout
+    args.holdout_per_class = 0
+    assert train_loader.dataset.indices == recipe.build_loaders(args, model, torch.device('cpu'))[0].dataset.indices
+
+
+def test_holdout_larger_than_a_class_is_refused_in_one_line(data_dir: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit):
+        recipe.main([str(data_dir), *TINY_RUN, '--holdout-per-class', '3', '--train-subset-per-class', '2',
+                     '--output', str(tmp_path)])
+    assert capsys.readouterr().err == ('error: --holdout-per-class 3 + --train-subset-per-class 2 needs 5 training '
+                                       'images of each class, but class airplane has only 4; pass a smaller '
+                                       '--holdout-per-class\n')
+    assert not (tmp_path / 'log.jsonl').exists()
 
 
 def test_model_kwargs_reach_the_export_and_plain_timm(data_dir: Path, tmp_path: Path):

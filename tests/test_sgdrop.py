@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from sgdrop_zoo import AttributionSource, LinearRhoSchedule, add_sgdrop, is_sgdrop_model, saliency_mask
-from sgdrop_zoo.sgdrop import latent_attribution, num_dropped_features
+from sgdrop_zoo.sgdrop import dropped_attribution_share, latent_attribution, nonpositive_share, num_dropped_features
 
 from conftest import RecordOps
 
@@ -77,6 +77,63 @@ def test_attribution_matches_hand_computation():
     model = ReferenceClassifier()
     attribution = latent_attribution(model.forward_head, LATENT, LABELS)
     assert torch.equal(attribution, ATTRIBUTION)
+
+
+# A signed latent (ConvNeXt's is): features 1 and 3 of sample 0 and feature 2 of sample 1 are negative.
+SIGNED_LATENT = torch.tensor([
+    [2., -1., 3., -4.],
+    [1., 5., -2., 0.],
+]).view(2, 2, 1, 2)
+# By hand, the paper's rule ReLU(W[y]) * z: sample 0 [1, 0, 2, 0] * z = [2, 0, 6, 0]; sample 1 [0, 3, 0, 1] * z =
+# [0, 15, 0, 0]. The product rule ReLU(W[y] * z): sample 0 ReLU([2, 1, 6, 0]); sample 1 ReLU([0, 15, 4, 0]), so the
+# negative features whose negative weight raises the class score (sample 0 feature 1, sample 1 feature 2) count.
+SIGNED_ATTRIBUTION_GRADIENT = torch.tensor([[2., 0., 6., 0.], [0., 15., 0., 0.]]).view(2, 2, 1, 2)
+SIGNED_ATTRIBUTION_PRODUCT = torch.tensor([[2., 1., 6., 0.], [0., 15., 4., 0.]]).view(2, 2, 1, 2)
+
+
+def test_product_attribution_equals_the_papers_on_a_non_negative_latent():
+    model = ReferenceClassifier()
+    assert torch.equal(latent_attribution(model.forward_head, LATENT, LABELS, relu='product'), ATTRIBUTION)
+
+
+def test_product_attribution_reaches_negative_features_of_a_signed_latent():
+    model = ReferenceClassifier()
+    gradient = latent_attribution(model.forward_head, SIGNED_LATENT, LABELS)
+    product = latent_attribution(model.forward_head, SIGNED_LATENT, LABELS, relu='product')
+    assert torch.equal(gradient, SIGNED_ATTRIBUTION_GRADIENT) and torch.equal(product, SIGNED_ATTRIBUTION_PRODUCT)
+    # rho 0.5, k = 2: the paper's rule drops features 0, 2 and 1; the product rule 0, 2 and 1, 2
+    keep = torch.tensor([[False, True, False, True], [True, False, False, True]]).view(2, 2, 1, 2)
+    assert torch.equal(saliency_mask(product, 0.5), keep)
+    model = reference_model(rho=0.5, sgdrop_attribution_relu='product')
+    # W @ (z * keep): sample 0 W @ [0, -1, 0, -4] = [1, -7, -5]; sample 1 W @ [1, 0, 0, 0] = [1, 0, -1]
+    assert torch.equal(model(SIGNED_LATENT.clone(), target=LABELS), torch.tensor([[1., -7., -5.], [1., 0., -1.]]))
+    assert model.sgdrop_config['sgdrop_attribution_relu'] == 'product'
+    with pytest.raises(ValueError, match="Unknown sgdrop_attribution_relu 'sign': choose one of 'gradient', 'product'"):
+        reference_model(sgdrop_attribution_relu='sign')
+
+
+def test_step_diagnostics_match_hand_computation():
+    # rho 0.25, k = 1. Paper's rule on LATENT: sample 0 drops its A = 6 of 2 + 6, sample 1 its 15 of 15; the latent
+    # features at or below zero: none of sample 0, one of four of sample 1.
+    model = reference_model(rho=0.25)
+    model(LATENT.clone(), target=LABELS)
+    stats = model.sgdrop_step_stats
+    assert torch.equal(stats['dropped_attribution_share'], torch.tensor([0.75, 1.0]))
+    assert torch.equal(stats['nonpositive_feature_share'], torch.tensor([0.0, 0.25]))
+    # product rule on the signed latent: 6 of 2 + 1 + 6 and 15 of 15 + 4; two of four features <= 0 in each
+    model = reference_model(rho=0.25, sgdrop_attribution_relu='product')
+    model(SIGNED_LATENT.clone(), target=LABELS)
+    stats = model.sgdrop_step_stats
+    assert torch.allclose(stats['dropped_attribution_share'], torch.tensor([6 / 9, 15 / 19]))
+    assert torch.equal(stats['nonpositive_feature_share'], torch.tensor([0.5, 0.5]))
+    # rho 0 drops nothing; a sample without positive attribution has nothing to drop
+    model = reference_model(rho=0.0)
+    assert model.sgdrop_step_stats is None
+    model(LATENT.clone(), target=LABELS)
+    assert torch.equal(model.sgdrop_step_stats['dropped_attribution_share'], torch.zeros(2))
+    no_positive = torch.zeros(1, 2, 1, 2)
+    assert torch.equal(dropped_attribution_share(no_positive, no_positive != 0), torch.zeros(1))
+    assert torch.equal(nonpositive_share(-LATENT), torch.ones(2))
 
 
 def test_mask_matches_hand_computation():
