@@ -5,6 +5,7 @@
 """
 from .models import *
 from .sgdrop import (
+    AttributionRelu,
     AttributionSource,
     LinearRhoSchedule,
     SaliencyGuidedDropout,
@@ -17,6 +18,6 @@ from .sgdrop import (
 __version__ = '0.1.0'
 
 __all__ = [
-    'AttributionSource', 'LinearRhoSchedule', 'SaliencyGuidedDropout', 'add_sgdrop', 'is_sgdrop_model',
+    'AttributionRelu', 'AttributionSource', 'LinearRhoSchedule', 'SaliencyGuidedDropout', 'add_sgdrop', 'is_sgdrop_model',
     'latent_attribution', 'saliency_mask',
 ]

@@ -96,6 +96,8 @@ def check_image_folders(root: Path, workers: int) -> list[str]:
             # ImageFolder takes every folder as a class, .ipynb_checkpoints or .git included
             raise DatasetError(f'{split_dir / hidden[0]} is a hidden folder, which ImageFolder would take as a class; '
                                f'move it out of {split_dir}')
+        for name in classes[split]:
+            check_links(split_dir / name)
         class_to_idx = {name: i for i, name in enumerate(classes[split])}
         split_samples = datasets.folder.make_dataset(split_dir, class_to_idx, datasets.folder.IMG_EXTENSIONS,
                                                      allow_empty=True)
@@ -118,6 +120,28 @@ def check_image_folders(root: Path, workers: int) -> list[str]:
             if error:
                 raise DatasetError(f'unreadable image {path} ({error}); delete or replace it and rerun')
     return classes['train']
+
+
+def check_links(class_dir: Path) -> None:
+    """Refuse a symbolic link inside ``class_dir`` that leads out of it: ImageFolder follows links, so one to another
+    class would label that class's images as this one, and one to a parent folder would list the dataset again (a
+    loop). The class folder itself may be a link, to another disk say.
+
+    Raises:
+        DatasetError: Such a link, named with its target.
+    """
+    real_class_dir = class_dir.resolve()
+    for folder, dirs, files in os.walk(class_dir):
+        for name in dirs + files:
+            path = Path(folder) / name
+            if not path.is_symlink():
+                continue
+            target = path.resolve()
+            if target != real_class_dir and real_class_dir in target.parents:
+                continue
+            raise DatasetError(f'{path} is a link to {target}, outside its class folder {class_dir}: ImageFolder '
+                               f'would take what it leads to as images of this class; remove the link or copy the '
+                               f'images in')
 
 
 def image_header_error(path: str) -> Optional[str]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import timm
+import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import save_for_hf
@@ -26,13 +27,16 @@ from .pretrained import CONFIG_NAME, WEIGHTS_NAME
 from .sgdrop import DEFAULT_EMA_DECAY, DEFAULT_RHO, add_sgdrop
 
 __all__ = [
-    'SGDROP_MODEL_ARGS', 'base_architecture', 'read_config', 'regularizer_settings', 'save_export',
-    'save_recipe_export', 'sgdrop_model_args', 'sgdrop_settings', 'to_hub_config', 'write_config',
+    'PARTIAL_WRITE_SUFFIX', 'SGDROP_MODEL_ARGS', 'base_architecture', 'read_config', 'regularizer_settings',
+    'save_export', 'save_recipe_export', 'sgdrop_model_args', 'sgdrop_settings', 'to_hub_config', 'write_config',
 ]
 
 # constructor arguments of an SGDrop model that plain timm's base architecture does not accept
 SGDROP_MODEL_ARGS = ('sgdrop_rho', 'sgdrop_attribution', 'sgdrop_attribution_relu', 'sgdrop_ema_decay',
                      'latent_drop_rate')
+# the suffix of the temporary files and folders of an unfinished write (a run killed while writing one leaves it):
+# only the writers of run files make such names, so only they are removed when the run resumes
+PARTIAL_WRITE_SUFFIX = '.sgdrop-partial'
 # the names of the "sgdrop" settings in the config.json of sgdrop-zoo 0.1 exports, still read
 _FORMER_KEYS = {'rho': 'sgdrop_rho', 'attribution': 'sgdrop_attribution', 'ema_decay': 'sgdrop_ema_decay',
                 'rho_end': 'sgdrop_rho_end'}
@@ -69,7 +73,15 @@ def save_export(model: nn.Module, folder: Path, class_names: list[str], image_si
         regularizer: 'sgdrop', or the paper's baseline it was trained as ('none', 'dropout').
         training: What trained it (epochs, data, optimizer, ...), informative only.
         sgdrop_rho_end: The end of a rho curriculum, if one was used.
+
+    Raises:
+        ValueError: A weight is not finite; nothing is written.
     """
+    nonfinite = next((name for name, tensor in model.state_dict().items()
+                      if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+    if nonfinite is not None:
+        raise ValueError(f'{nonfinite} holds NaN or infinite values: the weights diverged in training and are not '
+                         f'exported; train again (with a lower learning rate)')
     crop_pct, crop_mode = EVAL_CROP[train_transform]
     data_config = {
         # what data.eval_transform, the validation transform of the recipe, finetune and saliency, is made of
@@ -85,7 +97,7 @@ def save_export(model: nn.Module, folder: Path, class_names: list[str], image_si
         'sgdrop': {'regularizer': regularizer, **model.sgdrop_config, 'sgdrop_rho_end': sgdrop_rho_end},
         'training': dict(training, image_size=image_size, train_transform=train_transform),
     }
-    with tempfile.TemporaryDirectory(dir=folder, prefix='.export.', suffix='.tmp') as tmp:
+    with tempfile.TemporaryDirectory(dir=folder, prefix='.export.', suffix=PARTIAL_WRITE_SUFFIX) as tmp:
         save_for_hf(model, tmp, model_config=model_config, data_config=data_config, safe_serialization=True)
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             (Path(tmp) / name).chmod(0o644)  # safetensors writes the weights private

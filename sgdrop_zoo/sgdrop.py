@@ -29,8 +29,9 @@ of (x, y), and the online network learns to read the label from the position of 
 Where the ReLU goes (``sgdrop_attribution_relu``): the paper's ``'gradient'`` rule ReLU(d logit_y / d z) * z cannot
 select a negative feature, since its attribution is <= 0 there. On a non-negative latent (VGG and ResNet: z is the
 output of a ReLU) it equals ``'product'``, ReLU(d logit_y / d z * z); on a signed latent (ConvNeXt: z is the residual
-stream, normalised only inside the head) ``'product'`` also selects the negative features whose sign raises the class score,
-which a network trained with the paper's rule can otherwise route its evidence through, out of the mask's reach.
+stream, normalised only inside the head) ``'product'`` also selects the negative features whose sign raises the class
+score, which a network trained with the paper's rule can otherwise route its evidence through, out of the mask's
+reach.
 
 Diagnostics (``sgdrop_step_stats``): each train-mode forward with a target records, per sample, the share of the
 sample's positive attribution that the mask removed and the share of its latent features at or below zero, as
@@ -52,8 +53,9 @@ from torch.fx import _symbolic_trace as fx_symbolic_trace
 from timm.utils import ModelEmaV3, unwrap_model
 
 __all__ = [
-    'AttributionRelu', 'AttributionSource', 'LinearRhoSchedule', 'SaliencyGuidedDropout', 'add_sgdrop', 'check_sgdrop_settings',
-    'is_sgdrop_model', 'latent_attribution', 'saliency_mask',
+    'AttributionRelu', 'AttributionSource', 'LinearRhoSchedule', 'SaliencyGuidedDropout', 'add_sgdrop',
+    'check_sgdrop_settings', 'dropped_attribution_share', 'is_sgdrop_model', 'latent_attribution', 'nonpositive_share',
+    'saliency_mask',
 ]
 
 DEFAULT_RHO = 0.01
@@ -445,9 +447,12 @@ class SaliencyGuidedDropout:
         if set(state) != {'num_updates', 'state_dict'}:
             raise ValueError(
                 f'Not an SGDrop EMA state: expected keys num_updates and state_dict, got {sorted(state)}.')
+        num_updates = state['num_updates']
+        if isinstance(num_updates, bool) or not isinstance(num_updates, int) or num_updates < 0:
+            raise ValueError(f'Not an SGDrop EMA state: num_updates must be a count >= 0, got {num_updates!r}.')
         ema = self._ensure_ema()
         ema.module.load_state_dict(state['state_dict'])
-        self.__dict__['_sgdrop_ema_updates'] = int(state['num_updates'])
+        self.__dict__['_sgdrop_ema_updates'] = num_updates
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> nn.Module:
         # .to() / .cuda() / .half() must move the EMA network along with the model.
@@ -469,6 +474,10 @@ class SaliencyGuidedDropout:
             raise TypeError(
                 f'target must hold integer class indices (torch.long), got {target.dtype}. SGDrop drops the '
                 f'features salient for the true class, so soft or mixed labels need their hard labels here.')
+        if target.dtype != torch.long:
+            # the attribution gathers the true-class logits, and gather takes int64 indices only
+            raise TypeError(f'target must be a torch.long tensor of class indices, got {target.dtype}: pass '
+                            f'target.long().')
         if target.shape != (x.shape[0],):
             raise ValueError(
                 f'target must have shape ({x.shape[0]},), one class index per image, got {tuple(target.shape)}.')

@@ -466,7 +466,8 @@ def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(data_dir: Pat
                               output=str(tmp_path))
 
     def writes_a_temporary_file() -> None:
-        assert list(tmp_path.glob('.checkpoint.pth.tar.*.tmp')), 'the write should be under way in a temporary file'
+        assert list(tmp_path.glob('.checkpoint.pth.tar.*.sgdrop-partial')), 'the write should be under way in a ' \
+                                                                            'temporary file'
 
     kill_once_marked(script, marker, during=writes_a_temporary_file)
 
@@ -476,7 +477,7 @@ def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(data_dir: Pat
     # the killed run resumes from the last complete checkpoint
     run_recipe(str(data_dir), *TINY_RUN, '--epochs', '2', '--resume', str(checkpoint_path), '--output', str(tmp_path))
     assert [record['epoch'] for record in read_log(tmp_path)] == [1, 2]
-    assert not list(tmp_path.glob('.*.tmp')), "the resumed run removes the killed write's temporary file"
+    assert not list(tmp_path.glob('.*.sgdrop-partial')), "the resumed run removes the killed write's temporary file"
     assert_same_training_state(two_epoch_run[0] / 'checkpoint.pth.tar', checkpoint_path)
 
 
@@ -513,7 +514,7 @@ def test_sigkill_while_copying_model_best_leaves_nothing_stale(data_dir: Path, o
     assert f'{best_path} holds epoch 1, not the best epoch 2' in result.stdout
     assert best_path.read_bytes() == checkpoint_path.read_bytes()
     assert json.loads((tmp_path / 'config.json').read_text())['training']['epoch'] == 2
-    assert not list(tmp_path.glob('.*.tmp'))
+    assert not list(tmp_path.glob('.*.sgdrop-partial'))
 
 
 def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(
@@ -589,7 +590,7 @@ def test_sigkill_during_training_resumes_from_last_complete_epoch(data_dir: Path
     assert torch.load(tmp_path / 'checkpoint.pth.tar', map_location='cpu', weights_only=True)['epoch'] == epoch + 1
     # one log line per epoch, none repeated by the resumed run
     assert [record['epoch'] for record in read_log(tmp_path)] == list(range(1, epoch + 2))
-    assert not list(tmp_path.glob('.*.tmp'))
+    assert not list(tmp_path.glob('.*.sgdrop-partial'))
 
 
 def run_bad_input(capsys: pytest.CaptureFixture, *args: str) -> str:
@@ -611,7 +612,22 @@ def run_bad_input(capsys: pytest.CaptureFixture, *args: str) -> str:
     (['-p', '0'], '-p/--print-freq 0: pass a positive number'),
     (['--image-size', '0'], '--image-size 0: pass a positive number'),
     (['--lr-step-size', '0'], '--lr-step-size 0: pass a positive number'),
-    (['--lr', '-0.1'], '--lr -0.1: the learning rate must be positive'),
+    (['--lr', '-0.1'], '--lr -0.1: the learning rate must be a positive number'),
+    (['--lr', 'inf'], '--lr inf: the learning rate must be a positive number'),
+    (['--lr', 'nan'], '--lr nan: the learning rate must be a positive number'),
+    (['--lr-gamma', 'nan'], '--lr-gamma nan: pass a positive factor'),
+    (['--momentum', '-0.5'], '--momentum -0.5: pass a number in [0, 1)'),
+    (['--wd', '-1'], '--wd -1.0: pass 0 or a positive number'),
+    (['--wd', 'inf'], '--wd inf: pass 0 or a positive number'),
+    (['--seed', '-1'], '--seed -1: pass a number in [0, 2**32)'),
+    (['--image-size', '100000'], '--image-size 100000: larger than 4096 px'),
+    (['-a', 'sgdrop_resnet10t.nope'], '--arch sgdrop_resnet10t.nope: no such pretrained tag; the tags of '
+                                      'sgdrop_resnet10t are sgdrop_resnet10t.imagenette_64'),
+    (['--pretrained'], '--pretrained: sgdrop_vgg_tiny has no pretrained weights; leave --pretrained out'),
+    (['--model-kwargs', 'in_chans=1'], '--model-kwargs in_chans=1: the recipe reads every image as RGB, 3 channels'),
+    (['--holdout-per-class', '-1'], '--holdout-per-class -1 is negative'),
+    (['--evaluate'], '--evaluate needs weights to evaluate: pass --resume CHECKPOINT or --pretrained'),
+    (['--evaluate', '--overwrite'], '--evaluate writes nothing, so --overwrite would only delete the run'),
     (['--sgdrop-rho-end', '2'], '--sgdrop-rho-end 2.0: sgdrop_rho_end must be in [0, 1)'),
     (['--regularizer', 'dropout', '--sgdrop-rho', '2'], '--sgdrop-rho 2.0: sgdrop_rho must be in [0, 1)'),
     (['--sgdrop-ema-decay', '1'], '--sgdrop-ema-decay 1.0: sgdrop_ema_decay must be a float in [0, 1)'),
@@ -755,11 +771,122 @@ def test_resume_from_a_corrupt_checkpoint(capsys: pytest.CaptureFixture, data_di
     assert message.endswith('Pass an intact checkpoint.pth.tar') and 'weights_only' not in message
 
 
-def test_resume_from_another_architecture(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):
+def test_resume_from_another_architecture(capsys: pytest.CaptureFixture, data_dir: Path, one_epoch_run: Path,
+                                          tmp_path: Path):
     other = tmp_path / 'checkpoint.pth.tar'
-    torch.save({'epoch': 1, 'arch': 'sgdrop_cifar_cnn', 'state_dict': {}}, other)
+    checkpoint = torch.load(one_epoch_run / 'checkpoint.pth.tar', map_location='cpu', weights_only=True)
+    torch.save(dict(checkpoint, arch='sgdrop_cifar_cnn'), other)
     message = run_bad_input(capsys, str(data_dir), '--resume', str(other))
     assert "holds a 'sgdrop_cifar_cnn' model, not 'sgdrop_vgg_tiny'" in message and '-a sgdrop_cifar_cnn' in message
+
+
+def test_resume_from_a_checkpoint_of_weights_only(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):
+    weights = tmp_path / 'weights.pth.tar'
+    torch.save({'arch': 'sgdrop_vgg_tiny', 'state_dict': {}}, weights)
+    message = run_bad_input(capsys, str(data_dir), '--resume', str(weights), '--output', str(tmp_path))
+    assert message == (f'error: --resume {weights}: not a checkpoint of this script (no epoch, best_acc1, optimizer, '
+                       f'scheduler, args); pass the checkpoint.pth.tar or model_best.pth.tar of a train/main.py run')
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--regularizer', 'none'], 'was trained with --regularizer sgdrop, not none; pass --regularizer sgdrop'),
+    (['--image-size', '48'], 'was trained with --image-size 32, not 48; pass --image-size 32 to continue it'),
+    (['--optimizer', 'sgd'], 'was trained with --optimizer adam, not sgd'),
+    (['--sgdrop-rho', '0.05'], 'was trained with --sgdrop-rho 0.01, not 0.05'),
+    (['--sgdrop-attribution-relu', 'product'], 'was trained with --sgdrop-attribution-relu gradient, not product'),
+])
+def test_resume_refuses_a_changed_run_setting(capsys: pytest.CaptureFixture, data_dir: Path, one_epoch_run: Path,
+                                              tmp_path: Path, flags: list[str], message: str):
+    run = tmp_path / 'run'
+    shutil.copytree(one_epoch_run, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert message in run_bad_input(capsys, str(data_dir), '--epochs', '2', '--resume', str(run / 'checkpoint.pth.tar'),
+                                    '--output', str(run), *flags)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_resume_never_writes_into_another_run(capsys: pytest.CaptureFixture, data_dir: Path, one_epoch_run: Path,
+                                              two_epoch_run: tuple[Path, str], tmp_path: Path):
+    other = tmp_path / 'other'
+    shutil.copytree(two_epoch_run[0], other)
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    message = run_bad_input(capsys, str(data_dir), '--epochs', '2', '--resume',
+                            str(one_epoch_run / 'checkpoint.pth.tar'), '--output', str(other))
+    assert message == (f"error: --output {other} holds another run (log.jsonl, checkpoint.pth.tar, model_best.pth.tar, "
+                       f"model.safetensors, config.json) than the resumed {one_epoch_run / 'checkpoint.pth.tar'}; "
+                       f"resume into its own folder (--output {one_epoch_run}) or into a new one")
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+
+
+def test_a_run_removes_only_the_temporary_files_it_made(data_dir: Path, one_epoch_run: Path, tmp_path: Path):
+    # a user's hidden files that look temporary, beside a partial checkpoint write of a killed run
+    (tmp_path / '.draft.tmp').write_text('draft')
+    (tmp_path / '.notes.tmp').mkdir()
+    (tmp_path / '.notes.tmp' / 'todo.txt').write_text('todo')
+    (tmp_path / '.checkpoint.pth.tar.x1y2.sgdrop-partial').write_bytes(b'partial')
+    run_recipe(str(data_dir), *TINY_RUN, '--epochs', '1', '--evaluate', '--resume',
+               str(one_epoch_run / 'checkpoint.pth.tar'), '--output', str(tmp_path))
+    assert (tmp_path / '.checkpoint.pth.tar.x1y2.sgdrop-partial').exists(), '--evaluate deletes nothing'
+    run_recipe(str(data_dir), *TINY_RUN, '--epochs', '1', '--output', str(tmp_path))
+    assert (tmp_path / '.draft.tmp').read_text() == 'draft'
+    assert (tmp_path / '.notes.tmp' / 'todo.txt').read_text() == 'todo'
+    assert not (tmp_path / '.checkpoint.pth.tar.x1y2.sgdrop-partial').exists()
+
+
+def test_a_diverging_run_stops_in_one_line_and_exports_nothing(data_dir: Path, tmp_path: Path):
+    # Adam moves every weight by about lr per step: at lr 1e30 the logits overflow by the second step
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    result = subprocess.run([sys.executable, str(MAIN), str(data_dir), *TINY_RUN, '--lr', '1e30', '--epochs', '2',
+                             '--output', str(tmp_path)], capture_output=True, text=True, timeout=300, env=env,
+                            cwd=REPO_ROOT)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ('error: the training loss is not finite from epoch 1, step 2 on: the weights have '
+                                     'diverged, and nothing of this epoch was saved; start again with a lower --lr '
+                                     'than 1e+30')
+    assert not (tmp_path / 'model.safetensors').exists() and not (tmp_path / 'checkpoint.pth.tar').exists()
+
+
+def test_a_full_disk_during_the_export_stops_in_one_line(monkeypatch: pytest.MonkeyPatch, data_dir: Path,
+                                                         one_epoch_run: Path, tmp_path: Path):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+
+    monkeypatch.setattr(safetensors.torch, 'save_file', full_disk)
+    args = recipe.parse_args([str(data_dir), *TINY_RUN, '--output', str(tmp_path)])
+    args.class_names = torch.load(one_epoch_run / 'checkpoint.pth.tar', map_location='cpu',
+                                  weights_only=True)['class_names']
+    with pytest.raises(recipe.RecipeError) as refused:
+        recipe.export_for_hub(one_epoch_run / 'model_best.pth.tar', tmp_path, args)
+    assert str(refused.value) == (f'cannot write the export {tmp_path / "model.safetensors"} (Error while '
+                                  f'serializing: I/O error: No space left on device (os error 28)); the checkpoints '
+                                  f'are intact: free some space there, then resume the run, which exports again')
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nothing_that_is_not_finite_is_exported(tmp_path: Path):
+    from sgdrop_zoo.export import save_export
+    model = timm.create_model('sgdrop_vgg_tiny', num_classes=3)
+    with torch.no_grad():
+        model.head.fc.weight[0, 0] = float('nan')
+    with pytest.raises(ValueError, match='head.fc.weight holds NaN or infinite values'):
+        save_export(model, tmp_path, ['a', 'b', 'c'], 32, 'resize', 'sgdrop', {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_link_out_of_its_class_folder_is_refused(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):
+    data = tmp_path / 'data'
+    shutil.copytree(data_dir, data)
+    (data / 'train' / 'cat' / 'loop').symlink_to('..')
+    message = run_bad_input(capsys, str(data), '--output', str(tmp_path / 'run'))
+    assert message == (f"error: {data / 'train' / 'cat' / 'loop'} is a link to {(data / 'train').resolve()}, outside "
+                       f"its class folder {data / 'train' / 'cat'}: ImageFolder would take what it leads to as images "
+                       f"of this class; remove the link or copy the images in")
+    (data / 'train' / 'cat' / 'loop').unlink()
+    (data / 'train' / 'cat' / 'plane.jpg').symlink_to(next((data / 'train' / 'airplane').iterdir()))
+    assert 'outside its class folder' in run_bad_input(capsys, str(data), '--output', str(tmp_path / 'run'))
 
 
 def test_log_area_ratio_beyond_the_val_split(capsys: pytest.CaptureFixture, data_dir: Path, num_val: int):
@@ -828,6 +955,18 @@ def test_resume_drops_an_incomplete_last_log_line(data_dir: Path, one_epoch_run:
     run_recipe(str(data_dir), *TINY_RUN, '--epochs', '2', '--output', str(run), '--resume',
                str(run / 'checkpoint.pth.tar'))
     assert [record['epoch'] for record in read_log(run)] == [1, 2]
+
+
+def test_resume_refuses_a_log_line_whose_epoch_is_not_a_number(capsys: pytest.CaptureFixture, data_dir: Path,
+                                                                one_epoch_run: Path, tmp_path: Path):
+    run = tmp_path / 'run'
+    shutil.copytree(one_epoch_run, run)
+    record = read_log(run)[0]
+    (run / 'log.jsonl').write_text(json.dumps(dict(record, epoch='1')) + '\n' + json.dumps(record) + '\n')
+    message = run_bad_input(capsys, str(data_dir), '--epochs', '2', '--resume', str(run / 'checkpoint.pth.tar'),
+                            '--output', str(run))
+    assert message == (f'error: {run / "log.jsonl"}: line 1 is not an epoch record; delete or repair that line, '
+                       f'then resume again')
 
 
 def test_resume_names_a_damaged_log_line(capsys: pytest.CaptureFixture, data_dir: Path, one_epoch_run: Path,

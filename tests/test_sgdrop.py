@@ -372,11 +372,25 @@ def test_ema_decay_setting_is_validated_and_followed():
     (torch.tensor([0, 3]), RuntimeError, r'a class outside \[0, 3\) for this model'),
     (torch.tensor([-1, 0]), RuntimeError, r'a class outside \[0, 3\)'),
     ([0, 1], TypeError, 'tensor of class indices'),
+    (torch.tensor([0, 1], dtype=torch.uint8), TypeError, r'torch.long tensor of class indices, got torch.uint8'),
 ])
 def test_bad_target(target, error, message):
     model = reference_model()
     with pytest.raises(error, match=message):
         model(LATENT.clone(), target=target)
+
+
+def test_a_bad_ema_state_leaves_the_ema_as_it_was():
+    model = reference_model(attribution='ema')
+    model(LATENT.clone(), target=LABELS)
+    model.update_ema()
+    before = copy.deepcopy(model.ema_state_dict())
+    zeros = {name: torch.zeros_like(value) for name, value in before['state_dict'].items()}
+    with pytest.raises(ValueError, match="num_updates must be a count >= 0, got 'many'"):
+        model.load_ema_state_dict({'num_updates': 'many', 'state_dict': zeros})
+    after = model.ema_state_dict()
+    assert after['num_updates'] == before['num_updates'] == 1
+    assert all(torch.equal(after['state_dict'][k], v) for k, v in before['state_dict'].items())
 
 
 def test_headless_model_is_rejected():

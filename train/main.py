@@ -18,6 +18,7 @@ import argparse
 import collections
 import difflib
 import json
+import math
 import os
 import random
 import shutil
@@ -38,6 +39,7 @@ import torch.utils.data
 import torch.utils.data.distributed
 import torchvision.datasets as datasets
 import torchvision.transforms as transforms
+from safetensors import SafetensorError
 
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -55,12 +57,13 @@ from sgdrop_zoo.data import (
     stored_train_resize,
     with_transform,
 )
-from sgdrop_zoo.export import regularizer_settings, save_recipe_export
+from sgdrop_zoo.export import PARTIAL_WRITE_SUFFIX, regularizer_settings, save_recipe_export
 from sgdrop_zoo.loading import check_writable_folder, read_checkpoint
 from sgdrop_zoo.pretrained import CONFIG_NAME, WEIGHTS_NAME
 from sgdrop_zoo.sgdrop import DEFAULT_EMA_DECAY, DEFAULT_RHO, check_sgdrop_settings
 
 PRESETS_PATH = Path(__file__).with_name('presets.json')
+MAX_IMAGE_SIZE = 4096
 DUMMY_TRAIN_IMAGES, DUMMY_VAL_IMAGES = 1281167, 50000  # ImageNet's sizes
 
 
@@ -262,6 +265,16 @@ def check_inputs(args: argparse.Namespace) -> None:
         hint = f"did you mean {', '.join(close)}? " if close else ''
         raise RecipeError(f"unknown --arch {args.arch!r}: not a timm model; {hint}"
                           f"list names with timm.list_models('*{args.arch.split('_')[-1]}*')")
+    try:
+        pretrained_cfg = timm.models.get_pretrained_cfg(args.arch)
+    except RuntimeError:  # timm's "Invalid pretrained tag"
+        tags = timm.list_pretrained(f"{args.arch.split('.')[0]}.*")
+        raise RecipeError(f"--arch {args.arch}: no such pretrained tag; the tags of {args.arch.split('.')[0]} are "
+                          f"{', '.join(tags) if tags else 'none'}") from None
+    if args.pretrained and not (pretrained_cfg and pretrained_cfg.has_weights):
+        tags = timm.list_pretrained(f"{args.arch.split('.')[0]}*")
+        raise RecipeError(f"--pretrained: {args.arch} has no pretrained weights; "
+                          f"{'pass one of ' + ', '.join(tags) if tags else 'leave --pretrained out'}")
     if args.dist_url == 'env://' and 'WORLD_SIZE' not in os.environ:
         raise RecipeError('--dist-url env:// reads WORLD_SIZE and RANK from the launcher; start the script with '
                           'torchrun, e.g. torchrun --nproc-per-node 2 train/main.py DATA --dist-url env://')
@@ -275,6 +288,9 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise RecipeError(f'--log-area-ratio {args.log_area_ratio} is negative; pass a number of validation images, '
                           f'or 0 to turn it off')
 
+    if args.model_kwargs.get('in_chans', 3) != 3:
+        raise RecipeError(f"--model-kwargs in_chans={args.model_kwargs['in_chans']}: the recipe reads every image as "
+                          f"RGB, 3 channels; leave in_chans out")
     reserved = sorted(set(args.model_kwargs) & {'num_classes', 'pretrained', *regularizer_settings(vars(args))})
     if reserved:
         raise RecipeError(f"--model-kwargs sets {', '.join(reserved)}, which the recipe sets from its own options; "
@@ -313,6 +329,25 @@ def check_inputs(args: argparse.Namespace) -> None:
                 raise RecipeError(f'{flag} {value} asks for more images than the {num_val} of the validation split; '
                                   f'pass at most {num_val}')
 
+    if args.resume:
+        log_path = Path(args.output) / 'log.jsonl'
+        if log_path.exists() and not args.evaluate:
+            read_log_lines(log_path)
+        checkpoint = load_checkpoint(args.resume)
+        if checkpoint.get('arch') != args.arch:
+            raise RecipeError(f"--resume {args.resume} holds a {checkpoint.get('arch')!r} model, not {args.arch!r}; "
+                              f"pass -a {checkpoint.get('arch')} or a checkpoint of {args.arch}")
+        saved_kwargs = checkpoint['args'].get('model_kwargs', {})
+        if saved_kwargs != args.model_kwargs:
+            raise RecipeError(f'--resume {args.resume} was built with --model-kwargs {saved_kwargs}, not '
+                              f'{args.model_kwargs}; pass the same --model-kwargs')
+        saved_classes = checkpoint.get('class_names')
+        if saved_classes is not None and saved_classes != args.class_names:
+            raise RecipeError(f'--resume {args.resume} was trained on {len(saved_classes)} other classes than the '
+                              f'{len(args.class_names)} in {args.data}; resume on the same dataset')
+        if not args.evaluate:
+            check_same_run(args, checkpoint['args'])
+
 
 def check_holdout(args: argparse.Namespace) -> None:
     """Every class must hold its --holdout-per-class images besides its --train-subset-per-class ones."""
@@ -331,22 +366,25 @@ def check_holdout(args: argparse.Namespace) -> None:
                           f'images of each class, but class {args.class_names[smallest]} has only {sizes[smallest]}; '
                           f'pass a smaller --holdout-per-class')
 
-    if args.resume:
-        log_path = Path(args.output) / 'log.jsonl'
-        if log_path.exists() and not args.evaluate:
-            read_log_lines(log_path)
-        checkpoint = load_checkpoint(args.resume)
-        if checkpoint.get('arch') != args.arch:
-            raise RecipeError(f"--resume {args.resume} holds a {checkpoint.get('arch')!r} model, not {args.arch!r}; "
-                              f"pass -a {checkpoint.get('arch')} or a checkpoint of {args.arch}")
-        saved_kwargs = checkpoint.get('args', {}).get('model_kwargs', {})
-        if saved_kwargs != args.model_kwargs:
-            raise RecipeError(f'--resume {args.resume} was built with --model-kwargs {saved_kwargs}, not '
-                              f'{args.model_kwargs}; pass the same --model-kwargs')
-        saved_classes = checkpoint.get('class_names')
-        if saved_classes is not None and saved_classes != args.class_names:
-            raise RecipeError(f'--resume {args.resume} was trained on {len(saved_classes)} other classes than the '
-                              f'{len(args.class_names)} in {args.data}; resume on the same dataset')
+
+# the settings that define a run: a resume that changed one would continue another run than the checkpoint's
+RUN_SETTINGS = ('regularizer', 'image_size', 'train_transform', 'optimizer', 'train_subset', 'train_subset_per_class',
+                'holdout_per_class')
+SETTINGS_OF_REGULARIZER = {'sgdrop': ('sgdrop_rho', 'sgdrop_rho_end', 'sgdrop_attribution', 'sgdrop_attribution_relu',
+                                      'sgdrop_ema_decay'),
+                           'dropout': ('latent_drop_rate',), 'none': ()}
+
+
+def check_same_run(args: argparse.Namespace, saved: dict[str, Any]) -> None:
+    """Refuse a --resume whose run-defining settings differ from those its checkpoint was trained with."""
+    names = RUN_SETTINGS + SETTINGS_OF_REGULARIZER[saved.get('regularizer', 'sgdrop')]
+    for name in names:
+        # settings newer than the checkpoint have their default there
+        if name in saved and saved[name] != getattr(args, name):
+            flag = '--' + name.replace('_', '-')
+            raise RecipeError(f'--resume {args.resume} was trained with {flag} {saved[name]}, not '
+                              f'{getattr(args, name)}; pass {flag} {saved[name]} to continue it, or start a new run '
+                              f'in another --output')
 
 
 RUN_FILES = ('log.jsonl', 'checkpoint.pth.tar', 'model_best.pth.tar', WEIGHTS_NAME, CONFIG_NAME)
@@ -365,8 +403,20 @@ def check_arguments(args: argparse.Namespace) -> None:
                         ('--holdout-per-class', args.holdout_per_class)):
         if value < 0:
             raise RecipeError(f'{flag} {value} is negative; pass 0 or more')
-    if not args.lr > 0:
-        raise RecipeError(f'--lr {args.lr}: the learning rate must be positive, e.g. 0.1 for SGD or 1e-4 for Adam')
+    if not 0 < args.lr < math.inf:
+        raise RecipeError(f'--lr {args.lr}: the learning rate must be a positive number, e.g. 0.1 for SGD or 1e-4 for '
+                          f'Adam')
+    if not 0 <= args.momentum < 1:
+        raise RecipeError(f'--momentum {args.momentum}: pass a number in [0, 1), e.g. 0.9')
+    if not 0 <= args.weight_decay < math.inf:
+        raise RecipeError(f'--wd {args.weight_decay}: pass 0 or a positive number, e.g. 1e-4')
+    if not 0 < args.lr_gamma < math.inf:
+        raise RecipeError(f'--lr-gamma {args.lr_gamma}: pass a positive factor, e.g. 0.1, or 1.0 for a constant lr')
+    if args.seed is not None and not 0 <= args.seed < 2 ** 32:
+        raise RecipeError(f'--seed {args.seed}: pass a number in [0, 2**32)')
+    if args.image_size > MAX_IMAGE_SIZE:
+        raise RecipeError(f'--image-size {args.image_size}: larger than {MAX_IMAGE_SIZE} px, which no batch of these '
+                          f'models fits in memory; pass the side the model is trained at, e.g. 224')
     # by the models' own rule, whatever the --regularizer: every run builds its rho schedule and model from them
     for name in ('sgdrop_rho', 'sgdrop_rho_end', 'sgdrop_ema_decay', 'latent_drop_rate'):
         value = getattr(args, name)
@@ -384,16 +434,35 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def check_output(args: argparse.Namespace) -> None:
-    """--output must be a writable folder that holds no other run, unless resuming it or told to overwrite it."""
+    """--output must be a writable folder that holds no other run, unless resuming it or told to overwrite it.
+
+    --evaluate writes nothing, and --resume writes only into the resumed run's own folder or into a new one.
+    """
     output = Path(args.output)
+    if args.evaluate:
+        if args.overwrite:
+            raise RecipeError('--evaluate writes nothing, so --overwrite would only delete the run in --output; leave '
+                              '--overwrite out')
+        if not (args.resume or args.pretrained or args.dummy):
+            raise RecipeError('--evaluate needs weights to evaluate: pass --resume CHECKPOINT or --pretrained (a '
+                              'freshly initialised model scores at chance)')
+        return
     try:
         check_writable_folder(output)
     except ValueError as e:
         raise RecipeError(str(e)) from e
     previous = [name for name in RUN_FILES if (output / name).exists()]
-    if previous and not (args.resume or args.evaluate or args.overwrite):
+    resumed_folder = Path(args.resume).resolve().parent if args.resume else None
+    if previous and resumed_folder is not None and resumed_folder != output.resolve():
+        raise RecipeError(f"--output {output} holds another run ({', '.join(previous)}) than the resumed "
+                          f"{args.resume}; resume into its own folder (--output {Path(args.resume).parent}) or into "
+                          f"a new one")
+    if previous and not (args.resume or args.overwrite):
         raise RecipeError(f"--output {output} holds another run ({', '.join(previous)}); continue it with --resume "
                           f"{output / 'checkpoint.pth.tar'}, choose a new --output, or pass --overwrite to replace it")
+
+
+RECIPE_CHECKPOINT_KEYS = ('epoch', 'arch', 'state_dict', 'best_acc1', 'optimizer', 'scheduler', 'args')
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
@@ -404,9 +473,10 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         checkpoint = read_checkpoint(Path(path))
     except ValueError as e:
         raise RecipeError(f'--resume {e} Pass an intact checkpoint.pth.tar') from e
-    if 'state_dict' not in checkpoint:
-        raise RecipeError(f"--resume {path}: not a checkpoint of this script (no 'state_dict'); "
-                          f"pass checkpoint.pth.tar")
+    missing = [key for key in RECIPE_CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        raise RecipeError(f"--resume {path}: not a checkpoint of this script (no {', '.join(missing)}); pass the "
+                          f"checkpoint.pth.tar or model_best.pth.tar of a train/main.py run")
     return checkpoint
 
 
@@ -434,14 +504,9 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
         args.rank, args.world_size = 0, 1
     args.is_main = args.rank == 0
     output = Path(args.output)
-    if args.is_main:
+    if args.is_main and not args.evaluate:
         output.mkdir(parents=True, exist_ok=True)
-        # left by a run killed while writing a checkpoint or the export; the previous files are intact
-        for stale in output.glob('.*.tmp'):
-            if stale.is_dir():
-                shutil.rmtree(stale)
-            else:
-                stale.unlink()
+        remove_partial_writes(output)
         if args.overwrite and not args.resume:
             # the replaced run's files go now, so that none of them can pass for this run's
             for name in RUN_FILES:
@@ -611,6 +676,21 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
     cleanup(args)
 
 
+def remove_partial_writes(output: Path) -> None:
+    """Remove what a run killed while writing a checkpoint, the log or the export left; the previous files are intact.
+
+    Only names that the recipe's writers make are removed (``atomic_write``'s and ``save_export``'s), nothing of a
+    user's that happens to look temporary.
+    """
+    for name in RUN_FILES:
+        for partial in output.glob(f'.{name}.*{PARTIAL_WRITE_SUFFIX}'):
+            if partial.is_file() and not partial.is_symlink():
+                partial.unlink()
+    for partial in output.glob(f'.export.*{PARTIAL_WRITE_SUFFIX}'):
+        if partial.is_dir() and not partial.is_symlink():
+            shutil.rmtree(partial)
+
+
 def append_log(log_path: Path, record: dict[str, Any]) -> None:
     # a line cut short by a failed write is dropped when the run is resumed (read_log_lines)
     try:
@@ -632,12 +712,16 @@ def read_log_lines(log_path: Path) -> list[str]:
     lines = [line for line in log_path.read_text().splitlines() if line.strip()]
     for number, line in enumerate(lines, 1):
         try:
-            json.loads(line)['epoch']
-        except (json.JSONDecodeError, KeyError, TypeError):
+            record = json.loads(line)
+        except json.JSONDecodeError:
             if number == len(lines):
                 return lines[:-1]
+            record = None
+        epoch = record.get('epoch') if isinstance(record, dict) else None
+        if isinstance(epoch, bool) or not isinstance(epoch, int):
+            # not JSON, or no whole-number "epoch"
             raise RecipeError(f'{log_path}: line {number} is not an epoch record; delete or repair that line, then '
-                              f'resume again') from None
+                              f'resume again')
     return lines
 
 
@@ -800,6 +884,9 @@ def train(train_loader: Any, model: nn.Module, model_without_ddp: nn.Module, cri
     the model's per-sample SGDrop diagnostics (``sgdrop_step_stats``)."""
     batch_time, data_time, losses, top1, top5 = (AverageMeter() for _ in range(5))
     diagnostics = {name: AverageMeter() for name in ('dropped_attribution_share', 'nonpositive_feature_share')}
+    # the first step whose loss is not finite, kept on the device (no host read per step) and checked once an epoch
+    no_step = len(train_loader)
+    first_nonfinite_step = torch.tensor(no_step, device=device)
     progress = ProgressMeter(len(train_loader), {'Time': (batch_time, '6.3f'), 'Data': (data_time, '6.3f'),
                                                  'Loss': (losses, '.4e'), 'Acc@1': (top1, '6.2f'),
                                                  'Acc@5': (top5, '6.2f')},
@@ -828,6 +915,8 @@ def train(train_loader: Any, model: nn.Module, model_without_ddp: nn.Module, cri
         record_batch((losses, top1, top5), output, target, loss)
         for name, values in model_without_ddp.sgdrop_step_stats.items():
             diagnostics[name].update(values.double().mean(), values.numel())
+        first_nonfinite_step = torch.where(torch.isfinite(loss.detach()), first_nonfinite_step,
+                                           first_nonfinite_step.clamp_max(i))
 
         # compute gradient and do optimizer step
         optimizer.zero_grad(set_to_none=True)
@@ -845,6 +934,12 @@ def train(train_loader: Any, model: nn.Module, model_without_ddp: nn.Module, cri
 
     if args.distributed:
         all_reduce_meters((losses, top1, top5, *diagnostics.values()), device)
+        dist.all_reduce(first_nonfinite_step, dist.ReduceOp.MIN)
+    step = first_nonfinite_step.item()
+    if step < no_step:
+        raise RecipeError(f'the training loss is not finite from epoch {epoch + 1}, step {step + 1} on: the weights '
+                          f'have diverged, and nothing of this epoch was saved; start again with a lower --lr than '
+                          f'{args.lr}')
     return {'loss': float(losses.avg), 'acc1': float(top1.avg), 'acc5': float(top5.avg), 'count': top1.count,
             **{name: float(meter.avg) for name, meter in diagnostics.items()}}
 
@@ -975,7 +1070,7 @@ def save_checkpoint(state: dict[str, Any], is_best: bool, output: Path, filename
 
 def atomic_write(path: Path, write: Any) -> None:
     try:
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix=PARTIAL_WRITE_SUFFIX)
     except OSError as e:
         raise write_error(path, e) from e
     try:
@@ -1009,9 +1104,17 @@ def export_for_hub(checkpoint_path: Path, output: Path, args: argparse.Namespace
     checkpoint = read_checkpoint(checkpoint_path)
     model = create_model(argparse.Namespace(**{**vars(args), 'pretrained': False}), len(args.class_names))
     model.load_state_dict(checkpoint['state_dict'])
-    # model_best holds its own epoch, whose top-1 is the best one (checkpoints of older versions have no "acc1")
-    save_recipe_export(model, output, vars(args), args.class_names, checkpoint['epoch'],
-                       checkpoint.get('acc1', checkpoint['best_acc1']))
+    try:
+        # model_best holds its own epoch, whose top-1 is the best one (checkpoints of older versions have no "acc1")
+        save_recipe_export(model, output, vars(args), args.class_names, checkpoint['epoch'],
+                           checkpoint.get('acc1', checkpoint['best_acc1']))
+    except ValueError as e:  # weights that are not finite
+        raise RecipeError(str(e)) from e
+    except (OSError, SafetensorError) as e:
+        # safetensors reports a refused write as its own error, with the OS's reason in the message
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise RecipeError(f'cannot write the export {output / WEIGHTS_NAME} ({reason}); the checkpoints are intact: '
+                          f'free some space there, then resume the run, which exports again') from e
     return output
 
 
