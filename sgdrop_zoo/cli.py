@@ -12,6 +12,7 @@ import argparse
 import json
 import shlex
 import sys
+from pathlib import Path
 from typing import Optional
 
 import timm
@@ -19,11 +20,14 @@ import torch
 
 from .finetune import MODES, TRAIN_TRANSFORMS, finetune
 from .hub import publish_checkpoint
+from .loading import check_writable_file
 from .plots import plot_runs
 from .model_card import render_model_card
 from .pretrained import HubError, load_hub_configs
 from .saliency import format_table, saliency_report
 from .sgdrop import DEFAULT_RHO, num_dropped_features
+
+MAX_IMAGE_SIZE = 4096  # px; larger sides are typos (the zoo's checkpoints take 64 to 224)
 
 
 def list_models_command(args: argparse.Namespace) -> int:
@@ -34,13 +38,21 @@ def list_models_command(args: argparse.Namespace) -> int:
 
 
 def info_command(args: argparse.Namespace) -> int:
-    if args.model not in timm.list_models('sgdrop_*'):
-        print(f'error: unknown model {args.model!r}; `sgdrop-zoo models` lists them.', file=sys.stderr)
-        return 2
-    model = timm.create_model(args.model, num_classes=args.num_classes, sgdrop_rho=args.sgdrop_rho).eval()
-    size = args.image_size or model.pretrained_cfg['input_size'][-1]
-    with torch.no_grad():
-        features = model.forward_features(torch.zeros(1, 3, size, size))
+    if args.model not in timm.list_models('sgdrop_*') + timm.list_pretrained('sgdrop_*'):
+        raise ValueError(f'unknown model {args.model!r}; `sgdrop-zoo models` lists them, with their pretrained tags.')
+    if args.image_size is not None and not 1 <= args.image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"--image-size must be from 1 to {MAX_IMAGE_SIZE} px, or left out for the model's, got "
+                         f'{args.image_size}.')
+    if args.num_classes < 1:
+        raise ValueError(f'--num-classes must be at least 1, got {args.num_classes}.')
+    # on the meta device: shapes and parameter counts, without allocating or computing anything at any image size
+    with torch.device('meta'):
+        model = timm.create_model(args.model, num_classes=args.num_classes, sgdrop_rho=args.sgdrop_rho).eval()
+        size = args.image_size or model.pretrained_cfg['input_size'][-1]
+        try:
+            features = model.forward_features(torch.zeros(1, 3, size, size))
+        except RuntimeError as e:  # a pooling or stride left with less than one pixel
+            raise ValueError(f'--image-size {size} is too small for {args.model} ({str(e).splitlines()[0]}).') from e
     num_features = features[0].numel()
     print(f'model:            {args.model} ({type(model).__name__})')
     print(f'input:            3x{size}x{size}')
@@ -93,6 +105,7 @@ def saliency_command(args: argparse.Namespace) -> int:
 
 
 def plot_command(args: argparse.Namespace) -> int:
+    check_writable_file(Path(args.output))
     print(f'wrote {plot_runs(args.logs, args.output, labels=args.label)}', file=sys.stderr)
     return 0
 
@@ -104,11 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument('filter', nargs='?', default='sgdrop_*', help='wildcard filter (default: sgdrop_*)')
     models.set_defaults(func=list_models_command)
     info = commands.add_parser('info', help='latent feature map and SGDrop mask size of a model')
-    info.add_argument('model', help='registered model name, e.g. sgdrop_resnet50')
-    info.add_argument('--image-size', type=int, default=None, help="input side (default: the model's)")
+    info.add_argument('model', help='registered model name or pretrained tag, e.g. sgdrop_resnet50 or '
+                                    'sgdrop_resnet10t.imagenette_64')
+    info.add_argument('--image-size', type=int, default=None,
+                      help=f"input side, 1 to {MAX_IMAGE_SIZE} (default: the model's)")
     info.add_argument('--sgdrop-rho', type=float, default=DEFAULT_RHO,
                       help=f'share of features dropped ({DEFAULT_RHO})')
-    info.add_argument('--num-classes', type=int, default=10)
+    info.add_argument('--num-classes', type=int, default=10, help='classes of the head (10)')
     info.set_defaults(func=info_command)
     publish = commands.add_parser('publish', help='upload a trained checkpoint to the Hugging Face Hub')
     publish.add_argument('checkpoint', metavar='CHECKPOINT_OR_DIR',
@@ -187,7 +202,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.argv = sys.argv[1:] if argv is None else list(argv)  # what the results record
     try:
         return args.func(args)
-    except (ValueError, TypeError, HubError) as error:
+    # bad input, which the package reports in one line; anything else is a bug, whose traceback is needed
+    except (ValueError, HubError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
 

@@ -17,12 +17,7 @@ from typing import Any, Optional, Union
 import timm
 import torch
 import torch.nn as nn
-from huggingface_hub import HfApi, hf_hub_download
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-)
+from huggingface_hub import HfApi
 from huggingface_hub.utils import get_token
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -30,15 +25,14 @@ from safetensors.torch import load_file
 from .export import (
     read_config,
     save_recipe_export,
-    sgdrop_model_args,
     sgdrop_settings,
     to_hub_config,
     write_config,
 )
-from .loading import load_recipe_checkpoint
+from .loading import check_output_outside_hub_configs, check_writable_folder, load_recipe_checkpoint
 from .model_card import render_model_card
-from .pretrained import CONFIG_NAME, WEIGHTS_NAME, HubError, sha256_of_file
-from .sgdrop import add_sgdrop
+from .pretrained import CONFIG_NAME, WEIGHTS_NAME, HubError, hub_download, sha256_of_file
+from .sgdrop import add_sgdrop, sgdrop_model_args
 
 __all__ = [
     'PublishResult', 'hub_config_record', 'load_sgdrop_model', 'prepare_hub_folder',
@@ -47,6 +41,8 @@ __all__ = [
 
 README_NAME = 'README.md'
 DEFAULT_LICENSE = 'apache-2.0'
+# pretrained_cfg fields that tell timm where to load weights from; a config's own are never followed
+WEIGHT_SOURCE_FIELDS = ('source', 'file', 'url', 'hf_hub_id', 'hf_hub_filename', 'state_dict', 'custom_load')
 
 
 @dataclasses.dataclass
@@ -266,6 +262,11 @@ def publish_checkpoint(
         dry_run_dir = Path(dry_run_dir)
         if dry_run_dir.exists():
             raise HubError(f'{dry_run_dir} already exists: choose a new folder for the dry run.')
+        try:
+            check_output_outside_hub_configs(dry_run_dir)
+            check_writable_folder(dry_run_dir)
+        except ValueError as e:
+            raise HubError(str(e)) from e
         dry_run_dir.parent.mkdir(parents=True, exist_ok=True)
         # built next to its destination and renamed into place, so a failure leaves no partial folder
         with tempfile.TemporaryDirectory(dir=dry_run_dir.parent, prefix=f'.{dry_run_dir.name}.') as tmp:
@@ -284,28 +285,13 @@ def publish_checkpoint(
     return PublishResult(repo_id, url, commit, record)
 
 
-def _download(repo_id: str, revision: Optional[str], filename: str, repo_exists: bool = False) -> Path:
-    try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision))
-    except (RepositoryNotFoundError, EntryNotFoundError) as e:
-        # some servers answer a missing file of an existing repo as a missing repo
-        if repo_exists or not isinstance(e, RepositoryNotFoundError):
-            raise HubError(f'{repo_id} has no {filename}: it is not a published SGDrop checkpoint (only '
-                           f'safetensors weights are loaded, never pickled ones).') from e
-        raise HubError(f'Repo {repo_id} does not exist on {os.environ.get("HF_ENDPOINT", "the Hub")} (or is private: '
-                       f'log in with `hf auth login`).') from e
-    except LocalEntryNotFoundError as e:
-        raise HubError(f'{filename} of {repo_id} is not cached and cannot be downloaded (offline or unreachable): '
-                       f'connect, unset HF_HUB_OFFLINE, and retry.') from e
-    except Exception as e:  # noqa: BLE001, HTTP errors and the transport errors of huggingface_hub's HTTP client
-        raise HubError(f'Downloading {filename} of {repo_id} failed after retries: {e}') from e
-
-
 def load_sgdrop_model(model_id: str, pretrained: bool = True, **kwargs: Any) -> nn.Module:
     """Rebuild a published SGDrop model, with the SGDrop settings it was trained with, for further training.
 
-    Only ``config.json`` and ``model.safetensors`` are read: no pickle from a download is ever loaded. The EMA used
-    for attribution is not published; it restarts from the loaded weights at the first SGDrop step.
+    Only ``config.json`` and ``model.safetensors`` are read: no pickle from a download is ever loaded. A folder's
+    weights are its own and only a ``hf-hub:`` id reaches the network, whatever source the config's
+    ``pretrained_cfg`` names. The EMA used for attribution is not published; it restarts from the loaded weights at
+    the first SGDrop step.
 
     Args:
         model_id: ``hf-hub:ORG/NAME[@REVISION]`` or ``local-dir:PATH`` (a published or dry-run folder).
@@ -316,8 +302,8 @@ def load_sgdrop_model(model_id: str, pretrained: bool = True, **kwargs: Any) -> 
     scheme, _, location = model_id.partition(':')
     if scheme == 'hf-hub':
         repo_id, _, revision = location.partition('@')
-        config_path = _download(repo_id, revision or None, CONFIG_NAME)
-        weights_path = _download(repo_id, revision or None, WEIGHTS_NAME, repo_exists=True) if pretrained else None
+        config_path = hub_download(repo_id, CONFIG_NAME, revision or None)
+        weights_path = hub_download(repo_id, WEIGHTS_NAME, revision or None, repo_exists=True) if pretrained else None
     elif scheme == 'local-dir':
         config_path, weights_path = Path(location) / CONFIG_NAME, Path(location) / WEIGHTS_NAME
     else:
@@ -336,7 +322,9 @@ def load_sgdrop_model(model_id: str, pretrained: bool = True, **kwargs: Any) -> 
         model_args = {**config.get('model_args', {}), **sgdrop_args, **kwargs}
     else:
         model_args = {**config.get('model_args', {}), **kwargs}
-    pretrained_cfg = dict(config['pretrained_cfg'], label_names=config.get('label_names'))
+    # the weights are the file named above: the config could point timm at another repo, a URL or another file
+    pretrained_cfg = {key: value for key, value in config['pretrained_cfg'].items() if key not in WEIGHT_SOURCE_FIELDS}
+    pretrained_cfg['label_names'] = config.get('label_names')
     overlay = dict(file=str(weights_path)) if pretrained else None
     try:
         model = timm.create_model(architecture, pretrained=pretrained, pretrained_cfg=pretrained_cfg,

@@ -25,20 +25,38 @@ from .data import (
     stored_train_resize,
     with_transform,
 )
-from .pretrained import CONFIG_NAME, WEIGHTS_NAME
+from .export import read_config
+from .pretrained import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    hub_configs_dir,
+    hub_download,
+    packaged_hub_configs_dir,
+    tag_folder,
+)
 
 __all__ = [
     'check_input_channels', 'check_label_names', 'check_output_folder', 'check_output_is_not_source',
-    'check_writable_folder', 'input_size', 'load_model',
+    'check_output_outside_hub_configs', 'check_writable_file', 'check_writable_folder', 'input_size', 'load_model',
     'load_recipe_checkpoint', 'load_split', 'read_checkpoint', 'make_loader', 'split_encoder_head',
 ]
+
+
+def _is_legacy_torch_save(path: Path) -> bool:
+    """Whether ``path`` starts as the files of ``torch.save(..., _use_new_zipfile_serialization=False)`` do."""
+    with open(path, 'rb') as f:
+        head = f.read(64)
+    # the legacy format begins with torch's magic number, pickled with the protocol of the save
+    return any(head.startswith(pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=protocol))
+               for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1))
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """Read a ``torch.save`` checkpoint, tensors on the CPU, without executing pickled code.
 
     Raises:
-        ValueError: The file is truncated, corrupt, not written by ``torch.save``, or holds no dict; in one line.
+        ValueError: The file is truncated, corrupt, not written by ``torch.save``, holds objects other than tensors
+            and plain data, or holds no dict; in one line.
     """
     try:
         # weights_only: a checkpoint is data, and unpickling anything else would run its code
@@ -46,7 +64,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001, a truncated zip, foreign classes, a file that is no checkpoint at all
         # torch's own messages run to many lines, and some end with advice to load with weights_only=False, which
         # would run the file's code
-        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        if not zipfile.is_zipfile(path) and not _is_legacy_torch_save(path):  # the two formats of torch.save
             reason = 'truncated, or not written by torch.save'
         elif isinstance(e, pickle.UnpicklingError):
             reason = 'it holds objects other than tensors and plain data'
@@ -100,17 +118,24 @@ def load_model(name_or_path: str) -> nn.Module:
     Returns:
         The model, with ``pretrained_cfg['label_names']`` set when the source records them.
     """
-    path = Path(name_or_path)
     # the SGDrop settings a checkpoint was trained with do not matter here: fine-tuning sets its own
-    if name_or_path.startswith(('hf-hub:', 'local-dir:')):
+    if name_or_path.startswith('hf-hub:'):
+        repo_id, _, revision = name_or_path.removeprefix('hf-hub:').partition('@')
+        # fetched before timm asks for them: one-line errors, a checked config, and safetensors weights for timm to
+        # find, so that it never falls back to a pickle
+        read_config(hub_download(repo_id, CONFIG_NAME, revision or None, name=name_or_path))
+        hub_download(repo_id, WEIGHTS_NAME, revision or None, name=name_or_path, repo_exists=True)
         return _create_model(name_or_path, pretrained=True)
+    path = Path(name_or_path.removeprefix('local-dir:'))
     if path.is_file() and path.suffix == '.safetensors':
         path = path.parent
-    if path.is_dir():
-        if not (path / 'config.json').is_file() or not (path / 'model.safetensors').is_file():
-            raise ValueError(f'{path}: expected model.safetensors and config.json (the export of train/main.py or '
+    if path.is_dir() or name_or_path.startswith('local-dir:'):
+        # a folder's weights are its model.safetensors, never a pickle beside it
+        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+            raise ValueError(f'{path}: expected {WEIGHTS_NAME} and {CONFIG_NAME} (the export of train/main.py or '
                              f'sgdrop-zoo finetune), or pass a model_best.pth.tar.')
-        return timm.create_model(f'local-dir:{path}', pretrained=True)
+        read_config(path / CONFIG_NAME)
+        return _create_model(f'local-dir:{path}', pretrained=True)
     if path.is_file():
         return _load_recipe_checkpoint(path)
     if timm.is_model(name_or_path) or timm.is_model(name_or_path.split('.')[0]):
@@ -216,15 +241,27 @@ def make_loader(images: torch.Tensor, targets: torch.Tensor, model: nn.Module, b
                           rank=0, world_size=1, device=device, seed=seed, crop_flip_size=crop_flip_size)
 
 
+def _check_creatable(output: Path, kind: str) -> None:
+    """Raise ValueError unless this process can write ``output``, or create it in its nearest existing folder."""
+    existing = output
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
+        raise ValueError(f'--output {output}: {existing} is not writable; pass a {kind} you can write to.')
+
+
 def check_writable_folder(output: Path) -> None:
     """Raise ValueError unless ``output`` is a folder, or can be created as one, that this process can write to."""
     if output.exists() and not output.is_dir():
         raise ValueError(f'--output {output} is a file; pass a folder.')
-    existing = output
-    while not existing.exists():
-        existing = existing.parent
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f'--output {output}: {existing} is not writable; pass a folder you can write to.')
+    _check_creatable(output, 'folder')
+
+
+def check_writable_file(output: Path) -> None:
+    """Raise ValueError unless ``output`` is a file, or can be created as one, that this process can write to."""
+    if output.is_dir():
+        raise ValueError(f'--output {output} is a folder; pass a file name.')
+    _check_creatable(output, 'file')
 
 
 def check_output_folder(output: Path, files: tuple[str, ...], overwrite: bool) -> None:
@@ -240,13 +277,34 @@ def check_output_folder(output: Path, files: tuple[str, ...], overwrite: bool) -
                          f'folder, or pass --overwrite to replace them.')
 
 
-def check_output_is_not_source(model_name: str, output: Path) -> None:
-    """Refuse to write into the folder a model is read from: the new files would replace the source's."""
+def check_output_outside_hub_configs(output: Path) -> None:
+    """Refuse to write into the zoo's ``hub_configs/``: its folders are shipped checkpoints, pinned by sha256."""
+    real_output = output.resolve()
+    for folder in (packaged_hub_configs_dir().resolve(), hub_configs_dir().resolve()):
+        if real_output == folder or folder in real_output.parents:
+            raise ValueError(f"--output {output} is inside {folder}, the zoo's hub_configs/ folder of shipped "
+                             f'checkpoints; choose a folder outside it.')
+
+
+def _source_folder(model_name: str) -> Optional[Path]:
+    """The local folder ``load_model`` reads ``model_name`` from, or None (a random init or an ``hf-hub:`` id)."""
+    if model_name.startswith('hf-hub:'):
+        return None
     source = Path(model_name.removeprefix('local-dir:'))
-    if not source.exists():
-        return  # a zoo name or an hf-hub: id
-    source_dir = source if source.is_dir() else source.parent
-    if output.resolve() == source_dir.resolve():
+    if source.exists():
+        return source if source.is_dir() else source.parent
+    return tag_folder(model_name)
+
+
+def check_output_is_not_source(model_name: str, output: Path) -> None:
+    """Refuse to write into the folder a model is read from, or into ``hub_configs/``: files would be replaced.
+
+    Folders are compared as real paths, so that no spelling of the source (a tag, ``local-dir:``, a relative path,
+    a symlink) gets past.
+    """
+    check_output_outside_hub_configs(output)
+    source_dir = _source_folder(model_name)
+    if source_dir is not None and output.resolve() == source_dir.resolve():
         raise ValueError(f'--output {output} is the folder of the model {model_name} is read from; choose another '
                          f'folder, so that its files are not replaced.')
 

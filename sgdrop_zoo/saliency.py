@@ -200,7 +200,7 @@ def saliency_report(
         model_names: Anything ``finetune.load_model`` accepts; each must have the dataset's classes.
         data: Dataset root holding ``train/`` and ``val/`` ImageFolders.
         output: Folder for ``saliency.json`` and ``saliency_grid.png``.
-        split: The split measured.
+        split: The split measured, a folder of ``data`` named as it is (``val``), not a path.
         image_size: Square input side; default: the first model's.
         batch_size: Images per batch.
         grid_images: Rows of the PNG grid (the first images measured).
@@ -214,6 +214,10 @@ def saliency_report(
     Returns:
         What ``saliency.json`` holds.
     """
+    # a split is a folder of the dataset root: '../..', '/etc' or 'val/x' would measure whatever lies there
+    if split in ('', '..') or Path(split).name != split or '\\' in split:
+        raise ValueError(f'split must be the name of a folder of the dataset root, such as val or train, got '
+                         f'{split!r}.')
     if labels is not None and len(labels) != len(model_names):
         raise ValueError(f'{len(labels)} labels for {len(model_names)} models: give one label per model.')
     if num_images is not None and num_images < 1:

@@ -1,4 +1,11 @@
 """The sgdrop-zoo command line (sgdrop_zoo/cli.py)."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from sgdrop_zoo import cli
 from sgdrop_zoo.cli import main
 
 
@@ -20,3 +27,74 @@ def test_info_rejects_bad_input(capsys):
     assert 'sgdrop-zoo models' in capsys.readouterr().err
     assert main(['info', 'sgdrop_cifar_cnn', '--sgdrop-rho', '1.5']) == 2
     assert r'[0, 1)' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--image-size', '-8'], '--image-size must be from 1 to 4096 px'),
+    (['--image-size', '0'], '--image-size must be from 1 to 4096 px'),  # not the model's 32 px in disguise
+    (['--image-size', '100000'], '--image-size must be from 1 to 4096 px'),
+    (['--num-classes', '-3'], '--num-classes must be at least 1, got -3.'),
+    (['--num-classes', '0'], '--num-classes must be at least 1, got 0.'),
+])
+def test_info_rejects_bad_sizes_in_one_line(capsys, flags, message):
+    assert main(['info', 'sgdrop_cifar_cnn', *flags]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], lines
+    assert captured.out == ''
+
+
+def test_info_takes_the_largest_size_without_computing_it(capsys):
+    assert main(['info', 'sgdrop_vgg16', '--image-size', '4096']) == 0
+    # five stride-2 poolings: 4096 / 32 = 128
+    assert 'latent map:       512x128x128 = 8388608 features' in capsys.readouterr().out
+
+
+def test_info_says_when_the_image_is_too_small_for_the_model(capsys):
+    assert main(['info', 'sgdrop_vgg16', '--image-size', '16']) == 2  # 16 px is 0 px after five poolings
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: --image-size 16 is too small for sgdrop_vgg16'), lines
+
+
+def test_info_accepts_the_pretrained_tags_that_models_lists(capsys):
+    assert main(['models']) == 0
+    listed = capsys.readouterr().out
+    assert 'sgdrop_resnet10t.imagenette_64' in listed
+    assert main(['info', 'sgdrop_resnet10t.imagenette_64']) == 0
+    out = capsys.readouterr().out
+    # the tag's own input size (its hub_configs record), not the architecture's default 224 px
+    assert 'model:            sgdrop_resnet10t.imagenette_64 (SGDropResNet)' in out
+    assert 'input:            3x64x64' in out and 'latent map:       512x2x2 = 2048 features' in out
+
+
+def test_programming_errors_keep_their_traceback(monkeypatch):
+    def broken(records):
+        raise TypeError('render() got an unexpected keyword argument')
+
+    monkeypatch.setattr(cli, 'render_model_card', broken)
+    with pytest.raises(TypeError, match='unexpected keyword argument'):
+        main(['model-card'])
+
+
+def _deny_writes(monkeypatch, folder: Path) -> None:
+    """Make ``folder`` read-only to os.access (as root, chmod would not stop a write)."""
+    access = os.access
+    monkeypatch.setattr(os, 'access', lambda path, mode, **kwargs: Path(path) != folder and access(path, mode,
+                                                                                                  **kwargs))
+
+
+def test_plot_onto_a_read_only_or_folder_output_fails_in_one_line(capsys, monkeypatch, tmp_path):
+    log = tmp_path / 'run' / 'log.jsonl'
+    log.parent.mkdir()
+    log.write_text(json.dumps(dict(epoch=1, val_acc1=50.0)) + '\n')
+    read_only = tmp_path / 'read-only'
+    read_only.mkdir()
+    _deny_writes(monkeypatch, read_only)
+    assert main(['plot', str(log), '--output', str(read_only / 'curves.png')]) == 2
+    assert capsys.readouterr().err == (f'error: --output {read_only / "curves.png"}: {read_only} is not writable; '
+                                       f'pass a file you can write to.\n')
+    assert list(read_only.iterdir()) == []
+    assert main(['plot', str(log), '--output', str(tmp_path / 'run')]) == 2
+    assert capsys.readouterr().err == f'error: --output {tmp_path / "run"} is a folder; pass a file name.\n'
+    assert main(['plot', str(log), '--output', str(tmp_path / 'curves.png')]) == 0
+    assert (tmp_path / 'curves.png').stat().st_size > 1000

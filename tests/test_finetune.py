@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ import sgdrop_zoo  # noqa: F401  (registers sgdrop_vgg_tiny, which the local-dir
 from sgdrop_zoo import cli
 from sgdrop_zoo.data import DatasetError
 from sgdrop_zoo.finetune import finetune
-from sgdrop_zoo.loading import load_model, split_encoder_head
+from sgdrop_zoo.loading import check_output_is_not_source, load_model, split_encoder_head
+from sgdrop_zoo.pretrained import HUB_CONFIGS_ENV, hub_configs_dir, packaged_hub_configs_dir
 
 from conftest import SMALL_CLASSES, make_image_folder
 
@@ -136,6 +138,9 @@ NOT_CHECKPOINTS = {
     'truncated': _truncated_checkpoint,
     # a pathlib object, which weights_only refuses to unpickle
     'foreign_objects': lambda path: torch.save({'state_dict': {}, 'path': path}, path),
+    # the same in the format of torch < 1.6, which is no zip archive but no less a torch.save file
+    'legacy_foreign_objects': lambda path: torch.save({'state_dict': {}, 'path': path}, path,
+                                                      _use_new_zipfile_serialization=False),
 }
 
 
@@ -146,18 +151,52 @@ def test_a_file_that_is_no_checkpoint_fails_in_one_line(tmp_path: Path, kind: st
     with pytest.raises(ValueError) as error:
         load_model(str(path))
     message = str(error.value)
-    reason = ('it holds objects other than tensors and plain data' if kind == 'foreign_objects'
+    reason = ('it holds objects other than tensors and plain data' if kind.endswith('foreign_objects')
               else 'truncated, or not written by torch.save')
     assert message == f'{path}: not a readable checkpoint ({reason}).'
     # torch's advice to unpickle with weights_only=False would run the file's code: never passed on
     assert 'weights_only' not in message
 
 
-def test_bad_model_ids_fail_in_one_line(small_data: Path, tmp_path: Path):
-    for name, reason in (('sgdrop_vgg_tiny.nosuchtag', 'Invalid pretrained tag (nosuchtag)'),
-                         (f'local-dir:{tmp_path / "nowhere"}', 'Config file not found')):
-        with pytest.raises(ValueError, match=rf'cannot load .*: {re.escape(reason)}'):
+def test_a_legacy_checkpoint_of_plain_tensors_loads(tmp_path: Path):
+    model = timm.create_model(ARCH, num_classes=2)
+    path = tmp_path / 'model_best.pth.tar'
+    torch.save({'arch': ARCH, 'state_dict': model.state_dict(), 'class_names': ['x', 'y']}, path,
+               _use_new_zipfile_serialization=False)
+    loaded = load_model(str(path))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_folder_of_pickled_weights_is_refused_without_unpickling_advice(tmp_path: Path):
+    folder = tmp_path / 'pickled'
+    model = timm.create_model(ARCH, num_classes=3)
+    save_for_hf(model, folder, safe_serialization=False)  # config.json + pytorch_model.bin
+    torch.save(dict(model.state_dict(), path=folder), folder / 'pytorch_model.bin')  # and a foreign object
+    for name in (str(folder), f'local-dir:{folder}'):
+        with pytest.raises(ValueError) as error:
             load_model(name)
+        message = str(error.value)
+        assert message.startswith(f'{folder}: expected model.safetensors and config.json'), message
+        # the advice to retry with weights_only=False would run the file's code: never passed on
+        assert '\n' not in message and 'weights_only' not in message
+
+
+def test_a_config_that_is_not_json_is_named(source_dir: Path, tmp_path: Path):
+    folder = tmp_path / 'bad-config'
+    folder.mkdir()
+    (folder / 'model.safetensors').write_bytes((source_dir / 'model.safetensors').read_bytes())
+    (folder / 'config.json').write_text('{"architecture": ')
+    for name in (str(folder), f'local-dir:{folder}', str(folder / 'model.safetensors')):
+        with pytest.raises(ValueError, match=rf'^{re.escape(str(folder / "config.json"))}: not valid JSON \('):
+            load_model(name)
+
+
+def test_bad_model_ids_fail_in_one_line(small_data: Path, tmp_path: Path):
+    with pytest.raises(ValueError, match=rf'cannot load .*: {re.escape("Invalid pretrained tag (nosuchtag)")}'):
+        load_model('sgdrop_vgg_tiny.nosuchtag')
+    with pytest.raises(ValueError, match=rf'^{re.escape(str(tmp_path / "nowhere"))}: expected model.safetensors and '
+                                         rf'config.json'):
+        load_model(f'local-dir:{tmp_path / "nowhere"}')
     with pytest.raises(ValueError, match='batch_size must be at least 1'):
         finetune('sgdrop_vgg_tiny', small_data, tmp_path / 'out', **dict(RUN, batch_size=0))
 
@@ -219,6 +258,43 @@ def test_an_output_that_is_a_file_or_unwritable_stops_in_one_line(capsys: pytest
                                        f'you can write to.\n')
 
 
+def _shipped_copy(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[str, Path]:
+    """A copy of the shipped hub_configs/ folder of one tag, made the zoo's with SGDROP_ZOO_HUB_CONFIGS."""
+    tag = 'sgdrop_resnet10t.imagenette_64'
+    configs = tmp_path / 'hub_configs'
+    configs.mkdir()
+    shutil.copytree(hub_configs_dir() / tag, configs / tag)
+    monkeypatch.setenv(HUB_CONFIGS_ENV, str(configs))
+    return tag, configs / tag
+
+
+def test_never_writes_into_the_shipped_folder_of_a_tag(capsys: pytest.CaptureFixture, small_data: Path,
+                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    tag, shipped = _shipped_copy(monkeypatch, tmp_path)
+    before = {p.name: p.read_bytes() for p in shipped.iterdir()}
+    monkeypatch.chdir(shipped.parent)
+    spellings = [(tag, shipped), (tag, Path(tag)), (f'local-dir:{shipped}', shipped),
+                 (str(shipped / 'model.safetensors'), Path('..') / 'hub_configs' / tag)]
+    for command, flags in (('finetune', ['--epochs', '1', '--overwrite']), ('saliency', ['--overwrite'])):
+        for model, output in spellings:
+            assert cli.main([command, '--model', model, '--data', str(small_data), '--output', str(output),
+                             *flags]) == 2
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith(f'error: --output {output} is inside '), lines
+            assert 'hub_configs/ folder of shipped checkpoints' in lines[0]
+    assert {p.name: p.read_bytes() for p in shipped.iterdir()} == before
+
+
+def test_never_writes_into_the_packaged_hub_configs(tmp_path: Path):
+    packaged = packaged_hub_configs_dir()
+    tag_folder = packaged / 'sgdrop_resnet10t.imagenette_64'
+    (tmp_path / 'link').symlink_to(tag_folder)
+    for output in (tag_folder, packaged, packaged / 'new-run', tmp_path / 'link', packaged / '..' / packaged.name):
+        for model in ('sgdrop_resnet10t.imagenette_64', ARCH, f'local-dir:{tag_folder}'):
+            with pytest.raises(ValueError, match=r"is inside .*, the zoo's hub_configs/ folder"):
+                check_output_is_not_source(model, output)
+
+
 def test_an_unreachable_hf_hub_id_fails_in_one_line(small_data: Path, tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if not k.startswith('HF_')}
     result = subprocess.run(
@@ -228,5 +304,8 @@ def test_an_unreachable_hf_hub_id_fails_in_one_line(small_data: Path, tmp_path: 
         timeout=300)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('error: cannot load hf-hub:sgdrop-zoo/no-such-repo: '), lines
+    # offline is said to be offline, with what to do, not that the repo is missing
+    assert len(lines) == 1 and lines[0].startswith('error: hf-hub:sgdrop-zoo/no-such-repo: config.json of '
+                                                   'sgdrop-zoo/no-such-repo@main is not in the local cache and '
+                                                   'HF_HUB_OFFLINE is set: unset it'), lines
     assert not (tmp_path / 'out').exists()

@@ -16,19 +16,30 @@ import textwrap
 import time
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import timm
+import timm.models._builder
+import timm.models._hub
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from timm.models import save_for_hf
 
+import sgdrop_zoo.pretrained
 from sgdrop_zoo import is_sgdrop_model
 from sgdrop_zoo.cli import main
 from sgdrop_zoo.export import save_export
 from sgdrop_zoo.hub import load_sgdrop_model, publish_checkpoint
+from sgdrop_zoo.loading import load_model
 from sgdrop_zoo.model_card import render_model_card
-from sgdrop_zoo.pretrained import HubError, hub_configs_dir, load_hub_configs, sha256_of_file
+from sgdrop_zoo.pretrained import (
+    HubError,
+    hub_configs_dir,
+    load_hub_configs,
+    packaged_hub_configs_dir,
+    sha256_of_file,
+)
 
 from hub_test_server import HubTestServer
 
@@ -494,3 +505,126 @@ def test_load_sgdrop_model_from_plain_timm_weights_uses_the_method_defaults(tmp_
     model = load_sgdrop_model(f'local-dir:{tmp_path / "plain"}')
     assert is_sgdrop_model(model) and model.sgdrop_config['sgdrop_rho'] == 0.01
     assert all(torch.equal(model.state_dict()[k], v) for k, v in plain.state_dict().items())
+
+
+def _fail_on_network(monkeypatch) -> None:
+    """Every way a load could reach out (huggingface_hub, timm's URL loader, a socket) raises instead."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f'network access: {args} {kwargs}')
+
+    for module in (huggingface_hub, huggingface_hub.file_download, timm.models._hub, sgdrop_zoo.pretrained):
+        monkeypatch.setattr(module, 'hf_hub_download', refuse)
+    monkeypatch.setattr(timm.models._builder, 'load_state_dict_from_url', refuse)
+    monkeypatch.setattr(socket.socket, 'connect', refuse)
+
+
+def test_a_folder_is_the_only_source_of_its_weights(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    folder = tmp_path / 'own'
+    save_for_hf(timm.create_model('test_convnext', num_classes=3), folder, safe_serialization=True)
+    # a config that points timm at the weights of another repo, a URL and another file
+    config = json.loads((folder / 'config.json').read_text())
+    config['pretrained_cfg'].update(source='hf-hub', hf_hub_id='someone-else/other-weights',
+                                    hf_hub_filename='pytorch_model.bin', url='http://127.0.0.1:9/other.pth',
+                                    file=str(tmp_path / 'other.safetensors'))
+    (folder / 'config.json').write_text(json.dumps(config))
+    own = load_file(folder / 'model.safetensors')
+    _fail_on_network(monkeypatch)
+    for load in (lambda: load_sgdrop_model(f'local-dir:{folder}'), lambda: load_model(f'local-dir:{folder}'),
+                 lambda: load_model(str(folder))):
+        state_dict = load().state_dict()
+        assert all(torch.equal(state_dict[k], v) for k, v in own.items())
+
+
+def test_offline_a_missing_repo_and_a_missing_file_each_say_so(published, olah, mirrors, tmp_path):
+    configs = tmp_path / 'hub_configs'
+    configs.mkdir()
+    (configs / 'pets.json').write_text(json.dumps(published))
+    config = (mirrors / 'models' / ORG / 'convnext-tiny.pets' / 'config.json').read_bytes()
+    make_mirror_repo(mirrors, f'{ORG}/config-only', {'config.json': config})
+    code = f"""
+        import json, timm, sgdrop_zoo
+        from sgdrop_zoo.hub import load_sgdrop_model
+        from sgdrop_zoo.pretrained import HubError
+        errors = {{}}
+        for name in ("convnext-tiny.pets", "no-such-repo", "config-only"):
+            try:
+                load_sgdrop_model("hf-hub:{ORG}/" + name)
+            except HubError as e:
+                errors[name] = str(e)
+        try:
+            timm.create_model("sgdrop_convnext_tiny.pets", pretrained=True, **{TINY_ARGS!r})
+        except HubError as e:
+            errors["tag"] = str(e)
+        print(json.dumps(errors))
+    """
+    env = hub_env(olah, tmp_path / 'hf', SGDROP_ZOO_HUB_CONFIGS=str(configs))
+    offline = run_python(code, dict(env, HF_HUB_OFFLINE='1'))
+    assert offline.returncode == 0, offline.stderr
+    errors = json.loads(offline.stdout)
+    # a published repo, not downloaded yet: offline, not missing
+    assert errors['convnext-tiny.pets'] == (
+        f'config.json of {ORG}/convnext-tiny.pets@main is not in the local cache and HF_HUB_OFFLINE is set: unset it '
+        f'to download from {olah}, or download it first (`hf download {ORG}/convnext-tiny.pets config.json`).')
+    assert errors['no-such-repo'].startswith(f'config.json of {ORG}/no-such-repo@main is not in the local cache and '
+                                             f'HF_HUB_OFFLINE is set')
+    assert errors['tag'].startswith('sgdrop_convnext_tiny.pets: model.safetensors of ') and \
+        'not in the local cache and HF_HUB_OFFLINE is set' in errors['tag']
+    online = run_python(code, env)
+    assert online.returncode == 0, online.stderr
+    errors = json.loads(online.stdout)
+    assert errors['no-such-repo'] == (f'repo {ORG}/no-such-repo does not exist on {olah} (or is private or gated: '
+                                      f'log in with `hf auth login`).')
+    assert errors['config-only'].startswith(f'{ORG}/config-only@main has no model.safetensors: it is not a '
+                                            f'published SGDrop checkpoint')
+    assert errors.keys() == {'no-such-repo', 'config-only'}  # the published repo and its tag load online
+    assert not any('\n' in message for message in errors.values())
+
+
+def _closed_port_endpoint() -> str:
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(('127.0.0.1', 0))
+        return f'http://127.0.0.1:{closed.getsockname()[1]}'
+
+
+def test_an_unknown_or_unreachable_repo_fails_in_one_line(olah, small_data, tmp_path):
+    code = f"""
+        import sys, time
+        time.sleep = lambda seconds: None  # huggingface_hub's backoff between its 5 retries, 23 s in all
+        from sgdrop_zoo.cli import main
+        sys.exit(main(["finetune", "--model", "hf-hub:{ORG}/no-such-repo", "--data", "{small_data}", "--output",
+                       "{tmp_path / 'out'}"]))
+    """
+    endpoint = _closed_port_endpoint()
+    for hub, message in ((olah, f'repo {ORG}/no-such-repo does not exist on {olah}'),
+                         (endpoint, f'config.json of {ORG}/no-such-repo@main is not in the local cache and '
+                                    f'{endpoint} cannot be reached')):
+        result = run_python(code, hub_env(hub, tmp_path / 'hf'))
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f'error: hf-hub:{ORG}/no-such-repo: {message}'), lines
+    assert not (tmp_path / 'out').exists()
+
+
+def test_publish_dry_run_onto_a_read_only_folder_fails_in_one_line(export_dir, tmp_path, monkeypatch, capsys):
+    read_only = tmp_path / 'read-only'
+    read_only.mkdir()
+    access = os.access  # as root, chmod would not stop a write: os.access answers for a read-only mount
+    monkeypatch.setattr(os, 'access', lambda path, mode, **kwargs: Path(path) != read_only and access(path, mode,
+                                                                                                     **kwargs))
+    assert main(['publish', str(export_dir), '--repo-id', f'{ORG}/x', '--dry-run', '--output',
+                 str(read_only / 'dry')]) == 2
+    assert capsys.readouterr().err == (f'error: --output {read_only / "dry"}: {read_only} is not writable; pass a '
+                                       f'folder you can write to.\n')
+    assert list(read_only.iterdir()) == []
+
+
+def test_publish_dry_run_never_writes_into_hub_configs(export_dir, tmp_path, monkeypatch):
+    configs = tmp_path / 'hub_configs'
+    configs.mkdir()
+    monkeypatch.setenv('SGDROP_ZOO_HUB_CONFIGS', str(configs))
+    for folder in (configs, packaged_hub_configs_dir()):
+        before = sorted(folder.iterdir())
+        with pytest.raises(HubError, match=r"^--output .* is inside .*, the zoo's hub_configs/ folder"):
+            publish_checkpoint(export_dir, f'{ORG}/x', dry_run_dir=folder / 'sgdrop_x.dry')
+        assert sorted(folder.iterdir()) == before

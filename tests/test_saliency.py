@@ -23,7 +23,7 @@ from sgdrop_zoo.saliency import (
     saliency_report,
 )
 
-from conftest import SMALL_CLASSES
+from conftest import SMALL_CLASSES, make_image_folder
 
 
 def test_area_ratio_of_a_hand_built_map():
@@ -206,3 +206,18 @@ def test_saliency_bad_settings_stop_before_any_work(small_data: Path, tmp_path: 
     with pytest.raises(ValueError, match=message.replace('.', r'\.')):
         saliency_report(['sgdrop_vgg_tiny'], small_data, tmp_path / 'out', **setting)
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('split', ['../outside/val', '/etc', 'val/../../outside/val', '..', 'val/', ''])
+def test_split_must_be_a_folder_of_the_dataset_root(capsys: pytest.CaptureFixture, tmp_path: Path, split: str):
+    root = make_image_folder(tmp_path / 'root')
+    make_image_folder(tmp_path / 'outside')  # a dataset with the same classes, next to the root
+    folder = tmp_path / 'model'
+    save_for_hf(timm.create_model('sgdrop_vgg_tiny', num_classes=3), folder,
+                model_config=dict(label_names=list(SMALL_CLASSES)), safe_serialization=True)
+    output = tmp_path / 'out'
+    assert cli_main(['saliency', '--model', str(folder), '--data', str(root), '--output', str(output), '--split',
+                     split, '--image-size', '32', '--workers', '0']) == 2
+    assert capsys.readouterr().err == (f'error: split must be the name of a folder of the dataset root, such as val '
+                                       f'or train, got {split!r}.\n')
+    assert not output.exists()
