@@ -18,6 +18,6 @@ from .sgdrop import (
 __version__ = '0.1.0'
 
 __all__ = [
-    'AttributionRelu', 'AttributionSource', 'LinearRhoSchedule', 'SaliencyGuidedDropout', 'add_sgdrop', 'is_sgdrop_model',
-    'latent_attribution', 'saliency_mask',
+    'AttributionRelu', 'AttributionSource', 'LinearRhoSchedule', 'SaliencyGuidedDropout', 'add_sgdrop',
+    'is_sgdrop_model', 'latent_attribution', 'saliency_mask',
 ]

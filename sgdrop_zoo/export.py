@@ -24,11 +24,11 @@ from timm.models import save_for_hf
 
 from .data import EVAL_CROP
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME
-from .sgdrop import DEFAULT_EMA_DECAY, DEFAULT_RHO, add_sgdrop
+from .sgdrop import add_sgdrop
 
 __all__ = [
     'PARTIAL_WRITE_SUFFIX', 'SGDROP_MODEL_ARGS', 'base_architecture', 'read_config', 'regularizer_settings',
-    'save_export', 'save_recipe_export', 'sgdrop_model_args', 'sgdrop_settings', 'to_hub_config', 'write_config',
+    'save_export', 'save_recipe_export', 'sgdrop_settings', 'to_hub_config', 'write_config',
 ]
 
 # constructor arguments of an SGDrop model that plain timm's base architecture does not accept
@@ -159,21 +159,6 @@ def sgdrop_settings(config: dict[str, Any]) -> dict[str, Any]:
         if key in model_args:
             settings.setdefault(key, model_args[key])
     return settings
-
-
-def sgdrop_model_args(settings: dict[str, Any]) -> dict[str, Any]:
-    """SGDrop constructor arguments reproducing recorded training settings (the paper's baselines have rho 0).
-
-    Settings that were not recorded (plain timm weights) get the method's defaults.
-    """
-    regularizer = settings.get('regularizer', 'sgdrop')
-    return dict(
-        sgdrop_rho=settings.get('sgdrop_rho', DEFAULT_RHO) if regularizer == 'sgdrop' else 0.0,
-        sgdrop_attribution=settings.get('sgdrop_attribution', 'ema'),
-        sgdrop_attribution_relu=settings.get('sgdrop_attribution_relu', 'gradient'),
-        sgdrop_ema_decay=settings.get('sgdrop_ema_decay', DEFAULT_EMA_DECAY),
-        latent_drop_rate=(settings.get('latent_drop_rate') or 0.0) if regularizer == 'dropout' else 0.0,
-    )
 
 
 def base_architecture(name: str) -> str:

@@ -10,16 +10,20 @@ pretrained=True)`` finds ``model.safetensors`` in the record's ``local_dir`` (a 
 """
 import hashlib
 import json
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
 import torch.nn as nn
-from huggingface_hub import hf_hub_download
+from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -27,10 +31,12 @@ from timm.models import build_model_with_cfg
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._hub import hf_split
 
+from .sgdrop import sgdrop_model_args
+
 __all__ = [
     'CONFIG_NAME', 'HUB_CONFIGS_ENV', 'WEIGHTS_NAME', 'HubError', 'build_model_with_checked_weights',
-    'checked_record_weights', 'download_checked_weights', 'hub_configs_dir', 'load_hub_configs', 'local_weights',
-    'pretrained_cfgs', 'sha256_of_file',
+    'checked_record_weights', 'download_checked_weights', 'hub_configs_dir', 'hub_download', 'load_hub_configs',
+    'local_weights', 'packaged_hub_configs_dir', 'pretrained_cfgs', 'sha256_of_file', 'tag_folder',
 ]
 
 HUB_CONFIGS_ENV = 'SGDROP_ZOO_HUB_CONFIGS'
@@ -49,13 +55,16 @@ class HubError(RuntimeError):
     """A checkpoint could not be published or loaded; the message says why and what to do."""
 
 
+def packaged_hub_configs_dir() -> Path:
+    """The ``hub_configs/`` shipped with the package, whether or not ``$SGDROP_ZOO_HUB_CONFIGS`` replaces it."""
+    installed = Path(__file__).parent / 'hub_configs'  # a wheel installs the top-level folder here
+    return installed if installed.is_dir() else Path(__file__).parent.parent / 'hub_configs'  # a source checkout
+
+
 def hub_configs_dir() -> Path:
     """The directory of checkpoint records: ``$SGDROP_ZOO_HUB_CONFIGS``, else the packaged ``hub_configs/``."""
     override = os.environ.get(HUB_CONFIGS_ENV)
-    if override:
-        return Path(override)
-    installed = Path(__file__).parent / 'hub_configs'  # a wheel installs the top-level folder here
-    return installed if installed.is_dir() else Path(__file__).parent.parent / 'hub_configs'  # a source checkout
+    return Path(override) if override else packaged_hub_configs_dir()
 
 
 def _check_record(record: Any, path: Path) -> dict[str, Any]:
@@ -110,6 +119,13 @@ def local_weights(record: dict[str, Any]) -> Optional[Path]:
     return hub_configs_dir() / record['local_dir'] / WEIGHTS_NAME if record.get('local_dir') else None
 
 
+def tag_folder(name: str) -> Optional[Path]:
+    """The ``hub_configs/`` folder that holds the weights of the zoo tag ``name`` (``arch.tag``), or None."""
+    record = _records().get(name)
+    weights = local_weights(record) if record is not None else None
+    return weights.parent if weights is not None else None
+
+
 def _record_to_cfg(record: dict[str, Any]) -> dict[str, Any]:
     """The pretrained_cfg fields a checkpoint record sets; its architecture's own cfg supplies the rest."""
     top1 = record['metrics'].get('top1')
@@ -130,6 +146,12 @@ def _record_to_cfg(record: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def _pool_size(cfg: dict[str, Any], input_size: list[int]) -> tuple[int, int]:
+    """The latent map's side at ``input_size``: the architecture's ``pool_size`` at its own input size, scaled."""
+    return tuple(round(pool * side / arch_side) for pool, side, arch_side in zip(
+        cfg['pool_size'], input_size[-2:], cfg['input_size'][-2:]))
+
+
 def pretrained_cfgs(cfgs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """A family's cfgs with the ``hub_configs/`` tags of its architectures.
 
@@ -140,9 +162,10 @@ def pretrained_cfgs(cfgs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     Args:
         cfgs: The family's untagged cfgs keyed by architecture.
     """
-    # a tag keeps its architecture's own fields (pool_size, first_conv, ...) and takes the record's over them
+    # a tag keeps its architecture's own fields (first_conv, ...) and takes the record's over them
     tagged = {
-        name: {**cfgs[record['architecture']], **_record_to_cfg(record)}
+        name: {**cfgs[record['architecture']], **_record_to_cfg(record),
+               'pool_size': _pool_size(cfgs[record['architecture']], record['input_size'])}
         for name, record in _records().items() if record['architecture'] in cfgs
     }
     published = {name.split('.')[0] for name in tagged}
@@ -164,10 +187,75 @@ def _evict_from_cache(path: Path) -> None:
     blob.unlink(missing_ok=True)
 
 
+def _first_line(error: BaseException) -> str:
+    """What an error says in its first line (huggingface_hub's run to several), or its type when it says nothing."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+@contextmanager
+def _unlogged_retries() -> Iterator[None]:
+    """Keep huggingface_hub's retry warnings (two lines per attempt) off the console; failures are reported once."""
+    http_logger = logging.getLogger('huggingface_hub.utils._http')
+    level = http_logger.level
+    http_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        http_logger.setLevel(level)
+
+
+def hub_download(repo_id: str, filename: str, revision: Optional[str] = None, name: Optional[str] = None,
+                 hint: str = '', repo_exists: bool = False) -> Path:
+    """``hf_hub_download`` of one file, with each failure in one line that says what to do.
+
+    The download honours ``HF_ENDPOINT``, ``HF_HOME`` and ``HF_HUB_OFFLINE`` and retries as huggingface_hub does,
+    without logging each retry.
+
+    Args:
+        repo_id: ``ORG/NAME``.
+        filename: The file of the repo.
+        revision: Branch, tag or commit; default: ``main``.
+        name: The model the file is for, leading each message.
+        hint: What to check when the repo or revision does not exist, appended to that message.
+        repo_exists: Another file of the repo was downloaded: a "no such repo" answer means no such file.
+
+    Raises:
+        HubError: Offline or unreachable without a cached copy, no such repo, revision or file, or the download
+            failed after retries.
+    """
+    lead = f'{name}: ' if name else ''
+    where = f'{repo_id}@{revision or "main"}'
+    endpoint = constants.ENDPOINT
+    missing_file = (f'{lead}{where} has no {filename}: it is not a published SGDrop checkpoint (only safetensors '
+                    f'weights are loaded, never pickled ones).')
+    try:
+        with _unlogged_retries():
+            return Path(hf_hub_download(repo_id, filename, revision=revision))
+    # before EntryNotFoundError, which it subclasses: the file may well be on the Hub, it could not be asked
+    except LocalEntryNotFoundError as e:
+        if isinstance(e.__cause__, OfflineModeIsEnabled) or constants.HF_HUB_OFFLINE:
+            raise HubError(f'{lead}{filename} of {where} is not in the local cache and HF_HUB_OFFLINE is set: unset '
+                           f'it to download from {endpoint}, or download it first (`hf download {repo_id} '
+                           f'{filename}`).') from e
+        raise HubError(f'{lead}{filename} of {where} is not in the local cache and {endpoint} cannot be reached '
+                       f'({_first_line(e.__cause__ or e)}): check the connection (and HF_ENDPOINT), then retry.') from e
+    except RevisionNotFoundError as e:
+        raise HubError(f'{lead}{repo_id} has no revision {revision!r} on {endpoint}.{hint}') from e
+    except RepositoryNotFoundError as e:
+        # some servers answer a missing file of an existing repo as a missing repo
+        if repo_exists:
+            raise HubError(missing_file) from e
+        raise HubError(f'{lead}repo {repo_id} does not exist on {endpoint} (or is private or gated: log in with '
+                       f'`hf auth login`).{hint}') from e
+    except EntryNotFoundError as e:
+        raise HubError(missing_file) from e
+    except Exception as e:  # noqa: BLE001, HTTP errors and the transport errors of huggingface_hub's HTTP client
+        raise HubError(f'{lead}downloading {filename} of {where} from {endpoint} failed after retries '
+                       f'({_first_line(e)}). Retry later; nothing was kept in the cache.') from e
+
+
 def download_checked_weights(name: str, hf_hub_id: str, sha256: str) -> Path:
     """Download ``model.safetensors`` of ``hf_hub_id`` ("org/name" or "org/name@revision") and check its sha256.
-
-    The download honours ``HF_ENDPOINT``, ``HF_HOME`` and ``HF_HUB_OFFLINE`` and retries as huggingface_hub does.
 
     Args:
         name: The model name the weights are for, used in error messages.
@@ -175,32 +263,17 @@ def download_checked_weights(name: str, hf_hub_id: str, sha256: str) -> Path:
         sha256: Expected hex digest of the file.
 
     Raises:
-        HubError: The repo, revision or file does not exist, the download failed, or the digest differs; a file
-            with the wrong digest is removed from the cache.
+        HubError: What ``hub_download`` raises, or the digest differs; a file with the wrong digest is removed from
+            the cache.
     """
     repo_id, revision = hf_split(hf_hub_id)
-    where = f'{repo_id}@{revision or "main"} on {os.environ.get("HF_ENDPOINT", "https://huggingface.co")}'
-    try:
-        path = Path(hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision))
-    except RepositoryNotFoundError as e:
-        raise HubError(f'{name}: repo {where} does not exist (or is private: log in with `hf auth login`). '
-                       f'Check hf_hub_id in its hub_configs/ file.') from e
-    except RevisionNotFoundError as e:
-        raise HubError(f'{name}: revision not found: {where}. Check hf_hub_id in its hub_configs/ file.') from e
-    except LocalEntryNotFoundError as e:
-        raise HubError(f'{name}: {WEIGHTS_NAME} of {where} is not in the local cache and cannot be downloaded '
-                       f'(offline, or the server is unreachable). Connect, unset HF_HUB_OFFLINE, and retry.') from e
-    except EntryNotFoundError as e:
-        raise HubError(f'{name}: {where} has no {WEIGHTS_NAME}; the repo is not a published SGDrop checkpoint.') from e
-    except Exception as e:  # noqa: BLE001, HTTP errors and the transport errors of huggingface_hub's HTTP client
-        raise HubError(f'{name}: downloading {WEIGHTS_NAME} from {where} failed after retries ({e}). '
-                       f'Retry later; nothing was kept in the cache.') from e
+    path = hub_download(repo_id, WEIGHTS_NAME, revision, name=name, hint=' Check hf_hub_id in its hub_configs/ file.')
     actual = sha256_of_file(path)
     if actual != sha256:
         _evict_from_cache(path)
-        raise HubError(f'{name}: {WEIGHTS_NAME} from {where} has sha256 {actual}, but hub_configs/ expects {sha256}. '
-                       f'The download was corrupt or the repo changed; it was removed from the cache. Retry, and if '
-                       f'it persists, report it: do not use these weights.')
+        raise HubError(f'{name}: {WEIGHTS_NAME} from {repo_id}@{revision or "main"} on {constants.ENDPOINT} has sha256 '
+                       f'{actual}, but hub_configs/ expects {sha256}. The download was corrupt or the repo changed; it '
+                       f'was removed from the cache. Retry, and if it persists, report it: do not use these weights.')
     return path
 
 
@@ -238,9 +311,10 @@ def build_model_with_checked_weights(
     head adaptation when ``num_classes`` differs, filter function) runs unchanged. Weights named by the caller
     (``hf-hub:``, ``local-dir:``, a ``pretrained_cfg`` or an overlay with its own source) are loaded as timm loads them.
 
-    A tag's architecture arguments (its record's ``model_args``, e.g. vgg11's narrow ``mlp_ratio``) apply when its
-    weights are loaded or the tag is named, as ``hf-hub:`` and ``local-dir:`` apply those of ``config.json``; the
-    caller's own keyword arguments win. The model records them, so that its exports rebuild it in plain timm.
+    A tag's architecture arguments (its record's ``model_args``, e.g. vgg11's narrow ``mlp_ratio``) and the SGDrop
+    settings it was trained with (its record's ``sgdrop``) apply when its weights are loaded or the tag is named, as
+    ``load_sgdrop_model`` applies those of ``config.json``; the caller's own keyword arguments win. The model records
+    the architecture arguments, so that its exports rebuild it in plain timm.
     """
     # timm passes the tag of 'name.tag' as a string pretrained_cfg; a dict or PretrainedCfg is the caller's own
     tag_named = isinstance(kwargs.get('pretrained_cfg'), str)
@@ -254,6 +328,9 @@ def build_model_with_checked_weights(
         if record is not None and not own_source:
             record_args = {key: value for key, value in record.get('model_args', {}).items() if key not in kwargs}
             kwargs.update(record_args)
+            # the settings it was trained with, as load_sgdrop_model applies a config.json's
+            kwargs.update({key: value for key, value in sgdrop_model_args(record['sgdrop']).items()
+                           if key not in kwargs})
             if pretrained:
                 overlay['file'] = str(checked_record_weights(f'{variant}.{cfg.tag}', record))
                 kwargs['pretrained_cfg_overlay'] = overlay

@@ -55,7 +55,7 @@ from timm.utils import ModelEmaV3, unwrap_model
 __all__ = [
     'AttributionRelu', 'AttributionSource', 'LinearRhoSchedule', 'SaliencyGuidedDropout', 'add_sgdrop',
     'check_sgdrop_settings', 'dropped_attribution_share', 'is_sgdrop_model', 'latent_attribution', 'nonpositive_share',
-    'saliency_mask',
+    'saliency_mask', 'sgdrop_model_args',
 ]
 
 DEFAULT_RHO = 0.01
@@ -643,6 +643,23 @@ def add_sgdrop(
         model.__class__ = _sgdrop_class(type(model))
     model._init_sgdrop(**settings)
     return model
+
+
+def sgdrop_model_args(settings: dict[str, Any]) -> dict[str, Any]:
+    """SGDrop constructor arguments reproducing recorded training settings (the paper's baselines have rho 0).
+
+    The one rule from what a ``hub_configs/`` record or a ``config.json`` records (its ``sgdrop`` section) to model
+    arguments, for the tag path and ``load_sgdrop_model`` alike. Settings that were not recorded (plain timm weights)
+    get the method's defaults.
+    """
+    regularizer = settings.get('regularizer', 'sgdrop')
+    return dict(
+        sgdrop_rho=settings.get('sgdrop_rho', DEFAULT_RHO) if regularizer == 'sgdrop' else 0.0,
+        sgdrop_attribution=settings.get('sgdrop_attribution', 'ema'),
+        sgdrop_attribution_relu=settings.get('sgdrop_attribution_relu', 'gradient'),
+        sgdrop_ema_decay=settings.get('sgdrop_ema_decay', DEFAULT_EMA_DECAY),
+        latent_drop_rate=(settings.get('latent_drop_rate') or 0.0) if regularizer == 'dropout' else 0.0,
+    )
 
 
 def is_sgdrop_model(model: nn.Module) -> bool:

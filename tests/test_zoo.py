@@ -47,6 +47,20 @@ def test_one_checkpoint_per_family_within_budget():
 
 
 @pytest.mark.parametrize('record', RECORDS, ids=NAMES)
+def test_tag_and_folder_loaders_give_the_settings_it_was_trained_with(record):
+    from sgdrop_zoo.hub import load_sgdrop_model
+    name = f'{record["architecture"]}.{record["tag"]}'
+    # the record's settings are the model's own (a vanilla twin's record has rho 0)
+    expected = {key: record['sgdrop'][key] for key in ('sgdrop_rho', 'sgdrop_attribution', 'sgdrop_ema_decay',
+                                                        'latent_drop_rate')}
+    for model in (timm.create_model(name, pretrained=True),
+                  load_sgdrop_model(f'local-dir:{hub_configs_dir() / record["local_dir"]}')):
+        assert {key: model.sgdrop_config[key] for key in expected} == expected
+    # what the caller passes still wins
+    assert timm.create_model(name, pretrained=True, sgdrop_rho=0.2).sgdrop_rho == 0.2
+
+
+@pytest.mark.parametrize('record', RECORDS, ids=NAMES)
 def test_shipped_folder_is_a_hub_repo_pinned_by_its_record(record):
     folder = hub_configs_dir() / record['local_dir']
     assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', WEIGHTS_NAME]
