@@ -12,11 +12,12 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch.nn as nn
 from huggingface_hub import constants, hf_hub_download
@@ -34,9 +35,10 @@ from timm.models._hub import hf_split
 from .sgdrop import sgdrop_model_args
 
 __all__ = [
-    'CONFIG_NAME', 'HUB_CONFIGS_ENV', 'WEIGHTS_NAME', 'HubError', 'build_model_with_checked_weights',
-    'checked_record_weights', 'download_checked_weights', 'hub_configs_dir', 'hub_download', 'load_hub_configs',
-    'local_weights', 'packaged_hub_configs_dir', 'pretrained_cfgs', 'sha256_of_file', 'tag_folder',
+    'CONFIG_NAME', 'HUB_CONFIGS_ENV', 'WEIGHTS_NAME', 'HubConfigWarning', 'HubError',
+    'build_model_with_checked_weights', 'checked_record_weights', 'download_checked_weights', 'hub_configs_dir',
+    'hub_download', 'load_hub_configs', 'local_weights', 'packaged_hub_configs_dir', 'pretrained_cfgs',
+    'sha256_of_file', 'tag_folder',
 ]
 
 HUB_CONFIGS_ENV = 'SGDROP_ZOO_HUB_CONFIGS'
@@ -87,31 +89,61 @@ def _check_record(record: Any, path: Path) -> dict[str, Any]:
     return record
 
 
+class HubConfigWarning(UserWarning):
+    """A checkpoint record of ``hub_configs/`` that cannot be used was skipped."""
+
+
+def _read_records(directory: Path) -> Iterator[Union[dict[str, Any], ValueError]]:
+    """Each ``*.json`` record of ``directory``, validated, in name order; in place of a file that is not valid JSON,
+    lacks a field or repeats another file's ``architecture.tag``, the ValueError that says so, for the caller to raise
+    or to skip."""
+    seen = {}
+    for path in sorted(directory.glob('*.json')):
+        try:
+            record = json.loads(path.read_text(encoding='utf-8'))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            yield ValueError(f'{path}: not valid JSON ({e}).')
+            continue
+        try:
+            record = _check_record(record, path)
+        except ValueError as e:
+            yield e
+            continue
+        name = f'{record["architecture"]}.{record["tag"]}'
+        if name in seen:
+            yield ValueError(f'{path}: {name} is already defined by {seen[name]}; each tag needs its own name.')
+            continue
+        seen[name] = path
+        yield record
+
+
 def load_hub_configs(directory: Optional[Path] = None) -> list[dict[str, Any]]:
     """Read and validate every ``*.json`` checkpoint record of ``directory`` (default ``hub_configs_dir()``).
 
     Raises:
         ValueError: A file is not valid JSON, lacks a field, or repeats another file's ``architecture.tag``.
     """
-    directory = Path(directory) if directory is not None else hub_configs_dir()
-    records, seen = [], {}
-    for path in sorted(directory.glob('*.json')):
-        try:
-            record = _check_record(json.loads(path.read_text(encoding='utf-8')), path)
-        except json.JSONDecodeError as e:
-            raise ValueError(f'{path}: not valid JSON ({e}).') from e
-        name = f'{record["architecture"]}.{record["tag"]}'
-        if name in seen:
-            raise ValueError(f'{path}: {name} is already defined by {seen[name]}; each tag needs its own name.')
-        seen[name] = path
+    records = []
+    for record in _read_records(Path(directory) if directory is not None else hub_configs_dir()):
+        if isinstance(record, ValueError):
+            raise record
         records.append(record)
     return records
 
 
 @lru_cache(maxsize=None)
 def _records() -> dict[str, dict[str, Any]]:
+    """The usable records by ``architecture.tag``; one that is not is named in a warning and skipped, so that
+    ``import sgdrop_zoo`` and the other tags keep working."""
     # read once per process: timm's registry is filled at import time and cannot follow later changes
-    return {f'{r["architecture"]}.{r["tag"]}': r for r in load_hub_configs()}
+    records = {}
+    for record in _read_records(hub_configs_dir()):
+        if isinstance(record, ValueError):
+            warnings.warn(f'{record} Its tag is not registered; fix or remove the file.', HubConfigWarning,
+                          stacklevel=2)
+            continue
+        records[f'{record["architecture"]}.{record["tag"]}'] = record
+    return records
 
 
 def local_weights(record: dict[str, Any]) -> Optional[Path]:

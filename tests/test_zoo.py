@@ -37,6 +37,24 @@ def _offline_env(tmp_path: Path, **extra: str) -> dict:
     return dict(env, HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'empty_hf_home'), **extra)
 
 
+def test_an_unreadable_record_is_named_and_skipped(tmp_path: Path):
+    records = tmp_path / 'hub_configs'
+    shutil.copytree(hub_configs_dir(), records)
+    (records / 'sgdrop_resnet10t.broken.json').write_text('{"architecture": ')
+    result = _run('''
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            import timm, sgdrop_zoo
+        print(sorted(timm.list_models('sgdrop_*', pretrained=True)))
+        print([str(w.message) for w in caught if w.category is sgdrop_zoo.pretrained.HubConfigWarning])
+    ''', _offline_env(tmp_path, SGDROP_ZOO_HUB_CONFIGS=str(records)))
+    listed, warned = result.stdout.strip().splitlines()
+    assert listed == str(sorted(NAMES))
+    assert warned.startswith(f"['{records / 'sgdrop_resnet10t.broken.json'}: not valid JSON (") and \
+        warned.endswith("Its tag is not registered; fix or remove the file.']")
+
+
 def test_one_checkpoint_per_family_within_budget():
     assert sorted(timm.list_models('sgdrop_*', pretrained=True)) == sorted(NAMES)
     families = {name.split('.')[0].removeprefix('sgdrop_') for name in NAMES}
