@@ -41,14 +41,14 @@ def test_an_unreadable_record_is_named_and_skipped(tmp_path: Path):
     records = tmp_path / 'hub_configs'
     shutil.copytree(hub_configs_dir(), records)
     (records / 'sgdrop_resnet10t.broken.json').write_text('{"architecture": ')
-    result = _run('''
+    result = _run("""
         import warnings
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter('always')
             import timm, sgdrop_zoo
         print(sorted(timm.list_models('sgdrop_*', pretrained=True)))
         print([str(w.message) for w in caught if w.category is sgdrop_zoo.pretrained.HubConfigWarning])
-    ''', _offline_env(tmp_path, SGDROP_ZOO_HUB_CONFIGS=str(records)))
+    """, _offline_env(tmp_path, SGDROP_ZOO_HUB_CONFIGS=str(records)))
     listed, warned = result.stdout.strip().splitlines()
     assert listed == str(sorted(NAMES))
     assert warned.startswith(f"['{records / 'sgdrop_resnet10t.broken.json'}: not valid JSON (") and \
