@@ -39,6 +39,7 @@ detached device tensors, so that a training loop can average them without readin
 """
 import contextlib
 import copy
+import dataclasses
 import enum
 import functools
 import math
@@ -276,6 +277,16 @@ def _eval_mode(module: nn.Module) -> Iterator[nn.Module]:
             m.training = mode
 
 
+@dataclasses.dataclass
+class _SGDropState:
+    """What an SGDrop model holds besides its settings, kept outside the module tree: the EMA network must stay out of
+    state_dict(), parameters() and DDP's broadcast."""
+    ema: Optional[ModelEmaV3] = None
+    ema_updates: int = 0  # update_ema() calls applied to the current EMA
+    warned_no_target: bool = False
+    step_stats: Optional[dict[str, torch.Tensor]] = None  # sgdrop_step_stats
+
+
 class SaliencyGuidedDropout:
     """Mixin that adds SGDrop training to a timm classifier with ``forward_features`` / ``forward_head``.
 
@@ -328,9 +339,7 @@ class SaliencyGuidedDropout:
         self._sgdrop_rho, self._sgdrop_attribution = sgdrop_rho, sgdrop_attribution
         self._sgdrop_attribution_relu = sgdrop_attribution_relu
         self._sgdrop_ema_decay, self._sgdrop_latent_drop_rate = sgdrop_ema_decay, latent_drop_rate
-        self.__dict__['_sgdrop_warned_no_target'] = False
-        self.__dict__['_sgdrop_step_stats'] = None
-        self._drop_ema()
+        self._sgdrop_state = _SGDropState()
 
     @property
     def sgdrop_rho(self) -> float:
@@ -388,20 +397,18 @@ class SaliencyGuidedDropout:
         base = super().extra_repr()
         return f'{base}, {settings}' if base else settings
 
-    # The EMA lives in __dict__, not in _modules: it must stay out of state_dict(), parameters() and DDP's broadcast.
     @property
     def ema_model(self) -> Optional[nn.Module]:
         """The EMA network used for attribution, or None before the first SGDrop step (and for 'online')."""
-        ema = self.__dict__.get('_sgdrop_ema')
+        ema = self._sgdrop_state.ema
         return None if ema is None else ema.module
 
     def _drop_ema(self) -> None:
-        self.__dict__['_sgdrop_ema'] = None
-        self.__dict__['_sgdrop_ema_updates'] = 0
+        self._sgdrop_state.ema, self._sgdrop_state.ema_updates = None, 0
 
     def _ensure_ema(self) -> ModelEmaV3:
-        ema = self.__dict__.get('_sgdrop_ema')
-        if ema is None:
+        state = self._sgdrop_state
+        if state.ema is None:
             ema = ModelEmaV3(
                 self,
                 decay=self.sgdrop_ema_decay,
@@ -410,9 +417,8 @@ class SaliencyGuidedDropout:
                 warmup_power=EMA_WARMUP_POWER,
             )
             ema.module.requires_grad_(False)
-            self.__dict__['_sgdrop_ema'] = ema
-            self.__dict__['_sgdrop_ema_updates'] = 0
-        return ema
+            state.ema, state.ema_updates = ema, 0
+        return state.ema
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -424,13 +430,13 @@ class SaliencyGuidedDropout:
             return
         ema = self._ensure_ema()
         ema.decay = self.sgdrop_ema_decay  # follow changes made to the setting after the EMA was created
-        self.__dict__['_sgdrop_ema_updates'] += 1
-        ema.update(self, step=self.__dict__['_sgdrop_ema_updates'])
+        self._sgdrop_state.ema_updates += 1
+        ema.update(self, step=self._sgdrop_state.ema_updates)
 
     @property
     def ema_updates(self) -> int:
         """Number of ``update_ema()`` calls applied to the current EMA."""
-        return self.__dict__.get('_sgdrop_ema_updates', 0)
+        return self._sgdrop_state.ema_updates
 
     def ema_state_dict(self) -> Optional[dict[str, Any]]:
         """EMA weights and update count, for checkpoints; None when there is no EMA yet."""
@@ -452,14 +458,15 @@ class SaliencyGuidedDropout:
             raise ValueError(f'Not an SGDrop EMA state: num_updates must be a count >= 0, got {num_updates!r}.')
         ema = self._ensure_ema()
         ema.module.load_state_dict(state['state_dict'])
-        self.__dict__['_sgdrop_ema_updates'] = num_updates
+        self._sgdrop_state.ema_updates = num_updates
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> nn.Module:
         # .to() / .cuda() / .half() must move the EMA network along with the model.
         super()._apply(fn, *args, **kwargs)
-        ema = self.__dict__.get('_sgdrop_ema')
-        if ema is not None:
-            ema._apply(fn, *args, **kwargs)
+        # the base model's own __init__ may move it before _init_sgdrop has run
+        state = getattr(self, '_sgdrop_state', None)
+        if state is not None and state.ema is not None:
+            state.ema._apply(fn, *args, **kwargs)
         return self
 
     def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
@@ -502,7 +509,7 @@ class SaliencyGuidedDropout:
                 sample has no positive attribution, and when rho is 0);
             nonpositive_feature_share: the share of its online latent features that are <= 0.
         """
-        return self.__dict__.get('_sgdrop_step_stats')
+        return self._sgdrop_state.step_stats
 
     def saliency_keep_mask(self, x: torch.Tensor, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Keep-mask for the online ``features`` of ``x``, from the configured attribution source."""
@@ -552,7 +559,7 @@ class SaliencyGuidedDropout:
                 keep, attribution = self._saliency_keep_mask(x, features, target)
                 stats['dropped_attribution_share'] = dropped_attribution_share(attribution, keep)
                 features = features * keep.to(features.dtype)
-            self.__dict__['_sgdrop_step_stats'] = stats
+            self._sgdrop_state.step_stats = stats
         if self.latent_drop_rate > 0:
             features = F.dropout(features, self.latent_drop_rate, training=True)
         return self.forward_head(features)
@@ -561,9 +568,9 @@ class SaliencyGuidedDropout:
         # A warning, not an error: timm's feature extraction, timm utilities and BN recalibration run train-mode
         # forwards without labels on purpose. A training loop that forgets the labels silently trains the base model,
         # though, so say it once per model. A Python flag: no device sync, and graph capture never gets here.
-        if self.sgdrop_rho == 0 or self.__dict__.get('_sgdrop_warned_no_target', False):
+        if self.sgdrop_rho == 0 or self._sgdrop_state.warned_no_target:
             return
-        self.__dict__['_sgdrop_warned_no_target'] = True
+        self._sgdrop_state.warned_no_target = True
         warnings.warn(
             f'{type(self).__name__} ran a train-mode forward without target, so SGDrop (sgdrop_rho='
             f'{self.sgdrop_rho}) was not applied. Pass the labels to train with it: model(x, target=y). '
