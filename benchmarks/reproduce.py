@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -200,14 +199,18 @@ def summarize_run(curve: list[dict], final_val: Optional[dict] = None) -> dict:
     }
 
 
-def evaluate_full(command: list[str], checkpoint: Path) -> dict:
-    """Top-1 of ``checkpoint`` on the whole validation split, with the recipe's ``--evaluate``."""
-    out = subprocess.run(command + ['--evaluate', '--resume', str(checkpoint)], cwd=REPO, check=True,
-                         capture_output=True, text=True).stdout
-    match = re.search(r'=> val Acc@1 ([\d.]+) Acc@5 ([\d.]+) on (\d+) images', out)
-    if match is None:
-        raise RuntimeError(f"no '=> val Acc@1' line in the output of {' '.join(command)}:\n{out[-2000:]}")
-    return {'acc1': float(match.group(1)), 'acc5': float(match.group(2)), 'count': int(match.group(3))}
+def final_eval_args(checkpoint: Path, metrics_path: Path) -> list[str]:
+    """The recipe's arguments that evaluate ``checkpoint`` and write its metrics to ``metrics_path``."""
+    return ['--evaluate', '--resume', str(checkpoint), '--metrics-json', str(metrics_path)]
+
+
+def evaluate_full(command: list[str], checkpoint: Path, metrics_path: Path) -> dict:
+    """Top-1 of ``checkpoint`` on the whole validation split, with the recipe's ``--evaluate``: its metrics JSON
+    (``acc1``, ``acc5``, ``loss``, ``count``, ``checkpoint``, ``epoch``), written to ``metrics_path``."""
+    # the file of an invocation interrupted before its result was written: the recipe never replaces one
+    (REPO / metrics_path).unlink(missing_ok=True)
+    subprocess.run(command + final_eval_args(checkpoint, metrics_path), cwd=REPO, check=True)
+    return json.loads((REPO / metrics_path).read_text())
 
 
 def train_one(protocol: str, config: dict, data: str, arch: str, method: str, seed: int, runs_dir: Path,
@@ -230,7 +233,8 @@ def train_one(protocol: str, config: dict, data: str, arch: str, method: str, se
     print(f"=> {name}: {' '.join(launch)}", flush=True)
     start = time.time()
     subprocess.run(launch, cwd=REPO, check=True)
-    final_val = evaluate_full(base, checkpoint) if subset else None
+    metrics_path = output / 'final_val.json'
+    final_val = evaluate_full(base, checkpoint, metrics_path) if subset else None
     curve = read_log(REPO / output / 'log.jsonl')
     result = {
         'protocol': protocol,
@@ -241,7 +245,7 @@ def train_one(protocol: str, config: dict, data: str, arch: str, method: str, se
         'wall_time_s': time.time() - start,
         'resumed': resumed,
         'command': ' '.join(['python'] + command[1:]),
-        'final_eval_command': ' '.join(['python'] + base[1:] + ['--evaluate', '--resume', str(checkpoint)])
+        'final_eval_command': ' '.join(['python'] + base[1:] + final_eval_args(checkpoint, metrics_path))
         if subset else None,
         'git_commit': git_commit(),
         'device': torch.cuda.get_device_name() if torch.cuda.is_available()

@@ -4,6 +4,7 @@ Training runs go through the command line in subprocesses, as a user runs them; 
 in-process because they stop before any training.
 """
 import errno
+import functools
 import importlib.util
 import io
 import json
@@ -189,8 +190,9 @@ def test_a_training_step_reads_nothing_back_to_the_host():
     loader = RecordSecondStep([(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(2)])
     # SGD: torch's Adam reads its step count, a CPU tensor by design and no GPU sync, with .item() on the CPU
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    no_autocast = functools.partial(torch.autocast, 'cpu', enabled=False)
     metrics = recipe.train(loader, model, model, nn.CrossEntropyLoss(), optimizer,
-                           torch.amp.GradScaler('cpu', enabled=False), 0, torch.device('cpu'), args)
+                           torch.amp.GradScaler('cpu', enabled=False), no_autocast, 0, torch.device('cpu'), args)
     ops = loader.recorded.ops
     # the whole step was recorded: the forward's label check, the backward, the momentum update
     assert {'aten._assert_async.msg', 'aten.convolution_backward.default'} <= set(ops)
@@ -268,6 +270,51 @@ def test_evaluate_reproduces_best_accuracy(two_epoch_run: tuple[Path, str], data
     assert f'on {num_val} images' in result.stdout
 
 
+def test_evaluate_writes_its_metrics_to_metrics_json_and_nothing_into_output(two_epoch_run: tuple[Path, str],
+                                                                             data_dir: Path, num_val: int,
+                                                                             tmp_path: Path):
+    output, _ = two_epoch_run
+    before = {p.name: p.read_bytes() for p in output.iterdir() if p.is_file()}
+    metrics_path = tmp_path / 'final_val.json'
+    result = run_recipe(str(data_dir), *TINY_RUN, '--resume', str(output / 'model_best.pth.tar'), '--evaluate',
+                        '--output', str(output), '--metrics-json', str(metrics_path))
+    metrics = json.loads(metrics_path.read_text())
+    best = torch.load(output / 'model_best.pth.tar', map_location='cpu', weights_only=True)
+    assert set(metrics) == {'acc1', 'acc5', 'loss', 'count', 'checkpoint', 'epoch'}
+    assert (metrics['checkpoint'], metrics['epoch']) == (str((output / 'model_best.pth.tar').resolve()), best['epoch'])
+    assert metrics['count'] == num_val and metrics['acc1'] == pytest.approx(best['acc1'], abs=1e-3)
+    assert 0 <= metrics['acc1'] <= metrics['acc5'] <= 100 and 0 < metrics['loss'] < math.inf
+    # the figures the evaluation printed
+    assert f"=> val Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f} on {num_val} images" in result.stdout
+    assert {p.name: p.read_bytes() for p in output.iterdir() if p.is_file()} == before
+    assert oct(metrics_path.stat().st_mode & 0o777) == '0o644' and list(tmp_path.iterdir()) == [metrics_path]
+
+
+def test_metrics_json_is_refused_before_any_work(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+                                                 data_dir: Path, one_epoch_run: Path, tmp_path: Path):
+    evaluate = ['--evaluate', '--resume', str(one_epoch_run / 'checkpoint.pth.tar'), '--output', str(one_epoch_run)]
+    taken = tmp_path / 'taken.json'
+    taken.write_text('{}')
+    assert run_bad_input(capsys, str(data_dir), *evaluate, '--metrics-json', str(taken)) == (
+        f'error: --metrics-json {taken} exists; an evaluation replaces no file: pass a new file name, or delete that '
+        f'one')
+    assert taken.read_text() == '{}'
+    missing = tmp_path / 'nowhere' / 'metrics.json'
+    assert run_bad_input(capsys, str(data_dir), *evaluate, '--metrics-json', str(missing)) == (
+        f'error: --metrics-json {missing}: {tmp_path / "nowhere"} is not a folder you can write to; pass a file in one')
+    (tmp_path / 'locked').mkdir(mode=0o500)
+    if os.geteuid() == 0:  # root writes anywhere: the permission check is what answers here
+        monkeypatch.setattr(os, 'access', lambda path, mode: Path(path) != tmp_path / 'locked')
+    locked = tmp_path / 'locked' / 'metrics.json'
+    assert run_bad_input(capsys, str(data_dir), *evaluate, '--metrics-json', str(locked)) == (
+        f'error: --metrics-json {locked}: {tmp_path / "locked"} is not a folder you can write to; pass a file in one')
+    message = run_bad_input(capsys, str(data_dir), '--output', str(tmp_path / 'run'), '--metrics-json',
+                            str(tmp_path / 'metrics.json'))
+    assert message == (f'error: --metrics-json {tmp_path / "metrics.json"} writes the metrics of --evaluate; pass '
+                       f'--evaluate, or leave it out (a training run logs its metrics to log.jsonl in --output)')
+    assert not (tmp_path / 'run').exists() and not (tmp_path / 'metrics.json').exists()
+
+
 def assert_same_training_state(first: Path, second: Path) -> None:
     """The two checkpoints hold bit-identical weights, EMA weights and optimizer state."""
     a = torch.load(first, map_location='cpu', weights_only=True)
@@ -292,6 +339,84 @@ def test_resume_gives_identical_weights(data_dir: Path, one_epoch_run: Path, two
     assert read_log(straight) == [
         {**record, 'img_per_s': a['img_per_s'], 'epoch_time_s': a['epoch_time_s']}
         for a, record in zip(read_log(straight), read_log(tmp_path))]
+
+
+# The recipe before it was split into the library modules of its plumbing: the same seed gives the same run, bit for
+# bit, with either.
+REFERENCE_COMMIT = 'df13ecb'
+TIMING_FIELDS = ('img_per_s', 'epoch_time_s')
+
+
+@pytest.fixture(scope='module')
+def reference_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The files of REFERENCE_COMMIT, extracted from this clone's history."""
+    if shutil.which('git') is None:
+        pytest.fail(f'git is not installed: the reference run needs the recipe of commit {REFERENCE_COMMIT}')
+    found = subprocess.run(['git', '-C', str(REPO_ROOT), 'rev-parse', '--verify', '--quiet',
+                            f'{REFERENCE_COMMIT}^{{commit}}'], capture_output=True, text=True)
+    if found.returncode != 0:
+        pytest.fail(f'commit {REFERENCE_COMMIT} is not in the history of {REPO_ROOT} (a shallow clone?): the '
+                    f'reference run needs it; fetch it with git fetch --unshallow')
+    tree = tmp_path_factory.mktemp('reference')
+    archive = subprocess.run(['git', '-C', str(REPO_ROOT), 'archive', found.stdout.strip()], capture_output=True,
+                             check=True).stdout
+    subprocess.run(['tar', '-x', '-C', str(tree)], input=archive, check=True)
+    # an installed sgdrop_zoo found before PYTHONPATH would run the reference script on the current library
+    imported = subprocess.run([sys.executable, '-c', 'import sgdrop_zoo; print(sgdrop_zoo.__file__)'], cwd=tree,
+                              env=dict(os.environ, PYTHONPATH=str(tree)), capture_output=True, text=True, check=True)
+    assert Path(imported.stdout.strip()).is_relative_to(tree), imported.stdout
+    return tree
+
+
+def assert_identical(a: Any, b: Any, where: str) -> None:
+    """`a` and `b` are equal all the way down, tensors bit for bit (same dtype, shape and values)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and (a.dtype, a.shape) == (b.dtype, b.shape), where
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), where
+        for key in a:
+            assert_identical(a[key], b[key], f'{where}[{key!r}]')
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (item_a, item_b) in enumerate(zip(a, b)):
+            assert_identical(item_a, item_b, f'{where}[{i}]')
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize('in_memory', [False, True], ids=['imagefolder', 'in_memory'])
+def test_a_seeded_run_is_that_of_the_reference_commit_bit_for_bit(reference_tree: Path, data_dir: Path,
+                                                                 two_epoch_run: tuple[Path, str], tmp_path: Path,
+                                                                 in_memory: bool):
+    extra = ['--in-memory'] if in_memory else []
+    reference = tmp_path / 'reference'
+    command = [sys.executable, str(reference_tree / 'train' / 'main.py'), str(data_dir), *TINY_RUN, '--epochs', '2',
+               '--output', str(reference), *extra]
+    env = dict(os.environ, PYTHONPATH=str(reference_tree), OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '2'))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=reference_tree)
+    assert result.returncode == 0, f'{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}'
+    if in_memory:
+        current = tmp_path / 'current'
+        run_recipe(str(data_dir), *TINY_RUN, '--epochs', '2', '--output', str(current), *extra)
+    else:
+        current, _ = two_epoch_run
+
+    for name in ('checkpoint.pth.tar', 'model_best.pth.tar'):
+        a = torch.load(reference / name, map_location='cpu', weights_only=True)
+        b = torch.load(current / name, map_location='cpu', weights_only=True)
+        for key in ('state_dict', 'sgdrop_ema', 'optimizer', 'rng_state'):
+            assert_identical(a[key], b[key], f'{name}[{key!r}]')
+        # the rest too; of the arguments, all but the folder (and options newer than the reference)
+        assert_identical({k: v for k, v in a.items() if k != 'args'}, {k: v for k, v in b.items() if k != 'args'},
+                         name)
+        assert set(a['args']) <= set(b['args'])
+        assert_identical({k: v for k, v in a['args'].items() if k != 'output'},
+                         {k: b['args'][k] for k in a['args'] if k != 'output'}, f'{name}[args]')
+    assert [{k: v for k, v in record.items() if k not in TIMING_FIELDS} for record in read_log(reference)] == [
+        {k: v for k, v in record.items() if k not in TIMING_FIELDS} for record in read_log(current)]
+    assert (reference / 'model.safetensors').read_bytes() == (current / 'model.safetensors').read_bytes()
+    assert json.loads((reference / 'config.json').read_text()) == json.loads((current / 'config.json').read_text())
 
 
 @pytest.mark.parametrize('in_memory', [False, True], ids=['imagefolder', 'in_memory'])

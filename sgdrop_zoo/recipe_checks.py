@@ -1,0 +1,289 @@
+"""The checks of the training recipe's inputs, made before any work: each problem stops it with one line.
+
+Each check takes the values of the options it checks and raises ``RecipeError`` with a message that names the option,
+says what is wrong and what to pass instead. ``train/main.py`` runs them in order in ``check_inputs``; the checks of a
+``--resume`` checkpoint also refuse one of another model, dataset or run.
+"""
+import collections
+import difflib
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import timm
+import torch
+import torchvision.datasets as datasets
+
+from .export import SGDROP_MODEL_ARGS
+from .loading import check_writable_folder, read_checkpoint
+from .run_files import CHECKPOINT_NAME, RUN_FILES
+from .sgdrop import check_sgdrop_settings
+
+__all__ = [
+    'MAX_IMAGE_SIZE', 'RECIPE_CHECKPOINT_KEYS', 'RUN_SETTINGS', 'RecipeError', 'SETTINGS_OF_REGULARIZER', 'check_arch',
+    'check_counts', 'check_fits_val_split', 'check_gpu', 'check_holdout', 'check_launcher', 'check_metrics_json',
+    'check_model_kwargs', 'check_output', 'check_regularizer_numbers', 'check_resumed', 'check_same_run',
+    'check_start_epoch', 'check_subset_options', 'check_training_numbers', 'check_val_subset', 'load_checkpoint',
+]
+
+MAX_IMAGE_SIZE = 4096
+# the keys of every checkpoint the recipe writes
+RECIPE_CHECKPOINT_KEYS = ('epoch', 'arch', 'state_dict', 'best_acc1', 'optimizer', 'scheduler', 'args')
+# the settings that define a run: a resume that changed one would continue another run than the checkpoint's
+RUN_SETTINGS = ('regularizer', 'image_size', 'train_transform', 'optimizer', 'train_subset', 'train_subset_per_class',
+                'holdout_per_class')
+SETTINGS_OF_REGULARIZER = {'sgdrop': ('sgdrop_rho', 'sgdrop_rho_end', 'sgdrop_attribution', 'sgdrop_attribution_relu',
+                                      'sgdrop_ema_decay'),
+                           'dropout': ('latent_drop_rate',), 'none': ()}
+
+
+class RecipeError(Exception):
+    """A run that cannot start or go on (bad input, diverged weights, a refused export); the message says what is
+    wrong and what to do, in one line."""
+
+
+def check_arch(arch: str, pretrained: bool) -> None:
+    """`arch` must be a timm model name, with a tag timm knows, and with weights when `pretrained`."""
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ''
+        raise RecipeError(f"unknown --arch {arch!r}: not a timm model; {hint}"
+                          f"list names with timm.list_models('*{arch.split('_')[-1]}*')")
+    try:
+        pretrained_cfg = timm.models.get_pretrained_cfg(arch)
+    except RuntimeError:  # timm's "Invalid pretrained tag"
+        tags = timm.list_pretrained(f"{arch.split('.')[0]}.*")
+        raise RecipeError(f"--arch {arch}: no such pretrained tag; the tags of {arch.split('.')[0]} are "
+                          f"{', '.join(tags) if tags else 'none'}") from None
+    if pretrained and not (pretrained_cfg and pretrained_cfg.has_weights):
+        tags = timm.list_pretrained(f"{arch.split('.')[0]}*")
+        raise RecipeError(f"--pretrained: {arch} has no pretrained weights; "
+                          f"{'pass one of ' + ', '.join(tags) if tags else 'leave --pretrained out'}")
+
+
+def check_launcher(dist_url: str, world_size: int, rank: int, multiprocessing_distributed: bool) -> None:
+    """The distributed options must name their processes: torchrun's environment, or the nodes of a spawn."""
+    if dist_url == 'env://' and 'WORLD_SIZE' not in os.environ:
+        raise RecipeError('--dist-url env:// reads WORLD_SIZE and RANK from the launcher; start the script with '
+                          'torchrun, e.g. torchrun --nproc-per-node 2 train/main.py DATA --dist-url env://')
+    if multiprocessing_distributed and (world_size < 1 or rank < 0):
+        raise RecipeError('--multiprocessing-distributed needs --world-size (number of nodes) and --rank (node rank), '
+                          'e.g. --world-size 1 --rank 0 on one machine')
+
+
+def check_counts(positive: Sequence[tuple[str, int]], not_negative: Sequence[tuple[str, int]]) -> None:
+    """Whole-number options, as (flag, value): those of `positive` at least 1, those of `not_negative` 0 or more."""
+    for flag, value in positive:
+        if value < 1:
+            raise RecipeError(f'{flag} {value}: pass a positive number')
+    for flag, value in not_negative:
+        if value < 0:
+            raise RecipeError(f'{flag} {value} is negative; pass 0 or more')
+
+
+def check_training_numbers(lr: float, momentum: float, weight_decay: float, lr_gamma: float, seed: Optional[int],
+                           image_size: int) -> None:
+    """Finite, in-range optimizer settings, a seed that seeds every RNG, and an image size that fits in memory."""
+    if not 0 < lr < math.inf:
+        raise RecipeError(f'--lr {lr}: the learning rate must be a positive number, e.g. 0.1 for SGD or 1e-4 for '
+                          f'Adam')
+    if not 0 <= momentum < 1:
+        raise RecipeError(f'--momentum {momentum}: pass a number in [0, 1), e.g. 0.9')
+    if not 0 <= weight_decay < math.inf:
+        raise RecipeError(f'--wd {weight_decay}: pass 0 or a positive number, e.g. 1e-4')
+    if not 0 < lr_gamma < math.inf:
+        raise RecipeError(f'--lr-gamma {lr_gamma}: pass a positive factor, e.g. 0.1, or 1.0 for a constant lr')
+    if seed is not None and not 0 <= seed < 2 ** 32:
+        raise RecipeError(f'--seed {seed}: pass a number in [0, 2**32)')
+    if image_size > MAX_IMAGE_SIZE:
+        raise RecipeError(f'--image-size {image_size}: larger than {MAX_IMAGE_SIZE} px, which no batch of these '
+                          f'models fits in memory; pass the side the model is trained at, e.g. 224')
+
+
+def check_regularizer_numbers(settings: Mapping[str, Optional[float]]) -> None:
+    """SGDrop and dropout settings by their constructor names (None: not set), each option named after its setting.
+
+    Checked by the models' own rule whatever the regularizer: every run builds its rho schedule and model from them.
+    """
+    for name, value in settings.items():
+        if value is not None:
+            try:
+                check_sgdrop_settings(**{name: value})
+            except ValueError as e:
+                raise RecipeError(f"--{name.replace('_', '-')} {value}: {e}") from e
+
+
+def check_gpu(gpu: Optional[int]) -> None:
+    """--gpu needs a visible CUDA GPU."""
+    if gpu is not None and not torch.cuda.is_available():
+        raise RecipeError(f'--gpu {gpu}: no CUDA GPU is visible; leave --gpu out to train on the CPU')
+
+
+def check_start_epoch(start_epoch: int, epochs: int, evaluate: bool, resume: bool) -> None:
+    """A new run must have epochs left to train (a resumed one starts at its checkpoint's epoch)."""
+    if start_epoch >= epochs and not evaluate and not resume:
+        raise RecipeError(f'--start-epoch {start_epoch} leaves nothing to train with --epochs {epochs}; '
+                          f'pass a larger --epochs')
+
+
+def check_output(output: Path, resume: str, evaluate: bool, overwrite: bool, pretrained: bool, dummy: bool) -> None:
+    """--output must be a writable folder that holds no other run, unless resuming it or told to overwrite it.
+
+    --evaluate writes nothing (and needs weights: `resume`, `pretrained`, or the fake data of `dummy`), and --resume
+    writes only into the resumed run's own folder or into a new one.
+    """
+    if evaluate:
+        if overwrite:
+            raise RecipeError('--evaluate writes nothing, so --overwrite would only delete the run in --output; leave '
+                              '--overwrite out')
+        if not (resume or pretrained or dummy):
+            raise RecipeError('--evaluate needs weights to evaluate: pass --resume CHECKPOINT or --pretrained (a '
+                              'freshly initialised model scores at chance)')
+        return
+    try:
+        check_writable_folder(output)
+    except ValueError as e:
+        raise RecipeError(str(e)) from e
+    previous = [name for name in RUN_FILES if (output / name).exists()]
+    resumed_folder = Path(resume).resolve().parent if resume else None
+    if previous and resumed_folder is not None and resumed_folder != output.resolve():
+        raise RecipeError(f"--output {output} holds another run ({', '.join(previous)}) than the resumed "
+                          f"{resume}; resume into its own folder (--output {Path(resume).parent}) or into "
+                          f"a new one")
+    if previous and not (resume or overwrite):
+        raise RecipeError(f"--output {output} holds another run ({', '.join(previous)}); continue it with --resume "
+                          f"{output / CHECKPOINT_NAME}, choose a new --output, or pass --overwrite to replace it")
+
+
+def check_metrics_json(path: Optional[str], evaluate: bool) -> None:
+    """--metrics-json writes the metrics of --evaluate to a new file, in a folder that exists and can be written."""
+    if path is None:
+        return
+    if not evaluate:
+        raise RecipeError(f'--metrics-json {path} writes the metrics of --evaluate; pass --evaluate, or leave it out '
+                          f'(a training run logs its metrics to log.jsonl in --output)')
+    if os.path.lexists(path):
+        raise RecipeError(f'--metrics-json {path} exists; an evaluation replaces no file: pass a new file name, or '
+                          f'delete that one')
+    folder = Path(path).parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise RecipeError(f'--metrics-json {path}: {folder} is not a folder you can write to; pass a file in one')
+
+
+def check_subset_options(train_subset: int, train_subset_per_class: int, log_area_ratio: int) -> None:
+    """One way of choosing the training images at most, and a number of area ratio images that is not negative."""
+    if train_subset and train_subset_per_class:
+        raise RecipeError('--train-subset and --train-subset-per-class both choose the training images; pass one')
+    if log_area_ratio < 0:
+        raise RecipeError(f'--log-area-ratio {log_area_ratio} is negative; pass a number of validation images, '
+                          f'or 0 to turn it off')
+
+
+def check_model_kwargs(arch: str, model_kwargs: dict[str, Any], build: Callable[[], Any]) -> None:
+    """--model-kwargs must leave the input channels and the recipe's own settings alone, and be taken by `arch`.
+
+    Args:
+        arch: The architecture.
+        model_kwargs: Its extra constructor arguments.
+        build: Builds the model with them; called on the meta device, where it builds nothing but the module tree.
+    """
+    if model_kwargs.get('in_chans', 3) != 3:
+        raise RecipeError(f"--model-kwargs in_chans={model_kwargs['in_chans']}: the recipe reads every image as "
+                          f"RGB, 3 channels; leave in_chans out")
+    reserved = sorted(set(model_kwargs) & {'num_classes', 'pretrained', *SGDROP_MODEL_ARGS})
+    if reserved:
+        raise RecipeError(f"--model-kwargs sets {', '.join(reserved)}, which the recipe sets from its own options; "
+                          f"leave them out")
+    try:
+        with torch.device('meta'):
+            build()
+    except TypeError as e:
+        raise RecipeError(f'--model-kwargs {model_kwargs}: {arch} does not take them ({e})') from e
+
+
+def check_holdout(data: Path, class_names: list[str], holdout_per_class: int, train_subset_per_class: int,
+                  dummy: bool) -> None:
+    """Every class must hold its --holdout-per-class images besides its --train-subset-per-class ones."""
+    if dummy:
+        raise RecipeError('--holdout-per-class holds out images of the training folder, and --dummy has none; '
+                          'leave one of them out')
+    class_to_idx = {name: i for i, name in enumerate(class_names)}
+    sizes = collections.Counter(target for _, target in datasets.folder.make_dataset(
+        os.path.join(data, 'train'), class_to_idx, datasets.folder.IMG_EXTENSIONS))
+    needed = holdout_per_class + train_subset_per_class
+    smallest = min(range(len(class_names)), key=lambda c: (sizes[c], c))
+    if sizes[smallest] < needed + (0 if train_subset_per_class else 1):
+        train_part = f' + --train-subset-per-class {train_subset_per_class}' if train_subset_per_class \
+            else ' and at least one to train on'
+        raise RecipeError(f'--holdout-per-class {holdout_per_class}{train_part} needs {needed or 1} training '
+                          f'images of each class, but class {class_names[smallest]} has only {sizes[smallest]}; '
+                          f'pass a smaller --holdout-per-class')
+
+
+def check_val_subset(val_subset: int, log_area_ratio: int) -> None:
+    """--val-subset is a number of images, and the area ratio's images are taken among them."""
+    if val_subset < 0:
+        raise RecipeError(f'--val-subset {val_subset} is negative; pass a number of validation images, or 0 for '
+                          f'all of them')
+    if val_subset and log_area_ratio > val_subset:
+        raise RecipeError(f'--log-area-ratio {log_area_ratio} is larger than --val-subset {val_subset}; its '
+                          f'images are taken among the validated ones, so pass at most {val_subset}')
+
+
+def check_fits_val_split(val_subset: int, log_area_ratio: int, num_val: int) -> None:
+    """Neither number of validation images may exceed the `num_val` of the validation split."""
+    for flag, value in (('--log-area-ratio', log_area_ratio), ('--val-subset', val_subset)):
+        if value > num_val:
+            raise RecipeError(f'{flag} {value} asks for more images than the {num_val} of the validation split; '
+                              f'pass at most {num_val}')
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """Load a checkpoint written by the recipe, tensors on the CPU, without executing pickled code."""
+    if not os.path.isfile(path):
+        raise RecipeError(f'--resume {path}: no such checkpoint file; pass a checkpoint.pth.tar written by this script')
+    try:
+        checkpoint = read_checkpoint(Path(path))
+    except ValueError as e:
+        raise RecipeError(f'--resume {e} Pass an intact checkpoint.pth.tar') from e
+    missing = [key for key in RECIPE_CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        raise RecipeError(f"--resume {path}: not a checkpoint of this script (no {', '.join(missing)}); pass the "
+                          f"checkpoint.pth.tar or model_best.pth.tar of a train/main.py run")
+    return checkpoint
+
+
+def check_resumed(checkpoint: dict[str, Any], resume: str, arch: str, model_kwargs: dict[str, Any],
+                  class_names: list[str], data: str) -> None:
+    """The --resume checkpoint must hold the model of `arch` and `model_kwargs`, trained on the classes of `data`."""
+    if checkpoint.get('arch') != arch:
+        raise RecipeError(f"--resume {resume} holds a {checkpoint.get('arch')!r} model, not {arch!r}; "
+                          f"pass -a {checkpoint.get('arch')} or a checkpoint of {arch}")
+    saved_kwargs = checkpoint['args'].get('model_kwargs', {})
+    if saved_kwargs != model_kwargs:
+        raise RecipeError(f'--resume {resume} was built with --model-kwargs {saved_kwargs}, not '
+                          f'{model_kwargs}; pass the same --model-kwargs')
+    saved_classes = checkpoint.get('class_names')
+    if saved_classes is not None and saved_classes != class_names:
+        raise RecipeError(f'--resume {resume} was trained on {len(saved_classes)} other classes than the '
+                          f'{len(class_names)} in {data}; resume on the same dataset')
+
+
+def check_same_run(resume: str, saved: dict[str, Any], settings: Mapping[str, Any]) -> None:
+    """Refuse a --resume whose run-defining settings differ from those its checkpoint was trained with.
+
+    Args:
+        resume: The checkpoint's path.
+        saved: The arguments it saved.
+        settings: The arguments of this run, by the same names.
+    """
+    names = RUN_SETTINGS + SETTINGS_OF_REGULARIZER[saved.get('regularizer', 'sgdrop')]
+    for name in names:
+        # settings newer than the checkpoint have their default there
+        if name in saved and saved[name] != settings[name]:
+            flag = '--' + name.replace('_', '-')
+            raise RecipeError(f'--resume {resume} was trained with {flag} {saved[name]}, not '
+                              f'{settings[name]}; pass {flag} {saved[name]} to continue it, or start a new run '
+                              f'in another --output')

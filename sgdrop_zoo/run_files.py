@@ -1,0 +1,206 @@
+"""The files of a training run in its ``--output`` folder, written so that a kill at any moment loses nothing.
+
+Checkpoints are written to a temporary file of the same folder and renamed over the old one (``atomic_write``);
+``log.jsonl`` gets one line per epoch, appended before the epoch's checkpoint, and a resumed run drops the lines of
+the epochs it trains again (``keep_log_until``); a ``model_best.pth.tar`` left missing or stale by a kill is rebuilt
+from the resumed checkpoint (``restore_model_best``); what a killed write left behind is removed when the run starts
+again (``remove_partial_writes``), and only that. A write the system refuses stops the run with one line. A checkpoint
+holds the random state too (``get_rng_state``), so that a resumed run continues the interrupted one exactly.
+"""
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from .export import PARTIAL_WRITE_SUFFIX
+from .loading import read_checkpoint
+from .pretrained import CONFIG_NAME, WEIGHTS_NAME
+
+__all__ = [
+    'BEST_NAME', 'CHECKPOINT_NAME', 'LOG_NAME', 'RUN_FILES', 'RunFileError', 'append_log', 'atomic_write',
+    'copy_file', 'get_rng_state', 'keep_log_until', 'prepare_output', 'read_log_lines', 'remove_partial_writes',
+    'restore_model_best', 'set_rng_state',
+]
+
+CHECKPOINT_NAME = 'checkpoint.pth.tar'
+BEST_NAME = 'model_best.pth.tar'
+LOG_NAME = 'log.jsonl'
+# every file a run writes into its folder: another run's, found there, is never replaced unless asked to
+RUN_FILES = (LOG_NAME, CHECKPOINT_NAME, BEST_NAME, WEIGHTS_NAME, CONFIG_NAME)
+
+
+class RunFileError(Exception):
+    """A run file that cannot be written, or read back on resume; the message says what to do, in one line."""
+
+
+def write_error(path: Path, error: OSError) -> RunFileError:
+    """The one-line error of a write that the system refused (a full disk, a lost mount); no file was changed."""
+    return RunFileError(f'cannot write {path} ({error.strerror or error}); the files written before it are intact: '
+                        f'free some space there, or fix the folder')
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Write `path` with `write(file)` into a temporary file of its folder, then rename it over `path`.
+
+    Raises:
+        RunFileError: The system refused the write; `path` is as it was, and the temporary file is gone.
+    """
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix=PARTIAL_WRITE_SUFFIX)
+    except OSError as e:
+        raise write_error(path, e) from e
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp makes the file private; a checkpoint is an ordinary output file
+        os.replace(tmp_name, path)
+    except BaseException as e:
+        os.unlink(tmp_name)
+        # torch.save reports a failed write as a RuntimeError raised while handling the OSError
+        cause = e if isinstance(e, OSError) else e.__context__
+        if isinstance(cause, OSError):
+            raise write_error(path, cause) from e
+        raise
+
+
+def copy_file(source: Path, path: Path) -> None:
+    """Copy `source` to `path` with ``atomic_write``."""
+    with source.open('rb') as src:
+        atomic_write(path, lambda f: shutil.copyfileobj(src, f))
+
+
+def prepare_output(output: Path, remove_previous_run: bool) -> None:
+    """Create `output`, remove what a killed write left there, and the files of the run it replaces if asked to."""
+    output.mkdir(parents=True, exist_ok=True)
+    remove_partial_writes(output)
+    if remove_previous_run:
+        # the replaced run's files go now, so that none of them can pass for this run's
+        for name in RUN_FILES:
+            (output / name).unlink(missing_ok=True)
+
+
+def remove_partial_writes(output: Path) -> None:
+    """Remove what a run killed while writing a checkpoint, the log or the export left; the previous files are intact.
+
+    Only names that the recipe's writers make are removed (``atomic_write``'s and ``save_export``'s), nothing of a
+    user's that happens to look temporary.
+    """
+    for name in RUN_FILES:
+        for partial in output.glob(f'.{name}.*{PARTIAL_WRITE_SUFFIX}'):
+            if partial.is_file() and not partial.is_symlink():
+                partial.unlink()
+    for partial in output.glob(f'.export.*{PARTIAL_WRITE_SUFFIX}'):
+        if partial.is_dir() and not partial.is_symlink():
+            shutil.rmtree(partial)
+
+
+def restore_model_best(checkpoint: dict[str, Any], resume_path: Path, best_path: Path) -> tuple[float, int]:
+    """Check that `best_path` holds the resumed run's best epoch, rebuilding it when a kill left it missing or stale.
+
+    A run stopped between writing its checkpoint and copying it to model_best leaves model_best missing or one best
+    epoch behind. When the resumed checkpoint is that best epoch, the copy is made again and nothing is lost; when
+    model_best is missing and the best epoch's weights are gone, the resumed epoch stands in for it and becomes the
+    best to beat. A model_best of another epoch that the resumed checkpoint cannot replace is kept.
+
+    Args:
+        checkpoint: The resumed checkpoint, read from `resume_path`.
+        resume_path: Its file.
+        best_path: The run's model_best.
+
+    Returns:
+        The best top-1 and best epoch to continue with.
+    """
+    best_acc1, best_epoch = checkpoint['best_acc1'], checkpoint.get('best_epoch', 0)
+    if best_path.exists():
+        held = read_checkpoint(best_path)['epoch']
+        if 'best_epoch' not in checkpoint or held == best_epoch:
+            return best_acc1, best_epoch
+        if best_epoch != checkpoint['epoch']:
+            # not what a kill leaves (an older checkpoint resumed, say): weights the resumed one cannot replace
+            print(f'=> {best_path} holds epoch {held}, not the best epoch {best_epoch} of {resume_path}; it is kept '
+                  f'until this run has a better epoch', flush=True)
+            return best_acc1, best_epoch
+        print(f'=> {best_path} holds epoch {held}, not the best epoch {best_epoch} (the run was stopped while '
+              f'writing it); copied again from {resume_path}, which holds that epoch', flush=True)
+    elif best_epoch == checkpoint['epoch']:
+        print(f'=> {best_path} is missing (the run was stopped while writing it); copied again from {resume_path}, '
+              f'which holds its best epoch', flush=True)
+    else:
+        best_acc1, best_epoch = checkpoint.get('acc1', best_acc1), checkpoint['epoch']
+        print(f"=> {best_path} is missing and the best epoch's weights are gone; rebuilt from {resume_path} (epoch "
+              f"{best_epoch}, val Acc@1 {best_acc1:.3f}), the best to beat from now on", flush=True)
+    copy_file(resume_path, best_path)
+    return best_acc1, best_epoch
+
+
+def append_log(log_path: Path, record: dict[str, Any]) -> None:
+    """Append `record` to `log_path` as one JSON line, on disk when it returns.
+
+    Raises:
+        RunFileError: The system refused the write.
+    """
+    # a line cut short by a failed write is dropped when the run is resumed (read_log_lines)
+    try:
+        with log_path.open('a') as f:
+            f.write(json.dumps(record) + '\n')
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise write_error(log_path, e) from e
+
+
+def read_log_lines(log_path: Path) -> list[str]:
+    """The complete lines of a `log.jsonl`; an incomplete last line (a run killed while appending it, before that
+    epoch's checkpoint) is left out, since that epoch is trained again.
+
+    Raises:
+        RunFileError: A line before the last one is not JSON.
+    """
+    lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                return lines[:-1]
+            record = None
+        epoch = record.get('epoch') if isinstance(record, dict) else None
+        if isinstance(epoch, bool) or not isinstance(epoch, int):
+            # not JSON, or no whole-number "epoch"
+            raise RunFileError(f'{log_path}: line {number} is not an epoch record; delete or repair that line, then '
+                               f'resume again')
+    return lines
+
+
+def keep_log_until(log_path: Path, last_epoch: int) -> None:
+    """Drop the log lines of epochs after `last_epoch`, which the run is about to train (again)."""
+    if not log_path.exists():
+        return
+    lines = read_log_lines(log_path)
+    kept = [line for line in lines if json.loads(line)['epoch'] <= last_epoch]
+    if kept != log_path.read_text().splitlines():
+        atomic_write(log_path, lambda f: f.write(''.join(line + '\n' for line in kept).encode()))
+
+
+def get_rng_state() -> dict[str, Any]:
+    """The state of the random generators a run draws from (Python's, torch's, CUDA's), for its checkpoint."""
+    state = {'python': random.getstate(), 'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore a state of ``get_rng_state`` (its CUDA part only where it has one and there are GPUs)."""
+    random.setstate(state['python'])
+    torch.set_rng_state(state['torch'])
+    if torch.cuda.is_available() and 'cuda' in state:
+        torch.cuda.set_rng_state_all(state['cuda'])
