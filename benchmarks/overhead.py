@@ -1,8 +1,9 @@
 """Training-step overhead of SGDrop (ema and online attribution) against the same model without it.
 
 Each family is timed with the three variants interleaved step by step on the same batch, so that drift in machine
-load hits them alike; the reported figure is the median step time and its ratio to vanilla. Compare with the paper's
-Table 9 (batch 64, per step): VGG16 +33%, ResNet50 +30%, ConvNeXt +25%.
+load hits them alike; the reported figure is the median step time and its ratio to vanilla. SGDrop runs at the rho
+the family trains with (train/presets.json: 0.1 for ConvNeXt, 0.01 otherwise), which sets the mask's top-k size.
+Compare with the paper's Table 9 (batch 64, per step): VGG16 +33%, ResNet50 +30%, ConvNeXt +25%.
 
     python benchmarks/overhead.py                         # CPU defaults: 64 px, batch 8
     python benchmarks/overhead.py --image-size 224 --batch-size 64 --amp --channels-last   # on a GPU
@@ -22,11 +23,13 @@ import torch.nn.functional as F
 from timm.utils import ParseKwargs
 
 import sgdrop_zoo
+from reproduce import family_rho  # benchmarks/reproduce.py, beside this script
 
+# SGDrop at the rho each family trains with (the low-data preset's, benchmarks/reproduce.py family_rho)
 VARIANTS = {
     'vanilla': dict(sgdrop_rho=0.0),
-    'sgdrop_ema': dict(sgdrop_rho=0.01, sgdrop_attribution='ema'),
-    'sgdrop_online': dict(sgdrop_rho=0.01, sgdrop_attribution='online'),
+    'sgdrop_ema': dict(sgdrop_attribution='ema'),
+    'sgdrop_online': dict(sgdrop_attribution='online'),
 }
 PAPER_OVERHEAD = {'sgdrop_vgg16': 0.3324, 'sgdrop_resnet50': 0.30, 'sgdrop_convnext_tiny': 0.25}
 
@@ -63,8 +66,10 @@ def time_family(name: str, args: argparse.Namespace, device: torch.device) -> di
     images = images.to(memory_format=memory_format)
     target = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
     runs = {}
+    rho = family_rho(name)
     for variant, kwargs in VARIANTS.items():
-        model = timm.create_model(name, num_classes=args.num_classes, **kwargs, **args.model_kwargs)
+        model = timm.create_model(name, num_classes=args.num_classes, **{'sgdrop_rho': rho, **kwargs},
+                                  **args.model_kwargs)
         model = model.to(device, memory_format=memory_format)
         runs[variant] = (model.train(), torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9))
     times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
@@ -82,6 +87,7 @@ def time_family(name: str, args: argparse.Namespace, device: torch.device) -> di
     result = {f'{variant}_ms': round(1000 * value, 2) for variant, value in medians.items()}
     for variant in ('sgdrop_ema', 'sgdrop_online'):
         result[f'{variant}_overhead'] = round(medians[variant] / medians['vanilla'] - 1, 4)
+    result['sgdrop_rho'] = rho
     result['paper_overhead'] = PAPER_OVERHEAD.get(name)
     return result
 

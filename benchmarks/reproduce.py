@@ -10,6 +10,7 @@ numbers. Re-running skips finished runs and resumes an interrupted one from its 
     python benchmarks/reproduce.py cpu --table-only                                    # rebuild table.md
 """
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import timm
 import torch
@@ -141,8 +142,20 @@ PROTOCOLS: dict[str, dict] = {
     },
 }
 
-# Fixed rho of the low-data preset per family, the base of the curriculum's end value.
-FIXED_RHO = {'convnext': 0.1, 'vgg': 0.01, 'resnet': 0.01, 'cifar': 0.01}
+
+
+def load_recipe() -> Any:
+    """``train/main.py`` as a module, for its presets: the one place that holds each family's rho."""
+    spec = importlib.util.spec_from_file_location('recipe_main', REPO / 'train' / 'main.py')
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    return recipe
+
+
+def family_rho(arch: str) -> float:
+    """The fixed rho the low-data preset trains ``arch`` with (Appendix B), the base of the curriculum's end."""
+    recipe = load_recipe()
+    return recipe.rho_for_arch(arch, recipe.load_presets()['lowdata']['sgdrop_rho_by_arch'])
 
 
 def run_name(arch: str, method: str, seed: int) -> str:
@@ -152,8 +165,7 @@ def run_name(arch: str, method: str, seed: int) -> str:
 def method_args(method: str, arch: str) -> list[str]:
     if method not in METHODS:
         raise SystemExit(f"error: unknown method {method!r}; choose from {', '.join(METHODS)}")
-    rho = next(value for key, value in FIXED_RHO.items() if key in arch)
-    return [f'{2.5 * rho:g}' if flag == 'RHO_END' else flag for flag in METHODS[method]]
+    return [f'{2.5 * family_rho(arch):g}' if flag == 'RHO_END' else flag for flag in METHODS[method]]
 
 
 def protocol_methods(config: dict, arch: str) -> list[str]:
