@@ -83,6 +83,9 @@ PROTOCOLS: dict[str, dict] = {
         # the SGDrop checkpoints benchmarks/ship_zoo.py ships, one per family: those plain timm rebuilds
         'ship': ['sgdrop_resnet10t', 'sgdrop_convnext_atto', 'sgdrop_vgg11'],
         'methods': ['vanilla', 'sgdrop'],
+        # the tag of its checkpoints, and its results folder (the study ran before the folder followed the protocol)
+        'tag': 'imagenette_64',
+        'results': 'zoo_cpu',
         'seeds': [0, 1, 2],
         'args': ['--preset', 'lowdata', '--image-size', '64', '--epochs', '40', '--train-subset-per-class', '150',
                  '--in-memory', '--channels-last', '--train-eval-samples', '1500', '--log-area-ratio', '200', '-j', '2',
@@ -348,12 +351,13 @@ def main() -> None:
     parser.add_argument('--seeds', nargs='+', type=int, default=None, help="seeds (default: the protocol's)")
     parser.add_argument('--runs-dir', default=None, help='recipe output folders (default: runs/reproduce/PROTOCOL)')
     parser.add_argument('--results-dir', default=None,
-                        help='one JSON per run and table.md (default: benchmarks/results/reproduce_PROTOCOL)')
+                        help='one JSON per run and table.md (default: benchmarks/results/reproduce_PROTOCOL; '
+                             'zoo_cpu for the zoo protocol)')
     parser.add_argument('--table-only', action='store_true', help='only rebuild table.md from the finished runs')
     args = parser.parse_args()
 
     config = PROTOCOLS[args.protocol]
-    results_dir = Path(args.results_dir or RESULTS / f'reproduce_{args.protocol}').resolve()
+    results_dir = Path(args.results_dir or RESULTS / config.get('results', f'reproduce_{args.protocol}')).resolve()
     results_dir.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
         if args.data is None or not (Path(args.data) / 'train').is_dir() or not (Path(args.data) / 'val').is_dir():

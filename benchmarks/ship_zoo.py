@@ -1,8 +1,9 @@
-"""Ship the zoo's checkpoints: the SGDrop run of the median seed of each family of a finished study.
+"""Ship the zoo's checkpoints: the SGDrop run of the median seed of each family of a finished study, and its twin.
 
-For every architecture the zoo protocol of ``benchmarks/reproduce.py`` ships (those plain timm can rebuild), takes the
-SGDrop run whose final val top-1 is the median of its seeds (the lower middle one for an even count; the rule was fixed
-before training), and writes:
+For every architecture a protocol of ``benchmarks/reproduce.py`` ships (those plain timm can rebuild), takes the run
+of the protocol's SGDrop method whose final val top-1 is the median of its seeds (the lower middle one for an even
+count; the rule was fixed before training) and, where the protocol ships twins, the vanilla run of the same seed
+(tag suffix ``_vanilla``, each record naming the other as ``twin``), and writes for each:
 
 - ``hub_configs/<arch>.<tag>/``: the folder of a Hub repo (``model.safetensors`` in float16, timm ``config.json``,
   model card ``README.md``), ready for ``sgdrop-zoo publish hub_configs/<arch>.<tag> --repo-id ORG/<arch>.<tag>``;
@@ -14,7 +15,7 @@ The shipped float16 weights are evaluated as timm users evaluate a model, ``reso
 from the study's float32 figure by more than 0.1 points. It also records the exact number of correct images on a fixed
 100-image subset of the split, which the tests check on every run.
 
-    python benchmarks/ship_zoo.py --data ../shared/data/imagenette
+    python benchmarks/ship_zoo.py --data ../shared/data/imagenette --protocol zoo
 
 Seeds that finish after a checkpoint shipped change its record, not its weights, while the median seed stays the
 same; ``--keep-weights`` then re-evaluates the shipped folder and rewrites its record and card without the run folders:
@@ -43,10 +44,9 @@ from sgdrop_zoo.hub import hub_config_record, prepare_hub_folder
 from sgdrop_zoo.model_card import render_model_card
 from sgdrop_zoo.pretrained import CONFIG_NAME, WEIGHTS_NAME, sha256_of_file
 
-from reproduce import PROTOCOLS  # benchmarks/reproduce.py, beside this script
+from reproduce import PROTOCOLS, RESULTS, run_name  # benchmarks/reproduce.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
-TAG = 'imagenette_64'
 DATASET = 'imagenette'
 CHECK_IMAGES = 100  # size of the fixed validation subset whose correct count the tests compare
 MAX_TOP1_DRIFT = 0.1  # points of top-1 the float16 weights may differ by from the study's float32 figure
@@ -103,7 +103,7 @@ def export_run(name: str, source: Path, folder: Path) -> dict[str, Any]:
     """Write a run's last-epoch checkpoint as a Hub-repo folder (float16 weights, timm config.json); its record."""
     info = ImageNetInfo()
     descriptions = {synset: info.label_name_to_description(synset) for synset in info.label_names()}
-    record = prepare_hub_folder(source, folder, f'sgdrop-zoo/{name}', dataset=DATASET, tag=TAG,
+    record = prepare_hub_folder(source, folder, f'sgdrop-zoo/{name}', dataset=DATASET, tag=name.split('.', 1)[1],
                                 label_descriptions=descriptions)
     to_float16(folder / WEIGHTS_NAME)
     return record
@@ -128,114 +128,192 @@ def reuse_shipped(name: str, seed: int, shipped: Path, folder: Path) -> dict[str
     shutil.copyfile(shipped / WEIGHTS_NAME, folder / WEIGHTS_NAME)
     config = to_hub_config(read_config(shipped / CONFIG_NAME))
     write_config(config, folder)
-    return hub_config_record(config, record['sha256'], f'sgdrop-zoo/{name}', DATASET, TAG, record['license'])
+    return hub_config_record(config, record['sha256'], f'sgdrop-zoo/{name}', DATASET, name.split('.', 1)[1],
+                             record['license'])
 
 
-def ship(arch: str, runs: list[dict[str, Any]], data: Path, runs_dir: Path, results_dir: Path,
-         overhead: dict[str, Any], keep_weights: bool = False) -> dict[str, Any]:
-    sgdrop_runs = [r for r in runs if r['arch'] == arch and r['method'] == 'sgdrop']
+def choose_pair(runs: list[dict[str, Any]], arch: str, method: str) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+    """The runs a family ships: the ``method`` run of the median seed, and the vanilla run of the same seed (its twin:
+    same initialisation and data order, no SGDrop), or None when the study has no vanilla run of that seed.
+
+    Raises:
+        SystemExit: The study has no ``method`` run of ``arch``.
+    """
+    shipped_runs = [r for r in runs if r['arch'] == arch and r['method'] == method]
+    if not shipped_runs:
+        raise SystemExit(f'error: no {method} run of {arch} among the results; run benchmarks/reproduce.py first')
+    chosen = median_run(shipped_runs)
+    twin = next((r for r in runs if r['arch'] == arch and r['method'] == 'vanilla' and r['seed'] == chosen['seed']),
+                None)
+    return chosen, twin
+
+
+def checkpoint_names(arch: str, tag: str) -> tuple[str, str]:
+    """The tags of a family's SGDrop checkpoint and of its vanilla twin."""
+    return f'{arch}.{tag}', f'{arch}.{tag}_vanilla'
+
+
+def study_metrics(runs: list[dict[str, Any]], run: dict[str, Any], arch: str) -> dict[str, Any]:
+    """The study's figures a record carries for the checkpoint of ``run``: every seed of its method and of vanilla,
+    the mean attribution areas, the last epoch's SGDrop diagnostics, and the commands that trained and evaluated it."""
+    group = [r for r in runs if r['arch'] == arch and r['method'] == run['method']]
     vanilla_runs = [r for r in runs if r['arch'] == arch and r['method'] == 'vanilla']
-    chosen = median_run(sgdrop_runs)
-    name = f'{arch}.{TAG}'
+    seeds, vanilla = (mean_std([r['final_val_acc1'] for r in rs]) for rs in (group, vanilla_runs))
+    area = {name: round(statistics.mean(r['curve'][-1]['val_area_ratio'] for r in rs), 3)
+            for name, rs in (('area_ratio', group), ('vanilla_area_ratio', vanilla_runs))
+            if rs and all('val_area_ratio' in r['curve'][-1] for r in rs)}
+    diagnostics = {key: run[key] for key in ('final_dropped_attribution_share', 'final_nonpositive_feature_share')
+                   if run.get(key) is not None}
+    return dict(
+        top1_float32=run['final_val_acc1'],
+        seed=run['seed'],
+        method=run['method'],
+        seeds_top1=by_seed(group),
+        seeds_top1_mean=seeds['mean'],
+        seeds_top1_std=seeds['std'],
+        **(dict(vanilla_top1=by_seed(vanilla_runs), vanilla_top1_mean=vanilla['mean'],
+                vanilla_top1_std=vanilla['std']) if vanilla_runs else {}),
+        **area,
+        **diagnostics,
+        train_command=run['command'],
+        eval_command=run['final_eval_command'],
+    )
+
+
+def measure(model: torch.nn.Module, val: Path, study_top1: float, name: str) -> dict[str, Any]:
+    """Top-1 of the shipped weights on all of ``val`` with timm's eval transform, and the tests' fixed-subset count.
+
+    Raises:
+        SystemExit: The top-1 is more than ``MAX_TOP1_DRIFT`` points from the study's float32 figure.
+    """
+    num_val = len(datasets.ImageFolder(str(val)))
+    correct = correct_count(model, val)
+    top1 = round(100 * correct / num_val, 3)
+    if abs(top1 - study_top1) > MAX_TOP1_DRIFT:
+        raise SystemExit(f"error: {name}: the float16 weights give {top1}% top-1 with timm's transform, the study "
+                         f'measured {study_top1}%: more than {MAX_TOP1_DRIFT} points apart')
+    check = dict(images=CHECK_IMAGES, rule='first 100 of torch.randperm(num_images, seed 0), folder order',
+                 correct=correct_count(model, val, check_indices(num_val)))
+    return dict(top1=top1, split='val', num_images=num_val, correct=correct, check=check,
+                params=sum(p.numel() for p in model.parameters()), gflops=round(forward_gflops(model), 3))
+
+
+def write_folder(tmp: Path, folder: Path) -> None:
+    """Put a finished Hub-repo folder in place of ``folder``, readable by all as a Hub repo's files are."""
+    for path in tmp.iterdir():
+        path.chmod(0o644)  # TemporaryDirectory and safetensors create them private
+    tmp.chmod(0o755)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    tmp.mkdir()  # TemporaryDirectory removes its path on exit
+
+
+def ship_checkpoint(name: str, run: dict[str, Any], runs: list[dict[str, Any]], data: Path, runs_dir: Path,
+                    results_dir: Path, overhead: dict[str, Any], twin: Optional[str],
+                    keep_weights: bool = False) -> dict[str, Any]:
+    """Export (or, with ``keep_weights``, re-record) one checkpoint of the study into ``hub_configs/``: its folder
+    and its record, which names its ``twin`` (the other checkpoint of the pair) when there is one."""
+    arch = run['arch']
     folder = REPO / 'hub_configs' / name
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f'.{name}.') as tmp:
         if keep_weights:
-            record = reuse_shipped(name, chosen['seed'], folder, Path(tmp))
+            record = reuse_shipped(name, run['seed'], folder, Path(tmp))
         else:
             # the last epoch's weights, which the study's top-1 measures (the run's own export holds its best epoch's)
-            source = runs_dir / f'{arch}__sgdrop__seed{chosen["seed"]}' / 'checkpoint.pth.tar'
+            source = runs_dir / run_name(arch, run['method'], run['seed']) / 'checkpoint.pth.tar'
             record = export_run(name, source, Path(tmp))
         config = read_config(Path(tmp) / CONFIG_NAME)
-
         model = timm.create_model(f'local-dir:{tmp}', pretrained=True)
-        val = data / 'val'
-        num_val = len(datasets.ImageFolder(str(val)))
-        correct = correct_count(model, val)
-        top1 = round(100 * correct / num_val, 3)
-        if abs(top1 - chosen['final_val_acc1']) > MAX_TOP1_DRIFT:
-            raise SystemExit(f"error: {name}: the float16 weights give {top1}% top-1 with timm's transform, the "
-                             f'study measured {chosen["final_val_acc1"]}%: more than {MAX_TOP1_DRIFT} points apart')
-        check = correct_count(model, val, check_indices(num_val))
-
-        seeds, vanilla = (mean_std([r['final_val_acc1'] for r in group]) for group in (sgdrop_runs, vanilla_runs))
         command = (f'python benchmarks/ship_zoo.py --data ../shared/data/{data.name} '
                    f'--results-dir {os.path.relpath(results_dir, REPO)} --archs {arch}')
         record.update(
             hf_hub_id=None,
             local_dir=name,
             crop_mode=config['pretrained_cfg'].get('crop_mode', 'center'),
+            **(dict(twin=twin) if twin else {}),
             metrics=dict(
-                top1=top1,
-                split='val',
-                num_images=num_val,
-                correct=correct,
-                top1_float32=chosen['final_val_acc1'],
-                seed=chosen['seed'],
-                seeds_top1=by_seed(sgdrop_runs),
-                seeds_top1_mean=seeds['mean'],
-                seeds_top1_std=seeds['std'],
-                vanilla_top1=by_seed(vanilla_runs),
-                vanilla_top1_mean=vanilla['mean'],
-                vanilla_top1_std=vanilla['std'],
-                params=sum(p.numel() for p in model.parameters()),
+                **measure(model, data / 'val', run['final_val_acc1'], name),
+                **study_metrics(runs, run, arch),
                 file_mib=round((Path(tmp) / WEIGHTS_NAME).stat().st_size / 2 ** 20, 2),
-                gflops=round(forward_gflops(model), 3),
-                step_overhead=overhead[arch]['sgdrop_ema_overhead'],
-                step_overhead_command=overhead[arch]['command'],
-                area_ratio=round(statistics.mean(r['curve'][-1]['val_area_ratio'] for r in sgdrop_runs), 3),
-                vanilla_area_ratio=round(statistics.mean(r['curve'][-1]['val_area_ratio'] for r in vanilla_runs), 3),
-                check=dict(images=CHECK_IMAGES, rule='first 100 of torch.randperm(num_images, seed 0), folder order',
-                           correct=check),
-                train_command=chosen['command'],
-                eval_command=chosen['final_eval_command'],
+                **(dict(step_overhead=overhead[arch]['sgdrop_ema_overhead'],
+                        step_overhead_command=overhead[arch]['command'])
+                   if run['method'] != 'vanilla' and arch in overhead else {}),
                 # the command that exported the weights; a --keep-weights run only rewrote the figures
                 ship_command=command,
                 **(dict(record_command=f'{command} --keep-weights') if keep_weights else {}),
-                results=os.path.relpath(results_dir / f'{arch}__sgdrop__seed{chosen["seed"]}.json', REPO),
+                results=os.path.relpath(results_dir / f'{run_name(arch, run["method"], run["seed"])}.json', REPO),
             ),
             sha256=sha256_of_file(Path(tmp) / WEIGHTS_NAME),
         )
         render_model_card([record], checkpoint=record).save(Path(tmp) / 'README.md')
-        # a Hub repo's files are for everyone to read (TemporaryDirectory and safetensors create them private)
-        for path in Path(tmp).iterdir():
-            path.chmod(0o644)
-        Path(tmp).chmod(0o755)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-        Path(tmp).mkdir()  # TemporaryDirectory removes its path on exit
+        write_folder(Path(tmp), folder)
     (REPO / 'hub_configs' / f'{name}.json').write_text(json.dumps(record, indent=2) + '\n')
-    print(f'{name}: seed {chosen["seed"]}, top-1 {top1} (study {chosen["final_val_acc1"]}), check {check}/'
-          f'{CHECK_IMAGES}, {(folder / WEIGHTS_NAME).stat().st_size / 2 ** 20:.1f} MiB', flush=True)
+    metrics = record['metrics']
+    print(f'{name}: seed {run["seed"]}, top-1 {metrics["top1"]} (study {run["final_val_acc1"]}), check '
+          f'{metrics["check"]["correct"]}/{CHECK_IMAGES}, {metrics["file_mib"]:.1f} MiB', flush=True)
     return record
+
+
+def read_overhead(results_dir: Path, names: list[str]) -> dict[str, Any]:
+    """The ``benchmarks/overhead.py`` results of a study, by architecture, with the command that measured them.
+
+    Raises:
+        SystemExit: A result file is missing, in one line naming the command that writes it.
+    """
+    overhead = {}
+    for name in names:
+        path = results_dir / name
+        if not path.is_file():
+            raise SystemExit(f'error: {path} is missing; measure it with python benchmarks/overhead.py --output '
+                             f"{os.path.relpath(path, REPO)} and the study's settings (benchmarks/README.md)")
+        report = json.loads(path.read_text())
+        overhead.update({arch: dict(result, command=report['command']) for arch, result in report['results'].items()})
+    return overhead
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--data', type=Path, required=True, help="the study's ImageFolder root (train/ and val/)")
-    parser.add_argument('--results-dir', type=Path, default=REPO / 'benchmarks' / 'results' / 'zoo_cpu')
-    parser.add_argument('--runs-dir', type=Path, default=REPO / 'runs' / 'reproduce' / 'zoo',
-                        help="the study's recipe output folders")
-    parser.add_argument('--archs', nargs='+', default=PROTOCOLS['zoo']['ship'], choices=PROTOCOLS['zoo']['ship'],
-                        help="ship only these of the zoo protocol's architectures (default: all of them)")
+    parser.add_argument('--protocol', default='zoo', choices=sorted(p for p, c in PROTOCOLS.items() if 'ship' in c),
+                        help='the reproduce.py protocol whose study is shipped')
+    parser.add_argument('--results-dir', type=Path, default=None,
+                        help="the study's results (default: benchmarks/results/reproduce_PROTOCOL, where reproduce.py "
+                             "writes them)")
+    parser.add_argument('--runs-dir', type=Path, default=None,
+                        help="the study's recipe output folders (default: runs/reproduce/PROTOCOL)")
+    parser.add_argument('--archs', nargs='+', default=None,
+                        help="ship only these of the protocol's architectures (default: all it ships)")
     parser.add_argument('--keep-weights', action='store_true',
                         help='re-evaluate and re-record the weights already in hub_configs/ instead of exporting them '
                              'from --runs-dir (after seeds were added; the median seed must be unchanged)')
     args = parser.parse_args()
-    protocol = PROTOCOLS['zoo']
-    runs = [json.loads(p.read_text()) for p in sorted(args.results_dir.glob('*__*__seed*.json'))]
-    missing = [arch for arch in args.archs if not any(r['arch'] == arch for r in runs)]
+    protocol = PROTOCOLS[args.protocol]
+    results_dir = (args.results_dir or RESULTS / protocol.get('results', f'reproduce_{args.protocol}')).resolve()
+    runs_dir = (args.runs_dir or REPO / 'runs' / 'reproduce' / args.protocol).resolve()
+    archs = args.archs or protocol['ship']
+    unknown = sorted(set(archs) - set(protocol['ship']))
+    if unknown:
+        sys.exit(f"error: --archs {', '.join(unknown)}: the {args.protocol} protocol ships "
+                 f"{', '.join(protocol['ship'])}")
+    runs = [json.loads(p.read_text()) for p in sorted(results_dir.glob('*__*__seed*.json'))]
+    missing = [arch for arch in archs if not any(r['arch'] == arch for r in runs)]
     if missing:
-        sys.exit(f'error: no run results of {", ".join(missing)} in {args.results_dir}; run benchmarks/reproduce.py '
-                 f'zoo first')
-    # benchmarks/overhead.py results, one file per set of --model-kwargs
-    overhead = {}
-    for name in protocol['overhead']:
-        report = json.loads((args.results_dir / name).read_text())
-        overhead.update({arch: dict(result, command=report['command']) for arch, result in report['results'].items()})
-    for arch in args.archs:
-        ship(arch, runs, args.data.resolve(), args.runs_dir.resolve(), args.results_dir.resolve(), overhead,
-             args.keep_weights)
+        sys.exit(f'error: no run results of {", ".join(missing)} in {results_dir}; run python benchmarks/reproduce.py '
+                 f'{args.protocol} --data {args.data} first')
+    overhead = read_overhead(results_dir, protocol['overhead'])
+    for arch in archs:
+        method = protocol.get('ship_method', {}).get(arch, 'sgdrop')
+        chosen, twin = choose_pair(runs, arch, method)
+        name, twin_name = checkpoint_names(arch, protocol['tag'])
+        ship_checkpoint(name, chosen, runs, args.data.resolve(), runs_dir, results_dir, overhead,
+                        twin_name if protocol.get('ship_twins') else None, args.keep_weights)
+        if protocol.get('ship_twins'):
+            if twin is None:
+                sys.exit(f'error: no vanilla run of {arch} with seed {chosen["seed"]}, the twin of the shipped '
+                         f'checkpoint; run it with benchmarks/reproduce.py {args.protocol} first')
+            ship_checkpoint(twin_name, twin, runs, args.data.resolve(), runs_dir, results_dir, overhead, name,
+                            args.keep_weights)
 
 
 if __name__ == '__main__':

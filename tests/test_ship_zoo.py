@@ -1,0 +1,65 @@
+"""The pure parts of benchmarks/ship_zoo.py: which runs a family ships, under which tags, with which study figures."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
+sys.path.insert(0, str(BENCHMARKS))
+import ship_zoo  # noqa: E402, benchmarks/ship_zoo.py
+
+
+def run(method: str, seed: int, top1: float, arch: str = 'sgdrop_resnet10t', **extra) -> dict:
+    return dict(arch=arch, method=method, seed=seed, final_val_acc1=top1, command=f'train {method} {seed}',
+                final_eval_command=f'eval {method} {seed}', curve=[{'val_area_ratio': 0.25 + seed / 100}], **extra)
+
+
+RUNS = [run('sgdrop', 0, 61.0), run('sgdrop', 1, 59.0), run('sgdrop', 2, 63.0),
+        run('vanilla', 0, 60.0), run('vanilla', 1, 62.0), run('vanilla', 2, 58.0),
+        run('sgdrop', 0, 30.0, arch='sgdrop_convnext_atto')]
+
+
+def test_the_median_seed_ships_with_the_vanilla_run_of_the_same_seed():
+    chosen, twin = ship_zoo.choose_pair(RUNS, 'sgdrop_resnet10t', 'sgdrop')
+    # 59, 61, 63: seed 0 is the median, and the twin is vanilla seed 0 (60.0), not vanilla's own median (seed 0 too)
+    assert (chosen['method'], chosen['seed'], twin['method'], twin['seed']) == ('sgdrop', 0, 'vanilla', 0)
+    # two seeds: the lower middle one
+    chosen, twin = ship_zoo.choose_pair(RUNS[1:3] + RUNS[3:6], 'sgdrop_resnet10t', 'sgdrop')
+    assert (chosen['seed'], twin['seed'], twin['final_val_acc1']) == (1, 1, 62.0)
+    # no vanilla run of that seed: no twin
+    assert ship_zoo.choose_pair(RUNS, 'sgdrop_convnext_atto', 'sgdrop')[1] is None
+    with pytest.raises(SystemExit, match='no sgdrop_product run of sgdrop_resnet10t'):
+        ship_zoo.choose_pair(RUNS, 'sgdrop_resnet10t', 'sgdrop_product')
+
+
+def test_checkpoint_names_of_a_pair():
+    assert ship_zoo.checkpoint_names('sgdrop_vgg11', 'imagenette_128') == (
+        'sgdrop_vgg11.imagenette_128', 'sgdrop_vgg11.imagenette_128_vanilla')
+
+
+def test_study_metrics_by_hand():
+    chosen, twin = ship_zoo.choose_pair(RUNS, 'sgdrop_resnet10t', 'sgdrop')
+    metrics = ship_zoo.study_metrics(RUNS, chosen, 'sgdrop_resnet10t')
+    # SGDrop seeds 61, 59, 63: mean 61, sample std 2; vanilla 60, 62, 58: mean 60, std 2; areas 0.25, 0.26, 0.27
+    assert metrics == dict(top1_float32=61.0, seed=0, method='sgdrop', seeds_top1={'0': 61.0, '1': 59.0, '2': 63.0},
+                           seeds_top1_mean=61.0, seeds_top1_std=2.0, vanilla_top1={'0': 60.0, '1': 62.0, '2': 58.0},
+                           vanilla_top1_mean=60.0, vanilla_top1_std=2.0, area_ratio=0.26, vanilla_area_ratio=0.26,
+                           train_command='train sgdrop 0', eval_command='eval sgdrop 0')
+    # the twin's record carries its own method's seeds, and the diagnostics its run logged
+    twin = dict(twin, final_dropped_attribution_share=None, final_nonpositive_feature_share=0.5)
+    metrics = ship_zoo.study_metrics(RUNS[:3] + [twin] + RUNS[4:6], twin, 'sgdrop_resnet10t')
+    assert (metrics['method'], metrics['seeds_top1'], metrics['final_nonpositive_feature_share']) == (
+        'vanilla', {'0': 60.0, '1': 62.0, '2': 58.0}, 0.5)
+    assert 'final_dropped_attribution_share' not in metrics
+
+
+def test_a_missing_overhead_result_names_the_command_that_makes_it(tmp_path: Path):
+    (tmp_path / 'overhead.json').write_text(json.dumps({'command': 'python benchmarks/overhead.py', 'results': {
+        'sgdrop_resnet10t': {'sgdrop_ema_overhead': 0.3}}}))
+    assert ship_zoo.read_overhead(tmp_path, ['overhead.json']) == {
+        'sgdrop_resnet10t': {'sgdrop_ema_overhead': 0.3, 'command': 'python benchmarks/overhead.py'}}
+    with pytest.raises(SystemExit) as missing:
+        ship_zoo.read_overhead(tmp_path, ['overhead.json', 'overhead_vgg11.json'])
+    assert str(missing.value).startswith(f'error: {tmp_path / "overhead_vgg11.json"} is missing; measure it with '
+                                         f'python benchmarks/overhead.py --output ')
