@@ -39,6 +39,7 @@ from timm.data import ImageNetInfo, create_transform, resolve_model_data_config
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets
 
+from sgdrop_zoo.data import fixed_order
 from sgdrop_zoo.export import read_config, to_hub_config, write_config
 from sgdrop_zoo.hub import hub_config_record, prepare_hub_folder
 from sgdrop_zoo.model_card import render_model_card
@@ -54,8 +55,7 @@ MAX_TOP1_DRIFT = 0.1  # points of top-1 the float16 weights may differ by from t
 
 def check_indices(num_images: int) -> list[int]:
     """The fixed validation images of the tests' check: the first 100 of a seed-0 permutation, in folder order."""
-    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(0)).tolist()
-    return sorted(order[:CHECK_IMAGES])
+    return sorted(fixed_order(num_images)[:CHECK_IMAGES])
 
 
 @torch.no_grad()

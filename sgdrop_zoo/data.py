@@ -24,9 +24,9 @@ from timm.data import DEFAULT_CROP_PCT, create_transform
 from timm.data.transforms import MaybePILToTensor
 
 __all__ = [
-    'EVAL_CROP', 'DatasetError', 'InMemoryLoader', 'check_image_folders', 'decode_images', 'eval_transform',
-    'image_header_error', 'load_rgb', 'per_class_subset', 'random_resized_crop_flip', 'stored_train_resize',
-    'with_transform',
+    'EVAL_CROP', 'DatasetError', 'InMemoryLoader', 'check_image_folders', 'check_links', 'decode_images',
+    'eval_transform', 'fixed_order', 'image_header_error', 'load_rgb', 'per_class_subset', 'random_resized_crop_flip',
+    'stored_train_resize', 'with_transform',
 ]
 
 # crop_pct and crop_mode of the validation images, by training transform: the images only resized to a square, or
@@ -167,6 +167,13 @@ def load_rgb(path: str) -> Image.Image:
     except Exception as e:  # noqa: BLE001, Pillow raises many types for bad files
         raise DatasetError(f'unreadable image {path} ({str(e) or type(e).__name__}); delete or replace it and '
                            f'rerun') from e
+
+
+def fixed_order(num_images: int) -> list[int]:
+    """The fixed seed-0 permutation of ``num_images`` indices, whatever the run's seed: the training subsets, the dev
+    split, the validation subsets and the shipped checkpoints' check images are all taken from it, so that runs with
+    different seeds, and the tools, see the same images."""
+    return torch.randperm(num_images, generator=torch.Generator().manual_seed(0)).tolist()
 
 
 def per_class_subset(order: Sequence[int], targets: Sequence[int], per_class: int) -> list[int]:

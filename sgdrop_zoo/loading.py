@@ -20,6 +20,7 @@ from .data import (
     InMemoryLoader,
     decode_images,
     eval_transform,
+    fixed_order,
     load_rgb,
     per_class_subset,
     stored_train_resize,
@@ -227,8 +228,7 @@ def load_split(root: Path, split: str, class_names: list[str], size: int, train:
         raise DatasetError(f'{root / split} has classes {folder.classes}, expected {class_names}.')
     indices = None
     if per_class:
-        order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(0)).tolist()
-        indices = sorted(per_class_subset(order, folder.targets, per_class))
+        indices = sorted(per_class_subset(fixed_order(len(folder)), folder.targets, per_class))
     return decode_images(with_transform(folder, resize), indices, workers=workers, device=torch.device('cpu'),
                          verbose=False)
 

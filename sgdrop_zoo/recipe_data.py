@@ -21,6 +21,7 @@ from .data import (
     InMemoryLoader,
     decode_images,
     eval_transform,
+    fixed_order,
     load_rgb,
     per_class_subset,
     stored_train_resize,
@@ -103,7 +104,7 @@ def build_loaders(data: Path, image_size: int, train_transform: str, mean: Seque
     val_folder = datasets.ImageFolder(os.path.join(data, 'val'), loader=load_rgb)
     num_train = len(train_folder)
     # Fixed subsets, independent of the seed, so that runs with different seeds see the same images.
-    train_indices = torch.randperm(num_train, generator=torch.Generator().manual_seed(0)).tolist()
+    train_indices = fixed_order(num_train)
     val_pool = range(len(val_folder))
     if holdout_per_class:
         # the dev split: the last images of each class in the fixed order, so that the training subset, taken from
@@ -168,7 +169,7 @@ def fixed_val_indices(num_val: int, val_subset: int = 0, area_images: int = 0) -
     with different seeds are measured on the same images (sorted, in folder order); and the images of the area ratio,
     the first `area_images` of the same permutation (none when 0).
     """
-    order = torch.randperm(num_val, generator=torch.Generator().manual_seed(0)).tolist()
+    order = fixed_order(num_val)
     val_indices = sorted(order[:val_subset]) if val_subset else list(range(num_val))
     area_indices = order[:area_images] if area_images else []
     return val_indices, area_indices

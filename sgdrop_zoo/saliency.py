@@ -26,7 +26,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from .data import DatasetError, check_image_folders
+from .data import DatasetError, check_image_folders, fixed_order
 from .loading import (
     check_input_channels,
     check_label_names,
@@ -249,7 +249,7 @@ def saliency_report(
             if num_images > len(targets):
                 raise DatasetError(f'num_images {num_images} is more than the {len(targets)} images of '
                                    f'{data / split}; pass at most {len(targets)}.')
-            subset = torch.randperm(len(targets), generator=torch.Generator().manual_seed(0))[:num_images]
+            subset = torch.tensor(fixed_order(len(targets))[:num_images])
             images, targets = images[subset], targets[subset]
         loader = make_loader(images, targets, model, batch_size, False, torch.device('cpu'))
         correct, ratios = 0, []
