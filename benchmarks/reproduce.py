@@ -122,6 +122,32 @@ PROTOCOLS: dict[str, dict] = {
                          'and a dev split, so no figure compares directly',
         'paper': {},
     },
+    'zoo128': {
+        'description': "The 128 px zoo, the final study of each family's protocol as its dev-split pilot chose it "
+                       "(benchmarks/README.md, \"Zoo v2 pilot\"): the pilot's settings without the holdout, from "
+                       "scratch on the same 150 training images per class of ../shared/data/imagenette, at 128 px, "
+                       "the paper's low-data protocol (Adam 1e-4, batch 64, constant lr, resize only); per-epoch "
+                       "curves on a fixed 1,000-image subset of the official validation split, with the attribution "
+                       "area ratio on 200 of them; the final weights evaluated on all 3,925 validation images. Clean "
+                       "train top-1 on 500 fixed training images. 2 CPU threads.",
+        'archs': ['sgdrop_resnet10t', 'sgdrop_convnext_atto', 'sgdrop_vgg11'],
+        'model_kwargs': {'sgdrop_vgg11': {'mlp_ratio': 0.03125}},
+        # each family's SGDrop method is the one its pilot chose; a family enters when its pilot is done
+        'methods': {'sgdrop_resnet10t': ['vanilla', 'sgdrop']},
+        'epochs': {'sgdrop_resnet10t': 40, 'sgdrop_convnext_atto': 40, 'sgdrop_vgg11': 20},
+        'ship': ['sgdrop_resnet10t'],
+        'ship_method': {'sgdrop_resnet10t': 'sgdrop'},
+        'ship_twins': True,
+        'tag': 'imagenette_128',
+        'seeds': [0, 1, 2],
+        'args': ['--preset', 'lowdata', '--image-size', '128', '--train-subset-per-class', '150', '--in-memory',
+                 '--channels-last', '--train-eval-samples', '500', '--log-area-ratio', '200', '-j', '2', '-p', '1000'],
+        'curve_val_subset': 1000,
+        'overhead': ['overhead.json', 'overhead_vgg11.json'],
+        'paper_dataset': 'Imagenette at 224 px with VGG16 / ResNet50 / ConvNeXt-T (Table 3); other architectures, '
+                         'so no figure compares directly',
+        'paper': {},
+    },
     'gpu': {
         'description': "The paper's Table 3 protocol on ../shared/data/imagenette: from scratch, Adam 1e-4, 80 "
                        "epochs, batch 64, no augmentation, rho per Appendix B, images resized to 128 px (the size "
@@ -172,9 +198,10 @@ def method_args(method: str, arch: str) -> list[str]:
 
 
 def protocol_methods(config: dict, arch: str) -> list[str]:
-    """The protocol's methods, or those it names for ``arch`` when it has methods per architecture."""
+    """The protocol's methods, or those it names for ``arch`` when it has methods per architecture (none yet for a
+    family whose pilot has not chosen them)."""
     methods = config['methods']
-    return methods[arch] if isinstance(methods, dict) else methods
+    return methods.get(arch, []) if isinstance(methods, dict) else methods
 
 
 def epoch_args(config: dict, arch: str) -> list[str]:
