@@ -134,6 +134,7 @@ def hub_config_record(config: dict[str, Any], sha256: str, hf_hub_id: str, datas
         dataset=dataset,
         num_classes=config['num_classes'],
         label_names=list(label_names),
+        **({'label_descriptions': config['label_descriptions']} if config.get('label_descriptions') else {}),
         input_size=list(pretrained_cfg['input_size']),
         mean=list(pretrained_cfg['mean']),
         std=list(pretrained_cfg['std']),

@@ -167,6 +167,7 @@ def _record_to_cfg(record: dict[str, Any]) -> dict[str, Any]:
         file=str(local) if local is not None else None,
         num_classes=record['num_classes'],
         label_names=tuple(record['label_names']),
+        label_descriptions=record.get('label_descriptions'),
         input_size=tuple(record['input_size']),
         mean=tuple(record['mean']),
         std=tuple(record['std']),

@@ -238,9 +238,11 @@ def saliency_report(
     output.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = dict(command=command, data=str(data), split=split, area_threshold=AREA_THRESHOLD,
                                    models={})
-    grid_maps, grid_predictions, shown = {}, {}, None
+    grid_maps, grid_predictions, shown, first_model_descriptions = {}, {}, None, None
     for source, name in zip(model_names, labels or model_names):
         model = load_model(source).eval()
+        if shown is None:
+            first_model_descriptions = model.pretrained_cfg.get('label_descriptions')
         size = image_size or model.pretrained_cfg['input_size'][-1]
         check_label_names(model, class_names, source)
         check_grad_cam_support(model, size)
@@ -271,8 +273,10 @@ def saliency_report(
             shown = images[:grid_images]
         elif shown.shape != images[:grid_images].shape:
             raise DatasetError(f'{name} uses {size} px images, unlike the models before it: pass --image-size.')
-    saliency_grid(shown, grid_maps, grid_predictions, targets[:grid_images], class_names,
-                  output / 'saliency_grid.png')
+    # the grid's titles in words ('tench', not 'n01440764') where the first model's config.json describes its labels
+    descriptions = first_model_descriptions or {}
+    titles = [descriptions.get(name, name).split(',')[0] for name in class_names]
+    saliency_grid(shown, grid_maps, grid_predictions, targets[:grid_images], titles, output / 'saliency_grid.png')
     (output / 'saliency.json').write_text(json.dumps(results, indent=2) + '\n')
     return results
 

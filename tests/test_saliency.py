@@ -132,6 +132,19 @@ def test_saliency_report_fixed_subset_and_labels(small_data: Path, tmp_path: Pat
         saliency_report([str(folder)], small_data, tmp_path / 'c', labels=['a', 'b'], **kwargs)
 
 
+def test_the_grid_is_titled_with_the_described_class_names(monkeypatch: pytest.MonkeyPatch, small_data: Path,
+                                                          tmp_path: Path):
+    folder = tmp_path / 'model'
+    save_for_hf(timm.create_model('sgdrop_vgg_tiny', num_classes=3), folder, safe_serialization=True, model_config=dict(
+        label_names=['airplane', 'automobile', 'bird'],
+        label_descriptions={'airplane': 'airliner, jet', 'automobile': 'car', 'bird': 'songbird'}))
+    titles = []
+    monkeypatch.setattr(sgdrop_zoo.saliency, 'saliency_grid', lambda *args: titles.append(args[4]))
+    saliency_report([str(folder)], small_data, tmp_path / 'out', image_size=32, grid_images=2, workers=0)
+    # the first words of each description, in label order
+    assert titles == [['airliner', 'car', 'songbird']]
+
+
 def test_saliency_command_records_itself(small_data: Path, tmp_path: Path):
     folder = tmp_path / 'model'
     save_for_hf(timm.create_model('sgdrop_vgg_tiny', num_classes=3), folder,
