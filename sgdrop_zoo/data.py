@@ -176,16 +176,17 @@ def fixed_order(num_images: int) -> list[int]:
     return torch.randperm(num_images, generator=torch.Generator().manual_seed(0)).tolist()
 
 
-def per_class_subset(order: Sequence[int], targets: Sequence[int], per_class: int) -> list[int]:
+def per_class_subset(order: Sequence[int], targets: Sequence[int], per_class: int, class_names: Sequence[str]
+                     ) -> list[int]:
     """A class-balanced subset: the first ``per_class`` indices of each class in ``order``, kept in ``order``.
 
     Raises:
-        DatasetError: A class has fewer than ``per_class`` images.
+        DatasetError: A class has fewer than ``per_class`` images, named by its ``class_names`` entry.
     """
     sizes = collections.Counter(targets)
     smallest = min(sizes, key=lambda c: (sizes[c], c))
     if sizes[smallest] < per_class:
-        raise DatasetError(f'{per_class} images per class asked for, but class {smallest} has only '
+        raise DatasetError(f'{per_class} images per class asked for, but class {class_names[smallest]} has only '
                            f'{sizes[smallest]}; ask for at most {sizes[smallest]}.')
     taken = collections.Counter()
     subset = []

@@ -228,7 +228,7 @@ def load_split(root: Path, split: str, class_names: list[str], size: int, train:
         raise DatasetError(f'{root / split} has classes {folder.classes}, expected {class_names}.')
     indices = None
     if per_class:
-        indices = sorted(per_class_subset(fixed_order(len(folder)), folder.targets, per_class))
+        indices = sorted(per_class_subset(fixed_order(len(folder)), folder.targets, per_class, folder.classes))
     return decode_images(with_transform(folder, resize), indices, workers=workers, device=torch.device('cpu'),
                          verbose=False)
 

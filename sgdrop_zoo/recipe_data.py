@@ -109,13 +109,15 @@ def build_loaders(data: Path, image_size: int, train_transform: str, mean: Seque
     if holdout_per_class:
         # the dev split: the last images of each class in the fixed order, so that the training subset, taken from
         # its front, is the same as without a holdout whenever both fit in every class
-        holdout = set(per_class_subset(train_indices[::-1], train_folder.targets, holdout_per_class))
+        holdout = set(per_class_subset(train_indices[::-1], train_folder.targets, holdout_per_class,
+                                       train_folder.classes))
         train_indices = [index for index in train_indices if index not in holdout]
         val_folder, val_pool = train_folder, sorted(holdout)
     if train_subset:
         train_indices = train_indices[:train_subset]
     elif train_subset_per_class:
-        train_indices = per_class_subset(train_indices, train_folder.targets, train_subset_per_class)
+        train_indices = per_class_subset(train_indices, train_folder.targets, train_subset_per_class,
+                                         train_folder.classes)
     train_eval_indices = train_indices[:train_eval_samples]
     val_positions, area_positions = fixed_val_indices(len(val_pool), val_subset, area_images if is_main else 0)
     val_indices, area_indices = [val_pool[i] for i in val_positions], [val_pool[i] for i in area_positions]

@@ -121,7 +121,7 @@ def test_never_writes_into_the_folder_it_reads_from(small_data: Path, source_dir
 def test_subsets_per_class_are_fixed_and_balanced(small_data: Path, source_dir: Path, tmp_path: Path):
     metrics = finetune(str(source_dir), small_data, tmp_path, val_subset_per_class=1, train_subset_per_class=2, **RUN)
     assert metrics['val_count'] == len(SMALL_CLASSES)
-    with pytest.raises(DatasetError, match='3 images per class asked for, but class 0 has only 2'):
+    with pytest.raises(DatasetError, match='3 images per class asked for, but class airplane has only 2'):
         finetune(str(source_dir), small_data, tmp_path / 'b', val_subset_per_class=3, **RUN)
     with pytest.raises(ValueError, match='train_subset_per_class must be 0'):
         finetune(str(source_dir), small_data, tmp_path / 'c', train_subset_per_class=-1, **RUN)
