@@ -201,6 +201,10 @@ def check_model_kwargs(arch: str, model_kwargs: dict[str, Any], build: Callable[
             build()
     except TypeError as e:
         raise RecipeError(f'--model-kwargs {model_kwargs}: {arch} does not take them ({e})') from e
+    except ValueError as e:  # a value of the wrong kind, which the model's own code trips over
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise RecipeError(f'--model-kwargs {model_kwargs}: {arch} cannot be built with these values ({reason}); '
+                          f'pass values of the types its arguments take') from e
 
 
 def check_holdout(data: Path, class_names: list[str], holdout_per_class: int, train_subset_per_class: int,

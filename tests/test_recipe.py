@@ -765,6 +765,8 @@ def run_bad_input(capsys: pytest.CaptureFixture, *args: str) -> str:
     (['--model-kwargs', 'sgdrop_rho=0.5'], '--model-kwargs sets sgdrop_rho, which the recipe sets from its own'),
     (['--model-kwargs', 'no_such_argument=1'], "--model-kwargs {'no_such_argument': 1}: sgdrop_vgg_tiny does not "
                                                "take them"),
+    (['--model-kwargs', 'mlp_ratio=abc'], "--model-kwargs {'mlp_ratio': 'abc'}: sgdrop_vgg_tiny cannot be built with "
+                                          "these values (invalid literal for int() with base 10:"),
 ])
 def test_bad_arguments_stop_before_any_work(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path,
                                             flags: list[str], message: str):
