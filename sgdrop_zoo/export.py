@@ -12,7 +12,6 @@ regularizer and the curriculum's ``sgdrop_rho_end``, and the training run in ``"
 import json
 import os
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,11 +23,12 @@ from timm.models import save_for_hf
 
 from .data import EVAL_CROP
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME
+from .run_settings import RunSettings
 from .sgdrop import add_sgdrop
 
 __all__ = [
-    'PARTIAL_WRITE_SUFFIX', 'SGDROP_MODEL_ARGS', 'base_architecture', 'read_config', 'regularizer_settings',
-    'save_export', 'save_recipe_export', 'sgdrop_settings', 'to_hub_config', 'write_config',
+    'PARTIAL_WRITE_SUFFIX', 'SGDROP_MODEL_ARGS', 'base_architecture', 'read_config', 'save_export',
+    'save_recipe_export', 'sgdrop_settings', 'to_hub_config', 'write_config',
 ]
 
 # constructor arguments of an SGDrop model that plain timm's base architecture does not accept
@@ -37,28 +37,6 @@ SGDROP_MODEL_ARGS = ('sgdrop_rho', 'sgdrop_attribution', 'sgdrop_attribution_rel
 # the suffix of the temporary files and folders of an unfinished write (a run killed while writing one leaves it):
 # only the writers of run files make such names, so only they are removed when the run resumes
 PARTIAL_WRITE_SUFFIX = '.sgdrop-partial'
-# the names of the "sgdrop" settings in the config.json of sgdrop-zoo 0.1 exports, still read
-_FORMER_KEYS = {'rho': 'sgdrop_rho', 'attribution': 'sgdrop_attribution', 'ema_decay': 'sgdrop_ema_decay',
-                'rho_end': 'sgdrop_rho_end'}
-
-
-def regularizer_settings(args: Mapping[str, Any]) -> dict[str, Any]:
-    """The SGDrop constructor arguments of the recipe's ``--regularizer``; the paper's baselines use rho = 0.
-
-    Args:
-        args: The recipe's arguments (``vars(args)``, or the ``args`` saved in its checkpoints).
-    """
-    if args.get('regularizer', 'sgdrop') == 'sgdrop':
-        return dict(sgdrop_rho=args['sgdrop_rho'], sgdrop_attribution=args['sgdrop_attribution'],
-                    sgdrop_attribution_relu=args.get('sgdrop_attribution_relu', 'gradient'),
-                    sgdrop_ema_decay=args['sgdrop_ema_decay'], latent_drop_rate=0.0)
-    # Online attribution keeps no EMA copy of the weights, which a run without SGDrop never reads.
-    return dict(sgdrop_rho=0.0, sgdrop_attribution='online', sgdrop_attribution_relu='gradient',
-                sgdrop_ema_decay=args['sgdrop_ema_decay'],
-                # dropout_p: the setting's name in checkpoints of older versions of the recipe
-                latent_drop_rate=args.get('latent_drop_rate', args.get('dropout_p')) if args['regularizer'] == 'dropout'
-                else 0.0)
-
 
 def save_export(model: nn.Module, folder: Path, class_names: list[str], image_size: int, train_transform: str,
                 regularizer: str, training: dict[str, Any], sgdrop_rho_end: Optional[float] = None) -> None:
@@ -104,25 +82,23 @@ def save_export(model: nn.Module, folder: Path, class_names: list[str], image_si
             os.replace(Path(tmp) / name, Path(folder) / name)
 
 
-def save_recipe_export(model: nn.Module, folder: Path, args: Mapping[str, Any], class_names: list[str], epoch: int,
+def save_recipe_export(model: nn.Module, folder: Path, settings: RunSettings, class_names: list[str], epoch: int,
                        val_acc1: Optional[float]) -> None:
-    """``save_export`` of a model trained by ``train/main.py``, with the SGDrop settings of its arguments.
+    """``save_export`` of a model trained by ``train/main.py``, with the SGDrop settings of its run.
 
     Args:
-        model: The trained model (SGDrop or plain timm), on the CPU; it is given the arguments' SGDrop settings.
+        model: The trained model (SGDrop or plain timm), on the CPU; it is given the run's SGDrop settings.
         folder: An existing folder.
-        args: The recipe's arguments (``vars(args)``, or the ``args`` saved in its checkpoints).
+        settings: The run's settings (``RunSettings.from_checkpoint`` of its checkpoints).
         class_names: The dataset's classes, in label order.
         epoch: The number of epochs the weights were trained for.
         val_acc1: Their validation top-1 (%), or None when it is not known.
     """
-    add_sgdrop(model, **regularizer_settings(args))
-    regularizer = args.get('regularizer', 'sgdrop')
-    # informative only: a checkpoint written by another version of the recipe may lack some of them
-    training = {'epoch': epoch, 'val_acc1': val_acc1, 'data': str(args.get('data')),
-                **{key: args.get(key) for key in ('optimizer', 'lr', 'epochs')}}
-    save_export(model, folder, class_names, args['image_size'], args['train_transform'], regularizer, training,
-                sgdrop_rho_end=args.get('sgdrop_rho_end') if regularizer == 'sgdrop' else None)
+    add_sgdrop(model, **settings.sgdrop_model_args())
+    training = {'epoch': epoch, 'val_acc1': val_acc1, 'data': settings.data, 'optimizer': settings.optimizer,
+                'lr': settings.lr, 'epochs': settings.epochs}
+    save_export(model, folder, class_names, settings.image_size, settings.train_transform, settings.regularizer,
+                training, sgdrop_rho_end=settings.sgdrop_rho_end if settings.regularizer == 'sgdrop' else None)
 
 
 def write_config(config: dict[str, Any], folder: Path) -> None:
@@ -150,10 +126,9 @@ def read_config(path: Path) -> dict[str, Any]:
 def sgdrop_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The SGDrop settings a config records, by their constructor names, from its ``sgdrop`` section.
 
-    An export of a plain ``sgdrop_*`` model that kept its SGDrop arguments in ``model_args`` gives those; the section's
-    former names (``rho``, ``attribution``, ``ema_decay``, ``rho_end``) are read as the current ones.
+    An export of a plain ``sgdrop_*`` model that kept its SGDrop arguments in ``model_args`` gives those.
     """
-    settings = {_FORMER_KEYS.get(key, key): value for key, value in (config.get('sgdrop') or {}).items()}
+    settings = dict(config.get('sgdrop') or {})
     model_args = config.get('model_args') or {}
     for key in SGDROP_MODEL_ARGS:
         if key in model_args:

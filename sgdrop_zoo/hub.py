@@ -32,6 +32,7 @@ from .export import (
 from .loading import check_output_outside_hub_configs, check_writable_folder, load_recipe_checkpoint
 from .model_card import render_model_card
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME, HubError, hub_download, sha256_of_file
+from .run_settings import RunSettings
 from .sgdrop import add_sgdrop, sgdrop_model_args
 
 __all__ = [
@@ -61,13 +62,14 @@ def _read_checkpoint(path: Path, folder: Path) -> dict[str, Any]:
         The exported config.
     """
     try:
-        model, checkpoint = load_recipe_checkpoint(path, required=('args', 'epoch'))
+        model, checkpoint = load_recipe_checkpoint(path, required=('epoch',))
+        settings = RunSettings.from_checkpoint(checkpoint, path)
     except ValueError as e:
         raise HubError(str(e)) from e
     # the top-1 of the checkpoint's own epoch; checkpoints of older versions only hold the best epoch's, which is
     # this epoch's only in model_best
     val_acc1 = checkpoint.get('acc1', checkpoint.get('best_acc1') if path.name == 'model_best.pth.tar' else None)
-    save_recipe_export(model, folder, checkpoint['args'], checkpoint['class_names'], checkpoint['epoch'], val_acc1)
+    save_recipe_export(model, folder, settings, checkpoint['class_names'], checkpoint['epoch'], val_acc1)
     return read_config(folder / CONFIG_NAME)
 
 

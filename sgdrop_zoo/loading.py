@@ -35,6 +35,7 @@ from .pretrained import (
     packaged_hub_configs_dir,
     tag_folder,
 )
+from .run_settings import RunSettings
 
 __all__ = [
     'check_input_channels', 'check_label_names', 'check_output_folder', 'check_output_is_not_source',
@@ -82,23 +83,23 @@ def load_recipe_checkpoint(path: Path, required: tuple[str, ...] = ()) -> tuple[
 
     Args:
         path: The checkpoint file.
-        required: Keys needed beyond ``arch``, ``state_dict`` and ``class_names``.
+        required: Keys needed beyond ``arch``, ``state_dict``, ``class_names`` and ``settings``.
 
     Returns:
         The model holding the checkpoint's weights, and the checkpoint.
 
     Raises:
-        ValueError: The file is unreadable, lacks a key, or its weights do not fit its architecture.
+        ValueError: The file is unreadable, lacks a key or its run settings, or its weights do not fit its
+            architecture.
     """
     checkpoint = read_checkpoint(path)
-    keys = ('arch', 'state_dict', 'class_names', *required)
+    keys = ('arch', 'state_dict', 'class_names', 'settings', *required)
     missing = [k for k in keys if k not in checkpoint]
     if missing:
         raise ValueError(f'{path}: not a checkpoint of train/main.py (no {", ".join(missing)}); pass its '
                          f'model_best.pth.tar or the folder holding {WEIGHTS_NAME} and {CONFIG_NAME}.')
     arch, num_classes = checkpoint['arch'], len(checkpoint['class_names'])
-    # the architecture arguments of --model-kwargs; checkpoints of older versions have none
-    model_kwargs = checkpoint.get('args', {}).get('model_kwargs', {})
+    model_kwargs = RunSettings.from_checkpoint(checkpoint, path).model_kwargs
     model = timm.create_model(arch, num_classes=num_classes, **model_kwargs)
     try:
         model.load_state_dict(checkpoint['state_dict'])

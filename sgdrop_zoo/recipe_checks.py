@@ -19,24 +19,19 @@ import torchvision.datasets as datasets
 from .export import SGDROP_MODEL_ARGS
 from .loading import check_writable_folder, read_checkpoint
 from .run_files import CHECKPOINT_NAME, RUN_FILES
+from .run_settings import RunSettings
 from .sgdrop import check_sgdrop_settings
 
 __all__ = [
-    'MAX_IMAGE_SIZE', 'RECIPE_CHECKPOINT_KEYS', 'RUN_SETTINGS', 'RecipeError', 'SETTINGS_OF_REGULARIZER', 'check_arch',
-    'check_counts', 'check_fits_val_split', 'check_gpu', 'check_holdout', 'check_launcher', 'check_metrics_json',
-    'check_model_kwargs', 'check_output', 'check_regularizer_numbers', 'check_resumed', 'check_same_run',
-    'check_start_epoch', 'check_subset_options', 'check_training_numbers', 'check_val_subset', 'load_checkpoint',
+    'MAX_IMAGE_SIZE', 'RECIPE_CHECKPOINT_KEYS', 'RecipeError', 'check_arch', 'check_counts', 'check_fits_val_split',
+    'check_gpu', 'check_holdout', 'check_launcher', 'check_metrics_json', 'check_model_kwargs', 'check_output',
+    'check_regularizer_numbers', 'check_resumed', 'check_start_epoch', 'check_subset_options', 'check_training_numbers',
+    'check_val_subset', 'load_checkpoint',
 ]
 
 MAX_IMAGE_SIZE = 4096
 # the keys of every checkpoint the recipe writes
-RECIPE_CHECKPOINT_KEYS = ('epoch', 'arch', 'state_dict', 'best_acc1', 'optimizer', 'scheduler', 'args')
-# the settings that define a run: a resume that changed one would continue another run than the checkpoint's
-RUN_SETTINGS = ('regularizer', 'image_size', 'train_transform', 'optimizer', 'train_subset', 'train_subset_per_class',
-                'holdout_per_class')
-SETTINGS_OF_REGULARIZER = {'sgdrop': ('sgdrop_rho', 'sgdrop_rho_end', 'sgdrop_attribution', 'sgdrop_attribution_relu',
-                                      'sgdrop_ema_decay'),
-                           'dropout': ('latent_drop_rate',), 'none': ()}
+RECIPE_CHECKPOINT_KEYS = ('epoch', 'arch', 'state_dict', 'best_acc1', 'optimizer', 'scheduler', 'settings')
 
 
 class RecipeError(Exception):
@@ -256,6 +251,10 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     if missing:
         raise RecipeError(f"--resume {path}: not a checkpoint of this script (no {', '.join(missing)}); pass the "
                           f"checkpoint.pth.tar or model_best.pth.tar of a train/main.py run")
+    try:
+        RunSettings.from_checkpoint(checkpoint, path)
+    except ValueError as e:
+        raise RecipeError(f'--resume {e}') from e
     return checkpoint
 
 
@@ -265,7 +264,7 @@ def check_resumed(checkpoint: dict[str, Any], resume: str, arch: str, model_kwar
     if checkpoint.get('arch') != arch:
         raise RecipeError(f"--resume {resume} holds a {checkpoint.get('arch')!r} model, not {arch!r}; "
                           f"pass -a {checkpoint.get('arch')} or a checkpoint of {arch}")
-    saved_kwargs = checkpoint['args'].get('model_kwargs', {})
+    saved_kwargs = RunSettings.from_checkpoint(checkpoint, resume).model_kwargs
     if saved_kwargs != model_kwargs:
         raise RecipeError(f'--resume {resume} was built with --model-kwargs {saved_kwargs}, not '
                           f'{model_kwargs}; pass the same --model-kwargs')
@@ -273,21 +272,3 @@ def check_resumed(checkpoint: dict[str, Any], resume: str, arch: str, model_kwar
     if saved_classes is not None and saved_classes != class_names:
         raise RecipeError(f'--resume {resume} was trained on {len(saved_classes)} other classes than the '
                           f'{len(class_names)} in {data}; resume on the same dataset')
-
-
-def check_same_run(resume: str, saved: dict[str, Any], settings: Mapping[str, Any]) -> None:
-    """Refuse a --resume whose run-defining settings differ from those its checkpoint was trained with.
-
-    Args:
-        resume: The checkpoint's path.
-        saved: The arguments it saved.
-        settings: The arguments of this run, by the same names.
-    """
-    names = RUN_SETTINGS + SETTINGS_OF_REGULARIZER[saved.get('regularizer', 'sgdrop')]
-    for name in names:
-        # settings newer than the checkpoint have their default there
-        if name in saved and saved[name] != settings[name]:
-            flag = '--' + name.replace('_', '-')
-            raise RecipeError(f'--resume {resume} was trained with {flag} {saved[name]}, not '
-                              f'{settings[name]}; pass {flag} {saved[name]} to continue it, or start a new run '
-                              f'in another --output')

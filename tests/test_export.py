@@ -8,12 +8,14 @@ import timm
 import torch
 
 import sgdrop_zoo  # noqa: F401  (registers sgdrop_vgg_tiny)
-from sgdrop_zoo.export import save_export, save_recipe_export, sgdrop_settings
+from sgdrop_zoo.export import save_export, save_recipe_export
 from sgdrop_zoo.hub import load_sgdrop_model
+from sgdrop_zoo.run_settings import RunSettings
 
-ARGS = dict(data='../shared/data/x', image_size=32, train_transform='resize', optimizer='adam', lr=1e-4, epochs=2,
-            sgdrop_rho=0.05, sgdrop_rho_end=None, sgdrop_attribution='ema', sgdrop_attribution_relu='gradient',
-            sgdrop_ema_decay=0.99, latent_drop_rate=0.5)
+ARGS = dict(arch='sgdrop_vgg_tiny', model_kwargs={}, data='../shared/data/x', image_size=32, train_transform='resize',
+            optimizer='adam', lr=1e-4, epochs=2, batch_size=64, seed=0, sgdrop_rho=0.05, sgdrop_rho_end=None,
+            sgdrop_attribution='ema', sgdrop_attribution_relu='gradient', sgdrop_ema_decay=0.99, latent_drop_rate=0.5,
+            train_subset=0, train_subset_per_class=0, holdout_per_class=0)
 
 
 @pytest.mark.parametrize('arch', ['sgdrop_vgg_tiny', 'resnet10t'])
@@ -33,7 +35,7 @@ def test_recipe_export_round_trip(tmp_path: Path, arch: str, flags: dict, expect
     expected = dict(dict(sgdrop_attribution_relu='gradient'), **expected)
     torch.manual_seed(0)
     model = timm.create_model(arch, num_classes=3)
-    save_recipe_export(model, tmp_path, args, ['a', 'b', 'c'], epoch=2, val_acc1=50.0)
+    save_recipe_export(model, tmp_path, RunSettings(**args), ['a', 'b', 'c'], epoch=2, val_acc1=50.0)
     config = json.loads((tmp_path / 'config.json').read_text())
     # the settings by their constructor names, as model.sgdrop_config has them
     assert config['sgdrop'] == dict(regularizer=args['regularizer'], **expected, sgdrop_ema_decay=0.99,
@@ -43,29 +45,9 @@ def test_recipe_export_round_trip(tmp_path: Path, arch: str, flags: dict, expect
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
-def test_recipe_export_of_an_older_checkpoint_reads_its_dropout_p(tmp_path: Path):
-    args = {k: v for k, v in ARGS.items() if k != 'latent_drop_rate'}
-    save_recipe_export(timm.create_model('resnet10t', num_classes=3), tmp_path, dict(args, regularizer='dropout',
-                       dropout_p=0.25), ['a', 'b', 'c'], epoch=2, val_acc1=50.0)
-    assert load_sgdrop_model(f'local-dir:{tmp_path}').latent_drop_rate == 0.25
-
-
 def test_finetune_export_round_trip(tmp_path: Path):
     model = timm.create_model('sgdrop_vgg_tiny', num_classes=3, sgdrop_rho=0.02, sgdrop_attribution='online')
     save_export(model, tmp_path, ['a', 'b', 'c'], 32, 'resize', 'sgdrop', dict(mode='full'))
     assert load_sgdrop_model(f'local-dir:{tmp_path}').sgdrop_config == model.sgdrop_config
 
 
-def test_an_export_in_the_former_schema_loads_with_its_settings(tmp_path: Path):
-    model = timm.create_model('sgdrop_vgg_tiny', num_classes=3, sgdrop_rho=0.02, sgdrop_attribution='online',
-                              sgdrop_ema_decay=0.9)
-    save_export(model, tmp_path, ['a', 'b', 'c'], 32, 'resize', 'sgdrop', dict(mode='full'), sgdrop_rho_end=0.04)
-    config = json.loads((tmp_path / 'config.json').read_text())
-    # sgdrop-zoo 0.1 named the settings without their prefix
-    config['sgdrop'] = dict(regularizer='sgdrop', rho=0.02, attribution='online', ema_decay=0.9, latent_drop_rate=0.0,
-                            rho_end=0.04)
-    (tmp_path / 'config.json').write_text(json.dumps(config))
-    assert load_sgdrop_model(f'local-dir:{tmp_path}').sgdrop_config == model.sgdrop_config
-    # a schema older than sgdrop_attribution_relu: the paper's rule, the only one there was
-    recorded = {key: value for key, value in model.sgdrop_config.items() if key != 'sgdrop_attribution_relu'}
-    assert sgdrop_settings(config) == dict(regularizer='sgdrop', **recorded, sgdrop_rho_end=0.04)

@@ -33,6 +33,7 @@ from sgdrop_zoo.export import save_export
 from sgdrop_zoo.hub import load_sgdrop_model, publish_checkpoint
 from sgdrop_zoo.loading import load_model
 from sgdrop_zoo.model_card import render_model_card
+from sgdrop_zoo.run_settings import RunSettings
 from sgdrop_zoo.pretrained import (
     HubError,
     hub_configs_dir,
@@ -463,12 +464,19 @@ def test_publish_rejects_bad_input_and_writes_nothing(export_dir, tmp_path):
     assert list(out.iterdir()) == []
 
 
+# what train/main.py stores in a checkpoint of a 2-class, 64 px SGDrop run
+RUN_SETTINGS = RunSettings(arch='test_convnext', model_kwargs={}, regularizer='sgdrop', sgdrop_rho=0.01,
+                           sgdrop_rho_end=None, sgdrop_attribution='ema', sgdrop_attribution_relu='gradient',
+                           sgdrop_ema_decay=0.999, latent_drop_rate=0.0, image_size=64, train_transform='resize',
+                           optimizer='adam', lr=1e-4, epochs=1, batch_size=64, seed=0, data='/data/ab', train_subset=0,
+                           train_subset_per_class=0, holdout_per_class=0)
+
+
 def test_publish_from_a_recipe_checkpoint(tmp_path, capsys):
     model = timm.create_model('test_convnext', num_classes=2)
     checkpoint = dict(arch='test_convnext', state_dict=model.state_dict(), class_names=['a', 'b'], epoch=1,
                       best_acc1=50.0, sgdrop_ema=None,
-                      args=dict(data='/data/ab', sgdrop_rho=0.01, sgdrop_attribution='ema', sgdrop_ema_decay=0.999,
-                                regularizer='sgdrop', image_size=64, train_transform='resize'))
+                      settings=RUN_SETTINGS.to_dict())
     torch.save(checkpoint, tmp_path / 'model_best.pth.tar')
     assert main(['publish', str(tmp_path / 'model_best.pth.tar'), '--repo-id', f'{ORG}/ab', '--dry-run',
                  '--output', str(tmp_path / 'dry')]) == 0
@@ -487,8 +495,7 @@ def test_publish_records_the_top1_of_the_published_weights(tmp_path, capsys, nam
     model = timm.create_model('test_convnext', num_classes=2)
     checkpoint = dict(arch='test_convnext', state_dict=model.state_dict(), class_names=['a', 'b'], epoch=3,
                       best_acc1=50.0, sgdrop_ema=None,
-                      args=dict(data='/data/ab', sgdrop_rho=0.01, sgdrop_attribution='ema', sgdrop_ema_decay=0.999,
-                                regularizer='sgdrop', image_size=64, train_transform='resize'))
+                      settings=RUN_SETTINGS.to_dict())
     if acc1 is not None:
         checkpoint['acc1'] = acc1
     torch.save(checkpoint, tmp_path / name)

@@ -237,7 +237,7 @@ def test_model_kwargs_reach_the_export_and_plain_timm(data_dir: Path, tmp_path: 
     run_recipe(str(data_dir), *TINY_RUN, '-a', 'sgdrop_vgg11', '--model-kwargs', 'mlp_ratio=0.03125', '--epochs',
                '1', '--output', str(output))
     checkpoint = torch.load(output / 'checkpoint.pth.tar', map_location='cpu', weights_only=True)
-    assert checkpoint['args']['model_kwargs'] == {'mlp_ratio': 0.03125}
+    assert checkpoint['settings']['model_kwargs'] == {'mlp_ratio': 0.03125}
     # 128 = 4096 * 0.03125 output channels of the head's first layer, a 7x7 convolution over 512 channels
     assert checkpoint['state_dict']['pre_logits.fc1.weight'].shape == (128, 512, 7, 7)
     assert json.loads((output / 'config.json').read_text())['model_args']['mlp_ratio'] == 0.03125
@@ -407,12 +407,11 @@ def test_a_seeded_run_is_that_of_the_reference_commit_bit_for_bit(reference_tree
         b = torch.load(current / name, map_location='cpu', weights_only=True)
         for key in ('state_dict', 'sgdrop_ema', 'optimizer', 'rng_state'):
             assert_identical(a[key], b[key], f'{name}[{key!r}]')
-        # the rest too; of the arguments, all but the folder (and options newer than the reference)
-        assert_identical({k: v for k, v in a.items() if k != 'args'}, {k: v for k, v in b.items() if k != 'args'},
+        # the rest too; the reference stored its arguments, this version the run settings built from them
+        assert_identical({k: v for k, v in a.items() if k != 'args'}, {k: v for k, v in b.items() if k != 'settings'},
                          name)
-        assert set(a['args']) <= set(b['args'])
-        assert_identical({k: v for k, v in a['args'].items() if k != 'output'},
-                         {k: b['args'][k] for k in a['args'] if k != 'output'}, f'{name}[args]')
+        settings = {k: v for k, v in b['settings'].items() if k != 'version'}
+        assert_identical({k: a['args'][k] for k in settings}, settings, f'{name}[settings]')
     assert [{k: v for k, v in record.items() if k not in TIMING_FIELDS} for record in read_log(reference)] == [
         {k: v for k, v in record.items() if k not in TIMING_FIELDS} for record in read_log(current)]
     assert (reference / 'model.safetensors').read_bytes() == (current / 'model.safetensors').read_bytes()
@@ -801,7 +800,7 @@ def test_overwrite_replaces_every_file_of_the_previous_run(data_dir: Path, two_e
     assert [record['epoch'] for record in read_log(run)] == [1]
     for name in ('checkpoint.pth.tar', 'model_best.pth.tar'):
         state = torch.load(run / name, map_location='cpu', weights_only=True)
-        assert (state['epoch'], state['best_epoch'], state['args']['seed']) == (1, 1, 1), name
+        assert (state['epoch'], state['best_epoch'], state['settings']['seed']) == (1, 1, 1), name
     export = json.loads((run / 'config.json').read_text())
     assert export['training']['epoch'] == 1
 
@@ -912,7 +911,8 @@ def test_resume_from_a_checkpoint_of_weights_only(capsys: pytest.CaptureFixture,
     torch.save({'arch': 'sgdrop_vgg_tiny', 'state_dict': {}}, weights)
     message = run_bad_input(capsys, str(data_dir), '--resume', str(weights), '--output', str(tmp_path))
     assert message == (f'error: --resume {weights}: not a checkpoint of this script (no epoch, best_acc1, optimizer, '
-                       f'scheduler, args); pass the checkpoint.pth.tar or model_best.pth.tar of a train/main.py run')
+                       f'scheduler, settings); pass the checkpoint.pth.tar or model_best.pth.tar of a train/main.py '
+                       f'run')
 
 
 @pytest.mark.parametrize('flags, message', [

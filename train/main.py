@@ -39,19 +39,20 @@ from timm.utils import AverageMeter, ParseKwargs, random_seed
 import sgdrop_zoo
 from sgdrop_zoo import recipe_data
 from sgdrop_zoo.data import DatasetError, check_image_folders
-from sgdrop_zoo.export import regularizer_settings, save_recipe_export
+from sgdrop_zoo.export import save_recipe_export
 from sgdrop_zoo.loading import read_checkpoint
 from sgdrop_zoo.meters import ProgressMeter, all_reduce_meters, record_batch
 from sgdrop_zoo.pretrained import WEIGHTS_NAME
 from sgdrop_zoo.recipe_checks import (RecipeError, check_arch, check_counts, check_fits_val_split, check_gpu,
                                       check_holdout, check_launcher, check_metrics_json, check_model_kwargs,
-                                      check_output, check_regularizer_numbers, check_resumed, check_same_run,
+                                      check_output, check_regularizer_numbers, check_resumed,
                                       check_start_epoch, check_subset_options, check_training_numbers,
                                       check_val_subset, load_checkpoint)
 from sgdrop_zoo.recipe_data import RecipeLoaders
 from sgdrop_zoo.run_files import (BEST_NAME, CHECKPOINT_NAME, LOG_NAME, RunFileError, append_log, atomic_write,
                                   copy_file, get_rng_state, keep_log_until, prepare_output, read_log_lines,
                                   restore_model_best, set_rng_state)
+from sgdrop_zoo.run_settings import RunSettings
 from sgdrop_zoo.sgdrop import DEFAULT_EMA_DECAY, DEFAULT_RHO
 
 PRESETS_PATH = Path(__file__).with_name('presets.json')
@@ -183,7 +184,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.sgdrop_rho is None:
         args.sgdrop_rho = rho_for_arch(args.arch, preset.get('sgdrop_rho_by_arch', []))
+    args.settings = run_settings(args)
     return args
+
+
+def run_settings(args: argparse.Namespace) -> RunSettings:
+    """What defines the run, as its checkpoints store it; built once, before any process changes an argument."""
+    return RunSettings(
+        arch=args.arch, model_kwargs=args.model_kwargs, regularizer=args.regularizer, sgdrop_rho=args.sgdrop_rho,
+        sgdrop_rho_end=args.sgdrop_rho_end, sgdrop_attribution=args.sgdrop_attribution,
+        sgdrop_attribution_relu=args.sgdrop_attribution_relu, sgdrop_ema_decay=args.sgdrop_ema_decay,
+        latent_drop_rate=args.latent_drop_rate, image_size=args.image_size, train_transform=args.train_transform,
+        optimizer=args.optimizer, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+        data=args.data, train_subset=args.train_subset, train_subset_per_class=args.train_subset_per_class,
+        holdout_per_class=args.holdout_per_class)
 
 
 def rho_for_arch(arch: str, rho_by_arch: list[list]) -> float:
@@ -295,13 +309,23 @@ def check_inputs(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     checkpoint = load_checkpoint(args.resume)
     check_resumed(checkpoint, args.resume, args.arch, args.model_kwargs, args.class_names, args.data)
     if not args.evaluate:
-        check_same_run(args.resume, checkpoint['args'], vars(args))
+        check_same_run(args.resume, RunSettings.from_checkpoint(checkpoint, args.resume), args.settings)
     return checkpoint
+
+
+def check_same_run(resume: str, saved: RunSettings, settings: RunSettings) -> None:
+    """Refuse a --resume whose run-defining settings differ from those its checkpoint was trained with."""
+    changed = saved.changed_run_settings(settings)
+    if changed:
+        name = changed[0]
+        flag, was, now = '--' + name.replace('_', '-'), getattr(saved, name), getattr(settings, name)
+        raise RecipeError(f'--resume {resume} was trained with {flag} {was}, not {now}; pass {flag} {was} to continue '
+                          f'it, or start a new run in another --output')
 
 
 def create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     """The timm model `args.arch` with the regularizer of `args`; plain timm names get SGDrop added."""
-    options = regularizer_settings(vars(args))
+    options = args.settings.sgdrop_model_args()
     if args.arch.startswith('sgdrop_'):
         return timm.create_model(args.arch, pretrained=args.pretrained, num_classes=num_classes, **options,
                                  **args.model_kwargs)
@@ -399,7 +423,7 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
                 'scaler': scaler.state_dict(),
                 'rng_state': get_rng_state(),
                 'class_names': args.class_names,
-                'args': {k: v for k, v in vars(args).items() if k != 'class_names'},
+                'settings': args.settings.to_dict(),
             }, is_best, output)
 
     if args.is_main and (output / BEST_NAME).exists():
@@ -722,7 +746,7 @@ def export_for_hub(checkpoint_path: Path, output: Path, args: argparse.Namespace
     model.load_state_dict(checkpoint['state_dict'])
     try:
         # model_best holds its own epoch, whose top-1 is the best one (checkpoints of older versions have no "acc1")
-        save_recipe_export(model, output, vars(args), args.class_names, checkpoint['epoch'],
+        save_recipe_export(model, output, args.settings, args.class_names, checkpoint['epoch'],
                            checkpoint.get('acc1', checkpoint['best_acc1']))
     except ValueError as e:  # weights that are not finite
         raise RecipeError(str(e)) from e

@@ -1,0 +1,50 @@
+"""The run settings a recipe checkpoint stores: one writer (to_dict), one reader (from_checkpoint)."""
+import dataclasses
+
+import pytest
+
+from sgdrop_zoo.run_settings import RUN_SETTINGS_VERSION, RunSettings
+
+SETTINGS = RunSettings(arch='sgdrop_vgg11', model_kwargs={'mlp_ratio': 0.03125}, regularizer='sgdrop', sgdrop_rho=0.0,
+                       sgdrop_rho_end=0.025, sgdrop_attribution='ema', sgdrop_attribution_relu='gradient',
+                       sgdrop_ema_decay=0.999, latent_drop_rate=0.5, image_size=128, train_transform='resize',
+                       optimizer='adam', lr=1e-4, epochs=20, batch_size=64, seed=1, data='../shared/data/imagenette',
+                       train_subset=0, train_subset_per_class=150, holdout_per_class=100)
+
+
+def test_a_checkpoint_gives_back_the_settings_it_stored():
+    stored = SETTINGS.to_dict()
+    assert stored['version'] == RUN_SETTINGS_VERSION == 1 and stored['holdout_per_class'] == 100
+    assert RunSettings.from_checkpoint({'settings': stored}, 'c.pth.tar') == SETTINGS
+
+
+@pytest.mark.parametrize('checkpoint, message', [
+    ({'args': {'arch': 'x'}}, 'c.pth.tar: no run settings, not those of version 1'),
+    ({'settings': dict(SETTINGS.to_dict(), version=2)}, 'c.pth.tar: run settings of version 2, not those of version 1'),
+    ({'settings': {k: v for k, v in SETTINGS.to_dict().items() if k != 'seed'}},
+     r"c.pth.tar: its run settings are not complete \(\['seed'\] missing\)"),
+])
+def test_a_checkpoint_without_these_settings_is_refused_in_one_line(checkpoint: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        RunSettings.from_checkpoint(checkpoint, 'c.pth.tar')
+
+
+def test_sgdrop_arguments_of_each_regularizer():
+    assert SETTINGS.sgdrop_model_args() == dict(sgdrop_rho=0.0, sgdrop_attribution='ema',
+                                                sgdrop_attribution_relu='gradient', sgdrop_ema_decay=0.999,
+                                                latent_drop_rate=0.0)
+    # the baselines: rho 0, online (no EMA copy); dropout keeps its rate
+    dropout = dataclasses.replace(SETTINGS, regularizer='dropout')
+    assert dropout.sgdrop_model_args() == dict(sgdrop_rho=0.0, sgdrop_attribution='online',
+                                               sgdrop_attribution_relu='gradient', sgdrop_ema_decay=0.999,
+                                               latent_drop_rate=0.5)
+    assert dataclasses.replace(SETTINGS, regularizer='none').sgdrop_model_args()['latent_drop_rate'] == 0.0
+
+
+def test_the_settings_a_resume_may_not_change():
+    assert SETTINGS.changed_run_settings(dataclasses.replace(SETTINGS, epochs=40, lr=1e-3, seed=2)) == []
+    changed = dataclasses.replace(SETTINGS, image_size=64, sgdrop_rho_end=0.05, holdout_per_class=0)
+    assert SETTINGS.changed_run_settings(changed) == ['image_size', 'holdout_per_class', 'sgdrop_rho_end']
+    # a vanilla run has no SGDrop settings to keep
+    vanilla = dataclasses.replace(SETTINGS, regularizer='none')
+    assert vanilla.changed_run_settings(dataclasses.replace(vanilla, sgdrop_rho=0.5)) == []
