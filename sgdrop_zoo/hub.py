@@ -62,14 +62,12 @@ def _read_checkpoint(path: Path, folder: Path) -> dict[str, Any]:
         The exported config.
     """
     try:
-        model, checkpoint = load_recipe_checkpoint(path, required=('epoch',))
+        model, checkpoint = load_recipe_checkpoint(path, required=('epoch', 'acc1'))
         settings = RunSettings.from_checkpoint(checkpoint, path)
     except ValueError as e:
         raise HubError(str(e)) from e
-    # the top-1 of the checkpoint's own epoch; checkpoints of older versions only hold the best epoch's, which is
-    # this epoch's only in model_best
-    val_acc1 = checkpoint.get('acc1', checkpoint.get('best_acc1') if path.name == 'model_best.pth.tar' else None)
-    save_recipe_export(model, folder, settings, checkpoint['class_names'], checkpoint['epoch'], val_acc1)
+    # the top-1 of the checkpoint's own epoch, not the run's best
+    save_recipe_export(model, folder, settings, checkpoint['class_names'], checkpoint['epoch'], checkpoint['acc1'])
     return read_config(folder / CONFIG_NAME)
 
 

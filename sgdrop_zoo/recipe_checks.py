@@ -31,7 +31,8 @@ __all__ = [
 
 MAX_IMAGE_SIZE = 4096
 # the keys of every checkpoint the recipe writes
-RECIPE_CHECKPOINT_KEYS = ('epoch', 'arch', 'state_dict', 'best_acc1', 'optimizer', 'scheduler', 'settings')
+RECIPE_CHECKPOINT_KEYS = ('epoch', 'arch', 'state_dict', 'acc1', 'best_acc1', 'best_epoch', 'optimizer', 'scheduler',
+                          'settings')
 
 
 class RecipeError(Exception):

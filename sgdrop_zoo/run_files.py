@@ -118,10 +118,10 @@ def restore_model_best(checkpoint: dict[str, Any], resume_path: Path, best_path:
     Returns:
         The best top-1 and best epoch to continue with.
     """
-    best_acc1, best_epoch = checkpoint['best_acc1'], checkpoint.get('best_epoch', 0)
+    best_acc1, best_epoch = checkpoint['best_acc1'], checkpoint['best_epoch']
     if best_path.exists():
         held = read_checkpoint(best_path)['epoch']
-        if 'best_epoch' not in checkpoint or held == best_epoch:
+        if held == best_epoch:
             return best_acc1, best_epoch
         if best_epoch != checkpoint['epoch']:
             # not what a kill leaves (an older checkpoint resumed, say): weights the resumed one cannot replace
@@ -134,7 +134,7 @@ def restore_model_best(checkpoint: dict[str, Any], resume_path: Path, best_path:
         print(f'=> {best_path} is missing (the run was stopped while writing it); copied again from {resume_path}, '
               f'which holds its best epoch', flush=True)
     else:
-        best_acc1, best_epoch = checkpoint.get('acc1', best_acc1), checkpoint['epoch']
+        best_acc1, best_epoch = checkpoint['acc1'], checkpoint['epoch']
         print(f"=> {best_path} is missing and the best epoch's weights are gone; rebuilt from {resume_path} (epoch "
               f"{best_epoch}, val Acc@1 {best_acc1:.3f}), the best to beat from now on", flush=True)
     copy_file(resume_path, best_path)

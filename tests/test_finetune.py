@@ -19,6 +19,7 @@ from sgdrop_zoo.data import DatasetError
 from sgdrop_zoo.finetune import finetune
 from sgdrop_zoo.loading import check_output_is_not_source, load_model, split_encoder_head
 from sgdrop_zoo.pretrained import HUB_CONFIGS_ENV, hub_configs_dir, packaged_hub_configs_dir
+from sgdrop_zoo.run_settings import RunSettings
 
 from conftest import SMALL_CLASSES, make_image_folder
 
@@ -81,10 +82,19 @@ def test_evaluate_needs_the_checkpoint_classes(small_data: Path, source_dir: Pat
         finetune(str(source_dir), small_data, tmp_path, evaluate_only=True, **RUN)
 
 
+# what train/main.py stores in its checkpoints of a run of ARCH
+RUN_SETTINGS = RunSettings(arch=ARCH, model_kwargs={}, regularizer='sgdrop', sgdrop_rho=0.01, sgdrop_rho_end=None,
+                           sgdrop_attribution='ema', sgdrop_attribution_relu='gradient', sgdrop_ema_decay=0.999,
+                           latent_drop_rate=0.0, image_size=32, train_transform='resize', optimizer='adam', lr=1e-4,
+                           epochs=1, batch_size=8, seed=0, data='data', train_subset=0, train_subset_per_class=0,
+                           holdout_per_class=0)
+
+
 def test_loads_recipe_checkpoints(tmp_path: Path):
     model = timm.create_model(ARCH, num_classes=2)
     path = tmp_path / 'model_best.pth.tar'
-    torch.save({'arch': ARCH, 'state_dict': model.state_dict(), 'class_names': ['x', 'y']}, path)
+    torch.save({'arch': ARCH, 'state_dict': model.state_dict(), 'class_names': ['x', 'y'],
+                'settings': RUN_SETTINGS.to_dict()}, path)
     loaded = load_model(str(path))
     assert loaded.pretrained_cfg['label_names'] == ['x', 'y']
     assert torch.equal(loaded.state_dict()['head.fc.weight'], model.state_dict()['head.fc.weight'])
@@ -161,8 +171,8 @@ def test_a_file_that_is_no_checkpoint_fails_in_one_line(tmp_path: Path, kind: st
 def test_a_legacy_checkpoint_of_plain_tensors_loads(tmp_path: Path):
     model = timm.create_model(ARCH, num_classes=2)
     path = tmp_path / 'model_best.pth.tar'
-    torch.save({'arch': ARCH, 'state_dict': model.state_dict(), 'class_names': ['x', 'y']}, path,
-               _use_new_zipfile_serialization=False)
+    torch.save({'arch': ARCH, 'state_dict': model.state_dict(), 'class_names': ['x', 'y'],
+                'settings': RUN_SETTINGS.to_dict()}, path, _use_new_zipfile_serialization=False)
     loaded = load_model(str(path))
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
 

@@ -475,7 +475,7 @@ RUN_SETTINGS = RunSettings(arch='test_convnext', model_kwargs={}, regularizer='s
 def test_publish_from_a_recipe_checkpoint(tmp_path, capsys):
     model = timm.create_model('test_convnext', num_classes=2)
     checkpoint = dict(arch='test_convnext', state_dict=model.state_dict(), class_names=['a', 'b'], epoch=1,
-                      best_acc1=50.0, sgdrop_ema=None,
+                      acc1=50.0, best_acc1=50.0, sgdrop_ema=None,
                       settings=RUN_SETTINGS.to_dict())
     torch.save(checkpoint, tmp_path / 'model_best.pth.tar')
     assert main(['publish', str(tmp_path / 'model_best.pth.tar'), '--repo-id', f'{ORG}/ab', '--dry-run',
@@ -489,15 +489,13 @@ def test_publish_from_a_recipe_checkpoint(tmp_path, capsys):
 @pytest.mark.parametrize('name, acc1, top1', [
     ('checkpoint.pth.tar', 41.25, 41.25),  # the last epoch's weights and their own top-1, not the best epoch's
     ('model_best.pth.tar', 50.0, 50.0),
-    ('checkpoint.pth.tar', None, None),  # an older checkpoint without its epoch's top-1: none is claimed
 ])
 def test_publish_records_the_top1_of_the_published_weights(tmp_path, capsys, name, acc1, top1):
     model = timm.create_model('test_convnext', num_classes=2)
     checkpoint = dict(arch='test_convnext', state_dict=model.state_dict(), class_names=['a', 'b'], epoch=3,
                       best_acc1=50.0, sgdrop_ema=None,
                       settings=RUN_SETTINGS.to_dict())
-    if acc1 is not None:
-        checkpoint['acc1'] = acc1
+    checkpoint['acc1'] = acc1
     torch.save(checkpoint, tmp_path / name)
     assert main(['publish', str(tmp_path / name), '--repo-id', f'{ORG}/ab', '--dry-run', '--output',
                  str(tmp_path / 'dry')]) == 0

@@ -910,9 +910,9 @@ def test_resume_from_a_checkpoint_of_weights_only(capsys: pytest.CaptureFixture,
     weights = tmp_path / 'weights.pth.tar'
     torch.save({'arch': 'sgdrop_vgg_tiny', 'state_dict': {}}, weights)
     message = run_bad_input(capsys, str(data_dir), '--resume', str(weights), '--output', str(tmp_path))
-    assert message == (f'error: --resume {weights}: not a checkpoint of this script (no epoch, best_acc1, optimizer, '
-                       f'scheduler, settings); pass the checkpoint.pth.tar or model_best.pth.tar of a train/main.py '
-                       f'run')
+    assert message == (f'error: --resume {weights}: not a checkpoint of this script (no epoch, acc1, best_acc1, '
+                       f'best_epoch, optimizer, scheduler, settings); pass the checkpoint.pth.tar or '
+                       f'model_best.pth.tar of a train/main.py run')
 
 
 @pytest.mark.parametrize('flags, message', [

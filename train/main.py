@@ -528,7 +528,7 @@ def resume(checkpoint: dict[str, Any], model: nn.Module, optimizer: torch.optim.
     """
     args.start_epoch = checkpoint['epoch']
     best_acc1 = checkpoint['best_acc1']
-    best_epoch = checkpoint.get('best_epoch', 0)  # 0: a checkpoint of an older version, which did not record it
+    best_epoch = checkpoint['best_epoch']
     model.load_state_dict(checkpoint['state_dict'])
     if checkpoint.get('sgdrop_ema') is not None and model.sgdrop_attribution.value == 'ema':
         model.load_ema_state_dict(checkpoint['sgdrop_ema'])
@@ -745,9 +745,9 @@ def export_for_hub(checkpoint_path: Path, output: Path, args: argparse.Namespace
     model = create_model(argparse.Namespace(**{**vars(args), 'pretrained': False}), len(args.class_names))
     model.load_state_dict(checkpoint['state_dict'])
     try:
-        # model_best holds its own epoch, whose top-1 is the best one (checkpoints of older versions have no "acc1")
+        # model_best holds its own epoch and that epoch's top-1, the best one
         save_recipe_export(model, output, args.settings, args.class_names, checkpoint['epoch'],
-                           checkpoint.get('acc1', checkpoint['best_acc1']))
+                           checkpoint['acc1'])
     except ValueError as e:  # weights that are not finite
         raise RecipeError(str(e)) from e
     except (OSError, SafetensorError) as e:
