@@ -18,7 +18,7 @@ from typing import Any, Optional
 import timm
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import resolve_model_data_config
 from timm.models import save_for_hf
 
 from .data import EVAL_CROP
@@ -67,8 +67,7 @@ def save_export(model: nn.Module, folder: Path, class_names: list[str], image_si
         'interpolation': 'bilinear',
         'crop_pct': crop_pct,
         'crop_mode': crop_mode,
-        'mean': tuple(model.pretrained_cfg.get('mean', IMAGENET_DEFAULT_MEAN)),
-        'std': tuple(model.pretrained_cfg.get('std', IMAGENET_DEFAULT_STD)),
+        **{key: resolve_model_data_config(model)[key] for key in ('mean', 'std')},
     }
     model_config = {
         'label_names': list(class_names),

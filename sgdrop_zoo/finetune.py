@@ -28,10 +28,10 @@ from .loading import (
     check_label_names,
     check_output_folder,
     check_output_is_not_source,
+    in_memory_loader,
     input_size,
     load_model,
     load_split,
-    make_loader,
     split_encoder_head,
 )
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME
@@ -142,7 +142,7 @@ def finetune(
     encoder, _ = split_encoder_head(model, size)
     check_input_channels(model, encoder)
     val_images = load_split(data, 'val', class_names, size, False, train_transform, workers, val_subset_per_class)
-    val_loader = make_loader(*val_images, model, batch_size, False, device)
+    val_loader = in_memory_loader(*val_images, model, batch_size, False, device)
     output.mkdir(parents=True, exist_ok=True)
 
     if evaluate_only:
@@ -166,7 +166,7 @@ def finetune(
         param.requires_grad_(mode == 'full' or name in head_params)
     train_images = load_split(data, 'train', class_names, size, True, train_transform, workers,
                               train_subset_per_class)
-    train_loader = make_loader(*train_images, model, batch_size, True, device, seed=seed,
+    train_loader = in_memory_loader(*train_images, model, batch_size, True, device, seed=seed,
                            crop_flip_size=size if train_transform == 'crop-flip' else None)
     lr = lr if lr is not None else DEFAULT_LR[mode]
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)

@@ -13,7 +13,7 @@ import timm
 import torch
 import torch.nn as nn
 import torchvision.datasets as datasets
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import resolve_model_data_config
 
 from .data import (
     DatasetError,
@@ -39,8 +39,8 @@ from .run_settings import RunSettings
 
 __all__ = [
     'check_input_channels', 'check_label_names', 'check_output_folder', 'check_output_is_not_source',
-    'check_output_outside_hub_configs', 'check_writable_file', 'check_writable_folder', 'input_size', 'load_model',
-    'load_recipe_checkpoint', 'load_split', 'read_checkpoint', 'make_loader', 'split_encoder_head',
+    'check_output_outside_hub_configs', 'check_writable_file', 'check_writable_folder', 'in_memory_loader',
+    'input_size', 'load_model', 'load_recipe_checkpoint', 'load_split', 'read_checkpoint', 'split_encoder_head',
 ]
 
 
@@ -234,12 +234,13 @@ def load_split(root: Path, split: str, class_names: list[str], size: int, train:
                          verbose=False)
 
 
-def make_loader(images: torch.Tensor, targets: torch.Tensor, model: nn.Module, batch_size: int, shuffle: bool,
-            device: torch.device, seed: int = 0, crop_flip_size: Optional[int] = None) -> InMemoryLoader:
-    mean = model.pretrained_cfg.get('mean', IMAGENET_DEFAULT_MEAN)
-    std = model.pretrained_cfg.get('std', IMAGENET_DEFAULT_STD)
-    return InMemoryLoader(images.to(device), targets.to(device), batch_size, shuffle=shuffle, mean=mean, std=std,
-                          rank=0, world_size=1, device=device, seed=seed, crop_flip_size=crop_flip_size)
+def in_memory_loader(images: torch.Tensor, targets: torch.Tensor, model: nn.Module, batch_size: int, shuffle: bool,
+                     device: torch.device, seed: int = 0, crop_flip_size: Optional[int] = None) -> InMemoryLoader:
+    """Batches of decoded images on ``device``, normalised with ``model``'s mean and std (timm's data config)."""
+    data_config = resolve_model_data_config(model)
+    return InMemoryLoader(images.to(device), targets.to(device), batch_size, shuffle=shuffle, mean=data_config['mean'],
+                          std=data_config['std'], rank=0, world_size=1, device=device, seed=seed,
+                          crop_flip_size=crop_flip_size)
 
 
 def _check_creatable(output: Path, kind: str) -> None:

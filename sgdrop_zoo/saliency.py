@@ -32,9 +32,9 @@ from .loading import (
     check_label_names,
     check_output_folder,
     check_output_is_not_source,
+    in_memory_loader,
     load_model,
     load_split,
-    make_loader,
     split_encoder_head,
 )
 
@@ -253,7 +253,7 @@ def saliency_report(
                                    f'{data / split}; pass at most {len(targets)}.')
             subset = torch.tensor(fixed_order(len(targets))[:num_images])
             images, targets = images[subset], targets[subset]
-        loader = make_loader(images, targets, model, batch_size, False, torch.device('cpu'))
+        loader = in_memory_loader(images, targets, model, batch_size, False, torch.device('cpu'))
         correct, ratios = 0, []
         for batch_images, batch_targets in loader:
             with torch.no_grad():
@@ -264,8 +264,8 @@ def saliency_report(
                                        area_ratio=float(torch.cat(ratios).mean()),
                                        coverage_global=coverage['global'], coverage_last_conv=coverage['last_conv'],
                                        images=len(targets), image_size=size)
-        first_batch, _ = next(iter(make_loader(images[:grid_images], targets[:grid_images], model, grid_images, False,
-                                           torch.device('cpu'))))
+        first_batch, _ = next(iter(in_memory_loader(images[:grid_images], targets[:grid_images], model, grid_images,
+                                                    False, torch.device('cpu'))))
         grid_maps[name] = grad_cam_maps(model, first_batch, targets[:grid_images])
         with torch.no_grad():
             grid_predictions[name] = model(first_batch).argmax(1)

@@ -33,7 +33,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 
 import timm
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import resolve_model_data_config
 from timm.utils import AverageMeter, ParseKwargs, random_seed
 
 import sgdrop_zoo
@@ -549,11 +549,12 @@ def resume(checkpoint: dict[str, Any], model: nn.Module, optimizer: torch.optim.
 
 def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.device) -> RecipeLoaders:
     """The loaders of the run (``sgdrop_zoo.recipe_data.build_loaders``), normalised with the model's mean and std."""
+    data_config = resolve_model_data_config(model)
     return recipe_data.build_loaders(
-        Path(args.data), args.image_size, args.train_transform, model.pretrained_cfg.get('mean', IMAGENET_DEFAULT_MEAN),
-        model.pretrained_cfg.get('std', IMAGENET_DEFAULT_STD), args.batch_size, args.workers, device, rank=args.rank,
-        world_size=args.world_size, distributed=args.distributed, shuffle_seed=args.seed or 0, dummy=args.dummy,
-        in_memory=args.in_memory, train_subset=args.train_subset, train_subset_per_class=args.train_subset_per_class,
+        Path(args.data), args.image_size, args.train_transform, data_config['mean'], data_config['std'],
+        args.batch_size, args.workers, device, rank=args.rank, world_size=args.world_size,
+        distributed=args.distributed, shuffle_seed=args.seed or 0, dummy=args.dummy, in_memory=args.in_memory,
+        train_subset=args.train_subset, train_subset_per_class=args.train_subset_per_class,
         holdout_per_class=args.holdout_per_class, train_eval_samples=args.train_eval_samples,
         val_subset=args.val_subset, area_images=args.log_area_ratio)
 
