@@ -133,10 +133,10 @@ PROTOCOLS: dict[str, dict] = {
         'archs': ['sgdrop_resnet10t', 'sgdrop_convnext_atto', 'sgdrop_vgg11'],
         'model_kwargs': {'sgdrop_vgg11': {'mlp_ratio': 0.03125}},
         # each family's SGDrop method is the one its pilot chose; a family enters when its pilot is done
-        'methods': {'sgdrop_resnet10t': ['vanilla', 'sgdrop']},
+        'methods': {'sgdrop_resnet10t': ['vanilla', 'sgdrop'], 'sgdrop_convnext_atto': ['vanilla', 'sgdrop']},
         'epochs': {'sgdrop_resnet10t': 40, 'sgdrop_convnext_atto': 40, 'sgdrop_vgg11': 20},
-        'ship': ['sgdrop_resnet10t'],
-        'ship_method': {'sgdrop_resnet10t': 'sgdrop'},
+        'ship': ['sgdrop_resnet10t', 'sgdrop_convnext_atto'],
+        'ship_method': {'sgdrop_resnet10t': 'sgdrop', 'sgdrop_convnext_atto': 'sgdrop'},
         'ship_twins': True,
         'tag': 'imagenette_128',
         'seeds': [0, 1, 2],
