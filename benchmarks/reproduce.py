@@ -10,6 +10,7 @@ numbers. Re-running skips finished runs and resumes an interrupted one from its 
     python benchmarks/reproduce.py cpu --table-only                                    # rebuild table.md
 """
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -43,6 +44,14 @@ METHODS: dict[str, list[str]] = {
     # the sign-aware attribution ReLU(d logit_y / d z * z), for the signed latent of ConvNeXt
     'sgdrop_product': ['--regularizer', 'sgdrop', '--sgdrop-attribution', 'ema', '--sgdrop-attribution-relu',
                        'product'],
+}
+
+# The families of the 128 px zoo, the same in its pilot and its final study: VGG-11 with the zoo's narrow head, and
+# each family's epochs (VGG-11's step costs 4.5x ResNet-10-T's)
+ZOO128_FAMILIES = {
+    'archs': ['sgdrop_resnet10t', 'sgdrop_convnext_atto', 'sgdrop_vgg11'],
+    'model_kwargs': {'sgdrop_vgg11': {'mlp_ratio': 0.03125}},
+    'epochs': {'sgdrop_resnet10t': 40, 'sgdrop_convnext_atto': 40, 'sgdrop_vgg11': 20},
 }
 
 # Protocols: the recipe's low-data preset (from scratch, Adam 1e-4, resize only, constant lr, batch 64) at a size
@@ -106,13 +115,11 @@ PROTOCOLS: dict[str, dict] = {
                        "ResNet-10-T and ConvNeXt-Atto, 20 for VGG-11 (its step costs 4.5x ResNet-10-T's). Clean "
                        "train top-1 on 500 fixed training images, attribution area ratio on 100 dev images. 2 CPU "
                        "threads. The official validation split is not read.",
-        'archs': ['sgdrop_resnet10t', 'sgdrop_convnext_atto', 'sgdrop_vgg11'],
-        'model_kwargs': {'sgdrop_vgg11': {'mlp_ratio': 0.03125}},
+        **ZOO128_FAMILIES,
         # the candidates, fixed before the first run (benchmarks/README.md, "Zoo v2 pilot")
         'methods': {'sgdrop_resnet10t': ['vanilla', 'sgdrop'],
                     'sgdrop_convnext_atto': ['vanilla', 'sgdrop', 'sgdrop_product'],
                     'sgdrop_vgg11': ['vanilla', 'sgdrop', 'sgdrop_curriculum']},
-        'epochs': {'sgdrop_resnet10t': 40, 'sgdrop_convnext_atto': 40, 'sgdrop_vgg11': 20},
         'seeds': [0],
         'args': ['--preset', 'lowdata', '--image-size', '128', '--train-subset-per-class', '150',
                  '--holdout-per-class', '100', '--in-memory', '--channels-last', '--train-eval-samples', '500',
@@ -130,11 +137,9 @@ PROTOCOLS: dict[str, dict] = {
                        "curves on a fixed 1,000-image subset of the official validation split, with the attribution "
                        "area ratio on 200 of them; the final weights evaluated on all 3,925 validation images. Clean "
                        "train top-1 on 500 fixed training images. 2 CPU threads.",
-        'archs': ['sgdrop_resnet10t', 'sgdrop_convnext_atto', 'sgdrop_vgg11'],
-        'model_kwargs': {'sgdrop_vgg11': {'mlp_ratio': 0.03125}},
+        **ZOO128_FAMILIES,
         # each family's SGDrop method is the one its pilot chose; a family enters when its pilot is done
         'methods': {'sgdrop_resnet10t': ['vanilla', 'sgdrop'], 'sgdrop_convnext_atto': ['vanilla', 'sgdrop']},
-        'epochs': {'sgdrop_resnet10t': 40, 'sgdrop_convnext_atto': 40, 'sgdrop_vgg11': 20},
         'ship': ['sgdrop_resnet10t', 'sgdrop_convnext_atto'],
         'ship_method': {'sgdrop_resnet10t': 'sgdrop', 'sgdrop_convnext_atto': 'sgdrop'},
         'ship_twins': True,
@@ -173,6 +178,7 @@ PROTOCOLS: dict[str, dict] = {
 
 
 
+@functools.lru_cache(maxsize=None)
 def load_recipe() -> Any:
     """``train/main.py`` as a module, for its presets: the one place that holds each family's rho."""
     spec = importlib.util.spec_from_file_location('recipe_main', REPO / 'train' / 'main.py')
