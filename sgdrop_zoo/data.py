@@ -25,8 +25,8 @@ from timm.data.transforms import MaybePILToTensor
 
 __all__ = [
     'EVAL_CROP', 'DatasetError', 'InMemoryLoader', 'check_image_folders', 'check_links', 'decode_images',
-    'eval_transform', 'fixed_order', 'image_header_error', 'load_rgb', 'per_class_subset', 'random_resized_crop_flip',
-    'stored_train_resize', 'with_transform',
+    'eval_shard', 'eval_transform', 'fixed_order', 'image_header_error', 'load_rgb', 'per_class_subset',
+    'random_resized_crop_flip', 'stored_train_resize', 'with_transform',
 ]
 
 # crop_pct and crop_mode of the validation images, by training transform: the images only resized to a square, or
@@ -197,6 +197,11 @@ def per_class_subset(order: Sequence[int], targets: Sequence[int], per_class: in
     return subset
 
 
+def eval_shard(num_images: int, rank: int, world_size: int) -> range:
+    """The evaluation images of process `rank`: every `world_size`-th, so that each is counted exactly once."""
+    return range(rank, num_images, world_size)
+
+
 def with_transform(folder: datasets.ImageFolder, transform: Callable) -> datasets.ImageFolder:
     """A view of `folder` (same file list) with its own transform."""
     view = copy.copy(folder)
@@ -228,8 +233,7 @@ class InMemoryLoader:
     """Batches of a uint8 image tensor, normalised on `device`; this process's shard when distributed.
 
     Training shards are shuffled with a generator seeded by (seed, epoch), identical on every process, and truncated to
-    equal length so that all processes run the same number of steps. Evaluation shards take every `world_size`-th
-    image, so each image is counted exactly once.
+    equal length so that all processes run the same number of steps. Evaluation shards are `eval_shard`'s.
     """
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, batch_size: int, shuffle: bool,
@@ -243,7 +247,7 @@ class InMemoryLoader:
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.epoch = 0
         num_images = len(images)
-        self.num_samples = num_images // world_size if shuffle else len(range(rank, num_images, world_size))
+        self.num_samples = num_images // world_size if shuffle else len(eval_shard(num_images, rank, world_size))
         self.sampler = self  # the training loop calls loader.sampler.set_epoch, as for a DistributedSampler
 
     def set_epoch(self, epoch: int) -> None:
@@ -257,7 +261,7 @@ class InMemoryLoader:
             order = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed + self.epoch))
             indices = order[self.rank::self.world_size][:self.num_samples]
         else:
-            indices = torch.arange(self.rank, len(self.images), self.world_size)
+            indices = torch.tensor(eval_shard(len(self.images), self.rank, self.world_size), dtype=torch.long)
         indices = indices.to(self.images.device)
         for start in range(0, self.num_samples, self.batch_size):
             batch = indices[start:start + self.batch_size]

@@ -20,6 +20,7 @@ import torchvision.transforms as transforms
 from .data import (
     InMemoryLoader,
     decode_images,
+    eval_shard,
     eval_transform,
     fixed_order,
     load_rgb,
@@ -207,13 +208,10 @@ def make_loader(dataset: torch.utils.data.Dataset, train: bool, batch_size: int,
 
 
 class ShardSampler(torch.utils.data.Sampler):
-    """Every `world_size`-th index from `rank`, without the padding of DistributedSampler.
-
-    Each sample is evaluated by exactly one process; the metrics are then summed over processes.
-    """
+    """The indices of `eval_shard`, without the padding of DistributedSampler; the metrics are summed over processes."""
 
     def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1):
-        self.indices = range(rank, num_samples, world_size)
+        self.indices = eval_shard(num_samples, rank, world_size)
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)

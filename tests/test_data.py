@@ -1,0 +1,28 @@
+"""The evaluation sharding rule, shared by the ImageFolder and the in-memory data paths."""
+import pytest
+import torch
+import torch.utils.data
+
+from sgdrop_zoo.data import InMemoryLoader
+from sgdrop_zoo.recipe_data import make_loader
+
+
+@pytest.mark.parametrize('world_size', [1, 2, 3])
+def test_both_data_paths_evaluate_each_image_once_on_the_same_process(world_size):
+    # 7 one-pixel images whose value is their index, so a batch says which images it holds
+    images = torch.arange(7, dtype=torch.uint8).view(7, 1, 1, 1)
+    targets = torch.arange(7)
+    seen_in_memory, seen_folder = [], []
+    for rank in range(world_size):
+        in_memory = InMemoryLoader(images, targets, batch_size=2, shuffle=False, mean=[0.0], std=[1 / 255], rank=rank,
+                                   world_size=world_size, device=torch.device('cpu'))
+        folder = make_loader(torch.utils.data.TensorDataset(images, targets), train=False, batch_size=2, workers=0,
+                             rank=rank, world_size=world_size)
+        in_memory_targets = [t for _, batch in in_memory for t in batch.tolist()]
+        folder_targets = [t for _, batch in folder for t in batch.tolist()]
+        # by hand: rank r of w takes r, r + w, r + 2w, ...
+        assert in_memory_targets == folder_targets == list(range(rank, 7, world_size))
+        assert len(in_memory) == len(folder)
+        seen_in_memory += in_memory_targets
+        seen_folder += folder_targets
+    assert sorted(seen_in_memory) == sorted(seen_folder) == list(range(7))
