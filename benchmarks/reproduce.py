@@ -31,6 +31,8 @@ from sgdrop_zoo.plots import read_log
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / 'benchmarks' / 'results'
 NUM_CLASSES_OF_TABLE = 10  # CIFAR-10 and Imagenette
+# benchmarks/overhead.py's timing of a protocol: the recipe's batch and memory format, 3 untimed and 10 timed steps
+OVERHEAD_ARGS = ['--batch-size', '64', '--channels-last', '--warmup', '3', '--steps', '10']
 
 # Recipe flags per method. The paper's dropout baseline drops the same latent features; its probability was lost in
 # the text extraction of the paper, so we use the usual 0.5. The curriculum's start and end are not given either: we
@@ -100,8 +102,6 @@ PROTOCOLS: dict[str, dict] = {
                  '--in-memory', '--channels-last', '--train-eval-samples', '1500', '--log-area-ratio', '200', '-j', '2',
                  '-p', '1000'],
         'curve_val_subset': 1000,
-        # benchmarks/overhead.py results of the archs, one file per set of --model-kwargs
-        'overhead': ['overhead.json', 'overhead_vgg11.json'],
         'paper_dataset': 'Imagenette at 224 px with VGG16 / ResNet50 / ConvNeXt-T (Table 3); other architectures, '
                          'so no figure compares directly',
         'paper': {},
@@ -148,7 +148,6 @@ PROTOCOLS: dict[str, dict] = {
         'args': ['--preset', 'lowdata', '--image-size', '128', '--train-subset-per-class', '150', '--in-memory',
                  '--channels-last', '--train-eval-samples', '500', '--log-area-ratio', '200', '-j', '2', '-p', '1000'],
         'curve_val_subset': 1000,
-        'overhead': ['overhead.json', 'overhead_vgg11.json'],
         'paper_dataset': 'Imagenette at 224 px with VGG16 / ResNet50 / ConvNeXt-T (Table 3); other architectures, '
                          'so no figure compares directly',
         'paper': {},
@@ -191,6 +190,54 @@ def family_rho(arch: str) -> float:
     """The fixed rho the low-data preset trains ``arch`` with (Appendix B), the base of the curriculum's end."""
     recipe = load_recipe()
     return recipe.rho_for_arch(arch, recipe.load_presets()['lowdata']['sgdrop_rho_by_arch'])
+
+
+def overhead_commands(protocol: str) -> dict[str, list[str]]:
+    """The ``benchmarks/overhead.py`` arguments that measure a protocol's step overhead, by the file they write to its
+    results folder: ``overhead.json`` for the architectures without --model-kwargs, ``overhead_<arch>.json`` for
+    each with them, at the protocol's image size."""
+    config = PROTOCOLS[protocol]
+    args = config['args']
+    common = ['--image-size', args[args.index('--image-size') + 1], *OVERHEAD_ARGS,
+              *(['--amp'] if '--amp' in args else [])]
+    model_kwargs = config.get('model_kwargs', {})
+    plain = [arch for arch in config['archs'] if not model_kwargs.get(arch)]
+    commands = {'overhead.json': ['--models', *plain, *common]} if plain else {}
+    for arch in config['archs']:
+        if model_kwargs.get(arch):
+            kwargs = [f'{key}={value}' for key, value in model_kwargs[arch].items()]
+            commands[f"overhead_{arch.removeprefix('sgdrop_')}.json"] = ['--models', arch, '--model-kwargs', *kwargs,
+                                                                          *common]
+    return commands
+
+
+def read_overhead(protocol: str, results_dir: Path) -> dict[str, dict]:
+    """The step overhead of a protocol's architectures, with the command that measured each.
+
+    Raises:
+        SystemExit: A file of ``overhead_commands`` is missing, in one line naming the command that makes it.
+    """
+    overhead = {}
+    for name in overhead_commands(protocol):
+        path = results_dir / name
+        if not path.is_file():
+            raise SystemExit(f'error: {os.path.relpath(path, REPO)} is missing; measure it with python '
+                             f'benchmarks/reproduce.py {protocol} --overhead')
+        report = json.loads(path.read_text())
+        overhead.update({arch: dict(result, command=report['command']) for arch, result in report['results'].items()})
+    return overhead
+
+
+def measure_overhead(protocol: str, results_dir: Path) -> None:
+    """Run ``overhead_commands`` into ``results_dir``, leaving files that are already there."""
+    for name, args in overhead_commands(protocol).items():
+        output = results_dir / name
+        if output.exists():
+            print(f'=> {os.path.relpath(output, REPO)}: exists, skipped', flush=True)
+            continue
+        command = [sys.executable, 'benchmarks/overhead.py', *args, '--output', os.path.relpath(output, REPO)]
+        print(f"=> {' '.join(['python'] + command[1:])}", flush=True)
+        subprocess.run(command, cwd=REPO, check=True)
 
 
 def run_name(arch: str, method: str, seed: int) -> str:
@@ -337,10 +384,11 @@ def write_table(protocol: str, config: dict, results_dir: Path) -> str:
         '| <= 0 | area | params | img/s | step overhead | paper |',
         '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
     ]
-    overhead = {}
-    for name in config.get('overhead', ['overhead.json']):
-        if (results_dir / name).exists():
-            overhead.update(json.loads((results_dir / name).read_text())['results'])
+    try:
+        overhead = read_overhead(protocol, results_dir)
+    except SystemExit as missing:
+        print(f'note: no step overhead in the table: {missing}', file=sys.stderr)
+        overhead = {}
     for arch in dict.fromkeys(r['arch'] for r in runs):
         model_kwargs = config.get('model_kwargs', {}).get(arch, {})
         model = timm.create_model(arch, num_classes=NUM_CLASSES_OF_TABLE, **model_kwargs)
@@ -387,12 +435,17 @@ def main() -> None:
                         help='one JSON per run and table.md (default: benchmarks/results/reproduce_PROTOCOL; '
                              'zoo_cpu for the zoo protocol)')
     parser.add_argument('--table-only', action='store_true', help='only rebuild table.md from the finished runs')
+    parser.add_argument('--overhead', action='store_true',
+                        help="measure the protocol's step overhead (benchmarks/overhead.py) into its results folder, "
+                             'then rebuild table.md')
     args = parser.parse_args()
 
     config = PROTOCOLS[args.protocol]
     results_dir = Path(args.results_dir or RESULTS / config.get('results', f'reproduce_{args.protocol}')).resolve()
     results_dir.mkdir(parents=True, exist_ok=True)
-    if not args.table_only:
+    if args.overhead:
+        measure_overhead(args.protocol, results_dir)
+    elif not args.table_only:
         if args.data is None or not (Path(args.data) / 'train').is_dir() or not (Path(args.data) / 'val').is_dir():
             raise SystemExit(f'error: --data must be an ImageFolder root with train/ and val/, got {args.data!r}')
         # relative to the repository, where the runs start, so that recorded commands hold no local paths

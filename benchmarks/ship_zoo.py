@@ -40,12 +40,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets
 
 from sgdrop_zoo.data import fixed_order
-from sgdrop_zoo.export import read_config, to_hub_config, write_config
+from sgdrop_zoo.export import read_config, to_published_config, write_config
 from sgdrop_zoo.hub import hub_config_record, prepare_hub_folder
 from sgdrop_zoo.model_card import render_model_card
 from sgdrop_zoo.pretrained import CONFIG_NAME, WEIGHTS_NAME, sha256_of_file
 
-from reproduce import PROTOCOLS, RESULTS, run_name  # benchmarks/reproduce.py, beside this script
+from reproduce import PROTOCOLS, RESULTS, read_overhead, run_name  # benchmarks/reproduce.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = 'imagenette'
@@ -126,7 +126,7 @@ def reuse_shipped(name: str, seed: int, shipped: Path, folder: Path) -> dict[str
         raise SystemExit(f"error: {name}: {shipped / WEIGHTS_NAME} does not have its record's sha256; restore it "
                          f'(git checkout) or ship from the run folder')
     shutil.copyfile(shipped / WEIGHTS_NAME, folder / WEIGHTS_NAME)
-    config = to_hub_config(read_config(shipped / CONFIG_NAME))
+    config = to_published_config(read_config(shipped / CONFIG_NAME))
     write_config(config, folder)
     return hub_config_record(config, record['sha256'], f'sgdrop-zoo/{name}', DATASET, name.split('.', 1)[1],
                              record['license'])
@@ -255,23 +255,6 @@ def ship_checkpoint(name: str, run: dict[str, Any], runs: list[dict[str, Any]], 
     return record
 
 
-def read_overhead(results_dir: Path, names: list[str]) -> dict[str, Any]:
-    """The ``benchmarks/overhead.py`` results of a study, by architecture, with the command that measured them.
-
-    Raises:
-        SystemExit: A result file is missing, in one line naming the command that writes it.
-    """
-    overhead = {}
-    for name in names:
-        path = results_dir / name
-        if not path.is_file():
-            raise SystemExit(f'error: {path} is missing; measure it with python benchmarks/overhead.py --output '
-                             f"{os.path.relpath(path, REPO)} and the study's settings (benchmarks/README.md)")
-        report = json.loads(path.read_text())
-        overhead.update({arch: dict(result, command=report['command']) for arch, result in report['results'].items()})
-    return overhead
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--data', type=Path, required=True, help="the study's ImageFolder root (train/ and val/)")
@@ -301,7 +284,7 @@ def main() -> None:
     if missing:
         sys.exit(f'error: no run results of {", ".join(missing)} in {results_dir}; run python benchmarks/reproduce.py '
                  f'{args.protocol} --data {args.data} first')
-    overhead = read_overhead(results_dir, protocol['overhead'])
+    overhead = read_overhead(args.protocol, results_dir)
     for arch in archs:
         method = protocol.get('ship_method', {}).get(arch, 'sgdrop')
         chosen, twin = choose_pair(runs, arch, method)

@@ -70,7 +70,7 @@ def publish_command(args: argparse.Namespace) -> int:
         license=args.license)
     print(f'{"wrote" if args.dry_run else "published"} {result.location}', file=sys.stderr)
     # the hub_configs/ record, to save as hub_configs/<architecture>.<tag>.json once the upload is checked
-    print(json.dumps(result.hub_config, indent=2))
+    print(json.dumps(result.record, indent=2))
     return 0
 
 

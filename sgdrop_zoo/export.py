@@ -6,8 +6,8 @@ drift. ``config.json`` is timm's (``save_for_hf``): its preprocessing fields are
 so ``timm.data.resolve_model_data_config(model)`` + ``create_transform(**cfg)`` evaluate the model as training did;
 the SGDrop settings are kept in ``"sgdrop"``, by their constructor names (``model.sgdrop_config``) with the
 regularizer and the curriculum's ``sgdrop_rho_end``, and the training run in ``"training"``, both ignored by timm.
-``to_hub_config`` turns an export into a published repo's config, ``write_config`` writes it and ``read_config`` and
-``sgdrop_settings`` read either back.
+``to_published_config`` turns an export into a published repo's config, ``write_config`` writes it and
+``read_config`` and ``sgdrop_settings`` read either back.
 """
 import json
 import os
@@ -28,7 +28,7 @@ from .sgdrop import add_sgdrop
 
 __all__ = [
     'PARTIAL_WRITE_SUFFIX', 'SGDROP_MODEL_ARGS', 'base_architecture', 'read_config', 'save_export',
-    'save_recipe_export', 'sgdrop_settings', 'to_hub_config', 'write_config',
+    'save_recipe_export', 'sgdrop_settings', 'to_published_config', 'write_config',
 ]
 
 # constructor arguments of an SGDrop model that plain timm's base architecture does not accept
@@ -145,7 +145,7 @@ def base_architecture(name: str) -> str:
     return base if base != name and timm.is_model(base) else name
 
 
-def to_hub_config(config: dict[str, Any], label_descriptions: Optional[dict[str, str]] = None) -> dict[str, Any]:
+def to_published_config(config: dict[str, Any], label_descriptions: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """Turn an export's config into a published repo's: base timm architecture, SGDrop settings in ``sgdrop``.
 
     Args:

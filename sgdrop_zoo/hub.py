@@ -26,7 +26,7 @@ from .export import (
     read_config,
     save_recipe_export,
     sgdrop_settings,
-    to_hub_config,
+    to_published_config,
     write_config,
 )
 from .loading import check_output_outside_hub_configs, check_writable_folder, load_recipe_checkpoint
@@ -52,10 +52,10 @@ class PublishResult:
     repo_id: str
     location: str
     commit: Optional[str]
-    hub_config: dict[str, Any]
+    record: dict[str, Any]
 
 
-def _read_checkpoint(path: Path, folder: Path) -> dict[str, Any]:
+def _export_checkpoint(path: Path, folder: Path) -> dict[str, Any]:
     """Write the recipe's export (``model.safetensors`` + ``config.json``) of a ``*.pth.tar`` checkpoint to ``folder``.
 
     Returns:
@@ -71,7 +71,7 @@ def _read_checkpoint(path: Path, folder: Path) -> dict[str, Any]:
     return read_config(folder / CONFIG_NAME)
 
 
-def _read_export(source: Path, folder: Path) -> dict[str, Any]:
+def _copy_export(source: Path, folder: Path) -> dict[str, Any]:
     """Copy the recipe's export folder (``model.safetensors`` + ``config.json``) into ``folder``."""
     missing = [name for name in (WEIGHTS_NAME, CONFIG_NAME) if not (source / name).is_file()]
     if missing:
@@ -173,13 +173,13 @@ def prepare_hub_folder(
     """
     source, folder = Path(source), Path(folder)
     if source.is_dir():
-        config = _read_export(source, folder)
+        config = _copy_export(source, folder)
     elif source.is_file():
-        config = _read_checkpoint(source, folder)
+        config = _export_checkpoint(source, folder)
     else:
         raise HubError(f'{source}: no such checkpoint file or folder.')
     try:
-        config = to_hub_config(config, label_descriptions)
+        config = to_published_config(config, label_descriptions)
     except ValueError as e:
         raise HubError(str(e)) from e
     _check_weights(folder, config)

@@ -261,7 +261,7 @@ def test_dry_run_writes_the_repo_folder_and_loads_locally(export_dir, tmp_path):
     # what a repo holds is for everyone to read
     assert [oct(p.stat().st_mode & 0o777) for p in (target, *sorted(target.iterdir()))] == ['0o755'] + ['0o644'] * 3
     assert (target / 'model.safetensors').read_bytes() == (export_dir / 'model.safetensors').read_bytes()
-    record = result.hub_config
+    record = result.record
     assert record['architecture'] == 'sgdrop_convnext_tiny' and record['base_architecture'] == 'convnext_tiny'
     assert record['tag'] == 'pets' and record['dataset'] == 'tiny-pets' and record['label_names'] == LABELS
     assert record['metrics']['top1'] == 66.667 and '--evaluate' in record['metrics']['eval_command']
@@ -274,7 +274,7 @@ def test_dry_run_writes_the_repo_folder_and_loads_locally(export_dir, tmp_path):
 
 
 def test_model_card_renders_checkpoint_facts(export_dir, tmp_path):
-    record = publish_checkpoint(export_dir, f'{ORG}/convnext-tiny.pets', dry_run_dir=tmp_path / 'dry').hub_config
+    record = publish_checkpoint(export_dir, f'{ORG}/convnext-tiny.pets', dry_run_dir=tmp_path / 'dry').record
     card = render_model_card([record], checkpoint=record)
     assert card.data.library_name == 'timm' and card.data.license == 'apache-2.0'
     assert card.data.datasets == ['tiny-pets'] and 'sgdrop' in card.data.tags

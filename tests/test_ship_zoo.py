@@ -1,5 +1,6 @@
 """The pure parts of benchmarks/ship_zoo.py: which runs a family ships, under which tags, with which study figures."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
 sys.path.insert(0, str(BENCHMARKS))
+import reproduce  # noqa: E402, benchmarks/reproduce.py
 import ship_zoo  # noqa: E402, benchmarks/ship_zoo.py
 
 
@@ -54,12 +56,28 @@ def test_study_metrics_by_hand():
     assert 'final_dropped_attribution_share' not in metrics
 
 
+def test_each_protocol_measures_its_overhead_at_its_image_size_one_file_per_model_kwargs():
+    assert reproduce.overhead_commands('zoo128') == {
+        'overhead.json': ['--models', 'sgdrop_resnet10t', 'sgdrop_convnext_atto', '--image-size', '128',
+                          '--batch-size', '64', '--channels-last', '--warmup', '3', '--steps', '10'],
+        'overhead_vgg11.json': ['--models', 'sgdrop_vgg11', '--model-kwargs', 'mlp_ratio=0.03125', '--image-size',
+                                '128', '--batch-size', '64', '--channels-last', '--warmup', '3', '--steps', '10'],
+    }
+    # the files the 64 px zoo's table and records were made from
+    for name in reproduce.overhead_commands('zoo'):
+        assert (reproduce.RESULTS / 'zoo_cpu' / name).is_file()
+
+
 def test_a_missing_overhead_result_names_the_command_that_makes_it(tmp_path: Path):
     (tmp_path / 'overhead.json').write_text(json.dumps({'command': 'python benchmarks/overhead.py', 'results': {
         'sgdrop_resnet10t': {'sgdrop_ema_overhead': 0.3}}}))
-    assert ship_zoo.read_overhead(tmp_path, ['overhead.json']) == {
-        'sgdrop_resnet10t': {'sgdrop_ema_overhead': 0.3, 'command': 'python benchmarks/overhead.py'}}
     with pytest.raises(SystemExit) as missing:
-        ship_zoo.read_overhead(tmp_path, ['overhead.json', 'overhead_vgg11.json'])
-    assert str(missing.value).startswith(f'error: {tmp_path / "overhead_vgg11.json"} is missing; measure it with '
-                                         f'python benchmarks/overhead.py --output ')
+        reproduce.read_overhead('zoo128', tmp_path)
+    assert str(missing.value) == (f'error: {os.path.relpath(tmp_path / "overhead_vgg11.json", reproduce.REPO)} is '
+                                  'missing; measure it with python benchmarks/reproduce.py zoo128 --overhead')
+    vgg_report = {'command': 'python benchmarks/overhead.py --models v', 'results': {
+        'sgdrop_vgg11': {'sgdrop_ema_overhead': 0.6}}}
+    (tmp_path / 'overhead_vgg11.json').write_text(json.dumps(vgg_report))
+    assert reproduce.read_overhead('zoo128', tmp_path) == {
+        'sgdrop_resnet10t': {'sgdrop_ema_overhead': 0.3, 'command': 'python benchmarks/overhead.py'},
+        'sgdrop_vgg11': {'sgdrop_ema_overhead': 0.6, 'command': 'python benchmarks/overhead.py --models v'}}

@@ -187,7 +187,7 @@ def test_shipped_folder_publishes_unchanged(record, tmp_path):
     result = publish_checkpoint(folder, f'sgdrop-zoo/{record["architecture"]}.{record["tag"]}',
                                 dry_run_dir=tmp_path / 'dry', dataset=record['dataset'], tag=record['tag'])
     assert (tmp_path / 'dry' / WEIGHTS_NAME).read_bytes() == (folder / WEIGHTS_NAME).read_bytes()
-    assert result.hub_config['sha256'] == record['sha256']
-    assert result.hub_config['architecture'] == record['architecture']
+    assert result.record['sha256'] == record['sha256']
+    assert result.record['architecture'] == record['architecture']
     published = json.loads((tmp_path / 'dry' / 'config.json').read_text())
     assert published == json.loads((folder / 'config.json').read_text())
