@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install sgdrop-zoo into it, editable, with the test extra.
-# Needs only a Python >= 3.10 on PATH (override with PYTHON=/path/to/python3).
+# Needs only a Python >= 3.11 on PATH (override with PYTHON=/path/to/python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
