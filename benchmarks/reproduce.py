@@ -26,7 +26,7 @@ import timm
 import torch
 
 import sgdrop_zoo  # noqa: F401, registers the sgdrop_* architectures the table counts the parameters of
-from sgdrop_zoo.plots import read_log
+from sgdrop_zoo.run_files import read_log
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / 'benchmarks' / 'results'

@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sgdrop_zoo.finetune import finetune  # noqa: E402
-from sgdrop_zoo.plots import plot_runs, read_log  # noqa: E402
+from sgdrop_zoo.plots import plot_runs  # noqa: E402
+from sgdrop_zoo.run_files import read_log  # noqa: E402
 from sgdrop_zoo.saliency import format_table, saliency_report  # noqa: E402
 
 # Paper, VGG16: transfer RESISC45 -> RSICD (section 4.4); area ratio and coverage on ImageNet (section 4.2).

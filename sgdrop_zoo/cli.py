@@ -24,6 +24,7 @@ from .loading import check_writable_file
 from .plots import plot_runs
 from .model_card import render_model_card
 from .pretrained import HubError, load_hub_configs
+from .run_files import RunFileError
 from .saliency import format_table, saliency_report
 from .sgdrop import DEFAULT_RHO, num_dropped_features
 
@@ -203,7 +204,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return args.func(args)
     # bad input, which the package reports in one line; anything else is a bug, whose traceback is needed
-    except (ValueError, HubError) as error:
+    except (ValueError, HubError, RunFileError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
 

@@ -35,6 +35,7 @@ from .loading import (
     split_encoder_head,
 )
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME
+from .run_files import LOG_NAME, append_log
 from .sgdrop import add_sgdrop, check_sgdrop_settings, is_sgdrop_model
 
 __all__ = ['MODES', 'TRAIN_TRANSFORMS', 'evaluate', 'finetune']
@@ -44,7 +45,7 @@ TRAIN_TRANSFORMS = ('resize', 'crop-flip')
 # Adam, as in the paper's low-data runs; a new linear head on frozen features learns faster at a larger rate
 DEFAULT_LR = {'linear-probe': 1e-3, 'full': 1e-4}
 # what a fine-tuning writes into its output folder (an evaluation writes metrics.json only)
-OUTPUT_FILES = (WEIGHTS_NAME, CONFIG_NAME, 'metrics.json', 'log.jsonl')
+OUTPUT_FILES = (WEIGHTS_NAME, CONFIG_NAME, 'metrics.json', LOG_NAME)
 
 
 @torch.no_grad()
@@ -171,7 +172,7 @@ def finetune(
     lr = lr if lr is not None else DEFAULT_LR[mode]
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
 
-    log_path = output / 'log.jsonl'
+    log_path = output / LOG_NAME
     log_path.unlink(missing_ok=True)  # an earlier run's, which the caller asked to replace (overwrite)
     best: dict[str, Any] = {}
     for epoch in range(epochs):
@@ -194,8 +195,7 @@ def finetune(
         record = dict(epoch=epoch + 1, train_loss=loss_sum / count, train_acc1=100.0 * correct / count,
                       val_loss=val_metrics['loss'], val_acc1=val_metrics['acc1'], val_count=val_metrics['count'],
                       lr=lr, sgdrop_rho=sgdrop_rho, epoch_time_s=time.time() - start)
-        with log_path.open('a') as f:
-            f.write(json.dumps(record) + '\n')
+        append_log(log_path, record)
         if progress:
             print(f'epoch {epoch + 1}/{epochs}: train loss {record["train_loss"]:.4f}, val acc@1 '
                   f'{record["val_acc1"]:.2f}%', flush=True)

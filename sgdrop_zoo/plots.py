@@ -5,28 +5,30 @@
 Validation top-1 per epoch, and the attribution area ratio per epoch when the logs hold ``val_area_ratio``. Files
 only (matplotlib's ``Figure`` with its Agg canvas, no display), with the Okabe-Ito colorblind-safe palette.
 """
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional, Union
 
 from matplotlib.figure import Figure
 
-__all__ = ['OKABE_ITO', 'plot_runs', 'read_log']
+from .run_files import read_log
+
+__all__ = ['OKABE_ITO', 'plot_runs', 'read_curves']
 
 OKABE_ITO = ('#0072B2', '#D55E00', '#009E73', '#CC79A7', '#E69F00', '#56B4E9', '#F0E442', '#000000')
 PANELS = (('val_acc1', 'validation top-1 (%)'), ('val_area_ratio', 'attribution area ratio'))
 
 
-def read_log(path: Union[str, Path]) -> list[dict]:
-    """The records of a ``log.jsonl`` (one JSON object per epoch)."""
+def read_curves(path: Union[str, Path]) -> list[dict]:
+    """The epoch records of a ``log.jsonl`` (``run_files.read_log``), each with the ``val_acc1`` a curve needs.
+
+    Raises:
+        RunFileError: There is no such log, or a record is not an epoch's.
+        ValueError: The log is empty or a record holds no ``val_acc1``.
+    """
     path = Path(path)
-    if path.is_dir():
-        path = path / 'log.jsonl'
-    if not path.is_file():
-        raise ValueError(f'{path}: no such log; pass the log.jsonl of a run (or its output folder).')
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if not records or any('epoch' not in r or 'val_acc1' not in r for r in records):
+    records = read_log(path)
+    if not records or any('val_acc1' not in r for r in records):
         raise ValueError(f'{path}: not a training log (each line needs epoch and val_acc1).')
     return records
 
@@ -47,7 +49,7 @@ def plot_runs(logs: Sequence[Union[str, Path]], path: Union[str, Path], labels: 
         raise ValueError(f'{len(labels)} labels for {len(logs)} logs: give one label per log.')
     if len(logs) > len(OKABE_ITO):
         raise ValueError(f'at most {len(OKABE_ITO)} runs per figure, got {len(logs)}.')
-    runs = [read_log(log) for log in logs]
+    runs = [read_curves(log) for log in logs]
     labels = labels or [Path(log).parent.name if Path(log).is_file() else Path(log).name for log in logs]
     panels = [(key, title) for key, title in PANELS if any(key in r for run in runs for r in run)]
     figure = Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi, layout='constrained')

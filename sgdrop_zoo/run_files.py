@@ -1,10 +1,11 @@
 """The files of a training run in its ``--output`` folder, written so that a kill at any moment loses nothing.
 
 Checkpoints are written to a temporary file of the same folder and renamed over the old one (``atomic_write``);
-``log.jsonl`` gets one line per epoch, appended before the epoch's checkpoint, and a resumed run drops the lines of
-the epochs it trains again (``keep_log_until``); a ``model_best.pth.tar`` left missing or stale by a kill is rebuilt
-from the resumed checkpoint (``restore_model_best``); what a killed write left behind is removed when the run starts
-again (``remove_partial_writes``), and only that. A write the system refuses stops the run with one line. A checkpoint
+``log.jsonl`` gets one line per epoch, appended before the epoch's checkpoint (``append_log``, its one writer;
+``read_log`` is its one reader), and a resumed run drops the lines of the epochs it trains again
+(``keep_log_until``); a ``model_best.pth.tar`` left missing or stale by a kill is rebuilt from the resumed checkpoint
+(``restore_model_best``); what a killed write left behind is removed when the run starts again
+(``remove_partial_writes``), and only that. A write the system refuses stops the run with one line. A checkpoint
 holds the random state too (``get_rng_state``), so that a resumed run continues the interrupted one exactly.
 """
 import json
@@ -24,7 +25,7 @@ from .pretrained import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = [
     'BEST_NAME', 'CHECKPOINT_NAME', 'LOG_NAME', 'RUN_FILES', 'RunFileError', 'append_log', 'atomic_write',
-    'copy_file', 'get_rng_state', 'keep_log_until', 'prepare_output', 'read_log_lines', 'remove_partial_writes',
+    'copy_file', 'get_rng_state', 'keep_log_until', 'prepare_output', 'read_log', 'remove_partial_writes',
     'restore_model_best', 'set_rng_state',
 ]
 
@@ -147,7 +148,7 @@ def append_log(log_path: Path, record: dict[str, Any]) -> None:
     Raises:
         RunFileError: The system refused the write.
     """
-    # a line cut short by a failed write is dropped when the run is resumed (read_log_lines)
+    # a line cut short by a failed write is dropped when the run is resumed (read_log)
     try:
         with log_path.open('a') as f:
             f.write(json.dumps(record) + '\n')
@@ -157,35 +158,40 @@ def append_log(log_path: Path, record: dict[str, Any]) -> None:
         raise write_error(log_path, e) from e
 
 
-def read_log_lines(log_path: Path) -> list[str]:
-    """The complete lines of a `log.jsonl`; an incomplete last line (a run killed while appending it, before that
-    epoch's checkpoint) is left out, since that epoch is trained again.
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The epoch records of a `log.jsonl` (or of the one in the folder `path`); an incomplete last line (a run killed
+    while appending it, before that epoch's checkpoint) is left out, since that epoch is trained again.
 
     Raises:
-        RunFileError: A line before the last one is not JSON.
+        RunFileError: There is no such log, or a line before the last one is not an epoch record.
     """
+    log_path = path / LOG_NAME if path.is_dir() else path
+    if not log_path.is_file():
+        raise RunFileError(f'{log_path}: no such log; pass the {LOG_NAME} of a run (or its output folder)')
     lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+    records = []
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             if number == len(lines):
-                return lines[:-1]
+                break
             record = None
         epoch = record.get('epoch') if isinstance(record, dict) else None
         if isinstance(epoch, bool) or not isinstance(epoch, int):
             # not JSON, or no whole-number "epoch"
             raise RunFileError(f'{log_path}: line {number} is not an epoch record; delete or repair that line, then '
                                f'resume again')
-    return lines
+        records.append(record)
+    return records
 
 
 def keep_log_until(log_path: Path, last_epoch: int) -> None:
     """Drop the log lines of epochs after `last_epoch`, which the run is about to train (again)."""
     if not log_path.exists():
         return
-    lines = read_log_lines(log_path)
-    kept = [line for line in lines if json.loads(line)['epoch'] <= last_epoch]
+    # append_log's json.dumps of a record read back gives its line again, floats included
+    kept = [json.dumps(record) for record in read_log(log_path) if record['epoch'] <= last_epoch]
     if kept != log_path.read_text().splitlines():
         atomic_write(log_path, lambda f: f.write(''.join(line + '\n' for line in kept).encode()))
 

@@ -13,7 +13,7 @@ the area of maps that are positive everywhere.
     saliency_report(['runs/vanilla', 'runs/sgdrop'], 'data/imagenette', 'runs/saliency')   # `sgdrop-zoo saliency`
 """
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -38,7 +38,9 @@ from .loading import (
     split_encoder_head,
 )
 
-__all__ = ['attribution_area_ratio', 'grad_cam_maps', 'neuron_coverage', 'saliency_grid', 'saliency_report']
+__all__ = [
+    'attribution_area_ratio', 'grad_cam_maps', 'mean_area_ratio', 'neuron_coverage', 'saliency_grid', 'saliency_report',
+]
 
 AREA_THRESHOLD = 0.5
 GRID_CELL_PX = 160  # side of one picture of the grid, in pixels
@@ -114,6 +116,25 @@ def grad_cam_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor)
         cam.activations_and_grads.release()
     raw = torch.from_numpy(np.maximum(raw, 0)).float().unsqueeze(1)
     return F.interpolate(raw, size=images.shape[-2:], mode='bilinear', align_corners=False).squeeze(1)
+
+
+def mean_area_ratio(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
+    """Mean attribution area ratio of the eval-mode `model` over `batches` of (images, targets), and the image count.
+
+    Computed in float32, outside autocast: bf16 or fp16 activations and gradients would shift which pixels clear the
+    threshold. The model's train/eval mode is restored afterwards, and Grad-CAM's gradients on its weights removed.
+    """
+    was_training = model.training
+    ratios = []
+    try:
+        with torch.autocast(next(model.parameters()).device.type, enabled=False):
+            for images, targets in batches:
+                # class indices on the CPU: Grad-CAM reads them one by one, which would sync a GPU each time
+                ratios.append(attribution_area_ratio(grad_cam_maps(model, images, targets.cpu())))
+    finally:
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+    return torch.cat(ratios).mean().item(), sum(len(r) for r in ratios)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ import sgdrop_zoo  # noqa: F401  (registers sgdrop_vgg_tiny)
 from sgdrop_zoo.cli import main as cli_main
 from sgdrop_zoo.data import DatasetError
 from sgdrop_zoo.plots import plot_runs
+from sgdrop_zoo.run_files import RunFileError
 from sgdrop_zoo.saliency import (
     GRID_CELL_PX,
     attribution_area_ratio,
@@ -178,9 +179,13 @@ def test_plot_runs_draws_accuracy_and_area(tmp_path: Path):
     with Image.open(path) as image:
         assert image.size == (800, 300)
     assert path.stat().st_size > 1000
-    with pytest.raises(ValueError, match='not a training log'):
-        (tmp_path / 'bad.jsonl').write_text('{"loss": 1}\n')
+    (tmp_path / 'bad.jsonl').write_text('{"loss": 1}\n{"epoch": 2}\n')
+    with pytest.raises(RunFileError, match='bad.jsonl: line 1 is not an epoch record'):
         plot_runs([tmp_path / 'bad.jsonl'], tmp_path / 'bad.png')
+    (tmp_path / 'no_top1.jsonl').write_text('{"epoch": 1}\n')
+    with pytest.raises(ValueError, match='not a training log'):
+        plot_runs([tmp_path / 'no_top1.jsonl'], tmp_path / 'bad.png')
+    assert not (tmp_path / 'bad.png').exists()
 
 
 def test_saliency_rejects_an_unknown_split_and_its_source_folder(small_data: Path, tmp_path: Path):

@@ -50,7 +50,7 @@ from sgdrop_zoo.recipe_checks import (RecipeError, check_arch, check_counts, che
                                       check_val_subset, load_checkpoint)
 from sgdrop_zoo.recipe_data import RecipeLoaders
 from sgdrop_zoo.run_files import (BEST_NAME, CHECKPOINT_NAME, LOG_NAME, RunFileError, append_log, atomic_write,
-                                  copy_file, get_rng_state, keep_log_until, prepare_output, read_log_lines,
+                                  copy_file, get_rng_state, keep_log_until, prepare_output, read_log,
                                   restore_model_best, set_rng_state)
 from sgdrop_zoo.run_settings import RunSettings
 from sgdrop_zoo.sgdrop import DEFAULT_EMA_DECAY, DEFAULT_RHO
@@ -305,7 +305,7 @@ def check_inputs(args: argparse.Namespace) -> Optional[dict[str, Any]]:
         return None
     log_path = Path(args.output) / LOG_NAME
     if log_path.exists() and not args.evaluate:
-        read_log_lines(log_path)
+        read_log(log_path)
     checkpoint = load_checkpoint(args.resume)
     check_resumed(checkpoint, args.resume, args.arch, args.model_kwargs, args.class_names, args.data)
     if not args.evaluate:
@@ -677,31 +677,15 @@ def validate(val_loader: Any, model: nn.Module, criterion: nn.Module, amp_autoca
 
 
 def validate_area_ratio(loader: Any, model: nn.Module, device: torch.device, args: argparse.Namespace) -> float:
-    """Mean attribution area ratio (paper section 4.2, Figure 3) of the eval-mode `model` on all images of `loader`.
-
-    The Grad-CAM map of the true class at the latent map z, upsampled to the image, is divided by its maximum; the
-    ratio is the share of its pixels above 0.5. Computed in float32, outside autocast, on the unwrapped model (a
-    backward through a DDP wrapper would wait for the other processes); the train/eval mode is restored afterwards.
-    """
+    """Mean attribution area ratio of the unwrapped `model` on all images of `loader` (a backward through a DDP
+    wrapper would wait for the other processes)."""
     # imported here: Grad-CAM brings matplotlib, OpenCV and scikit-learn, seconds of start-up that runs without
     # --log-area-ratio should not pay
-    from sgdrop_zoo.saliency import attribution_area_ratio, grad_cam_maps
+    from sgdrop_zoo.saliency import mean_area_ratio
 
-    was_training = model.training
-    ratios = []
-    try:
-        # bf16 or fp16 activations and gradients would shift which pixels clear the 0.5 threshold
-        with torch.autocast(device.type, enabled=False):
-            for images, target in loader:
-                images = to_device(images, device, args.channels_last)
-                # class indices on the CPU: Grad-CAM reads them one by one, which would sync a GPU each time
-                ratios.append(attribution_area_ratio(grad_cam_maps(model, images, target.cpu())))
-    finally:
-        model.train(was_training)
-        # Grad-CAM's backward leaves gradients on the weights; the next step would set them to None anyway
-        model.zero_grad(set_to_none=True)
-    area_ratio = torch.cat(ratios).mean().item()
-    print(f' * Area ratio {area_ratio:.4f} ({sum(len(r) for r in ratios)} images)', flush=True)
+    area_ratio, count = mean_area_ratio(model, ((to_device(images, device, args.channels_last), target)
+                                                for images, target in loader))
+    print(f' * Area ratio {area_ratio:.4f} ({count} images)', flush=True)
     return area_ratio
 
 
