@@ -284,7 +284,33 @@ def test_model_card_renders_checkpoint_facts(export_dir, tmp_path):
                  '@article{bertoin2024overfocusing', 'ResNet50', 'CNNs only'):
         assert fact in text, fact
     zoo = render_model_card([record]).text
-    assert '| `sgdrop_convnext_tiny.pets` | `convnext_tiny` | tiny-pets | 32x32 | 66.67 |' in zoo
+    assert '| `sgdrop_convnext_tiny.pets` | SGDrop | `convnext_tiny` | tiny-pets | 32x32 | 66.67 |' in zoo
+
+
+def test_model_card_says_which_checkpoint_of_a_pair_is_the_vanilla_twin(export_dir, tmp_path):
+    record = publish_checkpoint(export_dir, f'{ORG}/convnext-tiny.pets', dry_run_dir=tmp_path / 'dry').record
+    metrics = dict(record['metrics'], seed=1, seeds_top1={'0': 60.0, '1': 61.0}, vanilla_top1={'0': 58.0, '1': 59.0},
+                   seeds_top1_mean=60.5, seeds_top1_std=0.71, vanilla_top1_mean=58.5, vanilla_top1_std=0.71)
+    sgdrop = dict(record, twin='sgdrop_convnext_tiny.pets_vanilla', metrics=dict(metrics, method='sgdrop'))
+    vanilla = dict(record, tag='pets_vanilla', twin='sgdrop_convnext_tiny.pets',
+                   metrics=dict(metrics, method='vanilla', seeds_top1={'0': 58.0, '1': 59.0}))
+    sgdrop_card = render_model_card([sgdrop], checkpoint=sgdrop).text
+    assert 'Its vanilla twin, trained by the same recipe with the same\nseed without SGDrop, is ' \
+           '`sgdrop_convnext_tiny.pets_vanilla`.' in sgdrop_card
+    assert '- SGDrop, every seed of the study: seed 0: 60.0, seed 1: 61.0 (this checkpoint: seed 1, the median).' \
+           in sgdrop_card
+    assert '- The same training without SGDrop (vanilla): seed 0: 58.0, seed 1: 59.0.' in sgdrop_card
+    vanilla_card = render_model_card([vanilla], checkpoint=vanilla).text
+    assert '**without** SGDrop: the vanilla twin of\n`sgdrop_convnext_tiny.pets`' in vanilla_card
+    assert 'with Saliency-Guided Dropout (SGDrop,' not in vanilla_card
+    assert '- Vanilla, every seed of the study: seed 0: 58.0, seed 1: 59.0 (this checkpoint: seed 1, the seed of its ' \
+           'SGDrop twin).' in vanilla_card
+    assert 'The same training without SGDrop' not in vanilla_card
+    zoo = render_model_card([sgdrop, vanilla]).text.splitlines()
+    rows = [line for line in zoo if line.startswith('| `sgdrop_convnext_tiny.pets')]
+    assert [row.split(' | ')[:2] for row in rows] == [
+        ['| `sgdrop_convnext_tiny.pets`', 'SGDrop'],
+        ['| `sgdrop_convnext_tiny.pets_vanilla`', 'vanilla twin of `sgdrop_convnext_tiny.pets`']]
 
 
 def test_model_card_md_is_generated_from_hub_configs():
