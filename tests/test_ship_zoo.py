@@ -1,4 +1,4 @@
-"""The pure parts of benchmarks/ship_zoo.py: which runs a family ships, under which tags, with which study figures."""
+"""The pure parts of benchmarks/ship_zoo.py and transfer_zoo.py: which runs a family ships, under which tags, with which study figures."""
 import json
 import os
 import sys
@@ -10,6 +10,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
 sys.path.insert(0, str(BENCHMARKS))
 import reproduce  # noqa: E402, benchmarks/reproduce.py
 import ship_zoo  # noqa: E402, benchmarks/ship_zoo.py
+import transfer_zoo  # noqa: E402, benchmarks/transfer_zoo.py
 
 
 def run(method: str, seed: int, top1: float, arch: str = 'sgdrop_resnet10t', **extra) -> dict:
@@ -81,3 +82,19 @@ def test_a_missing_overhead_result_names_the_command_that_makes_it(tmp_path: Pat
     assert reproduce.read_overhead('zoo128', tmp_path) == {
         'sgdrop_resnet10t': {'sgdrop_ema_overhead': 0.3, 'command': 'python benchmarks/overhead.py'},
         'sgdrop_vgg11': {'sgdrop_ema_overhead': 0.6, 'command': 'python benchmarks/overhead.py --models v'}}
+
+
+def test_the_transfer_probes_take_each_shipped_sgdrop_checkpoint_of_the_tag_with_its_twin():
+    def record(arch: str, tag: str, method: str, twin: str = None) -> dict:
+        return dict(architecture=arch, tag=tag, metrics=dict(method=method), **({'twin': twin} if twin else {}))
+
+    records = [record('sgdrop_vgg11', 'imagenette_128', 'sgdrop', 'sgdrop_vgg11.imagenette_128_vanilla'),
+               record('sgdrop_vgg11', 'imagenette_128_vanilla', 'vanilla', 'sgdrop_vgg11.imagenette_128'),
+               record('sgdrop_resnet10t', 'imagenette_128', 'sgdrop', 'sgdrop_resnet10t.imagenette_128_vanilla'),
+               record('sgdrop_convnext_atto', 'imagenette_128', 'sgdrop', 'sgdrop_convnext_atto.imagenette_128_x'),
+               record('sgdrop_resnet10t', 'imagenette_64', 'sgdrop')]
+    # resnet10t's twin is not shipped, convnext_atto names a missing one, the 64 px tag has none
+    assert transfer_zoo.shipped_pairs(records, 'imagenette_128') == [
+        ('sgdrop_vgg11.imagenette_128', 'sgdrop_vgg11.imagenette_128_vanilla')]
+    with pytest.raises(SystemExit, match="no SGDrop checkpoint of tag 'imagenette_64' with a shipped vanilla twin"):
+        transfer_zoo.shipped_pairs(records, 'imagenette_64')
