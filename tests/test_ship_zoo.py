@@ -1,4 +1,4 @@
-"""The pure parts of benchmarks/ship_zoo.py and transfer_zoo.py: which runs a family ships, under which tags, with which study figures."""
+"""The pure parts of benchmarks/ship_zoo.py and transfer_zoo.py: which runs ship, under which tags, what probes."""
 import json
 import os
 import sys
