@@ -308,13 +308,33 @@ def evaluate_full(command: list[str], checkpoint: Path, metrics_path: Path) -> d
     return json.loads((REPO / metrics_path).read_text())
 
 
+def check_rerun(name: str, result: dict, committed: dict) -> None:
+    """Stop unless a re-trained run gave its committed result's per-epoch curve and final top-1, to the bit.
+
+    Raises:
+        SystemExit: A figure differs, naming the first that does.
+    """
+    for key in ('final_val_acc1', 'final_train_acc1', 'final_masked_train_acc1'):
+        if result[key] != committed[key]:
+            raise SystemExit(f'error: {name}: the re-trained run gives {key} {result[key]}, the committed result '
+                             f"{committed[key]}; its weights are not the study's (another machine or library?)")
+    for ours, theirs in zip(result['curve'], committed['curve'], strict=True):
+        if ours['val_acc1'] != theirs['val_acc1']:
+            raise SystemExit(f"error: {name}: the re-trained run's epoch {ours['epoch']} gives val top-1 "
+                             f"{ours['val_acc1']}, the committed result {theirs['val_acc1']}")
+
+
 def train_one(protocol: str, config: dict, data: str, arch: str, method: str, seed: int, runs_dir: Path,
-              results_dir: Path) -> Optional[dict]:
+              results_dir: Path, rerun: bool = False) -> Optional[dict]:
+    """Train one run and write its result JSON; with ``rerun``, train a run whose result is committed again (its run
+    folder is gone with the session that made it) and check that it is the same run (``check_rerun``)."""
     name = run_name(arch, method, seed)
     result_path = results_dir / f'{name}.json'
-    if result_path.exists():
+    if result_path.exists() and not rerun:
         print(f'=> {name}: done, skipped', flush=True)
         return None
+    if rerun and not result_path.exists():
+        raise SystemExit(f'error: --rerun: {os.path.relpath(result_path, REPO)} is missing; train it without --rerun')
     output = runs_dir / name
     model_kwargs = [f'{key}={value}' for key, value in config.get('model_kwargs', {}).get(arch, {}).items()]
     base = [sys.executable, 'train/main.py', data, '-a', arch, *(['--model-kwargs', *model_kwargs] if model_kwargs
@@ -349,6 +369,10 @@ def train_one(protocol: str, config: dict, data: str, arch: str, method: str, se
         'versions': {'torch': torch.__version__, 'python': platform.python_version()},
         'curve': curve,
     }
+    if rerun:
+        check_rerun(name, result, json.loads(result_path.read_text()))
+        print(f'=> {name}: re-trained, the same run as {os.path.relpath(result_path, REPO)}', flush=True)
+        return result
     result_path.write_text(json.dumps(result, indent=1) + '\n')
     return result
 
@@ -435,6 +459,9 @@ def main() -> None:
                         help='one JSON per run and table.md (default: benchmarks/results/reproduce_PROTOCOL; '
                              'zoo_cpu for the zoo protocol)')
     parser.add_argument('--table-only', action='store_true', help='only rebuild table.md from the finished runs')
+    parser.add_argument('--rerun', action='store_true',
+                        help='train runs whose result is committed again, for their checkpoints (ship_zoo.py), and '
+                             'check that they are the committed runs')
     parser.add_argument('--overhead', action='store_true',
                         help="measure the protocol's step overhead (benchmarks/overhead.py) into its results folder, "
                              'then rebuild table.md')
@@ -458,7 +485,7 @@ def main() -> None:
                 for method in args.methods or protocol_methods(config, arch):
                     if method not in protocol_methods(config, arch):
                         continue
-                    train_one(args.protocol, config, data, arch, method, seed, runs_dir, results_dir)
+                    train_one(args.protocol, config, data, arch, method, seed, runs_dir, results_dir, args.rerun)
                     write_table(args.protocol, config, results_dir)
     print(write_table(args.protocol, config, results_dir))
 

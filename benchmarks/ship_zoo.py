@@ -222,6 +222,10 @@ def ship_checkpoint(name: str, run: dict[str, Any], runs: list[dict[str, Any]], 
         else:
             # the last epoch's weights, which the study's top-1 measures (the run's own export holds its best epoch's)
             source = runs_dir / run_name(arch, run['method'], run['seed']) / 'checkpoint.pth.tar'
+            if not source.is_file():
+                raise SystemExit(f"error: {name}: {source} is missing (run folders do not outlive their session); "
+                                 f"train it again with python benchmarks/reproduce.py {run['protocol']} --data "
+                                 f"{data} --archs {arch} --methods {run['method']} --seeds {run['seed']} --rerun")
             record = export_run(name, source, Path(tmp))
         config = read_config(Path(tmp) / CONFIG_NAME)
         model = timm.create_model(f'local-dir:{tmp}', pretrained=True)

@@ -98,3 +98,15 @@ def test_the_transfer_probes_take_each_shipped_sgdrop_checkpoint_of_the_tag_with
         ('sgdrop_vgg11.imagenette_128', 'sgdrop_vgg11.imagenette_128_vanilla')]
     with pytest.raises(SystemExit, match="no SGDrop checkpoint of tag 'imagenette_64' with a shipped vanilla twin"):
         transfer_zoo.shipped_pairs(records, 'imagenette_64')
+
+
+def test_a_rerun_is_accepted_only_when_it_is_the_committed_run_to_the_bit():
+    committed = dict(final_val_acc1=62.90445858511955, final_train_acc1=99.4, final_masked_train_acc1=97.8,
+                     curve=[{'epoch': 1, 'val_acc1': 20.1}, {'epoch': 2, 'val_acc1': 30.2}], img_per_s=56.0)
+    reproduce.check_rerun('r', dict(committed, img_per_s=70.0), committed)  # timings may differ
+    with pytest.raises(SystemExit, match='^error: r: the re-trained run gives final_val_acc1 62.90445858511956, '):
+        reproduce.check_rerun('r', dict(committed, final_val_acc1=62.90445858511956), committed)
+    changed_curve = [{'epoch': 1, 'val_acc1': 20.1}, {'epoch': 2, 'val_acc1': 30.3}]
+    with pytest.raises(SystemExit, match="^error: r: the re-trained run's epoch 2 gives val top-1 30.3, the committed "
+                                         'result 30.2$'):
+        reproduce.check_rerun('r', dict(committed, curve=changed_curve), committed)
