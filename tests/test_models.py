@@ -89,7 +89,9 @@ def test_train_steps_reduce_loss_and_every_parameter_gets_a_gradient(name):
     assert losses[-1] < losses[0], losses
     assert model.ema_updates == 4
     # the EMA weights are not parameters of the model
-    assert len(list(model.parameters())) == len(list(timm.create_model(FAMILIES[name][0]).parameters()))
+    with torch.device('meta'):  # only the count is compared: no memory, no initialisation
+        base = timm.create_model(FAMILIES[name][0])
+    assert len(list(model.parameters())) == len(list(base.parameters()))
 
 
 @pytest.mark.parametrize('name', ALL_MODELS)
