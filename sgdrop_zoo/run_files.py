@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Optional
 
 import torch
 
@@ -25,8 +25,8 @@ from .pretrained import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = [
     'BEST_NAME', 'CHECKPOINT_NAME', 'LOG_NAME', 'RUN_FILES', 'RunFileError', 'append_log', 'atomic_write',
-    'copy_file', 'get_rng_state', 'keep_log_until', 'prepare_output', 'read_log', 'remove_partial_writes',
-    'restore_model_best', 'set_rng_state',
+    'copy_file', 'epoch_record', 'get_rng_state', 'keep_log_until', 'prepare_output', 'read_log',
+    'remove_partial_writes', 'restore_model_best', 'set_rng_state',
 ]
 
 CHECKPOINT_NAME = 'checkpoint.pth.tar'
@@ -140,6 +140,32 @@ def restore_model_best(checkpoint: dict[str, Any], resume_path: Path, best_path:
               f"{best_epoch}, val Acc@1 {best_acc1:.3f}), the best to beat from now on", flush=True)
     copy_file(resume_path, best_path)
     return best_acc1, best_epoch
+
+
+def epoch_record(epoch: int, train_metrics: dict[str, float], val_metrics: dict[str, float],
+                 clean_metrics: Optional[dict[str, float]], area_ratio: Optional[float], lr: float, sgdrop_rho: float,
+                 epoch_time: float, regularizer: str) -> dict[str, Any]:
+    """The recipe's log.jsonl line of the epoch `epoch` (counted from 0); train/README.md lists its fields."""
+    return {
+        'epoch': epoch + 1,
+        'train_loss': train_metrics['loss'],
+        'train_acc1': train_metrics['acc1'],
+        'train_clean_acc1': clean_metrics['acc1'] if clean_metrics else None,
+        # the SGDrop diagnostics of the training forwards (README, "Diagnostics")
+        'train_dropped_attribution_share': train_metrics['dropped_attribution_share']
+        if regularizer == 'sgdrop' else None,
+        'train_nonpositive_feature_share': train_metrics['nonpositive_feature_share'],
+        'val_loss': val_metrics['loss'],
+        'val_acc1': val_metrics['acc1'],
+        'val_acc5': val_metrics['acc5'],
+        'val_count': val_metrics['count'],
+        # only when measured, so that plots draw no empty area-ratio panel for the runs without it
+        **({'val_area_ratio': area_ratio} if area_ratio is not None else {}),
+        'lr': lr,
+        'sgdrop_rho': sgdrop_rho,
+        'img_per_s': train_metrics['count'] / epoch_time,
+        'epoch_time_s': epoch_time,
+    }
 
 
 def append_log(log_path: Path, record: dict[str, Any]) -> None:

@@ -50,7 +50,7 @@ from sgdrop_zoo.recipe_checks import (RecipeError, check_arch, check_counts, che
                                       check_val_subset, load_checkpoint)
 from sgdrop_zoo.recipe_data import RecipeLoaders
 from sgdrop_zoo.run_files import (BEST_NAME, CHECKPOINT_NAME, LOG_NAME, RunFileError, append_log, atomic_write,
-                                  copy_file, get_rng_state, keep_log_until, prepare_output, read_log,
+                                  copy_file, epoch_record, get_rng_state, keep_log_until, prepare_output, read_log,
                                   restore_model_best, set_rng_state)
 from sgdrop_zoo.run_settings import RunSettings
 from sgdrop_zoo.sgdrop import DEFAULT_EMA_DECAY, DEFAULT_RHO
@@ -431,32 +431,6 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
         print(f'=> best val Acc@1 {best_acc1:.3f}; checkpoints {output / CHECKPOINT_NAME} and '
               f'{output / BEST_NAME}; weights {export_dir / WEIGHTS_NAME}', flush=True)
     cleanup(args)
-
-
-def epoch_record(epoch: int, train_metrics: dict[str, float], val_metrics: dict[str, float],
-                 clean_metrics: Optional[dict[str, float]], area_ratio: Optional[float], lr: float, sgdrop_rho: float,
-                 epoch_time: float, regularizer: str) -> dict[str, Any]:
-    """The log.jsonl line of the epoch `epoch` (counted from 0); train/README.md lists its fields."""
-    return {
-        'epoch': epoch + 1,
-        'train_loss': train_metrics['loss'],
-        'train_acc1': train_metrics['acc1'],
-        'train_clean_acc1': clean_metrics['acc1'] if clean_metrics else None,
-        # the SGDrop diagnostics of the training forwards (README, "Diagnostics")
-        'train_dropped_attribution_share': train_metrics['dropped_attribution_share']
-        if regularizer == 'sgdrop' else None,
-        'train_nonpositive_feature_share': train_metrics['nonpositive_feature_share'],
-        'val_loss': val_metrics['loss'],
-        'val_acc1': val_metrics['acc1'],
-        'val_acc5': val_metrics['acc5'],
-        'val_count': val_metrics['count'],
-        # only when measured, so that plots draw no empty area-ratio panel for the runs without it
-        **({'val_area_ratio': area_ratio} if area_ratio is not None else {}),
-        'lr': lr,
-        'sgdrop_rho': sgdrop_rho,
-        'img_per_s': train_metrics['count'] / epoch_time,
-        'epoch_time_s': epoch_time,
-    }
 
 
 def init_process(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespace) -> torch.device:
