@@ -28,6 +28,8 @@ from sgdrop_zoo.finetune import finetune  # noqa: E402
 from sgdrop_zoo.pretrained import load_hub_configs  # noqa: E402
 from sgdrop_zoo.run_files import read_log  # noqa: E402
 
+from reproduce import mean_std  # noqa: E402, benchmarks/reproduce.py, beside this script
+
 PROBE_SEEDS = [0, 1, 2]
 PROBE_EPOCHS = 10
 TRAIN_PER_CLASS = 100  # fixed class-balanced subsets of the target's splits (finetune's subset rule)
@@ -52,10 +54,6 @@ def shipped_pairs(records: list[dict[str, Any]], tag: str) -> list[tuple[str, st
 
 def probe_name(name: str, seed: int) -> str:
     return f'{name}__probe_seed{seed}'
-
-
-def mean_std(values: list[float]) -> str:
-    return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}' if len(values) > 1 else f'{values[0]:.2f}'
 
 
 def write_table(pairs: list[tuple[str, str]], results: dict[str, list[dict]], data: str, output: Path) -> str:
@@ -96,7 +94,9 @@ def main() -> None:
     for name in (n for pair in pairs for n in pair):
         for seed in PROBE_SEEDS:
             result_path = output / f'{probe_name(name, seed)}.json'
-            if not result_path.exists():
+            if result_path.exists():
+                result = json.loads(result_path.read_text())
+            else:
                 probe_dir = work_dir / probe_name(name, seed)
                 metrics = finetune(name, REPO / data, probe_dir, mode='linear-probe', epochs=PROBE_EPOCHS, seed=seed,
                                    train_subset_per_class=TRAIN_PER_CLASS, val_subset_per_class=VAL_PER_CLASS,
@@ -108,7 +108,7 @@ def main() -> None:
                                                            f'--tag {args.tag}', curve=log)
                 result_path.write_text(json.dumps(result, indent=1) + '\n')
                 print(f'{name} probe seed {seed}: {result["probe_final_val_acc1"]:.2f}', flush=True)
-            results.setdefault(name, []).append(json.loads(result_path.read_text()))
+            results.setdefault(name, []).append(result)
     print(write_table(pairs, results, data, output))
 
 
