@@ -293,12 +293,14 @@ def main() -> None:
         method = protocol.get('ship_method', {}).get(arch, 'sgdrop')
         chosen, twin = choose_pair(runs, arch, method)
         name, twin_name = checkpoint_names(arch, protocol['tag'])
+        # before anything is written: a checkpoint must not ship naming a twin that cannot follow it
+        if protocol.get('ship_twins') and twin is None:
+            sys.exit(f'error: no vanilla run of {arch} with seed {chosen["seed"]}, the twin of the checkpoint to '
+                     f'ship; run it with python benchmarks/reproduce.py {args.protocol} --data {args.data} --archs '
+                     f'{arch} --methods vanilla --seeds {chosen["seed"]}')
         ship_checkpoint(name, chosen, runs, args.data.resolve(), runs_dir, results_dir, overhead,
                         twin_name if protocol.get('ship_twins') else None, args.keep_weights)
         if protocol.get('ship_twins'):
-            if twin is None:
-                sys.exit(f'error: no vanilla run of {arch} with seed {chosen["seed"]}, the twin of the shipped '
-                         f'checkpoint; run it with benchmarks/reproduce.py {args.protocol} first')
             ship_checkpoint(twin_name, twin, runs, args.data.resolve(), runs_dir, results_dir, overhead, name,
                             args.keep_weights)
 

@@ -110,3 +110,21 @@ def test_a_rerun_is_accepted_only_when_it_is_the_committed_run_to_the_bit():
     with pytest.raises(SystemExit, match="^error: r: the re-trained run's epoch 2 gives val top-1 30.3, the committed "
                                          'result 30.2$'):
         reproduce.check_rerun('r', dict(committed, curve=changed_curve), committed)
+
+
+def test_a_pair_without_its_vanilla_run_ships_nothing(tmp_path: Path, monkeypatch):
+    results = tmp_path / 'results'
+    results.mkdir()
+    (results / 'sgdrop_resnet10t__sgdrop__seed2.json').write_text(json.dumps(run('sgdrop', 2, 63.0)))
+    for name in reproduce.overhead_commands('zoo128'):
+        (results / name).write_text(json.dumps({'command': 'python benchmarks/overhead.py', 'results': {}}))
+    before = sorted(p.name for p in (reproduce.REPO / 'hub_configs').iterdir())
+    monkeypatch.setattr(sys, 'argv', ['ship_zoo.py', '--data', str(tmp_path / 'data'), '--protocol', 'zoo128',
+                                      '--results-dir', str(results), '--archs', 'sgdrop_resnet10t'])
+    with pytest.raises(SystemExit) as missing:
+        ship_zoo.main()
+    assert str(missing.value) == (
+        'error: no vanilla run of sgdrop_resnet10t with seed 2, the twin of the checkpoint to ship; run it with python '
+        f'benchmarks/reproduce.py zoo128 --data {tmp_path / "data"} --archs sgdrop_resnet10t --methods vanilla '
+        '--seeds 2')
+    assert sorted(p.name for p in (reproduce.REPO / 'hub_configs').iterdir()) == before
