@@ -31,6 +31,9 @@ from sgdrop_zoo.run_files import read_log
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / 'benchmarks' / 'results'
 NUM_CLASSES_OF_TABLE = 10  # CIFAR-10 and Imagenette
+# the subfolder of a protocol's results that holds the runs --rerun trained again with other CPU kernels than the
+# committed run's: new runs of the same command, which ship_zoo ships with their own figures
+RERUNS = 'reruns'
 # benchmarks/overhead.py's timing of a protocol: the recipe's batch and memory format, 3 untimed and 10 timed steps
 OVERHEAD_ARGS = ['--batch-size', '64', '--channels-last', '--warmup', '3', '--steps', '10']
 
@@ -308,26 +311,44 @@ def evaluate_full(command: list[str], checkpoint: Path, metrics_path: Path) -> d
     return json.loads((REPO / metrics_path).read_text())
 
 
-def check_rerun(name: str, result: dict, committed: dict) -> None:
-    """Stop unless a re-trained run gave its committed result's per-epoch curve and final top-1, to the bit.
-
-    Raises:
-        SystemExit: A figure differs, naming the first that does.
-    """
+def first_difference(result: dict, committed: dict) -> Optional[str]:
+    """The first of a re-trained run's final figures and per-epoch val top-1 that is not its committed result's, in
+    words, or None when they are all the same to the bit."""
     for key in ('final_val_acc1', 'final_train_acc1', 'final_masked_train_acc1'):
         if result[key] != committed[key]:
-            raise SystemExit(f'error: {name}: the re-trained run gives {key} {result[key]}, the committed result '
-                             f"{committed[key]}; its weights are not the study's (another machine or library?)")
+            return f'the re-trained run gives {key} {result[key]}, the committed result {committed[key]}'
     for ours, theirs in zip(result['curve'], committed['curve'], strict=True):
         if ours['val_acc1'] != theirs['val_acc1']:
-            raise SystemExit(f"error: {name}: the re-trained run's epoch {ours['epoch']} gives val top-1 "
-                             f"{ours['val_acc1']}, the committed result {theirs['val_acc1']}")
+            return (f"the re-trained run's epoch {ours['epoch']} gives val top-1 {ours['val_acc1']}, the committed "
+                    f"result {theirs['val_acc1']}")
+    return None
+
+
+def check_rerun(name: str, result: dict, committed: dict) -> bool:
+    """Whether a re-trained run is its committed result to the bit (``first_difference``).
+
+    Another CPU's kernels (AVX2 against AVX-512) sum in another order, so a run re-trained on such a machine is a new
+    run of the same command (``benchmarks/results/cross_machine/``); with the committed run's own CPU kernels and
+    torch, a difference means that the recipe or its data changed.
+
+    Raises:
+        SystemExit: A figure differs although the kernels and torch are the committed run's, naming the first.
+    """
+    difference = first_difference(result, committed)
+    if difference is None:
+        return True
+    if (result['cpu_capability'], result['versions']['torch']) == (committed.get('cpu_capability'),
+                                                                   committed['versions']['torch']):
+        raise SystemExit(f"error: {name}: {difference}, with the same CPU kernels ({result['cpu_capability']}) and "
+                         f'torch; the recipe or its data changed since the committed run')
+    return False
 
 
 def train_one(protocol: str, config: dict, data: str, arch: str, method: str, seed: int, runs_dir: Path,
               results_dir: Path, rerun: bool = False) -> Optional[dict]:
     """Train one run and write its result JSON; with ``rerun``, train a run whose result is committed again (its run
-    folder is gone with the session that made it) and check that it is the same run (``check_rerun``)."""
+    folder is gone with the session that made it) and check that it is the same run (``check_rerun``), or, trained
+    with other CPU kernels, write its own result to the ``RERUNS`` subfolder."""
     name = run_name(arch, method, seed)
     result_path = results_dir / f'{name}.json'
     if result_path.exists() and not rerun:
@@ -366,12 +387,23 @@ def train_one(protocol: str, config: dict, data: str, arch: str, method: str, se
         'device': torch.cuda.get_device_name() if torch.cuda.is_available()
         else f'cpu ({torch.get_num_threads()} threads)',
         'platform': platform.platform(),
+        # the instruction set of torch's CPU kernels: runs on different ones are not bit-identical
+        'cpu_capability': torch.backends.cpu.get_cpu_capability(),
         'versions': {'torch': torch.__version__, 'python': platform.python_version()},
         'curve': curve,
     }
     if rerun:
-        check_rerun(name, result, json.loads(result_path.read_text()))
-        print(f'=> {name}: re-trained, the same run as {os.path.relpath(result_path, REPO)}', flush=True)
+        committed = json.loads(result_path.read_text())
+        if check_rerun(name, result, committed):
+            print(f'=> {name}: re-trained, the same run as {os.path.relpath(result_path, REPO)}', flush=True)
+            return result
+        rerun_path = results_dir / RERUNS / f'{name}.json'
+        rerun_path.parent.mkdir(exist_ok=True)
+        rerun_path.write_text(json.dumps(dict(result, rerun_of=os.path.relpath(result_path, REPO)), indent=1) + '\n')
+        print(f"=> {name}: re-trained with {result['cpu_capability']} CPU kernels, the committed run with "
+              f"{committed.get('cpu_capability') or 'unrecorded ones'}: a new run of the same command (final top-1 "
+              f"{result['final_val_acc1']}, the committed {committed['final_val_acc1']}), written to "
+              f'{os.path.relpath(rerun_path, REPO)}; ship_zoo ships its weights with its own figures', flush=True)
         return result
     result_path.write_text(json.dumps(result, indent=1) + '\n')
     return result
@@ -461,7 +493,8 @@ def main() -> None:
     parser.add_argument('--table-only', action='store_true', help='only rebuild table.md from the finished runs')
     parser.add_argument('--rerun', action='store_true',
                         help='train runs whose result is committed again, for their checkpoints (ship_zoo.py), and '
-                             'check that they are the committed runs')
+                             'check that they are the committed runs (with other CPU kernels: keep their own result '
+                             'in reruns/)')
     parser.add_argument('--overhead', action='store_true',
                         help="measure the protocol's step overhead (benchmarks/overhead.py) into its results folder, "
                              'then rebuild table.md')

@@ -12,10 +12,15 @@ count; the rule was fixed before training) and, where the protocol ships twins, 
 
 The shipped float16 weights are evaluated as timm users evaluate a model, ``resolve_model_data_config(model)`` +
 ``create_transform(**cfg)`` on an ImageFolder, on the whole validation split; the script stops if that top-1 differs
-from the study's float32 figure by more than 0.1 points. It also records the exact number of correct images on a fixed
+from its run's float32 figure by more than 0.1 points. It also records the exact number of correct images on a fixed
 100-image subset of the split, which the tests check on every run.
 
     python benchmarks/ship_zoo.py --data ../shared/data/imagenette --protocol zoo
+
+Run folders do not outlive their session; ``reproduce.py --rerun`` trains a run again for its weights. On a CPU with
+other kernels than the study's (AVX2 against AVX-512) that is a new run of the same command and seed, with its own
+result in the results' ``reruns/`` subfolder: the folder's log tells which result its weights are, and the record
+carries that result's figures (its ``rerun_of`` names the study's run) beside every seed of the study.
 
 Seeds that finish after a checkpoint shipped change its record, not its weights, while the median seed stays the
 same; ``--keep-weights`` then re-evaluates the shipped folder and rewrites its record and card without the run folders:
@@ -44,8 +49,9 @@ from sgdrop_zoo.export import read_config, to_published_config, write_config
 from sgdrop_zoo.hub import hub_config_record, prepare_hub_folder
 from sgdrop_zoo.model_card import render_model_card
 from sgdrop_zoo.pretrained import CONFIG_NAME, WEIGHTS_NAME, sha256_of_file
+from sgdrop_zoo.run_files import read_log
 
-from reproduce import PROTOCOLS, RESULTS, read_overhead, run_name  # benchmarks/reproduce.py, beside this script
+from reproduce import PROTOCOLS, RERUNS, RESULTS, read_overhead, run_name  # benchmarks/reproduce.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = 'imagenette'
@@ -109,14 +115,15 @@ def export_run(name: str, source: Path, folder: Path) -> dict[str, Any]:
     return record
 
 
-def reuse_shipped(name: str, seed: int, shipped: Path, folder: Path) -> dict[str, Any]:
+def reuse_shipped(name: str, seed: int, shipped: Path, folder: Path) -> tuple[dict[str, Any], Path]:
     """Copy the weights already shipped as ``name`` into ``folder``, with their config.json in the current schema.
 
     For a study that gained seeds after shipping, once its run folders are gone: the median seed must still be the
     shipped one, and the shipped weights must still have the record's sha256.
 
     Returns:
-        The record of the rewritten config.json, as ``prepare_hub_folder`` returns it.
+        The record of the rewritten config.json, as ``prepare_hub_folder`` returns it, and the result JSON of the
+        shipped weights that the old record names.
     """
     record = json.loads((shipped.parent / f'{name}.json').read_text())
     if record['metrics']['seed'] != seed:
@@ -128,8 +135,8 @@ def reuse_shipped(name: str, seed: int, shipped: Path, folder: Path) -> dict[str
     shutil.copyfile(shipped / WEIGHTS_NAME, folder / WEIGHTS_NAME)
     config = to_published_config(read_config(shipped / CONFIG_NAME))
     write_config(config, folder)
-    return hub_config_record(config, record['sha256'], f'sgdrop-zoo/{name}', DATASET, name.split('.', 1)[1],
-                             record['license'])
+    return (hub_config_record(config, record['sha256'], f'sgdrop-zoo/{name}', DATASET, name.split('.', 1)[1],
+                              record['license']), REPO / record['metrics']['results'])
 
 
 def choose_pair(runs: list[dict[str, Any]], arch: str, method: str) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
@@ -148,6 +155,26 @@ def choose_pair(runs: list[dict[str, Any]], arch: str, method: str) -> tuple[dic
     return chosen, twin
 
 
+def result_of_folder(run: dict[str, Any], results_dir: Path, folder: Path) -> tuple[dict[str, Any], Path]:
+    """The result whose weights a run folder holds, and its JSON: the study's ``run``, or ``run`` trained again with
+    other CPU kernels (``reproduce.py --rerun``, in the ``RERUNS`` subfolder), told apart by the folder's log.
+
+    Raises:
+        SystemExit: The folder's per-epoch training loss and val top-1 are neither result's.
+    """
+    name = run_name(run['arch'], run['method'], run['seed'])
+    logged = [(line['train_loss'], line['val_acc1']) for line in read_log(folder)]
+    study = (run, results_dir / f'{name}.json')
+    rerun_path = results_dir / RERUNS / f'{name}.json'
+    for result, path in [study] + ([(json.loads(rerun_path.read_text()), rerun_path)] if rerun_path.is_file() else []):
+        if [(line['train_loss'], line['val_acc1']) for line in result['curve']] == logged:
+            return result, path
+    raise SystemExit(f"error: {folder} holds another run than {os.path.relpath(study[1], REPO)}"
+                     f"{' or ' + os.path.relpath(rerun_path, REPO) if rerun_path.is_file() else ''}; train it again "
+                     f"with python benchmarks/reproduce.py {run['protocol']} --archs {run['arch']} --methods "
+                     f"{run['method']} --seeds {run['seed']} --rerun --data DATA")
+
+
 def checkpoint_names(arch: str, tag: str) -> tuple[str, str]:
     """The tags of a family's SGDrop checkpoint and of its vanilla twin."""
     return f'{arch}.{tag}', f'{arch}.{tag}_vanilla'
@@ -155,7 +182,8 @@ def checkpoint_names(arch: str, tag: str) -> tuple[str, str]:
 
 def study_metrics(runs: list[dict[str, Any]], run: dict[str, Any], arch: str) -> dict[str, Any]:
     """The study's figures a record carries for the checkpoint of ``run``: every seed of its method and of vanilla,
-    the mean attribution areas, the last epoch's SGDrop diagnostics, and the commands that trained and evaluated it."""
+    the mean attribution areas, the last epoch's SGDrop diagnostics, the commands that trained and evaluated it and,
+    when ``run`` is a study run trained again with other CPU kernels, the result it re-trained and those kernels."""
     group = [r for r in runs if r['arch'] == arch and r['method'] == run['method']]
     vanilla_runs = [r for r in runs if r['arch'] == arch and r['method'] == 'vanilla']
     seeds, vanilla = (mean_std([r['final_val_acc1'] for r in rs]) for rs in (group, vanilla_runs))
@@ -177,6 +205,7 @@ def study_metrics(runs: list[dict[str, Any]], run: dict[str, Any], arch: str) ->
         **diagnostics,
         train_command=run['command'],
         eval_command=run['final_eval_command'],
+        **({key: run[key] for key in ('rerun_of', 'cpu_capability')} if 'rerun_of' in run else {}),
     )
 
 
@@ -218,7 +247,8 @@ def ship_checkpoint(name: str, run: dict[str, Any], runs: list[dict[str, Any]], 
     folder = REPO / 'hub_configs' / name
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f'.{name}.') as tmp:
         if keep_weights:
-            record = reuse_shipped(name, run['seed'], folder, Path(tmp))
+            record, results_path = reuse_shipped(name, run['seed'], folder, Path(tmp))
+            weights_run = json.loads(results_path.read_text())
         else:
             # the last epoch's weights, which the study's top-1 measures (the run's own export holds its best epoch's)
             source = runs_dir / run_name(arch, run['method'], run['seed']) / 'checkpoint.pth.tar'
@@ -226,6 +256,7 @@ def ship_checkpoint(name: str, run: dict[str, Any], runs: list[dict[str, Any]], 
                 raise SystemExit(f"error: {name}: {source} is missing (run folders do not outlive their session); "
                                  f"train it again with python benchmarks/reproduce.py {run['protocol']} --data "
                                  f"{data} --archs {arch} --methods {run['method']} --seeds {run['seed']} --rerun")
+            weights_run, results_path = result_of_folder(run, results_dir, source.parent)
             record = export_run(name, source, Path(tmp))
         config = read_config(Path(tmp) / CONFIG_NAME)
         model = timm.create_model(f'local-dir:{tmp}', pretrained=True)
@@ -237,8 +268,8 @@ def ship_checkpoint(name: str, run: dict[str, Any], runs: list[dict[str, Any]], 
             crop_mode=config['pretrained_cfg'].get('crop_mode', 'center'),
             **(dict(twin=twin) if twin else {}),
             metrics=dict(
-                **measure(model, data / 'val', run['final_val_acc1'], name),
-                **study_metrics(runs, run, arch),
+                **measure(model, data / 'val', weights_run['final_val_acc1'], name),
+                **study_metrics(runs, weights_run, arch),
                 file_mib=round((Path(tmp) / WEIGHTS_NAME).stat().st_size / 2 ** 20, 2),
                 **(dict(step_overhead=overhead[arch]['sgdrop_ema_overhead'],
                         step_overhead_command=overhead[arch]['command'])
@@ -246,7 +277,7 @@ def ship_checkpoint(name: str, run: dict[str, Any], runs: list[dict[str, Any]], 
                 # the command that exported the weights; a --keep-weights run only rewrote the figures
                 ship_command=command,
                 **(dict(record_command=f'{command} --keep-weights') if keep_weights else {}),
-                results=os.path.relpath(results_dir / f'{run_name(arch, run["method"], run["seed"])}.json', REPO),
+                results=os.path.relpath(results_path, REPO),
             ),
             sha256=sha256_of_file(Path(tmp) / WEIGHTS_NAME),
         )
@@ -254,7 +285,7 @@ def ship_checkpoint(name: str, run: dict[str, Any], runs: list[dict[str, Any]], 
         write_folder(Path(tmp), folder)
     (REPO / 'hub_configs' / f'{name}.json').write_text(json.dumps(record, indent=2) + '\n')
     metrics = record['metrics']
-    print(f'{name}: seed {run["seed"]}, top-1 {metrics["top1"]} (study {run["final_val_acc1"]}), check '
+    print(f'{name}: seed {run["seed"]}, top-1 {metrics["top1"]} (float32 {weights_run["final_val_acc1"]}), check '
           f'{metrics["check"]["correct"]}/{CHECK_IMAGES}, {metrics["file_mib"]:.1f} MiB', flush=True)
     return record
 

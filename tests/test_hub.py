@@ -306,6 +306,13 @@ def test_model_card_says_which_checkpoint_of_a_pair_is_the_vanilla_twin(export_d
     assert '- Vanilla, every seed of the study: seed 0: 58.0, seed 1: 59.0 (this checkpoint: seed 1, the seed of its ' \
            'SGDrop twin).' in vanilla_card
     assert 'The same training without SGDrop' not in vanilla_card
+    assert 'trained again' not in vanilla_card
+    retrained = dict(sgdrop, metrics=dict(sgdrop['metrics'], top1_float32=60.2, cpu_capability='AVX2',
+                                          rerun_of='results/x__sgdrop__seed1.json'))
+    retrained_card = render_model_card([retrained], checkpoint=retrained).text
+    assert ("- These weights were trained again with the study's command and seed 1 on a CPU with other kernels "
+            "(AVX2), after the study's run was gone: a new run, whose own float32 top-1 is 60.2 (the study's run of "
+            'seed 1: 61.0, `results/x__sgdrop__seed1.json`).') in retrained_card
     zoo = render_model_card([sgdrop, vanilla]).text.splitlines()
     rows = [line for line in zoo if line.startswith('| `sgdrop_convnext_tiny.pets')]
     assert [row.split(' | ')[:2] for row in rows] == [

@@ -100,16 +100,53 @@ def test_the_transfer_probes_take_each_shipped_sgdrop_checkpoint_of_the_tag_with
         transfer_zoo.shipped_pairs(records, 'imagenette_64')
 
 
-def test_a_rerun_is_accepted_only_when_it_is_the_committed_run_to_the_bit():
+def test_a_rerun_is_the_committed_run_to_the_bit_or_a_new_run_on_other_cpu_kernels():
     committed = dict(final_val_acc1=62.90445858511955, final_train_acc1=99.4, final_masked_train_acc1=97.8,
-                     curve=[{'epoch': 1, 'val_acc1': 20.1}, {'epoch': 2, 'val_acc1': 30.2}], img_per_s=56.0)
-    reproduce.check_rerun('r', dict(committed, img_per_s=70.0), committed)  # timings may differ
-    with pytest.raises(SystemExit, match='^error: r: the re-trained run gives final_val_acc1 62.90445858511956, '):
-        reproduce.check_rerun('r', dict(committed, final_val_acc1=62.90445858511956), committed)
-    changed_curve = [{'epoch': 1, 'val_acc1': 20.1}, {'epoch': 2, 'val_acc1': 30.3}]
+                     curve=[{'epoch': 1, 'val_acc1': 20.1}, {'epoch': 2, 'val_acc1': 30.2}], img_per_s=56.0,
+                     cpu_capability='AVX512', versions={'torch': '2.14.1', 'python': '3.11.7'})
+    assert reproduce.check_rerun('r', dict(committed, img_per_s=70.0), committed)  # timings may differ
+    last_bit = dict(committed, final_val_acc1=62.90445858511956)
+    with pytest.raises(SystemExit, match=r'^error: r: the re-trained run gives final_val_acc1 62.90445858511956, the '
+                                         r'committed result 62.90445858511955, with the same CPU kernels \(AVX512\) '
+                                         'and torch; the recipe or its data changed since the committed run$'):
+        reproduce.check_rerun('r', last_bit, committed)
+    changed_curve = dict(committed, curve=[{'epoch': 1, 'val_acc1': 20.1}, {'epoch': 2, 'val_acc1': 30.3}])
     with pytest.raises(SystemExit, match="^error: r: the re-trained run's epoch 2 gives val top-1 30.3, the committed "
-                                         'result 30.2$'):
-        reproduce.check_rerun('r', dict(committed, curve=changed_curve), committed)
+                                         r'result 30.2, with the same CPU kernels'):
+        reproduce.check_rerun('r', changed_curve, committed)
+    # other kernels, or a committed run that did not record them: a new run of the same command, not an error
+    assert not reproduce.check_rerun('r', dict(last_bit, cpu_capability='AVX2'), committed)
+    unrecorded = {key: value for key, value in committed.items() if key != 'cpu_capability'}
+    assert not reproduce.check_rerun('r', changed_curve, unrecorded)
+    # another torch is other kernels too
+    assert not reproduce.check_rerun('r', dict(last_bit, versions={'torch': '2.15.0', 'python': '3.11.7'}), committed)
+
+
+def test_the_run_folder_log_tells_whether_its_weights_are_the_study_run_or_its_rerun(tmp_path: Path):
+    from sgdrop_zoo.run_files import append_log
+    name = 'sgdrop_resnet10t__sgdrop__seed0'
+    study = run('sgdrop', 0, 61.0, protocol='zoo128')
+    study['curve'] = [dict(epoch=1, train_loss=2.2214962768554690, val_acc1=19.8)]
+    rerun = dict(study, final_val_acc1=60.5, rerun_of=f'results/{name}.json',
+                 curve=[dict(epoch=1, train_loss=2.2214983409245810, val_acc1=19.8)])
+    results, folder = tmp_path / 'results', tmp_path / 'runs' / name
+    folder.mkdir(parents=True)
+    append_log(folder / 'log.jsonl', dict(study['curve'][0], img_per_s=10.0))  # timings are not compared
+    assert ship_zoo.result_of_folder(study, results, folder) == (study, results / f'{name}.json')
+    # the folder of a re-training with other kernels: only its rerun result describes it
+    (folder / 'log.jsonl').unlink()
+    append_log(folder / 'log.jsonl', rerun['curve'][0])
+    with pytest.raises(SystemExit, match=f'^error: {folder} holds another run than .*{name}.json; train it again with '
+                                         'python benchmarks/reproduce.py zoo128 --archs sgdrop_resnet10t --methods '
+                                         'sgdrop --seeds 0 --rerun --data DATA$'):
+        ship_zoo.result_of_folder(study, results, folder)
+    (results / reproduce.RERUNS).mkdir(parents=True)
+    (results / reproduce.RERUNS / f'{name}.json').write_text(json.dumps(rerun))
+    assert ship_zoo.result_of_folder(study, results, folder) == (rerun, results / reproduce.RERUNS / f'{name}.json')
+    # its record carries the rerun's own figures and names the study's run; every seed stays the study's
+    metrics = ship_zoo.study_metrics(RUNS, dict(rerun, cpu_capability='AVX2'), 'sgdrop_resnet10t')
+    assert (metrics['top1_float32'], metrics['seeds_top1'], metrics['rerun_of'], metrics['cpu_capability']) == (
+        60.5, {'0': 61.0, '1': 59.0, '2': 63.0}, f'results/{name}.json', 'AVX2')
 
 
 def test_a_pair_without_its_vanilla_run_ships_nothing(tmp_path: Path, monkeypatch):
