@@ -260,6 +260,23 @@ def protocol_methods(config: dict, arch: str) -> list[str]:
     return methods.get(arch, []) if isinstance(methods, dict) else methods
 
 
+def pilot_choice(runs: list[dict], arch: str, candidates: list[str]) -> str:
+    """The SGDrop method a pilot's rule chooses for ``arch`` (benchmarks/README.md, "Zoo v2 pilot"): of its SGDrop
+    ``candidates``, the one with the best last-epoch dev top-1; the paper's default (``sgdrop``) wins a tie, the same
+    number of correct dev images.
+
+    Raises:
+        SystemExit: A candidate has no result among ``runs``.
+    """
+    correct = {r['method']: round(r['final_val_acc1'] * r['final_val_count'] / 100) for r in runs if r['arch'] == arch}
+    sgdrop_candidates = [method for method in candidates if method != 'vanilla']
+    missing = [method for method in sgdrop_candidates if method not in correct]
+    if missing:
+        raise SystemExit(f"error: the pilot of {arch} has no result of {', '.join(missing)} yet; its rule chooses "
+                         f'once every candidate has run')
+    return max(sgdrop_candidates, key=lambda method: (correct[method], method == 'sgdrop'))
+
+
 def epoch_args(config: dict, arch: str) -> list[str]:
     """``--epochs`` of ``arch`` when the protocol sets epochs per architecture (else its args set them)."""
     return ['--epochs', str(config['epochs'][arch])] if 'epochs' in config else []

@@ -36,6 +36,34 @@ def test_the_median_seed_ships_with_the_vanilla_run_of_the_same_seed():
         ship_zoo.choose_pair(RUNS, 'sgdrop_resnet10t', 'sgdrop_product')
 
 
+def test_the_pilot_rule_takes_the_best_last_epoch_dev_top1_and_the_paper_default_wins_a_tie():
+    def pilot(top1: dict[str, float]) -> list[dict]:
+        return [dict(arch='sgdrop_vgg11', method=method, final_val_acc1=acc1, final_val_count=1000)
+                for method, acc1 in top1.items()]
+    candidates = ['vanilla', 'sgdrop', 'sgdrop_curriculum']
+    # one dev image more wins; vanilla is never a candidate, however high
+    assert reproduce.pilot_choice(pilot({'vanilla': 50.4, 'sgdrop': 42.1, 'sgdrop_curriculum': 42.2}), 'sgdrop_vgg11',
+                                  candidates) == 'sgdrop_curriculum'
+    # 30.2 - 30.1 is 0.0999... in floating point: a whole dev image all the same
+    assert reproduce.pilot_choice(pilot({'sgdrop': 30.1, 'sgdrop_curriculum': 30.2}), 'sgdrop_vgg11',
+                                  candidates) == 'sgdrop_curriculum'
+    assert reproduce.pilot_choice(pilot({'sgdrop_curriculum': 42.1, 'sgdrop': 42.1}), 'sgdrop_vgg11',
+                                  candidates) == 'sgdrop'
+    assert reproduce.pilot_choice(pilot({'sgdrop': 42.1, 'sgdrop_curriculum': 43.0}), 'sgdrop_vgg11',
+                                  ['vanilla', 'sgdrop']) == 'sgdrop'
+    with pytest.raises(SystemExit, match='^error: the pilot of sgdrop_vgg11 has no result of sgdrop_curriculum yet'):
+        reproduce.pilot_choice(pilot({'vanilla': 50.4, 'sgdrop': 42.1}), 'sgdrop_vgg11', candidates)
+
+
+def test_each_family_of_the_final_study_trains_and_ships_what_its_committed_pilot_chose():
+    pilot = [json.loads(p.read_text()) for p in (reproduce.RESULTS / 'reproduce_pilot128').glob('*__*__seed*.json')]
+    final = reproduce.PROTOCOLS['zoo128']
+    assert sorted(final['ship']) == sorted(final['methods']) == sorted(final['ship_method'])
+    for arch in final['ship']:
+        chosen = reproduce.pilot_choice(pilot, arch, reproduce.PROTOCOLS['pilot128']['methods'][arch])
+        assert final['methods'][arch] == ['vanilla', chosen] and final['ship_method'][arch] == chosen, arch
+
+
 def test_checkpoint_names_of_a_pair():
     assert ship_zoo.checkpoint_names('sgdrop_vgg11', 'imagenette_128') == (
         'sgdrop_vgg11.imagenette_128', 'sgdrop_vgg11.imagenette_128_vanilla')
