@@ -260,7 +260,7 @@ def ship_checkpoint(name: str, run: dict[str, Any], runs: list[dict[str, Any]], 
             record = export_run(name, source, Path(tmp))
         config = read_config(Path(tmp) / CONFIG_NAME)
         model = timm.create_model(f'local-dir:{tmp}', pretrained=True)
-        command = (f'python benchmarks/ship_zoo.py --data ../shared/data/{data.name} '
+        command = (f'python benchmarks/ship_zoo.py --data ../shared/data/{data.name} --protocol {run["protocol"]} '
                    f'--results-dir {os.path.relpath(results_dir, REPO)} --archs {arch}')
         record.update(
             hf_hub_id=None,

@@ -69,6 +69,20 @@ def test_checkpoint_names_of_a_pair():
         'sgdrop_vgg11.imagenette_128', 'sgdrop_vgg11.imagenette_128_vanilla')
 
 
+def test_each_shipped_record_names_the_command_that_exports_it_under_its_own_tag():
+    from sgdrop_zoo.pretrained import load_hub_configs
+    for record in load_hub_configs():
+        command = record['metrics']['ship_command'].split()
+        assert command[:2] == ['python', 'benchmarks/ship_zoo.py']
+        # the protocol (ship_zoo's default: zoo) fixes the tag and the results read
+        options = dict(zip(command[2::2], command[3::2]))
+        protocol = reproduce.PROTOCOLS[options.get('--protocol', 'zoo')]
+        names = ship_zoo.checkpoint_names(record['architecture'], protocol['tag'])
+        assert f'{record["architecture"]}.{record["tag"]}' in names, record['tag']
+        assert options['--archs'] == record['architecture']
+        assert record['metrics']['results'].startswith(options['--results-dir'] + '/')
+
+
 def test_study_metrics_by_hand():
     chosen, twin = ship_zoo.choose_pair(RUNS, 'sgdrop_resnet10t', 'sgdrop')
     metrics = ship_zoo.study_metrics(RUNS, chosen, 'sgdrop_resnet10t')
