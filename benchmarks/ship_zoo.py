@@ -155,7 +155,7 @@ def choose_pair(runs: list[dict[str, Any]], arch: str, method: str) -> tuple[dic
     return chosen, twin
 
 
-def result_of_folder(run: dict[str, Any], results_dir: Path, folder: Path) -> tuple[dict[str, Any], Path]:
+def result_of_folder(run: dict[str, Any], results_dir: Path, folder: Path, data: Path) -> tuple[dict[str, Any], Path]:
     """The result whose weights a run folder holds, and its JSON: the study's ``run``, or ``run`` trained again with
     other CPU kernels (``reproduce.py --rerun``, in the ``RERUNS`` subfolder), told apart by the folder's log.
 
@@ -163,16 +163,18 @@ def result_of_folder(run: dict[str, Any], results_dir: Path, folder: Path) -> tu
         SystemExit: The folder's per-epoch training loss and val top-1 are neither result's.
     """
     name = run_name(run['arch'], run['method'], run['seed'])
-    logged = [(line['train_loss'], line['val_acc1']) for line in read_log(folder)]
-    study = (run, results_dir / f'{name}.json')
+    candidates = [(run, results_dir / f'{name}.json')]
     rerun_path = results_dir / RERUNS / f'{name}.json'
-    for result, path in [study] + ([(json.loads(rerun_path.read_text()), rerun_path)] if rerun_path.is_file() else []):
+    if rerun_path.is_file():
+        candidates.append((json.loads(rerun_path.read_text()), rerun_path))
+    logged = [(line['train_loss'], line['val_acc1']) for line in read_log(folder)]
+    for result, path in candidates:
         if [(line['train_loss'], line['val_acc1']) for line in result['curve']] == logged:
             return result, path
-    raise SystemExit(f"error: {folder} holds another run than {os.path.relpath(study[1], REPO)}"
-                     f"{' or ' + os.path.relpath(rerun_path, REPO) if rerun_path.is_file() else ''}; train it again "
-                     f"with python benchmarks/reproduce.py {run['protocol']} --archs {run['arch']} --methods "
-                     f"{run['method']} --seeds {run['seed']} --rerun --data DATA")
+    known = ' or '.join(os.path.relpath(path, REPO) for _, path in candidates)
+    raise SystemExit(f"error: {folder} holds another run than {known}; train it again with python "
+                     f"benchmarks/reproduce.py {run['protocol']} --data {data} --archs {run['arch']} --methods "
+                     f"{run['method']} --seeds {run['seed']} --rerun")
 
 
 def checkpoint_names(arch: str, tag: str) -> tuple[str, str]:
@@ -256,7 +258,7 @@ def ship_checkpoint(name: str, run: dict[str, Any], runs: list[dict[str, Any]], 
                 raise SystemExit(f"error: {name}: {source} is missing (run folders do not outlive their session); "
                                  f"train it again with python benchmarks/reproduce.py {run['protocol']} --data "
                                  f"{data} --archs {arch} --methods {run['method']} --seeds {run['seed']} --rerun")
-            weights_run, results_path = result_of_folder(run, results_dir, source.parent)
+            weights_run, results_path = result_of_folder(run, results_dir, source.parent, data)
             record = export_run(name, source, Path(tmp))
         config = read_config(Path(tmp) / CONFIG_NAME)
         model = timm.create_model(f'local-dir:{tmp}', pretrained=True)

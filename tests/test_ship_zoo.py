@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
+DATA = Path('../shared/data/imagenette')
 sys.path.insert(0, str(BENCHMARKS))
 import reproduce  # noqa: E402, benchmarks/reproduce.py
 import ship_zoo  # noqa: E402, benchmarks/ship_zoo.py
@@ -174,17 +175,18 @@ def test_the_run_folder_log_tells_whether_its_weights_are_the_study_run_or_its_r
     results, folder = tmp_path / 'results', tmp_path / 'runs' / name
     folder.mkdir(parents=True)
     append_log(folder / 'log.jsonl', dict(study['curve'][0], img_per_s=10.0))  # timings are not compared
-    assert ship_zoo.result_of_folder(study, results, folder) == (study, results / f'{name}.json')
+    assert ship_zoo.result_of_folder(study, results, folder, DATA) == (study, results / f'{name}.json')
     # the folder of a re-training with other kernels: only its rerun result describes it
     (folder / 'log.jsonl').unlink()
     append_log(folder / 'log.jsonl', rerun['curve'][0])
     with pytest.raises(SystemExit, match=f'^error: {folder} holds another run than .*{name}.json; train it again with '
-                                         'python benchmarks/reproduce.py zoo128 --archs sgdrop_resnet10t --methods '
-                                         'sgdrop --seeds 0 --rerun --data DATA$'):
-        ship_zoo.result_of_folder(study, results, folder)
+                                         'python benchmarks/reproduce.py zoo128 --data ../shared/data/imagenette '
+                                         '--archs sgdrop_resnet10t --methods sgdrop --seeds 0 --rerun$'):
+        ship_zoo.result_of_folder(study, results, folder, DATA)
     (results / reproduce.RERUNS).mkdir(parents=True)
     (results / reproduce.RERUNS / f'{name}.json').write_text(json.dumps(rerun))
-    assert ship_zoo.result_of_folder(study, results, folder) == (rerun, results / reproduce.RERUNS / f'{name}.json')
+    assert ship_zoo.result_of_folder(study, results, folder, DATA) == (
+        rerun, results / reproduce.RERUNS / f'{name}.json')
     # its record carries the rerun's own figures and names the study's run; every seed stays the study's
     metrics = ship_zoo.study_metrics(RUNS, dict(rerun, cpu_capability='AVX2'), 'sgdrop_resnet10t')
     assert (metrics['top1_float32'], metrics['seeds_top1'], metrics['rerun_of'], metrics['cpu_capability']) == (
