@@ -26,7 +26,7 @@ from timm.data.transforms import MaybePILToTensor
 __all__ = [
     'EVAL_CROP', 'DatasetError', 'InMemoryLoader', 'check_image_folders', 'check_links', 'decode_images',
     'eval_shard', 'eval_transform', 'fixed_order', 'image_header_error', 'load_rgb', 'per_class_subset',
-    'random_resized_crop_flip', 'stored_train_resize', 'with_transform',
+    'random_resized_crop_flip', 'shuffled_order', 'stored_train_resize', 'with_transform',
 ]
 
 # crop_pct and crop_mode of the validation images, by training transform: the images only resized to a square, or
@@ -229,6 +229,11 @@ def decode_images(dataset: datasets.ImageFolder, indices: Optional[list[int]], w
     return images, targets
 
 
+def shuffled_order(num: int, seed: int, epoch: int) -> torch.Tensor:
+    """An epoch's order of ``num`` training samples: a permutation seeded by (seed, epoch), the same on every process."""
+    return torch.randperm(num, generator=torch.Generator().manual_seed(seed + epoch))
+
+
 class InMemoryLoader:
     """Batches of a uint8 image tensor, normalised on `device`; this process's shard when distributed.
 
@@ -258,7 +263,7 @@ class InMemoryLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.shuffle:
-            order = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            order = shuffled_order(len(self.images), self.seed, self.epoch)
             indices = order[self.rank::self.world_size][:self.num_samples]
         else:
             indices = torch.tensor(eval_shard(len(self.images), self.rank, self.world_size), dtype=torch.long)

@@ -3,7 +3,9 @@
 The encoder is what ``forward_features`` runs (the paper's f, whose output z SGDrop masks); the classifier is what
 ``forward_head`` runs (g). ``linear-probe`` is the paper's transfer protocol (section 4.4): the encoder trained on one
 dataset stays frozen, parameters and batch-norm statistics included, and only the classifier, resized to the new
-classes, is trained. ``full`` trains everything, with SGDrop when ``sgdrop_rho > 0``.
+classes, is trained. ``full`` trains everything, with SGDrop when ``sgdrop_rho > 0``. A linear probe on resized images
+without SGDrop runs the encoder once per image, not once per epoch: its features are fixed, so they are computed once
+and the classifier trains on them.
 
     finetune('sgdrop_vgg_tiny', 'data/eurosat', 'runs/probe', mode='linear-probe')   # what `sgdrop-zoo finetune` runs
 
@@ -12,16 +14,17 @@ the SGDrop settings, ready for ``sgdrop-zoo publish``), ``metrics.json`` and ``l
 """
 import copy
 import json
+import math
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import InMemoryLoader, check_image_folders
+from .data import InMemoryLoader, check_image_folders, shuffled_order
 from .export import save_export
 from .loading import (
     check_input_channels,
@@ -48,13 +51,56 @@ DEFAULT_LR = {'linear-probe': 1e-3, 'full': 1e-4}
 OUTPUT_FILES = (WEIGHTS_NAME, CONFIG_NAME, 'metrics.json', LOG_NAME)
 
 
+class FeatureLoader:
+    """Batches of features computed beforehand and their targets, shuffled per epoch as ``InMemoryLoader`` shuffles
+    its images (by ``shuffled_order``)."""
+
+    def __init__(self, features: torch.Tensor, targets: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0):
+        self.features, self.targets = features, targets
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.targets) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        num = len(self.targets)
+        order = shuffled_order(num, self.seed, self.epoch) if self.shuffle else torch.arange(num)
+        order = order.to(self.features.device)
+        for start in range(0, num, self.batch_size):
+            batch = order[start:start + self.batch_size]
+            yield self.features[batch], self.targets[batch]
+
+
+class Classifier(nn.Module):
+    """The classifier of ``model`` alone, run on its encoder's features (``forward_head``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.model.forward_head(features)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: InMemoryLoader) -> dict[str, float]:
-    """Loss and top-1 accuracy (%) of the eval-mode model."""
+def encode(model: nn.Module, loader: InMemoryLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eval-mode encoder's features (``forward_features``) of every image of an unshuffled loader, in order."""
+    model.eval()
+    batches = [(model.forward_features(images), target) for images, target in loader]
+    return torch.cat([features for features, _ in batches]), torch.cat([target for _, target in batches])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Union[InMemoryLoader, FeatureLoader]) -> dict[str, float]:
+    """Loss and top-1 accuracy (%) of the eval-mode model (or ``Classifier``, on a ``FeatureLoader``)."""
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
-    for images, target in loader:
-        output = model(images)
+    for inputs, target in loader:
+        output = model(inputs)
         loss_sum += F.cross_entropy(output, target, reduction='sum').item()
         correct += (output.argmax(1) == target).sum().item()
         count += target.numel()
@@ -169,6 +215,14 @@ def finetune(
                               train_subset_per_class)
     train_loader = in_memory_loader(*train_images, model, batch_size, True, device, seed=seed,
                            crop_flip_size=size if train_transform == 'crop-flip' else None)
+    net: nn.Module = model
+    if mode == 'linear-probe' and train_transform == 'resize' and sgdrop_rho == 0:
+        # a frozen eval-mode encoder gives fixed inputs the same features every epoch: they are computed once, and
+        # only the classifier runs per step (with SGDrop the mask needs the images for its attribution)
+        train_loader = FeatureLoader(*encode(model, in_memory_loader(*train_images, model, batch_size, False, device)),
+                                     batch_size, True, seed)
+        val_loader = FeatureLoader(*encode(model, val_loader), batch_size, False)
+        net = Classifier(model)
     lr = lr if lr is not None else DEFAULT_LR[mode]
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
 
@@ -180,8 +234,8 @@ def finetune(
         _train_mode(model, mode, encoder)
         start, loss_sum, correct, count = time.time(), 0.0, 0, 0
         bar = tqdm(train_loader, desc=f'epoch {epoch + 1}/{epochs}', leave=False, disable=not progress)
-        for images, target in bar:
-            output_logits = model(images, target=target)
+        for inputs, target in bar:
+            output_logits = net(inputs, target=target)
             loss = F.cross_entropy(output_logits, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -191,7 +245,7 @@ def finetune(
             correct += (output_logits.argmax(1) == target).sum().item()
             count += target.numel()
             bar.set_postfix(loss=f'{loss_sum / count:.3f}')
-        val_metrics = evaluate(model, val_loader)
+        val_metrics = evaluate(net, val_loader)
         record = dict(epoch=epoch + 1, train_loss=loss_sum / count, train_acc1=100.0 * correct / count,
                       val_loss=val_metrics['loss'], val_acc1=val_metrics['acc1'], val_count=val_metrics['count'],
                       lr=lr, sgdrop_rho=sgdrop_rho, epoch_time_s=time.time() - start)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from timm.models import save_for_hf
 
 import sgdrop_zoo  # noqa: F401  (registers sgdrop_vgg_tiny, which the local-dir configs name)
+import sgdrop_zoo.finetune as finetune_module
 from sgdrop_zoo import cli
 from sgdrop_zoo.data import DatasetError
 from sgdrop_zoo.finetune import finetune
@@ -55,6 +56,29 @@ def test_linear_probe_freezes_the_encoder_and_trains_a_new_head(small_data: Path
     log = [json.loads(line) for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
     assert [r['epoch'] for r in log] == [1] and 0 <= log[0]['val_acc1'] <= 100
     assert json.loads((tmp_path / 'metrics.json').read_text())['val_acc1'] == metrics['val_acc1']
+
+
+def test_a_linear_probe_encodes_each_image_once_and_logs_what_its_export_measures(
+        small_data: Path, source_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    encoded = []
+
+    def load_counting(name: str) -> torch.nn.Module:
+        model = load_model(name)
+        forward_features = model.forward_features
+        model.forward_features = lambda x: encoded.append(x.shape[0]) or forward_features(x)
+        return model
+
+    monkeypatch.setattr(finetune_module, 'load_model', load_counting)
+    metrics = finetune(str(source_dir), small_data, tmp_path / 'probe', mode='linear-probe', **dict(RUN, epochs=3))
+    # the encoder split's blank image, before and after the new head, then the 12 training and 6 val images once,
+    # for all 3 epochs
+    assert encoded == [1, 1] + [4] * 3 + [4, 2]
+    # the val figures of the cached features are those of the exported model on the images
+    log = [json.loads(line) for line in (tmp_path / 'probe' / 'log.jsonl').read_text().splitlines()]
+    best = max(log, key=lambda r: r['val_acc1'])
+    measured = finetune(str(tmp_path / 'probe'), small_data, tmp_path / 'eval', evaluate_only=True, **RUN)['val']
+    assert (measured['acc1'], measured['count']) == (metrics['val_acc1'], 6) == (best['val_acc1'], best['val_count'])
+    assert measured['loss'] == pytest.approx(best['val_loss'], rel=1e-6)
 
 
 def test_full_finetuning_with_sgdrop_changes_encoder_and_head(small_data: Path, source_dir: Path, tmp_path: Path):
