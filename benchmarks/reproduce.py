@@ -386,6 +386,7 @@ def train_one(protocol: str, config: dict, data: str, arch: str, method: str, se
     resumed = (REPO / checkpoint).exists()
     launch = command + (['--resume', str(checkpoint)] if resumed else [])
     print(f"=> {name}: {' '.join(launch)}", flush=True)
+    commit = git_commit()  # the code the run starts with; work committed while it trains is not its code
     start = time.time()
     subprocess.run(launch, cwd=REPO, check=True)
     metrics_path = output / 'final_val.json'
@@ -402,7 +403,7 @@ def train_one(protocol: str, config: dict, data: str, arch: str, method: str, se
         'command': ' '.join(['python'] + command[1:]),
         'final_eval_command': ' '.join(['python'] + base[1:] + final_eval_args(checkpoint, metrics_path))
         if subset else None,
-        'git_commit': git_commit(),
+        'git_commit': commit,
         'device': torch.cuda.get_device_name() if torch.cuda.is_available()
         else f'cpu ({torch.get_num_threads()} threads)',
         'platform': platform.platform(),

@@ -230,7 +230,7 @@ def decode_images(dataset: datasets.ImageFolder, indices: Optional[list[int]], w
 
 
 def shuffled_order(num: int, seed: int, epoch: int) -> torch.Tensor:
-    """An epoch's order of ``num`` training samples: a permutation seeded by (seed, epoch), the same on every process."""
+    """An epoch's order of ``num`` training samples: a permutation seeded by (seed, epoch), alike on every process."""
     return torch.randperm(num, generator=torch.Generator().manual_seed(seed + epoch))
 
 

@@ -3,6 +3,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -141,6 +142,26 @@ def test_the_transfer_probes_take_each_shipped_sgdrop_checkpoint_of_the_tag_with
         ('sgdrop_vgg11.imagenette_128', 'sgdrop_vgg11.imagenette_128_vanilla')]
     with pytest.raises(SystemExit, match="no SGDrop checkpoint of tag 'imagenette_64' with a shipped vanilla twin"):
         transfer_zoo.shipped_pairs(records, 'imagenette_64')
+
+
+def test_a_result_records_the_commit_its_run_started_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    committed = json.loads((BENCHMARKS / 'results' / 'reproduce_cpu' / 'sgdrop_cifar_cnn__sgdrop__seed0.json')
+                           .read_text())
+    head = {'commit': 'abc123'}
+    monkeypatch.setattr(reproduce, 'git_commit', lambda: head['commit'])
+
+    def train(command: list[str], **kwargs) -> None:
+        output = Path(command[command.index('--output') + 1])
+        output.mkdir(parents=True)
+        (output / 'log.jsonl').write_text(''.join(json.dumps(line) + '\n' for line in committed['curve']))
+        head['commit'] = 'def456'  # work committed while the run trains
+
+    monkeypatch.setattr(reproduce, 'subprocess', SimpleNamespace(run=train))  # the recipe does not run
+    config = dict(reproduce.PROTOCOLS['cpu'], curve_val_subset=0)
+    (tmp_path / 'results').mkdir()
+    result = reproduce.train_one('cpu', config, 'DATA', 'sgdrop_cifar_cnn', 'sgdrop', 0, tmp_path / 'runs',
+                                 tmp_path / 'results')
+    assert result['git_commit'] == 'abc123' and result['curve'] == committed['curve']
 
 
 def test_a_rerun_is_the_committed_run_to_the_bit_or_a_new_run_on_other_cpu_kernels():
