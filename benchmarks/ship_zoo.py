@@ -155,6 +155,12 @@ def choose_pair(runs: list[dict[str, Any]], arch: str, method: str) -> tuple[dic
     return chosen, twin
 
 
+def rerun_command(run: dict[str, Any], data: Path) -> str:
+    """The command that trains the study's ``run`` again, for its weights (``reproduce.py --rerun``)."""
+    return (f"python benchmarks/reproduce.py {run['protocol']} --data {data} --archs {run['arch']} --methods "
+            f"{run['method']} --seeds {run['seed']} --rerun")
+
+
 def result_of_folder(run: dict[str, Any], results_dir: Path, folder: Path, data: Path) -> tuple[dict[str, Any], Path]:
     """The result whose weights a run folder holds, and its JSON: the study's ``run``, or ``run`` trained again with
     other CPU kernels (``reproduce.py --rerun``, in the ``RERUNS`` subfolder), told apart by the folder's log.
@@ -172,9 +178,7 @@ def result_of_folder(run: dict[str, Any], results_dir: Path, folder: Path, data:
         if [(line['train_loss'], line['val_acc1']) for line in result['curve']] == logged:
             return result, path
     known = ' or '.join(os.path.relpath(path, REPO) for _, path in candidates)
-    raise SystemExit(f"error: {folder} holds another run than {known}; train it again with python "
-                     f"benchmarks/reproduce.py {run['protocol']} --data {data} --archs {run['arch']} --methods "
-                     f"{run['method']} --seeds {run['seed']} --rerun")
+    raise SystemExit(f'error: {folder} holds another run than {known}; train it again with {rerun_command(run, data)}')
 
 
 def checkpoint_names(arch: str, tag: str) -> tuple[str, str]:
@@ -255,9 +259,8 @@ def ship_checkpoint(name: str, run: dict[str, Any], runs: list[dict[str, Any]], 
             # the last epoch's weights, which the study's top-1 measures (the run's own export holds its best epoch's)
             source = runs_dir / run_name(arch, run['method'], run['seed']) / 'checkpoint.pth.tar'
             if not source.is_file():
-                raise SystemExit(f"error: {name}: {source} is missing (run folders do not outlive their session); "
-                                 f"train it again with python benchmarks/reproduce.py {run['protocol']} --data "
-                                 f"{data} --archs {arch} --methods {run['method']} --seeds {run['seed']} --rerun")
+                raise SystemExit(f'error: {name}: {source} is missing (run folders do not outlive their session); '
+                                 f'train it again with {rerun_command(run, data)}')
             weights_run, results_path = result_of_folder(run, results_dir, source.parent, data)
             record = export_run(name, source, Path(tmp))
         config = read_config(Path(tmp) / CONFIG_NAME)

@@ -213,9 +213,8 @@ def finetune(
         param.requires_grad_(mode == 'full' or name in head_params)
     train_images = load_split(data, 'train', class_names, size, True, train_transform, workers,
                               train_subset_per_class)
-    train_loader = in_memory_loader(*train_images, model, batch_size, True, device, seed=seed,
-                           crop_flip_size=size if train_transform == 'crop-flip' else None)
     net: nn.Module = model
+    train_loader: Union[InMemoryLoader, FeatureLoader]
     if mode == 'linear-probe' and train_transform == 'resize' and sgdrop_rho == 0:
         # a frozen eval-mode encoder gives fixed inputs the same features every epoch: they are computed once, and
         # only the classifier runs per step (with SGDrop the mask needs the images for its attribution)
@@ -223,6 +222,9 @@ def finetune(
                                      batch_size, True, seed)
         val_loader = FeatureLoader(*encode(model, val_loader), batch_size, False)
         net = Classifier(model)
+    else:
+        train_loader = in_memory_loader(*train_images, model, batch_size, True, device, seed=seed,
+                                        crop_flip_size=size if train_transform == 'crop-flip' else None)
     lr = lr if lr is not None else DEFAULT_LR[mode]
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
 
