@@ -84,6 +84,18 @@ def test_twins_name_each_other_and_differ_only_by_sgdrop():
             assert vanilla.get(key) == sgdrop.get(key), (name, key)
 
 
+def test_readme_zoo_table_lists_each_shipped_checkpoint_with_its_recorded_top1():
+    readme = (REPO_ROOT / 'README.md').read_text(encoding='utf-8')
+    block = readme.split('<!-- zoo -->')[1].split('<!-- /zoo -->')[0]
+    rows = [line.split(' | ') for line in block.splitlines() if line.startswith('| `')]
+    # checkpoint | method | input | top-1 (shipped) | ...: a retired or unlisted checkpoint fails here
+    listed = {cells[0].removeprefix('| ').strip('`'): cells for cells in rows}
+    assert len(listed) == len(rows) and sorted(listed) == sorted(NAMES)
+    for name, record in zip(NAMES, RECORDS):
+        assert listed[name][2] == f'{record["input_size"][1]} px', name
+        assert listed[name][3] == f'{record["metrics"]["top1"]:.2f}', name
+
+
 @pytest.mark.parametrize('record', RECORDS, ids=NAMES)
 def test_tag_and_folder_loaders_give_the_settings_it_was_trained_with(record):
     from sgdrop_zoo.hub import load_sgdrop_model
