@@ -15,7 +15,7 @@ The shipped float16 weights are evaluated as timm users evaluate a model, ``reso
 from its run's float32 figure by more than 0.1 points. It also records the exact number of correct images on a fixed
 100-image subset of the split, which the tests check on every run.
 
-    python benchmarks/ship_zoo.py --data ../shared/data/imagenette --protocol zoo
+    python benchmarks/ship_zoo.py --data ../shared/data/imagenette --protocol zoo128
 
 Run folders do not outlive their session; ``reproduce.py --rerun`` trains a run again for its weights. On a CPU with
 other kernels than the study's (AVX2 against AVX-512) that is a new run of the same command and seed, with its own
@@ -25,9 +25,10 @@ carries that result's figures (its ``rerun_of`` names the study's run) beside ev
 Seeds that finish after a checkpoint shipped change its record, not its weights, while the median seed stays the
 same; ``--keep-weights`` then re-evaluates the shipped folder and rewrites its record and card without the run folders:
 
-    python benchmarks/ship_zoo.py --data ../shared/data/imagenette --archs sgdrop_vgg11 --keep-weights
+    python benchmarks/ship_zoo.py --data ../shared/data/imagenette --protocol zoo128 --archs sgdrop_vgg11 --keep-weights
 """
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -51,12 +52,23 @@ from sgdrop_zoo.model_card import render_model_card
 from sgdrop_zoo.pretrained import CONFIG_NAME, WEIGHTS_NAME, sha256_of_file
 from sgdrop_zoo.run_files import read_log
 
-from reproduce import PROTOCOLS, RERUNS, RESULTS, read_overhead, run_name  # benchmarks/reproduce.py, beside this script
+from reproduce import (  # benchmarks/reproduce.py, beside this script
+    PROTOCOLS,
+    RERUNS,
+    check_data_root,
+    curve_difference,
+    read_overhead,
+    read_results,
+    results_folder,
+    run_name,
+    runs_folder,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = 'imagenette'
 CHECK_IMAGES = 100  # size of the fixed validation subset whose correct count the tests compare
 MAX_TOP1_DRIFT = 0.1  # points of top-1 the float16 weights may differ by from the study's float32 figure
+SHIPPED_FILES = (WEIGHTS_NAME, CONFIG_NAME, 'README.md')  # a shipped checkpoint's folder: a Hub repo's files
 
 
 def check_indices(num_images: int) -> list[int]:
@@ -84,7 +96,7 @@ def forward_gflops(model: torch.nn.Module) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def mean_std(values: list[float]) -> dict[str, float]:
+def mean_and_std(values: list[float]) -> dict[str, float]:
     return dict(mean=round(statistics.mean(values), 2),
                 std=round(statistics.stdev(values), 2) if len(values) > 1 else 0.0)
 
@@ -125,7 +137,11 @@ def reuse_shipped(name: str, seed: int, shipped: Path, folder: Path) -> tuple[di
         The record of the rewritten config.json, as ``prepare_hub_folder`` returns it, and the result JSON of the
         shipped weights that the old record names.
     """
-    record = json.loads((shipped.parent / f'{name}.json').read_text())
+    record_path = shipped.parent / f'{name}.json'
+    if not record_path.is_file() or not (shipped / WEIGHTS_NAME).is_file():
+        raise SystemExit(f'error: --keep-weights: nothing is shipped as {name} ({record_path} and {shipped}/); ship it '
+                         f'from its run folder, without --keep-weights')
+    record = json.loads(record_path.read_text())
     if record['metrics']['seed'] != seed:
         raise SystemExit(f'error: {name}: the median seed is now {seed}, the shipped weights are seed '
                          f'{record["metrics"]["seed"]}\'s; ship it from its run folder (without --keep-weights)')
@@ -155,30 +171,40 @@ def choose_pair(runs: list[dict[str, Any]], arch: str, method: str) -> tuple[dic
     return chosen, twin
 
 
-def rerun_command(run: dict[str, Any], data: Path) -> str:
-    """The command that trains the study's ``run`` again, for its weights (``reproduce.py --rerun``)."""
-    return (f"python benchmarks/reproduce.py {run['protocol']} --data {data} --archs {run['arch']} --methods "
-            f"{run['method']} --seeds {run['seed']} --rerun")
+def rerun_command(run: dict[str, Any], data: Path, runs_dir: Path, results_dir: Path) -> str:
+    """The command that trains the study's ``run`` again, for its weights (``reproduce.py --rerun``), into
+    ``runs_dir`` and ``results_dir``."""
+    protocol = run['protocol']
+    folders = ''.join(f' {flag} {os.path.relpath(folder)}' for flag, folder, default in (
+        ('--runs-dir', runs_dir, runs_folder(protocol)), ('--results-dir', results_dir, results_folder(protocol)))
+        if folder.resolve() != default.resolve())
+    return (f"python benchmarks/reproduce.py {protocol} --data {data} --archs {run['arch']} --methods {run['method']} "
+            f"--seeds {run['seed']} --rerun{folders}")
 
 
-def result_of_folder(run: dict[str, Any], results_dir: Path, folder: Path, data: Path) -> tuple[dict[str, Any], Path]:
-    """The result whose weights a run folder holds, and its JSON: the study's ``run``, or ``run`` trained again with
-    other CPU kernels (``reproduce.py --rerun``, in the ``RERUNS`` subfolder), told apart by the folder's log.
+def result_of_folder(run: dict[str, Any], runs_dir: Path, results_dir: Path,
+                     data: Path) -> tuple[dict[str, Any], Path]:
+    """The result whose weights ``run``'s folder in ``runs_dir`` holds, and its JSON: the study's ``run``, or ``run``
+    trained again with other CPU kernels (``reproduce.py --rerun``, in the ``RERUNS`` subfolder), told apart by the
+    folder's log (``curve_difference``).
 
     Raises:
         SystemExit: The folder's per-epoch training loss and val top-1 are neither result's.
     """
+    folder = runs_dir / run_name(run['arch'], run['method'], run['seed'])
     name = run_name(run['arch'], run['method'], run['seed'])
     candidates = [(run, results_dir / f'{name}.json')]
     rerun_path = results_dir / RERUNS / f'{name}.json'
     if rerun_path.is_file():
         candidates.append((json.loads(rerun_path.read_text()), rerun_path))
-    logged = [(line['train_loss'], line['val_acc1']) for line in read_log(folder)]
+    logged = read_log(folder)
     for result, path in candidates:
-        if [(line['train_loss'], line['val_acc1']) for line in result['curve']] == logged:
+        if curve_difference(logged, result['curve']) is None:
             return result, path
     known = ' or '.join(os.path.relpath(path, REPO) for _, path in candidates)
-    raise SystemExit(f'error: {folder} holds another run than {known}; train it again with {rerun_command(run, data)}')
+    # reproduce.py would resume from the folder's finished checkpoint, so the folder has to go first
+    raise SystemExit(f'error: {folder} holds another run than {known}; move the folder aside, then train it again '
+                     f'with {rerun_command(run, data, runs_dir, results_dir)}')
 
 
 def checkpoint_names(arch: str, tag: str) -> tuple[str, str]:
@@ -192,7 +218,7 @@ def study_metrics(runs: list[dict[str, Any]], run: dict[str, Any], arch: str) ->
     when ``run`` is a study run trained again with other CPU kernels, the result it re-trained and those kernels."""
     group = [r for r in runs if r['arch'] == arch and r['method'] == run['method']]
     vanilla_runs = [r for r in runs if r['arch'] == arch and r['method'] == 'vanilla']
-    seeds, vanilla = (mean_std([r['final_val_acc1'] for r in rs]) for rs in (group, vanilla_runs))
+    seeds, vanilla = (mean_and_std([r['final_val_acc1'] for r in rs]) for rs in (group, vanilla_runs))
     area = {name: round(statistics.mean(r['curve'][-1]['val_area_ratio'] for r in rs), 3)
             for name, rs in (('area_ratio', group), ('vanilla_area_ratio', vanilla_runs))
             if rs and all('val_area_ratio' in r['curve'][-1] for r in rs)}
@@ -233,72 +259,87 @@ def measure(model: torch.nn.Module, val: Path, study_top1: float, name: str) -> 
                 params=sum(p.numel() for p in model.parameters()), gflops=round(forward_gflops(model), 3))
 
 
-def write_folder(tmp: Path, folder: Path) -> None:
-    """Put a finished Hub-repo folder in place of ``folder``, readable by all as a Hub repo's files are."""
+def check_replaceable(folder: Path) -> None:
+    """Refuse to replace a ``hub_configs/`` folder that holds files a shipped checkpoint's folder does not (someone
+    else's: a clone of its Hub repo, notes), before anything is written.
+
+    Raises:
+        SystemExit: The folder holds other files, naming them.
+    """
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in SHIPPED_FILES) if folder.is_dir() else []
+    if foreign:
+        raise SystemExit(f'error: {folder} holds {", ".join(foreign)}, which ship_zoo did not write; move them out of '
+                         f'the folder, then ship again')
+
+
+def prepare_checkpoint(name: str, run: dict[str, Any], runs: list[dict[str, Any]], data: Path, runs_dir: Path,
+                       results_dir: Path, overhead: dict[str, Any], twin: Optional[str], keep_weights: bool,
+                       tmp: Path) -> dict[str, Any]:
+    """Export (or, with ``keep_weights``, re-record) one checkpoint of the study into the folder ``tmp``: the
+    Hub-repo files of ``hub_configs/<name>/``; its record, which names its ``twin`` (the other checkpoint of the pair)
+    when there is one. Nothing in ``hub_configs/`` changes (``place_checkpoint``)."""
+    arch = run['arch']
+    folder = REPO / 'hub_configs' / name
+    check_replaceable(folder)
+    if keep_weights:
+        record, results_path = reuse_shipped(name, run['seed'], folder, tmp)
+        weights_run = json.loads(results_path.read_text())
+    else:
+        # the last epoch's weights, which the study's top-1 measures (the run's own export holds its best epoch's)
+        source = runs_dir / run_name(arch, run['method'], run['seed']) / 'checkpoint.pth.tar'
+        if not source.is_file():
+            raise SystemExit(f'error: {name}: {source} is missing (run folders do not outlive their session); train '
+                             f'it again with {rerun_command(run, data, runs_dir, results_dir)}')
+        weights_run, results_path = result_of_folder(run, runs_dir, results_dir, data)
+        record = export_run(name, source, tmp)
+    config = read_config(tmp / CONFIG_NAME)
+    model = timm.create_model(f'local-dir:{tmp}', pretrained=True)
+    command = (f'python benchmarks/ship_zoo.py --data ../shared/data/{data.name} --protocol {run["protocol"]} '
+               f'--results-dir {os.path.relpath(results_dir, REPO)} --archs {arch}')
+    record.update(
+        hf_hub_id=None,
+        local_dir=name,
+        crop_mode=config['pretrained_cfg'].get('crop_mode', 'center'),
+        **(dict(twin=twin) if twin else {}),
+        metrics=dict(
+            **measure(model, data / 'val', weights_run['final_val_acc1'], name),
+            **study_metrics(runs, weights_run, arch),
+            file_mib=round((tmp / WEIGHTS_NAME).stat().st_size / 2 ** 20, 2),
+            **(dict(step_overhead=overhead[arch]['sgdrop_ema_overhead'],
+                    step_overhead_command=overhead[arch]['command'])
+               if run['method'] != 'vanilla' and arch in overhead else {}),
+            # the command that exported the weights; a --keep-weights run only rewrote the figures
+            ship_command=command,
+            **(dict(record_command=f'{command} --keep-weights') if keep_weights else {}),
+            results=os.path.relpath(results_path, REPO),
+        ),
+        sha256=sha256_of_file(tmp / WEIGHTS_NAME),
+    )
+    render_model_card([record], checkpoint=record).save(tmp / 'README.md')
+    return record
+
+
+def place_checkpoint(name: str, record: dict[str, Any], tmp: Path) -> None:
+    """Put a prepared checkpoint in ``hub_configs/``: ``tmp`` in place of its folder, readable by all as a Hub
+    repo's files are, and its record beside it."""
+    folder = REPO / 'hub_configs' / name
     for path in tmp.iterdir():
         path.chmod(0o644)  # TemporaryDirectory and safetensors create them private
     tmp.chmod(0o755)
     if folder.exists():
-        shutil.rmtree(folder)
+        shutil.rmtree(folder)  # the files of an earlier shipping only (check_replaceable)
     os.replace(tmp, folder)
     tmp.mkdir()  # TemporaryDirectory removes its path on exit
-
-
-def ship_checkpoint(name: str, run: dict[str, Any], runs: list[dict[str, Any]], data: Path, runs_dir: Path,
-                    results_dir: Path, overhead: dict[str, Any], twin: Optional[str],
-                    keep_weights: bool = False) -> dict[str, Any]:
-    """Export (or, with ``keep_weights``, re-record) one checkpoint of the study into ``hub_configs/``: its folder
-    and its record, which names its ``twin`` (the other checkpoint of the pair) when there is one."""
-    arch = run['arch']
-    folder = REPO / 'hub_configs' / name
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f'.{name}.') as tmp:
-        if keep_weights:
-            record, results_path = reuse_shipped(name, run['seed'], folder, Path(tmp))
-            weights_run = json.loads(results_path.read_text())
-        else:
-            # the last epoch's weights, which the study's top-1 measures (the run's own export holds its best epoch's)
-            source = runs_dir / run_name(arch, run['method'], run['seed']) / 'checkpoint.pth.tar'
-            if not source.is_file():
-                raise SystemExit(f'error: {name}: {source} is missing (run folders do not outlive their session); '
-                                 f'train it again with {rerun_command(run, data)}')
-            weights_run, results_path = result_of_folder(run, results_dir, source.parent, data)
-            record = export_run(name, source, Path(tmp))
-        config = read_config(Path(tmp) / CONFIG_NAME)
-        model = timm.create_model(f'local-dir:{tmp}', pretrained=True)
-        command = (f'python benchmarks/ship_zoo.py --data ../shared/data/{data.name} --protocol {run["protocol"]} '
-                   f'--results-dir {os.path.relpath(results_dir, REPO)} --archs {arch}')
-        record.update(
-            hf_hub_id=None,
-            local_dir=name,
-            crop_mode=config['pretrained_cfg'].get('crop_mode', 'center'),
-            **(dict(twin=twin) if twin else {}),
-            metrics=dict(
-                **measure(model, data / 'val', weights_run['final_val_acc1'], name),
-                **study_metrics(runs, weights_run, arch),
-                file_mib=round((Path(tmp) / WEIGHTS_NAME).stat().st_size / 2 ** 20, 2),
-                **(dict(step_overhead=overhead[arch]['sgdrop_ema_overhead'],
-                        step_overhead_command=overhead[arch]['command'])
-                   if run['method'] != 'vanilla' and arch in overhead else {}),
-                # the command that exported the weights; a --keep-weights run only rewrote the figures
-                ship_command=command,
-                **(dict(record_command=f'{command} --keep-weights') if keep_weights else {}),
-                results=os.path.relpath(results_path, REPO),
-            ),
-            sha256=sha256_of_file(Path(tmp) / WEIGHTS_NAME),
-        )
-        render_model_card([record], checkpoint=record).save(Path(tmp) / 'README.md')
-        write_folder(Path(tmp), folder)
     (REPO / 'hub_configs' / f'{name}.json').write_text(json.dumps(record, indent=2) + '\n')
     metrics = record['metrics']
-    print(f'{name}: seed {run["seed"]}, top-1 {metrics["top1"]} (float32 {weights_run["final_val_acc1"]}), check '
+    print(f'{name}: seed {metrics["seed"]}, top-1 {metrics["top1"]} (float32 {metrics["top1_float32"]}), check '
           f'{metrics["check"]["correct"]}/{CHECK_IMAGES}, {metrics["file_mib"]:.1f} MiB', flush=True)
-    return record
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--data', type=Path, required=True, help="the study's ImageFolder root (train/ and val/)")
-    parser.add_argument('--protocol', default='zoo', choices=sorted(p for p, c in PROTOCOLS.items() if 'ship' in c),
+    parser.add_argument('--protocol', default='zoo128', choices=sorted(p for p, c in PROTOCOLS.items() if 'ship' in c),
                         help='the reproduce.py protocol whose study is shipped')
     parser.add_argument('--results-dir', type=Path, default=None,
                         help="the study's results (default: benchmarks/results/reproduce_PROTOCOL, where reproduce.py "
@@ -311,34 +352,43 @@ def main() -> None:
                         help='re-evaluate and re-record the weights already in hub_configs/ instead of exporting them '
                              'from --runs-dir (after seeds were added; the median seed must be unchanged)')
     args = parser.parse_args()
+    check_data_root(str(args.data))
     protocol = PROTOCOLS[args.protocol]
-    results_dir = (args.results_dir or RESULTS / protocol.get('results', f'reproduce_{args.protocol}')).resolve()
-    runs_dir = (args.runs_dir or REPO / 'runs' / 'reproduce' / args.protocol).resolve()
+    results_dir = (args.results_dir or results_folder(args.protocol)).resolve()
+    runs_dir = (args.runs_dir or runs_folder(args.protocol)).resolve()
     archs = args.archs or protocol['ship']
     unknown = sorted(set(archs) - set(protocol['ship']))
     if unknown:
         sys.exit(f"error: --archs {', '.join(unknown)}: the {args.protocol} protocol ships "
                  f"{', '.join(protocol['ship'])}")
-    runs = [json.loads(p.read_text()) for p in sorted(results_dir.glob('*__*__seed*.json'))]
+    runs = read_results(results_dir)
     missing = [arch for arch in archs if not any(r['arch'] == arch for r in runs)]
     if missing:
         sys.exit(f'error: no run results of {", ".join(missing)} in {results_dir}; run python benchmarks/reproduce.py '
                  f'{args.protocol} --data {args.data} first')
     overhead = read_overhead(args.protocol, results_dir)
+    checkpoints = []
     for arch in archs:
         method = protocol.get('ship_method', {}).get(arch, 'sgdrop')
         chosen, twin = choose_pair(runs, arch, method)
         name, twin_name = checkpoint_names(arch, protocol['tag'])
-        # before anything is written: a checkpoint must not ship naming a twin that cannot follow it
-        if protocol.get('ship_twins') and twin is None:
+        if not protocol.get('ship_twins'):
+            checkpoints.append((name, chosen, None))
+            continue
+        if twin is None:
             sys.exit(f'error: no vanilla run of {arch} with seed {chosen["seed"]}, the twin of the checkpoint to '
                      f'ship; run it with python benchmarks/reproduce.py {args.protocol} --data {args.data} --archs '
                      f'{arch} --methods vanilla --seeds {chosen["seed"]}')
-        ship_checkpoint(name, chosen, runs, args.data.resolve(), runs_dir, results_dir, overhead,
-                        twin_name if protocol.get('ship_twins') else None, args.keep_weights)
-        if protocol.get('ship_twins'):
-            ship_checkpoint(twin_name, twin, runs, args.data.resolve(), runs_dir, results_dir, overhead, name,
-                            args.keep_weights)
+        checkpoints += [(name, chosen, twin_name), (twin_name, twin, name)]
+    with contextlib.ExitStack() as stack:
+        prepared = []
+        for name, run, twin_name in checkpoints:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=REPO / 'hub_configs', prefix=f'.{name}.')))
+            prepared.append((name, prepare_checkpoint(name, run, runs, args.data.resolve(), runs_dir, results_dir,
+                                                      overhead, twin_name, args.keep_weights, tmp), tmp))
+        # only once every checkpoint is ready: a pair whose twin fails ships neither, naming the other
+        for name, record, tmp in prepared:
+            place_checkpoint(name, record, tmp)
 
 
 if __name__ == '__main__':

@@ -29,6 +29,8 @@ from sgdrop_zoo.plots import plot_runs  # noqa: E402
 from sgdrop_zoo.run_files import read_log  # noqa: E402
 from sgdrop_zoo.saliency import format_table, saliency_report  # noqa: E402
 
+from reproduce import runs_folder  # noqa: E402, benchmarks/reproduce.py, beside this script
+
 # Paper, VGG16: transfer RESISC45 -> RSICD (section 4.4); area ratio and coverage on ImageNet (section 4.2).
 PAPER = {
     'vanilla': {'transfer': 64.18, 'area_ratio': 0.01, 'coverage_global': 0.40, 'coverage_last_conv': 0.09},
@@ -55,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
 
     # relative to where the script runs (the repository, as documented), so that the results record no local paths
-    runs_dir = Path(os.path.relpath(Path(args.runs_dir or REPO / 'runs' / 'reproduce' / args.protocol).resolve()))
+    runs_dir = Path(os.path.relpath(Path(args.runs_dir or runs_folder(args.protocol)).resolve()))
     output = Path(args.output or REPO / 'benchmarks' / 'results' / f'transfer_saliency_{args.protocol}')
     work_dir = Path(args.work_dir or REPO / 'runs' / 'transfer_saliency' / args.protocol)
     runs = {m: runs_dir / f'{args.arch}__{m}__seed{args.seed}' for m in args.methods}

@@ -11,7 +11,7 @@ class-balanced subset of the target's validation split. The settings are fixed b
 
 Writes one JSON per probe and ``table.md`` (mean ± std over the probe seeds, SGDrop beside its twin) to
 ``benchmarks/results/transfer_<tag>/``; the probes' exports stay in ``runs/transfer/<tag>/``. Re-running skips the
-probes whose JSON exists.
+probes whose JSON exists, and stops if one of them probed other weights (a checkpoint shipped again) or other data.
 """
 import argparse
 import json
@@ -19,7 +19,7 @@ import os
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -28,7 +28,7 @@ from sgdrop_zoo.finetune import finetune  # noqa: E402
 from sgdrop_zoo.pretrained import load_hub_configs  # noqa: E402
 from sgdrop_zoo.run_files import read_log  # noqa: E402
 
-from reproduce import mean_std  # noqa: E402, benchmarks/reproduce.py, beside this script
+from reproduce import check_data_root, mean_std  # noqa: E402, benchmarks/reproduce.py, beside this script
 
 PROBE_SEEDS = [0, 1, 2]
 PROBE_EPOCHS = 10
@@ -54,6 +54,22 @@ def shipped_pairs(records: list[dict[str, Any]], tag: str) -> list[tuple[str, st
 
 def probe_name(name: str, seed: int) -> str:
     return f'{name}__probe_seed{seed}'
+
+
+def finished_probe(result_path: Path, sha256: str, data: str) -> Optional[dict[str, Any]]:
+    """The result of a probe already run, None when there is none yet.
+
+    Raises:
+        SystemExit: It probed other weights than the shipped ones (``sha256``: the checkpoint was shipped again) or
+            another dataset than ``data``, so that its figures do not belong in this table.
+    """
+    if not result_path.exists():
+        return None
+    result = json.loads(result_path.read_text())
+    if (result['checkpoint_sha256'], result['data']) != (sha256, data):
+        raise SystemExit(f"error: {os.path.relpath(result_path)} probed weights {result['checkpoint_sha256'][:12]} on "
+                         f"{result['data']}, not the shipped {sha256[:12]} on {data}; move it aside to probe again")
+    return result
 
 
 def write_table(pairs: list[tuple[str, str]], results: dict[str, list[dict]], data: str, output: Path) -> str:
@@ -82,27 +98,28 @@ def main() -> None:
     parser.add_argument('--data', required=True, help='ImageFolder root (train/ and val/) of the probes')
     parser.add_argument('--tag', required=True, help='pretrained tag of the shipped pairs, e.g. imagenette_128')
     args = parser.parse_args()
-    if not (Path(args.data) / 'train').is_dir() or not (Path(args.data) / 'val').is_dir():
-        sys.exit(f'error: --data must be an ImageFolder root with train/ and val/, got {args.data!r}')
+    check_data_root(args.data)
     data = os.path.relpath(Path(args.data).resolve(), REPO)
     output = REPO / 'benchmarks' / 'results' / f'transfer_{args.tag}'
     work_dir = REPO / 'runs' / 'transfer' / args.tag
-    pairs = shipped_pairs(load_hub_configs(), args.tag)
+    records = load_hub_configs()
+    sha256 = {f"{r['architecture']}.{r['tag']}": r['sha256'] for r in records}
+    pairs = shipped_pairs(records, args.tag)
     output.mkdir(parents=True, exist_ok=True)
 
     results: dict[str, list[dict]] = {}
     for name in (n for pair in pairs for n in pair):
         for seed in PROBE_SEEDS:
             result_path = output / f'{probe_name(name, seed)}.json'
-            if result_path.exists():
-                result = json.loads(result_path.read_text())
-            else:
+            result = finished_probe(result_path, sha256[name], data)
+            if result is None:
                 probe_dir = work_dir / probe_name(name, seed)
                 metrics = finetune(name, REPO / data, probe_dir, mode='linear-probe', epochs=PROBE_EPOCHS, seed=seed,
                                    train_subset_per_class=TRAIN_PER_CLASS, val_subset_per_class=VAL_PER_CLASS,
                                    progress=False, overwrite=True)
                 log = read_log(probe_dir)
-                result = dict(checkpoint=name, probe_seed=seed, probe_final_val_acc1=log[-1]['val_acc1'],
+                result = dict(checkpoint=name, checkpoint_sha256=sha256[name], data=data, probe_seed=seed,
+                              probe_final_val_acc1=log[-1]['val_acc1'],
                               probe_best_val_acc1=metrics['val_acc1'], probe_val_count=log[-1]['val_count'],
                               epochs=PROBE_EPOCHS, command=f'python benchmarks/transfer_zoo.py --data {data} '
                                                            f'--tag {args.tag}', curve=log)

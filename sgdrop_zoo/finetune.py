@@ -5,7 +5,8 @@ The encoder is what ``forward_features`` runs (the paper's f, whose output z SGD
 dataset stays frozen, parameters and batch-norm statistics included, and only the classifier, resized to the new
 classes, is trained. ``full`` trains everything, with SGDrop when ``sgdrop_rho > 0``. A linear probe on resized images
 without SGDrop runs the encoder once per image, not once per epoch: its features are fixed, so they are computed once
-and the classifier trains on them.
+and the classifier trains on them (held in memory: the latent map of every image, larger than the decoded images for
+a wide encoder).
 
     finetune('sgdrop_vgg_tiny', 'data/eurosat', 'runs/probe', mode='linear-probe')   # what `sgdrop-zoo finetune` runs
 
@@ -16,8 +17,9 @@ import copy
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -83,6 +85,7 @@ class Classifier(nn.Module):
         self.model = model
 
     def forward(self, features: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # target is taken, and unused, so that the training loop calls this as it calls an SGDrop model
         return self.model.forward_head(features)
 
 
@@ -219,8 +222,8 @@ def finetune(
         # a frozen eval-mode encoder gives fixed inputs the same features every epoch: they are computed once, and
         # only the classifier runs per step (with SGDrop the mask needs the images for its attribution)
         train_loader = FeatureLoader(*encode(model, in_memory_loader(*train_images, model, batch_size, False, device)),
-                                     batch_size, True, seed)
-        val_loader = FeatureLoader(*encode(model, val_loader), batch_size, False)
+                                     batch_size, shuffle=True, seed=seed)
+        val_loader = FeatureLoader(*encode(model, val_loader), batch_size, shuffle=False)
         net = Classifier(model)
     else:
         train_loader = in_memory_loader(*train_images, model, batch_size, True, device, seed=seed,

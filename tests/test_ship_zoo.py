@@ -165,19 +165,28 @@ def test_a_result_records_the_commit_its_run_started_with(tmp_path: Path, monkey
 
 
 def test_a_rerun_is_the_committed_run_to_the_bit_or_a_new_run_on_other_cpu_kernels():
+    curve = [{'epoch': 1, 'train_loss': 2.3012345678, 'val_acc1': 20.1},
+             {'epoch': 2, 'train_loss': 2.1012345678, 'val_acc1': 30.2}]
     committed = dict(final_val_acc1=62.90445858511955, final_train_acc1=99.4, final_masked_train_acc1=97.8,
-                     curve=[{'epoch': 1, 'val_acc1': 20.1}, {'epoch': 2, 'val_acc1': 30.2}], img_per_s=56.0,
-                     cpu_capability='AVX512', versions={'torch': '2.14.1', 'python': '3.11.7'})
+                     curve=curve, img_per_s=56.0, cpu_capability='AVX512',
+                     versions={'torch': '2.14.1', 'python': '3.11.7'})
     assert reproduce.check_rerun('r', dict(committed, img_per_s=70.0), committed)  # timings may differ
     last_bit = dict(committed, final_val_acc1=62.90445858511956)
     with pytest.raises(SystemExit, match=r'^error: r: the re-trained run gives final_val_acc1 62.90445858511956, the '
                                          r'committed result 62.90445858511955, with the same CPU kernels \(AVX512\) '
                                          'and torch; the recipe or its data changed since the committed run$'):
         reproduce.check_rerun('r', last_bit, committed)
-    changed_curve = dict(committed, curve=[{'epoch': 1, 'val_acc1': 20.1}, {'epoch': 2, 'val_acc1': 30.3}])
-    with pytest.raises(SystemExit, match="^error: r: the re-trained run's epoch 2 gives val top-1 30.3, the committed "
+    changed_curve = dict(committed, curve=[curve[0], dict(curve[1], val_acc1=30.3)])
+    with pytest.raises(SystemExit, match="^error: r: the re-trained run's epoch 2 gives val_acc1 30.3, the committed "
                                          r'result 30.2, with the same CPU kernels'):
         reproduce.check_rerun('r', changed_curve, committed)
+    # the same top-1 everywhere, but a loss in its tenth digit: not the same run (ship_zoo tells them apart by it)
+    changed_loss = dict(committed, curve=[dict(curve[0], train_loss=2.3012345679), curve[1]])
+    with pytest.raises(SystemExit, match="^error: r: the re-trained run's epoch 1 gives train_loss 2.3012345679, the "
+                                         'committed result 2.3012345678, with'):
+        reproduce.check_rerun('r', changed_loss, committed)
+    with pytest.raises(SystemExit, match='^error: r: the re-trained run has 1 epochs, the committed result 2, with'):
+        reproduce.check_rerun('r', dict(committed, curve=curve[:1]), committed)
     # other kernels, or a committed run that did not record them: a new run of the same command, not an error
     assert not reproduce.check_rerun('r', dict(last_bit, cpu_capability='AVX2'), committed)
     unrecorded = {key: value for key, value in committed.items() if key != 'cpu_capability'}
@@ -193,28 +202,44 @@ def test_the_run_folder_log_tells_whether_its_weights_are_the_study_run_or_its_r
     study['curve'] = [dict(epoch=1, train_loss=2.2214962768554690, val_acc1=19.8)]
     rerun = dict(study, final_val_acc1=60.5, rerun_of=f'results/{name}.json',
                  curve=[dict(epoch=1, train_loss=2.2214983409245810, val_acc1=19.8)])
-    results, folder = tmp_path / 'results', tmp_path / 'runs' / name
+    runs_dir, results = tmp_path / 'runs', tmp_path / 'results'
+    folder = runs_dir / name
     folder.mkdir(parents=True)
     append_log(folder / 'log.jsonl', dict(study['curve'][0], img_per_s=10.0))  # timings are not compared
-    assert ship_zoo.result_of_folder(study, results, folder, DATA) == (study, results / f'{name}.json')
+    assert ship_zoo.result_of_folder(study, runs_dir, results, DATA) == (study, results / f'{name}.json')
     # the folder of a re-training with other kernels: only its rerun result describes it
     (folder / 'log.jsonl').unlink()
     append_log(folder / 'log.jsonl', rerun['curve'][0])
-    with pytest.raises(SystemExit, match=f'^error: {folder} holds another run than .*{name}.json; train it again with '
-                                         'python benchmarks/reproduce.py zoo128 --data ../shared/data/imagenette '
-                                         '--archs sgdrop_resnet10t --methods sgdrop --seeds 0 --rerun$'):
-        ship_zoo.result_of_folder(study, results, folder, DATA)
+    with pytest.raises(SystemExit) as refused:
+        ship_zoo.result_of_folder(study, runs_dir, results, DATA)
+    # the command trains into the folders the study was read from, which are not reproduce.py's defaults here
+    assert str(refused.value) == (
+        f'error: {folder} holds another run than {os.path.relpath(results / f"{name}.json", reproduce.REPO)}; move '
+        'the folder aside, then train it again with python benchmarks/reproduce.py zoo128 --data '
+        '../shared/data/imagenette --archs sgdrop_resnet10t --methods sgdrop --seeds 0 --rerun --runs-dir '
+        f'{os.path.relpath(runs_dir)} --results-dir {os.path.relpath(results)}')
     (results / reproduce.RERUNS).mkdir(parents=True)
     (results / reproduce.RERUNS / f'{name}.json').write_text(json.dumps(rerun))
-    assert ship_zoo.result_of_folder(study, results, folder, DATA) == (
+    assert ship_zoo.result_of_folder(study, runs_dir, results, DATA) == (
         rerun, results / reproduce.RERUNS / f'{name}.json')
+    # the study's own folders need no flags
+    assert ship_zoo.rerun_command(study, DATA, reproduce.runs_folder('zoo128'), reproduce.results_folder('zoo128')) == (
+        'python benchmarks/reproduce.py zoo128 --data ../shared/data/imagenette --archs sgdrop_resnet10t --methods '
+        'sgdrop --seeds 0 --rerun')
     # its record carries the rerun's own figures and names the study's run; every seed stays the study's
     metrics = ship_zoo.study_metrics(RUNS, dict(rerun, cpu_capability='AVX2'), 'sgdrop_resnet10t')
     assert (metrics['top1_float32'], metrics['seeds_top1'], metrics['rerun_of'], metrics['cpu_capability']) == (
         60.5, {'0': 61.0, '1': 59.0, '2': 63.0}, f'results/{name}.json', 'AVX2')
 
 
+def _data_root(tmp_path: Path) -> Path:
+    for split in ('train', 'val'):
+        (tmp_path / 'data' / split).mkdir(parents=True)
+    return tmp_path / 'data'
+
+
 def test_a_pair_without_its_vanilla_run_ships_nothing(tmp_path: Path, monkeypatch):
+    _data_root(tmp_path)
     results = tmp_path / 'results'
     results.mkdir()
     (results / 'sgdrop_resnet10t__sgdrop__seed2.json').write_text(json.dumps(run('sgdrop', 2, 63.0)))
@@ -230,3 +255,81 @@ def test_a_pair_without_its_vanilla_run_ships_nothing(tmp_path: Path, monkeypatc
         f'benchmarks/reproduce.py zoo128 --data {tmp_path / "data"} --archs sgdrop_resnet10t --methods vanilla '
         '--seeds 2')
     assert sorted(p.name for p in (reproduce.REPO / 'hub_configs').iterdir()) == before
+
+
+def test_a_pair_ships_whole_or_not_at_all(tmp_path: Path, monkeypatch):
+    data = _data_root(tmp_path)
+    results = tmp_path / 'results'
+    results.mkdir()
+    for method in ('sgdrop', 'vanilla'):
+        (results / f'sgdrop_resnet10t__{method}__seed0.json').write_text(json.dumps(run(method, 0, 60.0)))
+    for name in reproduce.overhead_commands('zoo128'):
+        (results / name).write_text(json.dumps({'command': 'python benchmarks/overhead.py', 'results': {}}))
+    prepared = []
+
+    def prepare(name, run, runs, data, runs_dir, results_dir, overhead, twin, keep_weights, tmp):
+        # the SGDrop checkpoint is ready; its twin's run folder is gone
+        if run['method'] == 'vanilla':
+            raise SystemExit(f'error: {name}: its checkpoint is missing')
+        (tmp / 'model.safetensors').write_bytes(b'weights')
+        prepared.append((name, twin))
+        return {}
+
+    monkeypatch.setattr(ship_zoo, 'prepare_checkpoint', prepare)
+    before = {p.name: p.stat().st_mtime_ns for p in (reproduce.REPO / 'hub_configs').iterdir()}
+    monkeypatch.setattr(sys, 'argv', ['ship_zoo.py', '--data', str(data), '--protocol', 'zoo128', '--results-dir',
+                                      str(results), '--archs', 'sgdrop_resnet10t'])
+    with pytest.raises(SystemExit, match='^error: sgdrop_resnet10t.imagenette_128_vanilla: its checkpoint is missing$'):
+        ship_zoo.main()
+    assert prepared == [('sgdrop_resnet10t.imagenette_128', 'sgdrop_resnet10t.imagenette_128_vanilla')]
+    # nothing of the pair was written, and no prepared folder was left behind
+    assert {p.name: p.stat().st_mtime_ns for p in (reproduce.REPO / 'hub_configs').iterdir()} == before
+
+
+def test_a_folder_holding_files_ship_zoo_did_not_write_is_not_replaced(tmp_path: Path):
+    folder = tmp_path / 'sgdrop_resnet10t.imagenette_128'
+    ship_zoo.check_replaceable(folder)  # nothing there yet
+    folder.mkdir()
+    for name in ship_zoo.SHIPPED_FILES:
+        (folder / name).write_text('an earlier shipping')
+    ship_zoo.check_replaceable(folder)
+    (folder / '.git').mkdir()
+    (folder / 'notes.txt').write_text('mine')
+    with pytest.raises(SystemExit) as refused:
+        ship_zoo.check_replaceable(folder)
+    assert str(refused.value) == (f'error: {folder} holds .git, notes.txt, which ship_zoo did not write; move them out '
+                                  'of the folder, then ship again')
+
+
+def test_keep_weights_of_a_checkpoint_never_shipped_fails_in_one_line(tmp_path: Path):
+    with pytest.raises(SystemExit) as refused:
+        ship_zoo.reuse_shipped('sgdrop_resnet10t.nope', 0, tmp_path / 'sgdrop_resnet10t.nope', tmp_path / 'out')
+    name = 'sgdrop_resnet10t.nope'
+    assert str(refused.value) == (
+        f"error: --keep-weights: nothing is shipped as {name} ({tmp_path / f'{name}.json'} and {tmp_path / name}/); "
+        'ship it from its run folder, without --keep-weights')
+
+
+def test_a_finished_probe_is_reused_only_for_the_shipped_weights_and_data(tmp_path: Path):
+    path = tmp_path / 'sgdrop_resnet10t.imagenette_128__probe_seed0.json'
+    assert transfer_zoo.finished_probe(path, 'a' * 64, '../shared/data/eurosat') is None
+    probe = dict(checkpoint='sgdrop_resnet10t.imagenette_128', checkpoint_sha256='a' * 64,
+                 data='../shared/data/eurosat', probe_final_val_acc1=41.0)
+    path.write_text(json.dumps(probe))
+    assert transfer_zoo.finished_probe(path, 'a' * 64, '../shared/data/eurosat') == probe
+    for sha256, data in (('b' * 64, '../shared/data/eurosat'), ('a' * 64, '../shared/data/cifar10_subset')):
+        with pytest.raises(SystemExit) as refused:
+            transfer_zoo.finished_probe(path, sha256, data)
+        assert str(refused.value) == (f'error: {os.path.relpath(path)} probed weights aaaaaaaaaaaa on '
+                                      f'../shared/data/eurosat, not the shipped {sha256[:12]} on {data}; move it aside '
+                                      'to probe again')
+
+
+def test_every_committed_probe_measured_the_weights_shipped_now():
+    from sgdrop_zoo.pretrained import load_hub_configs
+    sha256 = {f"{r['architecture']}.{r['tag']}": r['sha256'] for r in load_hub_configs()}
+    probes = sorted((reproduce.RESULTS / 'transfer_imagenette_128').glob('*__probe_seed*.json'))
+    assert probes
+    for path in probes:
+        probe = json.loads(path.read_text())
+        assert transfer_zoo.finished_probe(path, sha256[probe['checkpoint']], '../shared/data/eurosat') == probe
