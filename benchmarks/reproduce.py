@@ -96,7 +96,7 @@ PROTOCOLS: dict[str, dict] = {
         'model_kwargs': {'sgdrop_vgg11': {'mlp_ratio': 0.03125}},
         # the SGDrop checkpoints benchmarks/ship_zoo.py ships, one per family: those plain timm rebuilds and whose
         # family's 128 px pair has not shipped yet (it retires them: hub_configs/README.md)
-        'ship': ['sgdrop_resnet10t', 'sgdrop_vgg11'],
+        'ship': ['sgdrop_vgg11'],
         'methods': ['vanilla', 'sgdrop'],
         # the tag of its checkpoints, and its results folder (the study ran before the folder followed the protocol)
         'tag': 'imagenette_64',

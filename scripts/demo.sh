@@ -11,7 +11,7 @@ if [ "${1:-}" = "--data-root" ]; then
     data_root=${2:?--data-root needs a directory}
     shift 2
 fi
-model=${MODEL:-sgdrop_resnet10t.imagenette_64}
+model=${MODEL:-sgdrop_resnet10t.imagenette_128}
 out=runs/demo
 bash scripts/setup.sh
 zoo=.venv/bin/sgdrop-zoo
