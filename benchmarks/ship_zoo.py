@@ -191,8 +191,8 @@ def result_of_folder(run: dict[str, Any], runs_dir: Path, results_dir: Path,
     Raises:
         SystemExit: The folder's per-epoch training loss and val top-1 are neither result's.
     """
-    folder = runs_dir / run_name(run['arch'], run['method'], run['seed'])
     name = run_name(run['arch'], run['method'], run['seed'])
+    folder = runs_dir / name
     candidates = [(run, results_dir / f'{name}.json')]
     rerun_path = results_dir / RERUNS / f'{name}.json'
     if rerun_path.is_file():
