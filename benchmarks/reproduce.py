@@ -50,10 +50,18 @@ METHODS: dict[str, list[str]] = {
     'sgdrop_product': ['--regularizer', 'sgdrop', '--sgdrop-attribution', 'ema', '--sgdrop-attribution-relu',
                        'product'],
 }
-# The benchmarks/overhead.py figure that times each SGDrop method's training step: the curriculum and the sign-aware
-# attribution compute what the EMA default does (vanilla's and dropout's steps are the baseline)
-STEP_OVERHEAD: dict[str, str] = {'sgdrop': 'sgdrop_ema_overhead', 'sgdrop_curriculum': 'sgdrop_ema_overhead',
-                                 'sgdrop_product': 'sgdrop_ema_overhead', 'sgdrop_online': 'sgdrop_online_overhead'}
+
+
+def step_overhead_figure(method: str) -> Optional[str]:
+    """The ``benchmarks/overhead.py`` figure that times a method's training step: that of the weights its flags compute
+    the attribution with (the recipe's default, the EMA, where they name none); None for a method without SGDrop, whose
+    step is the baseline."""
+    flags = METHODS[method]
+    if flags[flags.index('--regularizer') + 1] != 'sgdrop':
+        return None
+    weights = flags[flags.index('--sgdrop-attribution') + 1] if '--sgdrop-attribution' in flags else 'ema'
+    return f'sgdrop_{weights}_overhead'
+
 
 # The families of the 128 px zoo, the same in its pilot and its final study: VGG-11 with the zoo's narrow head, and
 # each family's epochs (VGG-11's step costs 4.5x ResNet-10-T's)
@@ -529,8 +537,8 @@ def write_table(protocol: str, config: dict, results_dir: Path) -> str:
                 if all('val_area_ratio' in r['curve'][-1] for r in group) else '-',
                 f'{params / 1e6:.2f}M',
                 f"{statistics.mean(r['img_per_s'] for r in group):.0f}",
-                f"+{100 * overhead[arch][STEP_OVERHEAD[method]]:.0f}%"
-                if method in STEP_OVERHEAD and arch in overhead else '-',
+                f"+{100 * overhead[arch][step_overhead_figure(method)]:.0f}%"
+                if step_overhead_figure(method) and arch in overhead else '-',
                 f'{paper:.2f}' if paper is not None else '-',
             ]) + ' |')
     table = '\n'.join(lines) + '\n'

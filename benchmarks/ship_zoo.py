@@ -55,7 +55,6 @@ from sgdrop_zoo.run_files import read_log
 from reproduce import (  # benchmarks/reproduce.py, beside this script
     PROTOCOLS,
     RERUNS,
-    STEP_OVERHEAD,
     check_data_root,
     curve_difference,
     read_overhead,
@@ -63,6 +62,7 @@ from reproduce import (  # benchmarks/reproduce.py, beside this script
     results_folder,
     run_name,
     runs_folder,
+    step_overhead_figure,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -306,9 +306,9 @@ def prepare_checkpoint(name: str, run: dict[str, Any], runs: list[dict[str, Any]
             **measure(model, data / 'val', weights_run['final_val_acc1'], name),
             **study_metrics(runs, weights_run, arch),
             file_mib=round((tmp / WEIGHTS_NAME).stat().st_size / 2 ** 20, 2),
-            **(dict(step_overhead=overhead[arch][STEP_OVERHEAD[run['method']]],
+            **(dict(step_overhead=overhead[arch][step_overhead_figure(run['method'])],
                     step_overhead_command=overhead[arch]['command'])
-               if run['method'] in STEP_OVERHEAD and arch in overhead else {}),
+               if step_overhead_figure(run['method']) and arch in overhead else {}),
             # the command that exported the weights; a --keep-weights run only rewrote the figures
             ship_command=command,
             **(dict(record_command=f'{command} --keep-weights') if keep_weights else {}),

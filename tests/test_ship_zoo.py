@@ -67,13 +67,10 @@ def test_each_family_of_the_final_study_trains_and_ships_what_its_committed_pilo
 
 
 def test_each_sgdrop_method_is_timed_by_the_overhead_of_the_weights_that_compute_its_attribution():
-    for method, flags in reproduce.METHODS.items():
-        if flags[flags.index('--regularizer') + 1] != 'sgdrop':
-            assert method not in reproduce.STEP_OVERHEAD, method
-            continue
-        # the recipe's default attribution is the EMA's (the paper's)
-        weights = flags[flags.index('--sgdrop-attribution') + 1] if '--sgdrop-attribution' in flags else 'ema'
-        assert reproduce.STEP_OVERHEAD[method] == f'sgdrop_{weights}_overhead', method
+    expected = {'vanilla': None, 'dropout': None, 'sgdrop': 'sgdrop_ema_overhead',
+                'sgdrop_online': 'sgdrop_online_overhead', 'sgdrop_curriculum': 'sgdrop_ema_overhead',
+                'sgdrop_product': 'sgdrop_ema_overhead'}
+    assert {method: reproduce.step_overhead_figure(method) for method in reproduce.METHODS} == expected
 
 
 def test_checkpoint_names_of_a_pair():
