@@ -284,7 +284,11 @@ def test_model_card_renders_checkpoint_facts(export_dir, tmp_path):
                  '@article{bertoin2024overfocusing', 'ResNet50', 'CNNs only'):
         assert fact in text, fact
     zoo = render_model_card([record]).text
-    assert '| `sgdrop_convnext_tiny.pets` | SGDrop | `convnext_tiny` | tiny-pets | 32x32 | 66.67 |' in zoo
+    assert '| `sgdrop_convnext_tiny.pets` | SGDrop, rho 0.05 | `convnext_tiny` | tiny-pets | 32x32 | 66.67 |' in zoo
+    # a rho curriculum is named by its two ends
+    curriculum = dict(record, sgdrop=dict(record['sgdrop'], sgdrop_rho=0.0, sgdrop_rho_end=0.025))
+    assert '| `sgdrop_convnext_tiny.pets` | SGDrop, rho 0 to 0.025 | `convnext_tiny` |' in \
+        render_model_card([curriculum]).text
 
 
 def test_model_card_says_which_checkpoint_of_a_pair_is_the_vanilla_twin(export_dir, tmp_path):
@@ -316,7 +320,7 @@ def test_model_card_says_which_checkpoint_of_a_pair_is_the_vanilla_twin(export_d
     zoo = render_model_card([sgdrop, vanilla]).text.splitlines()
     rows = [line for line in zoo if line.startswith('| `sgdrop_convnext_tiny.pets')]
     assert [row.split(' | ')[:2] for row in rows] == [
-        ['| `sgdrop_convnext_tiny.pets`', 'SGDrop'],
+        ['| `sgdrop_convnext_tiny.pets`', 'SGDrop, rho 0.05'],
         ['| `sgdrop_convnext_tiny.pets_vanilla`', 'vanilla twin of `sgdrop_convnext_tiny.pets`']]
 
 
