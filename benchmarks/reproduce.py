@@ -106,9 +106,6 @@ PROTOCOLS: dict[str, dict] = {
         # timm's vgg11 with a 128-wide first head layer instead of 4096: 13.0M parameters, which plain timm rebuilds
         # from the export's model_args
         'model_kwargs': {'sgdrop_vgg11': {'mlp_ratio': 0.03125}},
-        # the SGDrop checkpoints benchmarks/ship_zoo.py ships, one per family: those plain timm rebuilds and whose
-        # family's 128 px pair has not shipped yet (it retires them: hub_configs/README.md)
-        'ship': ['sgdrop_vgg11'],
         'methods': ['vanilla', 'sgdrop'],
         # the tag of its checkpoints, and its results folder (the study ran before the folder followed the protocol)
         'tag': 'imagenette_64',
@@ -160,7 +157,6 @@ PROTOCOLS: dict[str, dict] = {
         'ship': ['sgdrop_resnet10t', 'sgdrop_convnext_atto', 'sgdrop_vgg11'],
         'ship_method': {'sgdrop_resnet10t': 'sgdrop', 'sgdrop_convnext_atto': 'sgdrop',
                         'sgdrop_vgg11': 'sgdrop_curriculum'},
-        'ship_twins': True,
         'tag': 'imagenette_128',
         'seeds': [0, 1, 2],
         'args': ['--preset', 'lowdata', '--image-size', '128', '--train-subset-per-class', '150', '--in-memory',

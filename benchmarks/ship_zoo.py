@@ -2,8 +2,8 @@
 
 For every architecture a protocol of ``benchmarks/reproduce.py`` ships (those plain timm can rebuild), takes the run
 of the protocol's SGDrop method whose final val top-1 is the median of its seeds (the lower middle one for an even
-count; the rule was fixed before training) and, where the protocol ships twins, the vanilla run of the same seed
-(tag suffix ``_vanilla``, each record naming the other as ``twin``), and writes for each:
+count; the rule was fixed before training) and the vanilla run of the same seed, its twin (tag suffix
+``_vanilla``, each record naming the other as ``twin``), and writes for each:
 
 - ``hub_configs/<arch>.<tag>/``: the folder of a Hub repo (``model.safetensors`` in float16, timm ``config.json``,
   model card ``README.md``), ready for ``sgdrop-zoo publish hub_configs/<arch>.<tag> --repo-id ORG/<arch>.<tag>``;
@@ -274,11 +274,11 @@ def check_replaceable(folder: Path) -> None:
 
 
 def prepare_checkpoint(name: str, run: dict[str, Any], runs: list[dict[str, Any]], data: Path, runs_dir: Path,
-                       results_dir: Path, overhead: dict[str, Any], twin: Optional[str], keep_weights: bool,
+                       results_dir: Path, overhead: dict[str, Any], twin: str, keep_weights: bool,
                        tmp: Path) -> dict[str, Any]:
     """Export (or, with ``keep_weights``, re-record) one checkpoint of the study into the folder ``tmp``: the
-    Hub-repo files of ``hub_configs/<name>/``; its record, which names its ``twin`` (the other checkpoint of the pair)
-    when there is one. Nothing in ``hub_configs/`` changes (``place_checkpoint``)."""
+    Hub-repo files of ``hub_configs/<name>/``; its record, which names its ``twin`` (the other checkpoint of the pair).
+    Nothing in ``hub_configs/`` changes (``place_checkpoint``)."""
     arch = run['arch']
     folder = REPO / 'hub_configs' / name
     check_replaceable(folder)
@@ -301,7 +301,7 @@ def prepare_checkpoint(name: str, run: dict[str, Any], runs: list[dict[str, Any]
         hf_hub_id=None,
         local_dir=name,
         crop_mode=config['pretrained_cfg'].get('crop_mode', 'center'),
-        **(dict(twin=twin) if twin else {}),
+        twin=twin,
         metrics=dict(
             **measure(model, data / 'val', weights_run['final_val_acc1'], name),
             **study_metrics(runs, weights_run, arch),
@@ -373,9 +373,6 @@ def main() -> None:
         method = protocol.get('ship_method', {}).get(arch, 'sgdrop')
         chosen, twin = choose_pair(runs, arch, method)
         name, twin_name = checkpoint_names(arch, protocol['tag'])
-        if not protocol.get('ship_twins'):
-            checkpoints.append((name, chosen, None))
-            continue
         if twin is None:
             sys.exit(f'error: no vanilla run of {arch} with seed {chosen["seed"]}, the twin of the checkpoint to '
                      f'ship; run it with python benchmarks/reproduce.py {args.protocol} --data {args.data} --archs '

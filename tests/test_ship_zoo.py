@@ -83,9 +83,9 @@ def test_each_shipped_record_names_the_command_that_exports_it_under_its_own_tag
     for record in load_hub_configs():
         command = record['metrics']['ship_command'].split()
         assert command[:2] == ['python', 'benchmarks/ship_zoo.py']
-        # the protocol (ship_zoo's default: zoo) fixes the tag and the results read
+        # the protocol fixes the tag and the results read
         options = dict(zip(command[2::2], command[3::2]))
-        protocol = reproduce.PROTOCOLS[options.get('--protocol', 'zoo')]
+        protocol = reproduce.PROTOCOLS[options['--protocol']]
         names = ship_zoo.checkpoint_names(record['architecture'], protocol['tag'])
         assert f'{record["architecture"]}.{record["tag"]}' in names, record['tag']
         assert options['--archs'] == record['architecture']

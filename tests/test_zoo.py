@@ -185,7 +185,7 @@ def test_untagged_name_keeps_timms_architecture():
     """The narrow head is the tag's, not the architecture's: plain sgdrop_vgg11 is timm's vgg11."""
     with torch.device('meta'):
         assert timm.create_model('sgdrop_vgg11').pre_logits.fc1.out_channels == 4096
-        assert timm.create_model('sgdrop_vgg11.imagenette_64').pre_logits.fc1.out_channels == 128
+        assert timm.create_model('sgdrop_vgg11.imagenette_128').pre_logits.fc1.out_channels == 128
 
 
 def test_changed_or_missing_weights_are_refused(tmp_path):
