@@ -301,13 +301,13 @@ def test_model_card_says_which_checkpoint_of_a_pair_is_the_vanilla_twin(export_d
     sgdrop_card = render_model_card([sgdrop], checkpoint=sgdrop).text
     assert 'Its vanilla twin, trained by the same recipe with the same\nseed without SGDrop, is ' \
            '`sgdrop_convnext_tiny.pets_vanilla`.' in sgdrop_card
-    assert '- SGDrop, every seed of the study: seed 0: 60.0, seed 1: 61.0 (this checkpoint: seed 1, the median).' \
+    assert '- SGDrop, every seed of the study: seed 0: 60.00, seed 1: 61.00 (this checkpoint: seed 1, the median).' \
            in sgdrop_card
-    assert '- The same training without SGDrop (vanilla): seed 0: 58.0, seed 1: 59.0.' in sgdrop_card
+    assert '- The same training without SGDrop (vanilla): seed 0: 58.00, seed 1: 59.00.' in sgdrop_card
     vanilla_card = render_model_card([vanilla], checkpoint=vanilla).text
     assert '**without** SGDrop: the vanilla twin of\n`sgdrop_convnext_tiny.pets`' in vanilla_card
     assert 'with Saliency-Guided Dropout (SGDrop,' not in vanilla_card
-    assert '- Vanilla, every seed of the study: seed 0: 58.0, seed 1: 59.0 (this checkpoint: seed 1, the seed of its ' \
+    assert '- Vanilla, every seed of the study: seed 0: 58.00, seed 1: 59.00 (this checkpoint: seed 1, the seed of its ' \
            'SGDrop twin).' in vanilla_card
     assert 'The same training without SGDrop' not in vanilla_card
     assert 'trained again' not in vanilla_card
@@ -315,8 +315,8 @@ def test_model_card_says_which_checkpoint_of_a_pair_is_the_vanilla_twin(export_d
                                           rerun_of='results/x__sgdrop__seed1.json'))
     retrained_card = render_model_card([retrained], checkpoint=retrained).text
     assert ("- These weights were trained again with the study's command and seed 1 on a CPU with other kernels "
-            "(AVX2), after the study's run was gone: a new run, whose own float32 top-1 is 60.2 (the study's run of "
-            'seed 1: 61.0, `results/x__sgdrop__seed1.json`).') in retrained_card
+            "(AVX2), after the study's run was gone: a new run, whose own float32 top-1 is 60.20 (the study's run of "
+            'seed 1: 61.00, `results/x__sgdrop__seed1.json`).') in retrained_card
     zoo = render_model_card([sgdrop, vanilla]).text.splitlines()
     rows = [line for line in zoo if line.startswith('| `sgdrop_convnext_tiny.pets')]
     assert [row.split(' | ')[:2] for row in rows] == [
