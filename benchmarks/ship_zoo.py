@@ -370,7 +370,7 @@ def main() -> None:
     overhead = read_overhead(args.protocol, results_dir)
     checkpoints = []
     for arch in archs:
-        method = protocol.get('ship_method', {}).get(arch, 'sgdrop')
+        method = protocol['ship_method'][arch]
         chosen, twin = choose_pair(runs, arch, method)
         name, twin_name = checkpoint_names(arch, protocol['tag'])
         if twin is None:
