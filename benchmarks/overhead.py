@@ -1,6 +1,6 @@
-"""Training-step overhead of SGDrop (ema and online attribution) against the same model without it.
+"""Training-step overhead of SGDrop (ema, online and ema_head attribution) against the same model without it.
 
-Each family is timed with the three variants interleaved step by step on the same batch, so that drift in machine
+Each family is timed with the four variants interleaved step by step on the same batch, so that drift in machine
 load hits them alike; the reported figure is the median step time and its ratio to vanilla. SGDrop runs at the rho
 the family trains with (train/presets.json: 0.1 for ConvNeXt, 0.01 otherwise), which sets the mask's top-k size.
 Compare with the paper's Table 9 (batch 64, per step): VGG16 +33%, ResNet50 +30%, ConvNeXt +25%.
@@ -25,11 +25,13 @@ from timm.utils import ParseKwargs
 import sgdrop_zoo
 from reproduce import family_rho  # benchmarks/reproduce.py, beside this script
 
-# SGDrop at the rho each family trains with (the low-data preset's, benchmarks/reproduce.py family_rho)
+# SGDrop at the rho each family trains with (the low-data preset's, benchmarks/reproduce.py family_rho). Vanilla is
+# the recipe's --regularizer none: rho 0 with online attribution, so that it neither builds nor updates an EMA network
 VARIANTS = {
-    'vanilla': dict(sgdrop_rho=0.0),
+    'vanilla': dict(sgdrop_rho=0.0, sgdrop_attribution='online'),
     'sgdrop_ema': dict(sgdrop_attribution='ema'),
     'sgdrop_online': dict(sgdrop_attribution='online'),
+    'sgdrop_ema_head': dict(sgdrop_attribution='ema_head'),
 }
 PAPER_OVERHEAD = {'sgdrop_vgg16': 0.3324, 'sgdrop_resnet50': 0.30, 'sgdrop_convnext_tiny': 0.25}
 
@@ -85,7 +87,7 @@ def time_family(name: str, args: argparse.Namespace, device: torch.device) -> di
                 times[variant].append(time.perf_counter() - start)
     medians = {variant: statistics.median(values) for variant, values in times.items()}
     result = {f'{variant}_ms': round(1000 * value, 2) for variant, value in medians.items()}
-    for variant in ('sgdrop_ema', 'sgdrop_online'):
+    for variant in ('sgdrop_ema', 'sgdrop_online', 'sgdrop_ema_head'):
         result[f'{variant}_overhead'] = round(medians[variant] / medians['vanilla'] - 1, 4)
     result['sgdrop_rho'] = rho
     result['paper_overhead'] = PAPER_OVERHEAD.get(name)

@@ -49,18 +49,47 @@ METHODS: dict[str, list[str]] = {
     # the sign-aware attribution ReLU(d logit_y / d z * z), for the signed latent of ConvNeXt
     'sgdrop_product': ['--regularizer', 'sgdrop', '--sgdrop-attribution', 'ema', '--sgdrop-attribution-relu',
                        'product'],
+    # the candidates of the method pilot (benchmarks/README.md, "Method pilot"), each naming its rho
+    'sgdrop_rho0.05': ['--regularizer', 'sgdrop', '--sgdrop-attribution', 'ema', '--sgdrop-rho', '0.05'],
+    'sgdrop_rho0.1': ['--regularizer', 'sgdrop', '--sgdrop-attribution', 'ema', '--sgdrop-rho', '0.1'],
+    'sgdrop_curriculum0.1': ['--regularizer', 'sgdrop', '--sgdrop-attribution', 'ema', '--sgdrop-rho', '0.0',
+                             '--sgdrop-rho-end', '0.1'],
+    'sgdrop_product_rho0.01': ['--regularizer', 'sgdrop', '--sgdrop-attribution', 'ema', '--sgdrop-attribution-relu',
+                               'product', '--sgdrop-rho', '0.01'],
+    # attribution ReLU(d logit_y / d z * (z - r)) against the channel mean r, dropped features set to r
+    'sgdrop_channel_mean_rho0.01': ['--regularizer', 'sgdrop', '--sgdrop-attribution', 'ema', '--sgdrop-reference',
+                                    'channel_mean', '--sgdrop-attribution-relu', 'product', '--sgdrop-rho', '0.01'],
+    'sgdrop_channel_mean_rho0.1': ['--regularizer', 'sgdrop', '--sgdrop-attribution', 'ema', '--sgdrop-reference',
+                                   'channel_mean', '--sgdrop-attribution-relu', 'product', '--sgdrop-rho', '0.1'],
 }
+
+
+def attribution_source(flags: list[str]) -> Optional[str]:
+    """The weights a method's flags compute the attribution with (the recipe's default, the EMA, where they name none);
+    None for a method without SGDrop."""
+    if flags[flags.index('--regularizer') + 1] != 'sgdrop':
+        return None
+    return flags[flags.index('--sgdrop-attribution') + 1] if '--sgdrop-attribution' in flags else 'ema'
+
+
+def with_attribution(flags: list[str], source: str) -> list[str]:
+    """A method's flags with the attribution computed by ``source`` instead."""
+    if '--sgdrop-attribution' not in flags:
+        return [*flags, '--sgdrop-attribution', source]
+    at = flags.index('--sgdrop-attribution') + 1
+    return [*flags[:at], source, *flags[at + 1:]]
+
+
+# each EMA method with the cheaper source, the EMA network's head on the online latent: '<method>_ema_head'
+METHODS.update({f'{method}_ema_head': with_attribution(flags, 'ema_head') for method, flags in list(METHODS.items())
+                if attribution_source(flags) == 'ema'})
 
 
 def step_overhead_figure(method: str) -> Optional[str]:
     """The ``benchmarks/overhead.py`` figure that times a method's training step: that of the weights its flags compute
-    the attribution with (the recipe's default, the EMA, where they name none); None for a method without SGDrop, whose
-    step is the baseline."""
-    flags = METHODS[method]
-    if flags[flags.index('--regularizer') + 1] != 'sgdrop':
-        return None
-    weights = flags[flags.index('--sgdrop-attribution') + 1] if '--sgdrop-attribution' in flags else 'ema'
-    return f'sgdrop_{weights}_overhead'
+    the attribution with; None for a method without SGDrop, whose step is the baseline."""
+    source = attribution_source(METHODS[method])
+    return None if source is None else f'sgdrop_{source}_overhead'
 
 
 # The families of the 128 px zoo, the same in its pilot and its final study: VGG-11 with the zoo's narrow head, and
@@ -70,6 +99,12 @@ ZOO128_FAMILIES = {
     'model_kwargs': {'sgdrop_vgg11': {'mlp_ratio': 0.03125}},
     'epochs': {'sgdrop_resnet10t': 40, 'sgdrop_convnext_atto': 40, 'sgdrop_vgg11': 20},
 }
+
+# The 128 px pilots' recipe arguments: 150 training images per class, a dev split of 100 other training images per
+# class validated every epoch
+PILOT128_ARGS = ['--preset', 'lowdata', '--image-size', '128', '--train-subset-per-class', '150',
+                 '--holdout-per-class', '100', '--in-memory', '--channels-last', '--train-eval-samples', '500',
+                 '--log-area-ratio', '100', '-j', '2', '-p', '1000']
 
 # Protocols: the recipe's low-data preset (from scratch, Adam 1e-4, resize only, constant lr, batch 64) at a size
 # that fits the hardware. `paper` holds the paper's Table 3 / Section 4.3 top-1 for the closest setting.
@@ -134,9 +169,27 @@ PROTOCOLS: dict[str, dict] = {
                     'sgdrop_convnext_atto': ['vanilla', 'sgdrop', 'sgdrop_product'],
                     'sgdrop_vgg11': ['vanilla', 'sgdrop', 'sgdrop_curriculum']},
         'seeds': [0],
-        'args': ['--preset', 'lowdata', '--image-size', '128', '--train-subset-per-class', '150',
-                 '--holdout-per-class', '100', '--in-memory', '--channels-last', '--train-eval-samples', '500',
-                 '--log-area-ratio', '100', '-j', '2', '-p', '1000'],
+        'args': PILOT128_ARGS,
+        'curve_val_subset': 0,
+        'paper_dataset': 'Imagenette at 224 px with VGG16 / ResNet50 / ConvNeXt-T (Table 3); other architectures '
+                         'and a dev split, so no figure compares directly',
+        'paper': {},
+    },
+    'pilot128v2': {
+        'description': "Method pilot of the 128 px zoo, on the dev split of the pilot128 protocol (the same 150 "
+                       "training images per class of Imagenette's training folder, the same 100 other training "
+                       "images per class as the dev split, the same 40 / 20 epochs and settings, seed 0): rho for "
+                       "ResNet-10-T, a reference-aware or sign-aware mask for ConvNeXt-Atto, and the cheaper "
+                       "ema_head attribution of each family's choice. The official validation split is not read.",
+        **ZOO128_FAMILIES,
+        # the candidates, fixed before the first run (benchmarks/README.md, "Method pilot"); vanilla and the pilot128
+        # candidates are that protocol's committed runs
+        'methods': {'sgdrop_resnet10t': ['sgdrop_rho0.05', 'sgdrop_rho0.1', 'sgdrop_curriculum0.1'],
+                    'sgdrop_convnext_atto': ['sgdrop_channel_mean_rho0.01', 'sgdrop_channel_mean_rho0.1',
+                                             'sgdrop_product_rho0.01'],
+                    'sgdrop_vgg11': []},
+        'seeds': [0],
+        'args': PILOT128_ARGS,
         'curve_val_subset': 0,
         'paper_dataset': 'Imagenette at 224 px with VGG16 / ResNet50 / ConvNeXt-T (Table 3); other architectures '
                          'and a dev split, so no figure compares directly',
@@ -341,6 +394,8 @@ def summarize_run(curve: list[dict], final_val: Optional[dict] = None) -> dict:
         # the SGDrop diagnostics of the last epoch (absent from logs of older recipes)
         'final_dropped_attribution_share': last.get('train_dropped_attribution_share'),
         'final_nonpositive_feature_share': last.get('train_nonpositive_feature_share'),
+        'final_true_class_logit_drop': last.get('train_true_class_logit_drop'),
+        'final_logit_drop_share': last.get('train_logit_drop_share'),
         'img_per_s': statistics.median(r['img_per_s'] for r in curve),
         'train_time_s': sum(r['epoch_time_s'] for r in curve),
     }

@@ -7,6 +7,7 @@ from .models import *
 from .sgdrop import (
     AttributionRelu,
     AttributionSource,
+    LatentReference,
     LinearRhoSchedule,
     SaliencyGuidedDropout,
     add_sgdrop,
@@ -18,6 +19,6 @@ from .sgdrop import (
 __version__ = '0.1.0'
 
 __all__ = [
-    'AttributionRelu', 'AttributionSource', 'LinearRhoSchedule', 'SaliencyGuidedDropout', 'add_sgdrop',
-    'is_sgdrop_model', 'latent_attribution', 'saliency_mask',
+    'AttributionRelu', 'AttributionSource', 'LatentReference', 'LinearRhoSchedule', 'SaliencyGuidedDropout',
+    'add_sgdrop', 'is_sgdrop_model', 'latent_attribution', 'saliency_mask',
 ]

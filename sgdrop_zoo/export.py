@@ -32,8 +32,8 @@ __all__ = [
 ]
 
 # constructor arguments of an SGDrop model that plain timm's base architecture does not accept
-SGDROP_MODEL_ARGS = ('sgdrop_rho', 'sgdrop_attribution', 'sgdrop_attribution_relu', 'sgdrop_ema_decay',
-                     'latent_drop_rate')
+SGDROP_MODEL_ARGS = ('sgdrop_rho', 'sgdrop_attribution', 'sgdrop_attribution_relu', 'sgdrop_reference',
+                     'sgdrop_ema_decay', 'latent_drop_rate')
 # the suffix of the temporary files and folders of an unfinished write (a run killed while writing one leaves it):
 # only the writers of run files make such names, so only they are removed when the run resumes
 PARTIAL_WRITE_SUFFIX = '.sgdrop-partial'

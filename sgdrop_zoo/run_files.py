@@ -155,6 +155,12 @@ def epoch_record(epoch: int, train_metrics: dict[str, float], val_metrics: dict[
         'train_dropped_attribution_share': train_metrics['dropped_attribution_share']
         if regularizer == 'sgdrop' else None,
         'train_nonpositive_feature_share': train_metrics['nonpositive_feature_share'],
+        # the mask's true-class logit drop, and that drop as a share of the clean true-class margin over the
+        # runner-up (a ratio of the epoch's means: a sample's own margin can be near zero or negative)
+        'train_true_class_logit_drop': train_metrics['true_class_logit_drop'] if regularizer == 'sgdrop' else None,
+        'train_clean_logit_margin': train_metrics['clean_logit_margin'],
+        'train_logit_drop_share': train_metrics['true_class_logit_drop'] / train_metrics['clean_logit_margin']
+        if regularizer == 'sgdrop' and train_metrics['clean_logit_margin'] > 0 else None,
         'val_loss': val_metrics['loss'],
         'val_acc1': val_metrics['acc1'],
         'val_acc5': val_metrics['acc5'],

@@ -11,12 +11,13 @@ from typing import Any, Optional
 __all__ = ['RUN_SETTINGS_VERSION', 'RunSettings']
 
 # the version of the stored settings; a checkpoint of another version is refused by name
-RUN_SETTINGS_VERSION = 1
+RUN_SETTINGS_VERSION = 2
 # the settings that define a run beyond the model: a resume that changed one would continue another run
 _RUN_DEFINING = ('regularizer', 'image_size', 'train_transform', 'optimizer', 'train_subset', 'train_subset_per_class',
                  'holdout_per_class')
 _OF_REGULARIZER = {
-    'sgdrop': ('sgdrop_rho', 'sgdrop_rho_end', 'sgdrop_attribution', 'sgdrop_attribution_relu', 'sgdrop_ema_decay'),
+    'sgdrop': ('sgdrop_rho', 'sgdrop_rho_end', 'sgdrop_attribution', 'sgdrop_attribution_relu', 'sgdrop_reference',
+               'sgdrop_ema_decay'),
     'dropout': ('latent_drop_rate',),
     'none': (),
 }
@@ -32,8 +33,9 @@ class RunSettings:
         regularizer: 'sgdrop', or one of the paper's baselines on the same latent features ('dropout', 'none').
         sgdrop_rho: rho, or the curriculum's start.
         sgdrop_rho_end: The curriculum's end, or None for a fixed rho.
-        sgdrop_attribution: 'ema' or 'online'.
+        sgdrop_attribution: 'ema', 'online' or 'ema_head'.
         sgdrop_attribution_relu: 'gradient' or 'product'.
+        sgdrop_reference: 'zero' or 'channel_mean'.
         sgdrop_ema_decay: The attribution EMA's decay.
         latent_drop_rate: The dropout baseline's drop probability.
         image_size: The square side it was trained and validated at.
@@ -55,6 +57,7 @@ class RunSettings:
     sgdrop_rho_end: Optional[float]
     sgdrop_attribution: str
     sgdrop_attribution_relu: str
+    sgdrop_reference: str
     sgdrop_ema_decay: float
     latent_drop_rate: float
     image_size: int
@@ -96,10 +99,12 @@ class RunSettings:
         """The SGDrop constructor arguments of the run's regularizer; the paper's baselines have rho 0."""
         if self.regularizer == 'sgdrop':
             return dict(sgdrop_rho=self.sgdrop_rho, sgdrop_attribution=self.sgdrop_attribution,
-                        sgdrop_attribution_relu=self.sgdrop_attribution_relu, sgdrop_ema_decay=self.sgdrop_ema_decay,
+                        sgdrop_attribution_relu=self.sgdrop_attribution_relu, sgdrop_reference=self.sgdrop_reference,
+                        sgdrop_ema_decay=self.sgdrop_ema_decay,
                         latent_drop_rate=0.0)
         # online attribution keeps no EMA copy of the weights, which a run without SGDrop never reads
         return dict(sgdrop_rho=0.0, sgdrop_attribution='online', sgdrop_attribution_relu='gradient',
+                    sgdrop_reference='zero',
                     sgdrop_ema_decay=self.sgdrop_ema_decay,
                     latent_drop_rate=self.latent_drop_rate if self.regularizer == 'dropout' else 0.0)
 

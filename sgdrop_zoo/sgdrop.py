@@ -11,6 +11,10 @@ During training, for an input x with true label y:
     mask = 0 where A is in the sample's top-rho share, 1 elsewhere
     loss = cross_entropy(head(z * mask), y)
 
+With a reference r (``sgdrop_reference``), z is replaced by z - r in the attribution and a dropped feature is set to
+r instead of 0: ``'zero'`` (the paper's, r = 0) or ``'channel_mean'`` (r = the mean over the channels of z at the
+sample's spatial position), which a head that normalises over channels cannot evade by shifting every feature.
+
 At inference nothing changes: an SGDrop model is its base architecture. Graph capture treats it as one in both
 modes: torch.fx symbolic tracing, torch.jit tracing and torch.export run the base ``forward``, and
 ``torch.jit.script`` compiles the base class (SGDrop's training step needs Python: autograd and the EMA network).
@@ -33,9 +37,16 @@ stream, normalised only inside the head) ``'product'`` also selects the negative
 score, which a network trained with the paper's rule can otherwise route its evidence through, out of the mask's
 reach.
 
+Attribution source (``sgdrop_attribution``): ``'ema'`` runs the EMA network's encoder and head on the input (the
+paper's), ``'online'`` the online network's head on the online latent, and ``'ema_head'`` the EMA network's head on the
+online latent: the EMA's averaged head without a second encoder pass, which costs most of ``'ema'``'s step time.
+
 Diagnostics (``sgdrop_step_stats``): each train-mode forward with a target records, per sample, the share of the
-sample's positive attribution that the mask removed and the share of its latent features at or below zero, as
-detached device tensors, so that a training loop can average them without reading them back every step.
+sample's positive attribution that the mask removed, the share of its latent features at or below zero, the mask's
+true-class logit drop (the online head's true-class logit on the unmasked latent minus on the masked one, both in
+eval mode) and the clean true-class logit margin over the runner-up class, as detached device tensors, so that a
+training loop can average them without reading them back every step. A network cannot game the logit drop: an evaded
+or empty mask shows a drop near zero, whatever the attribution says.
 """
 import contextlib
 import copy
@@ -54,9 +65,10 @@ from torch.fx import _symbolic_trace as fx_symbolic_trace
 from timm.utils import ModelEmaV3, unwrap_model
 
 __all__ = [
-    'AttributionRelu', 'AttributionSource', 'LinearRhoSchedule', 'SaliencyGuidedDropout', 'add_sgdrop',
-    'check_sgdrop_settings', 'dropped_attribution_share', 'is_sgdrop_model', 'latent_attribution', 'nonpositive_share',
-    'saliency_mask', 'sgdrop_model_args',
+    'AttributionRelu', 'AttributionSource', 'LatentReference', 'LinearRhoSchedule', 'STEP_STAT_NAMES',
+    'SaliencyGuidedDropout', 'add_sgdrop', 'check_sgdrop_settings', 'dropped_attribution_share', 'is_sgdrop_model',
+    'latent_attribution', 'latent_reference', 'nonpositive_share', 'saliency_mask', 'sgdrop_model_args',
+    'true_class_logit_drop',
 ]
 
 DEFAULT_RHO = 0.01
@@ -64,12 +76,22 @@ DEFAULT_EMA_DECAY = 0.999
 # ModelEmaV3 warmup 1 - (1 + t / gamma) ** -power with gamma 10, power 1 gives decay (n - 1) / (n + 9) at update n.
 EMA_WARMUP_GAMMA = 10.0
 EMA_WARMUP_POWER = 1.0
+# the per-sample diagnostics of every train-mode forward with a target, by name (``sgdrop_step_stats``)
+STEP_STAT_NAMES = ('dropped_attribution_share', 'nonpositive_feature_share', 'true_class_logit_drop',
+                   'clean_logit_margin')
 
 
 class AttributionSource(str, enum.Enum):
     """Which weights compute the attribution map."""
     EMA = 'ema'
     ONLINE = 'online'
+    EMA_HEAD = 'ema_head'  # the EMA network's head on the online latent
+
+
+class LatentReference(str, enum.Enum):
+    """What a latent feature is attributed against and set to when dropped."""
+    ZERO = 'zero'
+    CHANNEL_MEAN = 'channel_mean'
 
 
 class AttributionRelu(str, enum.Enum):
@@ -104,6 +126,14 @@ def _check_attribution_relu(relu: Union[str, AttributionRelu]) -> AttributionRel
         raise ValueError(f'Unknown sgdrop_attribution_relu {relu!r}: choose one of {choices}.') from None
 
 
+def _check_reference(reference: Union[str, LatentReference]) -> LatentReference:
+    try:
+        return LatentReference(reference)
+    except ValueError:
+        choices = ', '.join(repr(s.value) for s in LatentReference)
+        raise ValueError(f'Unknown sgdrop_reference {reference!r}: choose one of {choices}.') from None
+
+
 def _check_ema_decay(decay: float) -> float:
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
         raise ValueError(f'sgdrop_ema_decay must be a float in [0, 1), e.g. {DEFAULT_EMA_DECAY}, got {decay!r}.')
@@ -121,6 +151,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     'sgdrop_rho_end': lambda rho: _check_rho(rho, 'sgdrop_rho_end'),  # the end of a curriculum (LinearRhoSchedule)
     'sgdrop_attribution': _check_attribution,
     'sgdrop_attribution_relu': _check_attribution_relu,
+    'sgdrop_reference': _check_reference,
     'sgdrop_ema_decay': _check_ema_decay,
     'latent_drop_rate': _check_drop_rate,
 }
@@ -133,7 +164,8 @@ def check_sgdrop_settings(**settings: Any) -> dict[str, Any]:
     any work.
 
     Returns:
-        The checked values (floats, an ``AttributionSource`` and an ``AttributionRelu``), by name.
+        The checked values (floats, an ``AttributionSource``, an ``AttributionRelu`` and a ``LatentReference``), by
+        name.
 
     Raises:
         ValueError: A value out of its range, in one line naming the setting and its range.
@@ -145,11 +177,23 @@ def check_sgdrop_settings(**settings: Any) -> dict[str, Any]:
     return {name: _CHECKS[name](value) for name, value in settings.items()}
 
 
+def latent_reference(features: torch.Tensor, reference: Union[str, LatentReference]) -> Optional[torch.Tensor]:
+    """The reference r of ``features`` (B, C, ...): None for 'zero', the mean over channels (dim 1) at each sample and
+    spatial position, broadcastable to ``features``, for 'channel_mean'."""
+    if _check_reference(reference) is LatentReference.ZERO:
+        return None
+    if features.dim() not in (2, 4):
+        raise ValueError(f"sgdrop_reference='channel_mean' needs a latent of shape (B, C) or (B, C, H, W), got "
+                         f"{tuple(features.shape)}: use sgdrop_reference='zero' for this model.")
+    return features.mean(1, keepdim=True)
+
+
 def latent_attribution(
         head: Callable[[torch.Tensor], torch.Tensor],
         features: torch.Tensor,
         target: torch.Tensor,
         relu: Union[str, AttributionRelu] = AttributionRelu.GRADIENT,
+        reference: Union[str, LatentReference] = LatentReference.ZERO,
 ) -> torch.Tensor:
     """Attribution of the true-class logit to each latent feature, ReLU(d logit_y / d z) * z (the paper's rule).
 
@@ -160,7 +204,8 @@ def latent_attribution(
         head: Maps latent features to logits (a model's ``forward_head``). It must treat samples independently.
         features: Latent features z, shape (B, ...).
         target: True class indices, shape (B,).
-        relu: 'gradient' for ReLU(d logit_y / d z) * z, 'product' for ReLU(d logit_y / d z * z).
+        relu: 'gradient' for ReLU(d logit_y / d z) * (z - r), 'product' for ReLU(d logit_y / d z * (z - r)).
+        reference: r: 'zero' (the paper's) or 'channel_mean' (``latent_reference``).
 
     Returns:
         Attribution map with the shape, dtype and memory format of ``features``.
@@ -172,9 +217,13 @@ def latent_attribution(
         # Samples are independent, so the gradient of the summed true-class logits is the per-sample gradient.
         class_score = logits.gather(1, target.unsqueeze(1)).sum()
         grad, = torch.autograd.grad(class_score, latent)
+    offset = latent.detach()
+    r = latent_reference(offset, reference)
+    if r is not None:
+        offset = offset - r
     if relu is AttributionRelu.PRODUCT:
-        return (grad * latent.detach()).clamp_min(0)
-    return grad.clamp_min(0) * latent.detach()
+        return (grad * offset).clamp_min(0)
+    return grad.clamp_min(0) * offset
 
 
 def num_dropped_features(rho: float, num_features: int) -> int:
@@ -222,6 +271,17 @@ def dropped_attribution_share(attribution: torch.Tensor, keep: torch.Tensor) -> 
 def nonpositive_share(features: torch.Tensor) -> torch.Tensor:
     """Per sample, the share of latent features at or below zero."""
     return (features.flatten(1) <= 0).float().mean(1)
+
+
+def true_class_logit_drop(clean_logits: torch.Tensor, masked_logits: torch.Tensor, target: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, the true-class logit on the unmasked latent minus on the masked one, and the clean true-class
+    logit's margin over the runner-up class, in float32."""
+    clean, masked = clean_logits.detach().float(), masked_logits.detach().float()
+    index = target.unsqueeze(1)
+    clean_true = clean.gather(1, index).squeeze(1)
+    runner_up = clean.scatter(1, index, float('-inf')).amax(1)
+    return clean_true - masked.gather(1, index).squeeze(1), clean_true - runner_up
 
 
 class LinearRhoSchedule:
@@ -304,9 +364,12 @@ class SaliencyGuidedDropout:
 
     Args:
         sgdrop_rho: Share of latent features dropped per sample, in [0, 1). 0 disables SGDrop.
-        sgdrop_attribution: 'ema' (paper default) or 'online' (the paper's "w/o EMA" variant).
+        sgdrop_attribution: 'ema' (paper default), 'online' (the paper's "w/o EMA" variant) or 'ema_head' (the EMA
+            network's head on the online latent).
         sgdrop_attribution_relu: 'gradient' (paper default, ReLU(d logit_y / d z) * z) or 'product'
             (ReLU(d logit_y / d z * z), which can also select negative features of a signed latent).
+        sgdrop_reference: 'zero' (paper default) or 'channel_mean': what z is attributed against and a dropped
+            feature set to.
         sgdrop_ema_decay: Decay of the EMA network (after warmup, see the module docstring).
         latent_drop_rate: Standard dropout on the same latent features (the paper's Dropout baseline), 0 = off.
     """
@@ -317,6 +380,7 @@ class SaliencyGuidedDropout:
             sgdrop_rho: float = DEFAULT_RHO,
             sgdrop_attribution: Union[str, AttributionSource] = AttributionSource.EMA,
             sgdrop_attribution_relu: Union[str, AttributionRelu] = AttributionRelu.GRADIENT,
+            sgdrop_reference: Union[str, LatentReference] = LatentReference.ZERO,
             sgdrop_ema_decay: float = DEFAULT_EMA_DECAY,
             latent_drop_rate: float = 0.0,
             **kwargs: Any,
@@ -324,7 +388,8 @@ class SaliencyGuidedDropout:
         # validate before building the network: a bad setting should not cost a full model init
         settings = check_sgdrop_settings(sgdrop_rho=sgdrop_rho, sgdrop_attribution=sgdrop_attribution,
                                          sgdrop_attribution_relu=sgdrop_attribution_relu,
-                                         sgdrop_ema_decay=sgdrop_ema_decay, latent_drop_rate=latent_drop_rate)
+                                         sgdrop_reference=sgdrop_reference, sgdrop_ema_decay=sgdrop_ema_decay,
+                                         latent_drop_rate=latent_drop_rate)
         super().__init__(*args, **kwargs)
         self._init_sgdrop(**settings)
 
@@ -333,11 +398,12 @@ class SaliencyGuidedDropout:
             sgdrop_rho: float,
             sgdrop_attribution: AttributionSource,
             sgdrop_attribution_relu: AttributionRelu,
+            sgdrop_reference: LatentReference,
             sgdrop_ema_decay: float,
             latent_drop_rate: float,
     ) -> None:
         self._sgdrop_rho, self._sgdrop_attribution = sgdrop_rho, sgdrop_attribution
-        self._sgdrop_attribution_relu = sgdrop_attribution_relu
+        self._sgdrop_attribution_relu, self._sgdrop_reference = sgdrop_attribution_relu, sgdrop_reference
         self._sgdrop_ema_decay, self._sgdrop_latent_drop_rate = sgdrop_ema_decay, latent_drop_rate
         self._sgdrop_state = _SGDropState()
 
@@ -366,6 +432,14 @@ class SaliencyGuidedDropout:
         self._sgdrop_attribution_relu = _check_attribution_relu(relu)
 
     @property
+    def sgdrop_reference(self) -> LatentReference:
+        return self._sgdrop_reference
+
+    @sgdrop_reference.setter
+    def sgdrop_reference(self, reference: Union[str, LatentReference]) -> None:
+        self._sgdrop_reference = _check_reference(reference)
+
+    @property
     def sgdrop_ema_decay(self) -> float:
         return self._sgdrop_ema_decay
 
@@ -388,6 +462,7 @@ class SaliencyGuidedDropout:
             sgdrop_rho=self.sgdrop_rho,
             sgdrop_attribution=self.sgdrop_attribution.value,
             sgdrop_attribution_relu=self.sgdrop_attribution_relu.value,
+            sgdrop_reference=self.sgdrop_reference.value,
             sgdrop_ema_decay=self.sgdrop_ema_decay,
             latent_drop_rate=self.latent_drop_rate,
         )
@@ -426,7 +501,7 @@ class SaliencyGuidedDropout:
 
         A no-op for 'online' attribution. The first call creates the EMA if no SGDrop forward has yet.
         """
-        if self.sgdrop_attribution is not AttributionSource.EMA:
+        if self.sgdrop_attribution is AttributionSource.ONLINE:
             return
         ema = self._ensure_ema()
         ema.decay = self.sgdrop_ema_decay  # follow changes made to the setting after the EMA was created
@@ -507,7 +582,11 @@ class SaliencyGuidedDropout:
         Detached tensors of shape (B,), on the device of the batch:
             dropped_attribution_share: of the sample's positive attribution, the share the mask removed (0 when the
                 sample has no positive attribution, and when rho is 0);
-            nonpositive_feature_share: the share of its online latent features that are <= 0.
+            nonpositive_feature_share: the share of its online latent features that are <= 0;
+            true_class_logit_drop: the online head's true-class logit on the unmasked latent minus on the masked one
+                (eval mode; 0 when rho is 0);
+            clean_logit_margin: the true-class logit on the unmasked latent minus the largest other class's (without
+                a mask, of the training logits).
         """
         return self._sgdrop_state.step_stats
 
@@ -518,7 +597,9 @@ class SaliencyGuidedDropout:
     def _saliency_keep_mask(self, x: torch.Tensor, features: torch.Tensor, target: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor]:
         """The keep-mask and the attribution map it was taken from."""
-        if self.sgdrop_attribution is AttributionSource.EMA:
+        if self.sgdrop_attribution is AttributionSource.ONLINE:
+            attribution_net, attribution_features = self, features
+        else:
             if getattr(self, '_is_replica', False):
                 # nn.DataParallel's replicas share the model's __dict__, so every device would read the one EMA
                 # network on the first device
@@ -526,15 +607,15 @@ class SaliencyGuidedDropout:
                     "SGDrop's EMA attribution does not run under nn.DataParallel: train with DistributedDataParallel "
                     "(torchrun; train/main.py does), or build the model with sgdrop_attribution='online'.")
             attribution_net = self._ensure_ema().module
-            with torch.no_grad():
-                attribution_features = attribution_net.forward_features(x)
-        else:
-            attribution_net = self
-            attribution_features = features
+            if self.sgdrop_attribution is AttributionSource.EMA:
+                with torch.no_grad():
+                    attribution_features = attribution_net.forward_features(x)
+            else:
+                attribution_features = features
         # Eval mode so dropout or batch statistics in the head neither randomise nor couple the attributions.
         with _eval_mode(attribution_net):
             attribution = latent_attribution(attribution_net.forward_head, attribution_features, target,
-                                             self.sgdrop_attribution_relu)
+                                             self.sgdrop_attribution_relu, self.sgdrop_reference)
         return _saliency_mask(attribution, self.sgdrop_rho), attribution
 
     def forward(self, x: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -552,17 +633,34 @@ class SaliencyGuidedDropout:
             return super().forward(x)
         features = self.forward_features(x)
         if target is not None:
-            # of the online features before the mask, whose zeros would count as non-positive
-            stats = {'nonpositive_feature_share': nonpositive_share(features.detach()),
-                     'dropped_attribution_share': features.new_zeros(features.shape[0], dtype=torch.float32)}
+            self._sgdrop_state.step_stats = stats = {
+                # of the online features before the mask, whose zeros would count as non-positive
+                'nonpositive_feature_share': nonpositive_share(features.detach())}
             if self.sgdrop_rho > 0:
                 keep, attribution = self._saliency_keep_mask(x, features, target)
+                unmasked, features = features, self._fill_dropped(features, keep)
                 stats['dropped_attribution_share'] = dropped_attribution_share(attribution, keep)
-                features = features * keep.to(features.dtype)
-            self._sgdrop_state.step_stats = stats
+                # one head forward of both latents (samples are independent): what the mask took from the true class
+                with torch.no_grad(), _eval_mode(self):
+                    clean_logits, masked_logits = self.forward_head(torch.cat([unmasked, features]).detach()).chunk(2)
+                stats['true_class_logit_drop'], stats['clean_logit_margin'] = true_class_logit_drop(
+                    clean_logits, masked_logits, target)
         if self.latent_drop_rate > 0:
             features = F.dropout(features, self.latent_drop_rate, training=True)
-        return self.forward_head(features)
+        logits = self.forward_head(features)
+        if target is not None and self.sgdrop_rho == 0:
+            # no mask: nothing dropped, and the margin of the training logits themselves (no extra head forward)
+            no_drop = logits.new_zeros(logits.shape[0], dtype=torch.float32)
+            stats.update(dropped_attribution_share=no_drop, true_class_logit_drop=no_drop,
+                         clean_logit_margin=true_class_logit_drop(logits, logits, target)[1])
+        return logits
+
+    def _fill_dropped(self, features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``features`` with the dropped ones set to the reference: 0 (the paper's), or the channel mean."""
+        reference = latent_reference(features, self.sgdrop_reference)
+        if reference is None:
+            return features * keep.to(features.dtype)
+        return torch.where(keep, features, reference)
 
     def _warn_no_target(self) -> None:
         # A warning, not an error: timm's feature extraction, timm utilities and BN recalibration run train-mode
@@ -617,6 +715,7 @@ def add_sgdrop(
         sgdrop_rho: float = DEFAULT_RHO,
         sgdrop_attribution: Union[str, AttributionSource] = AttributionSource.EMA,
         sgdrop_attribution_relu: Union[str, AttributionRelu] = AttributionRelu.GRADIENT,
+        sgdrop_reference: Union[str, LatentReference] = LatentReference.ZERO,
         sgdrop_ema_decay: float = DEFAULT_EMA_DECAY,
         latent_drop_rate: float = 0.0,
 ) -> nn.Module:
@@ -625,8 +724,9 @@ def add_sgdrop(
     Args:
         model: A classifier with ``forward_features`` and ``forward_head`` (every timm CNN has them).
         sgdrop_rho: Share of latent features dropped per sample.
-        sgdrop_attribution: 'ema' or 'online'.
+        sgdrop_attribution: 'ema', 'online' or 'ema_head'.
         sgdrop_attribution_relu: 'gradient' (the paper's rule) or 'product'.
+        sgdrop_reference: 'zero' (the paper's) or 'channel_mean'.
         sgdrop_ema_decay: EMA decay after warmup.
         latent_drop_rate: Dropout on the latent features (the Dropout baseline), 0 = off.
 
@@ -644,7 +744,7 @@ def add_sgdrop(
             f'forward_features (encoder) and forward_head (classifier).')
     settings = check_sgdrop_settings(sgdrop_rho=sgdrop_rho, sgdrop_attribution=sgdrop_attribution,
                                      sgdrop_attribution_relu=sgdrop_attribution_relu,
-                                     sgdrop_ema_decay=sgdrop_ema_decay,
+                                     sgdrop_reference=sgdrop_reference, sgdrop_ema_decay=sgdrop_ema_decay,
                                      latent_drop_rate=latent_drop_rate)  # before any change
     if not isinstance(model, SaliencyGuidedDropout):
         model.__class__ = _sgdrop_class(type(model))
@@ -664,6 +764,7 @@ def sgdrop_model_args(settings: dict[str, Any]) -> dict[str, Any]:
         sgdrop_rho=settings.get('sgdrop_rho', DEFAULT_RHO) if regularizer == 'sgdrop' else 0.0,
         sgdrop_attribution=settings.get('sgdrop_attribution', 'ema'),
         sgdrop_attribution_relu=settings.get('sgdrop_attribution_relu', 'gradient'),
+        sgdrop_reference=settings.get('sgdrop_reference', 'zero'),
         sgdrop_ema_decay=settings.get('sgdrop_ema_decay', DEFAULT_EMA_DECAY),
         latent_drop_rate=(settings.get('latent_drop_rate') or 0.0) if regularizer == 'dropout' else 0.0,
     )

@@ -37,6 +37,7 @@ from timm.data import resolve_model_data_config
 from timm.utils import AverageMeter, ParseKwargs, random_seed
 
 import sgdrop_zoo
+from sgdrop_zoo.sgdrop import STEP_STAT_NAMES
 from sgdrop_zoo import recipe_data
 from sgdrop_zoo.data import DatasetError, check_image_folders
 from sgdrop_zoo.export import save_recipe_export
@@ -116,12 +117,16 @@ def get_parser() -> argparse.ArgumentParser:
                             "preset's value for the architecture family)")
     group.add_argument('--sgdrop-rho-end', default=None, type=float, metavar='RHO',
                        help='if set, rho grows linearly from --sgdrop-rho to this value over the epochs (curriculum)')
-    group.add_argument('--sgdrop-attribution', default='ema', choices=('ema', 'online'),
-                       help='weights that compute the attribution: EMA of the network (paper) or the online network')
+    group.add_argument('--sgdrop-attribution', default='ema', choices=('ema', 'online', 'ema_head'),
+                       help='weights that compute the attribution: EMA of the network (paper), the online network, or '
+                            "the EMA network's head on the online latent (no second encoder pass)")
     group.add_argument('--sgdrop-attribution-relu', default='gradient', choices=('gradient', 'product'),
                        help="where the attribution's ReLU applies: gradient, ReLU(d logit_y / d z) * z (paper), or "
                             'product, ReLU(d logit_y / d z * z), which also reaches negative features of a signed '
                             'latent (ConvNeXt)')
+    group.add_argument('--sgdrop-reference', default='zero', choices=('zero', 'channel_mean'),
+                       help='what a latent feature is attributed against and set to when dropped: zero (paper), or '
+                            'the mean over channels at its position, for signed latents (ConvNeXt)')
     group.add_argument('--sgdrop-ema-decay', default=DEFAULT_EMA_DECAY, type=float,
                        help=f'decay of the attribution EMA ({DEFAULT_EMA_DECAY})')
     # --dropout-p: the option's former name, which recorded commands use
@@ -193,7 +198,8 @@ def run_settings(args: argparse.Namespace) -> RunSettings:
     return RunSettings(
         arch=args.arch, model_kwargs=args.model_kwargs, regularizer=args.regularizer, sgdrop_rho=args.sgdrop_rho,
         sgdrop_rho_end=args.sgdrop_rho_end, sgdrop_attribution=args.sgdrop_attribution,
-        sgdrop_attribution_relu=args.sgdrop_attribution_relu, sgdrop_ema_decay=args.sgdrop_ema_decay,
+        sgdrop_attribution_relu=args.sgdrop_attribution_relu, sgdrop_reference=args.sgdrop_reference,
+        sgdrop_ema_decay=args.sgdrop_ema_decay,
         latent_drop_rate=args.latent_drop_rate, image_size=args.image_size, train_transform=args.train_transform,
         optimizer=args.optimizer, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
         data=args.data, train_subset=args.train_subset, train_subset_per_class=args.train_subset_per_class,
@@ -550,7 +556,7 @@ def train(train_loader: Any, model: nn.Module, model_without_ddp: nn.Module, cri
     """Train for one epoch; returns the loss and the accuracy of the (SGDrop-masked) training logits, and the means of
     the model's per-sample SGDrop diagnostics (``sgdrop_step_stats``)."""
     batch_time, data_time, losses, top1, top5 = (AverageMeter() for _ in range(5))
-    diagnostics = {name: AverageMeter() for name in ('dropped_attribution_share', 'nonpositive_feature_share')}
+    diagnostics = {name: AverageMeter() for name in STEP_STAT_NAMES}
     # the first step whose loss is not finite, kept on the device (no host read per step) and checked once an epoch
     no_step = len(train_loader)
     first_nonfinite_step = torch.tensor(no_step, device=device)
