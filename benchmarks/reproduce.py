@@ -182,8 +182,14 @@ PROTOCOLS: dict[str, dict] = {
                        "ResNet-10-T, a reference-aware or sign-aware mask for ConvNeXt-Atto, and the cheaper "
                        "ema_head attribution of each family's choice. The official validation split is not read.",
         **ZOO128_FAMILIES,
-        # the candidates, fixed before the first run (benchmarks/README.md, "Method pilot"); vanilla and the pilot128
-        # candidates are that protocol's committed runs
+        # the candidates, fixed before the first run (benchmarks/README.md, "Method pilot"), closest to the paper's
+        # defaults first; vanilla and the pilot128 candidates are that protocol's committed runs (baseline_results)
+        'candidate_order': {'sgdrop_resnet10t': ['sgdrop', 'sgdrop_rho0.05', 'sgdrop_curriculum0.1', 'sgdrop_rho0.1'],
+                            'sgdrop_convnext_atto': ['sgdrop', 'sgdrop_product', 'sgdrop_channel_mean_rho0.1',
+                                                     'sgdrop_product_rho0.01', 'sgdrop_channel_mean_rho0.01'],
+                            'sgdrop_vgg11': ['sgdrop_curriculum']},
+        'baseline_results': 'reproduce_pilot128',
+        # trained here: the new candidates; each family's <choice>_ema_head joins once the others have chosen
         'methods': {'sgdrop_resnet10t': ['sgdrop_rho0.05', 'sgdrop_rho0.1', 'sgdrop_curriculum0.1'],
                     'sgdrop_convnext_atto': ['sgdrop_channel_mean_rho0.01', 'sgdrop_channel_mean_rho0.1',
                                              'sgdrop_product_rho0.01'],
@@ -362,6 +368,74 @@ def pilot_choice(runs: list[dict], arch: str, candidates: list[str]) -> str:
     return max(sgdrop_candidates, key=lambda method: (correct[method], method == 'sgdrop'))
 
 
+def method_pilot_choice(runs: list[dict], arch: str, order: list[str], cheaper: bool = True) -> str:
+    """The method the method pilot's rule chooses for ``arch`` (benchmarks/README.md, "Method pilot").
+
+    A candidate of ``order`` (closest to the paper's defaults first) is eligible when its last-epoch share of latent
+    features at or below zero is at most 10 points above vanilla's (more is a network parking its features where the
+    mask cannot select them) and its last-epoch true-class logit drop is above zero (a run that predates the drop is
+    judged on the first alone). The choice is the earliest eligible candidate within
+    0.5 points of the best eligible dev top-1; then, with ``cheaper``, ``<choice>_ema_head`` replaces it when that is
+    eligible and within 0.5 points of it. None eligible: vanilla.
+
+    Raises:
+        SystemExit: A candidate, vanilla or (with ``cheaper``) the choice's ema_head run has no result among ``runs``.
+    """
+    by_method = {r['method']: r for r in runs if r['arch'] == arch}
+    missing = [method for method in ['vanilla', *order] if method not in by_method]
+    if missing:
+        raise SystemExit(f"error: the method pilot of {arch} has no result of {', '.join(missing)} yet; its rule "
+                         f'chooses once every candidate has run')
+    vanilla_share = by_method['vanilla']['final_nonpositive_feature_share']
+
+    def eligible(run: dict) -> bool:
+        drop = run.get('final_true_class_logit_drop')
+        return run['final_nonpositive_feature_share'] - vanilla_share <= 0.10 and (drop is None or drop > 0)
+
+    def correct(run: dict) -> int:
+        return round(run['final_val_acc1'] * run['final_val_count'] / 100)
+
+    def within_half_a_point(run: dict, of: int) -> bool:
+        # in dev images, so that floating point cannot split a tie: 0.5 points of 1,000 images are 5 images
+        return 200 * (of - correct(run)) <= run['final_val_count']
+
+    candidates = [by_method[method] for method in order if eligible(by_method[method])]
+    if not candidates:
+        return 'vanilla'
+    best = max(correct(run) for run in candidates)
+    choice = next(run for run in candidates if within_half_a_point(run, best))
+    if not cheaper:
+        return choice['method']
+    ema_head = by_method.get(f"{choice['method']}_ema_head")
+    if ema_head is None:
+        raise SystemExit(f"error: the method pilot of {arch} chose {choice['method']}; its rule waits for "
+                         f"{choice['method']}_ema_head")
+    return ema_head['method'] if eligible(ema_head) and within_half_a_point(ema_head, correct(choice)) \
+        else choice['method']
+
+
+def pilot_runs(protocol: str, results_dir: Path) -> list[dict]:
+    """The results a protocol's rule reads: its own (in ``results_dir``) and those of its ``baseline_results``."""
+    config = PROTOCOLS[protocol]
+    baseline = read_results(RESULTS / config['baseline_results']) if 'baseline_results' in config else []
+    return baseline + read_results(results_dir)
+
+
+def pilot_methods(protocol: str, arch: str, results_dir: Path) -> list[str]:
+    """The methods a pilot trains for ``arch``: its new candidates, and ``<choice>_ema_head`` once the others have
+    chosen a method (none while a candidate has not run, and none when vanilla is chosen)."""
+    config = PROTOCOLS[protocol]
+    methods = protocol_methods(config, arch)
+    if 'candidate_order' not in config:
+        return methods
+    try:
+        choice = method_pilot_choice(pilot_runs(protocol, results_dir), arch, config['candidate_order'][arch],
+                                     cheaper=False)
+    except SystemExit:
+        return methods
+    return methods + ([f'{choice}_ema_head'] if choice != 'vanilla' else [])
+
+
 def epoch_args(config: dict, arch: str) -> list[str]:
     """``--epochs`` of ``arch`` when the protocol sets epochs per architecture (else its args set them)."""
     return ['--epochs', str(config['epochs'][arch])] if 'epochs' in config else []
@@ -533,6 +607,17 @@ def mean_std(values: list[float], digits: int = 2) -> str:
     return f'{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}'
 
 
+def logit_drop_cell(group: list[dict]) -> str:
+    """The table's logit-drop cell of a group of runs: the drop and, in brackets, its share of the margin; '-' where
+    a run predates the diagnostic or trained without a mask."""
+    if any(r.get('final_true_class_logit_drop') is None for r in group):
+        return '-'
+    cell = mean_std([r['final_true_class_logit_drop'] for r in group], digits=3)
+    if all(r.get('final_logit_drop_share') is not None for r in group):
+        cell += f" ({mean_std([r['final_logit_drop_share'] for r in group], digits=3)})"
+    return cell
+
+
 def write_table(protocol: str, config: dict, results_dir: Path) -> str:
     runs = read_results(results_dir)
     lines = [
@@ -552,12 +637,14 @@ def write_table(protocol: str, config: dict, results_dir: Path) -> str:
         "Masked ep. 1: top-1 of the SGDrop-masked training logits in the first epoch (below the 10% of chance: the "
         "mask removed most of an untrained network's evidence). Dropped: the mean share of each training sample's "
         "positive attribution that the mask removed, at the last epoch; <= 0: the share of latent features at or "
-        "below zero, at the last epoch (benchmarks/README.md, \"Diagnostics\"). "
+        "below zero, at the last epoch; logit drop: the mean true-class logit drop of the mask, the online head's "
+        "true-class logit on the unmasked latent minus on the masked one, and in brackets that drop as a share of "
+        "the clean true-class margin over the runner-up, at the last epoch (benchmarks/README.md, \"Diagnostics\"). "
         f"Paper: {config['paper_dataset']}.",
         '',
         '| arch | method | seeds | final val top-1 | curve peak | train top-1 | train-val gap | masked ep. 1 | dropped '
-        '| <= 0 | area | params | img/s | step overhead | paper |',
-        '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+        '| <= 0 | logit drop | area | params | img/s | step overhead | paper |',
+        '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
     ]
     try:
         overhead = read_overhead(protocol, results_dir)
@@ -584,14 +671,23 @@ def write_table(protocol: str, config: dict, results_dir: Path) -> str:
                 *(mean_std([r[key] for r in group], digits=3)
                   if all(r.get(key) is not None for r in group) else '-'
                   for key in ('final_dropped_attribution_share', 'final_nonpositive_feature_share')),
+                logit_drop_cell(group),
                 mean_std([r['curve'][-1]['val_area_ratio'] for r in group], digits=3)
                 if all('val_area_ratio' in r['curve'][-1] for r in group) else '-',
                 f'{params / 1e6:.2f}M',
                 f"{statistics.mean(r['img_per_s'] for r in group):.0f}",
-                f"+{100 * overhead[arch][step_overhead_figure(method)]:.0f}%"
+                f'+{100 * overhead[arch][step_overhead_figure(method)]:.0f}%'
                 if step_overhead_figure(method) and arch in overhead else '-',
                 f'{paper:.2f}' if paper is not None else '-',
             ]) + ' |')
+    if 'candidate_order' in config:
+        lines += ['', 'The rule (benchmarks/README.md, "Method pilot"), with vanilla and the earlier candidates from '
+                      f"`results/{config['baseline_results']}/`:", '']
+        for arch, order in config['candidate_order'].items():
+            try:
+                lines.append(f'- `{arch}`: {method_pilot_choice(pilot_runs(protocol, results_dir), arch, order)}')
+            except SystemExit as waiting:
+                lines.append(f"- `{arch}`: not chosen yet ({str(waiting).removeprefix('error: ')})")
     table = '\n'.join(lines) + '\n'
     (results_dir / 'table.md').write_text(table)
     return table
@@ -632,8 +728,8 @@ def main() -> None:
         # Seeds outermost: a grid cut short still has every method at the first seeds.
         for seed in args.seeds or config['seeds']:
             for arch in args.archs or config['archs']:
-                for method in args.methods or protocol_methods(config, arch):
-                    if method not in protocol_methods(config, arch):
+                for method in args.methods or pilot_methods(args.protocol, arch, results_dir):
+                    if method not in pilot_methods(args.protocol, arch, results_dir):
                         continue
                     train_one(args.protocol, config, data, arch, method, seed, runs_dir, results_dir, args.rerun)
                     write_table(args.protocol, config, results_dir)
