@@ -14,8 +14,8 @@ from sgdrop_zoo.run_settings import RunSettings
 
 ARGS = dict(arch='sgdrop_vgg_tiny', model_kwargs={}, data='../shared/data/x', image_size=32, train_transform='resize',
             optimizer='adam', lr=1e-4, epochs=2, batch_size=64, seed=0, sgdrop_rho=0.05, sgdrop_rho_end=None,
-            sgdrop_attribution='ema', sgdrop_attribution_relu='gradient', sgdrop_ema_decay=0.99, latent_drop_rate=0.5,
-            train_subset=0, train_subset_per_class=0, holdout_per_class=0)
+            sgdrop_attribution='ema', sgdrop_attribution_relu='gradient', sgdrop_reference='zero',
+            sgdrop_ema_decay=0.99, latent_drop_rate=0.5, train_subset=0, train_subset_per_class=0, holdout_per_class=0)
 
 
 @pytest.mark.parametrize('arch', ['sgdrop_vgg_tiny', 'resnet10t'])
@@ -32,7 +32,7 @@ ARGS = dict(arch='sgdrop_vgg_tiny', model_kwargs={}, data='../shared/data/x', im
 ], ids=['vanilla', 'dropout', 'sgdrop_ema', 'sgdrop_online', 'curriculum', 'product'])
 def test_recipe_export_round_trip(tmp_path: Path, arch: str, flags: dict, expected: dict):
     args = dict(ARGS, **flags)
-    expected = dict(dict(sgdrop_attribution_relu='gradient'), **expected)
+    expected = dict(dict(sgdrop_attribution_relu='gradient', sgdrop_reference='zero'), **expected)
     torch.manual_seed(0)
     model = timm.create_model(arch, num_classes=3)
     save_recipe_export(model, tmp_path, RunSettings(**args), ['a', 'b', 'c'], epoch=2, val_acc1=50.0)

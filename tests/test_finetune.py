@@ -108,10 +108,10 @@ def test_evaluate_needs_the_checkpoint_classes(small_data: Path, source_dir: Pat
 
 # what train/main.py stores in its checkpoints of a run of ARCH
 RUN_SETTINGS = RunSettings(arch=ARCH, model_kwargs={}, regularizer='sgdrop', sgdrop_rho=0.01, sgdrop_rho_end=None,
-                           sgdrop_attribution='ema', sgdrop_attribution_relu='gradient', sgdrop_ema_decay=0.999,
-                           latent_drop_rate=0.0, image_size=32, train_transform='resize', optimizer='adam', lr=1e-4,
-                           epochs=1, batch_size=8, seed=0, data='data', train_subset=0, train_subset_per_class=0,
-                           holdout_per_class=0)
+                           sgdrop_attribution='ema', sgdrop_attribution_relu='gradient', sgdrop_reference='zero',
+                           sgdrop_ema_decay=0.999, latent_drop_rate=0.0, image_size=32, train_transform='resize',
+                           optimizer='adam', lr=1e-4, epochs=1, batch_size=8, seed=0, data='data', train_subset=0,
+                           train_subset_per_class=0, holdout_per_class=0)
 
 
 def test_loads_recipe_checkpoints(tmp_path: Path):

@@ -307,8 +307,8 @@ def test_model_card_says_which_checkpoint_of_a_pair_is_the_vanilla_twin(export_d
     vanilla_card = render_model_card([vanilla], checkpoint=vanilla).text
     assert '**without** SGDrop: the vanilla twin of\n`sgdrop_convnext_tiny.pets`' in vanilla_card
     assert 'with Saliency-Guided Dropout (SGDrop,' not in vanilla_card
-    assert '- Vanilla, every seed of the study: seed 0: 58.00, seed 1: 59.00 (this checkpoint: seed 1, the seed of its ' \
-           'SGDrop twin).' in vanilla_card
+    assert ('- Vanilla, every seed of the study: seed 0: 58.00, seed 1: 59.00 (this checkpoint: seed 1, the seed of '
+            'its SGDrop twin).') in vanilla_card
     assert 'The same training without SGDrop' not in vanilla_card
     assert 'trained again' not in vanilla_card
     retrained = dict(sgdrop, metrics=dict(sgdrop['metrics'], top1_float32=60.2, cpu_capability='AVX2',
@@ -504,9 +504,9 @@ def test_publish_rejects_bad_input_and_writes_nothing(export_dir, tmp_path):
 # what train/main.py stores in a checkpoint of a 2-class, 64 px SGDrop run
 RUN_SETTINGS = RunSettings(arch='test_convnext', model_kwargs={}, regularizer='sgdrop', sgdrop_rho=0.01,
                            sgdrop_rho_end=None, sgdrop_attribution='ema', sgdrop_attribution_relu='gradient',
-                           sgdrop_ema_decay=0.999, latent_drop_rate=0.0, image_size=64, train_transform='resize',
-                           optimizer='adam', lr=1e-4, epochs=1, batch_size=64, seed=0, data='/data/ab', train_subset=0,
-                           train_subset_per_class=0, holdout_per_class=0)
+                           sgdrop_reference='zero', sgdrop_ema_decay=0.999, latent_drop_rate=0.0, image_size=64,
+                           train_transform='resize', optimizer='adam', lr=1e-4, epochs=1, batch_size=64, seed=0,
+                           data='/data/ab', train_subset=0, train_subset_per_class=0, holdout_per_class=0)
 
 
 def test_publish_from_a_recipe_checkpoint(tmp_path, capsys):

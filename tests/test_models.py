@@ -160,9 +160,9 @@ def test_sgdrop_kwargs_reach_the_model():
     model = timm.create_model(
         'sgdrop_vgg_tiny', num_classes=3, sgdrop_rho=0.02, sgdrop_attribution='online', sgdrop_ema_decay=0.99)
     assert model.sgdrop_config == dict(
-        sgdrop_rho=0.02, sgdrop_attribution='online', sgdrop_attribution_relu='gradient', sgdrop_ema_decay=0.99,
-        latent_drop_rate=0.0)
-    with pytest.raises(ValueError, match="choose one of 'ema', 'online'"):
+        sgdrop_rho=0.02, sgdrop_attribution='online', sgdrop_attribution_relu='gradient', sgdrop_reference='zero',
+        sgdrop_ema_decay=0.99, latent_drop_rate=0.0)
+    with pytest.raises(ValueError, match="choose one of 'ema', 'online', 'ema_head'"):
         timm.create_model('sgdrop_vgg_tiny', sgdrop_attribution='EMA!')
     with pytest.raises(ValueError, match=r'sgdrop_rho must be in \[0, 1\)'):
         timm.create_model('sgdrop_resnet50', sgdrop_rho=1.5)

@@ -7,20 +7,21 @@ from sgdrop_zoo.run_settings import RUN_SETTINGS_VERSION, RunSettings
 
 SETTINGS = RunSettings(arch='sgdrop_vgg11', model_kwargs={'mlp_ratio': 0.03125}, regularizer='sgdrop', sgdrop_rho=0.0,
                        sgdrop_rho_end=0.025, sgdrop_attribution='ema', sgdrop_attribution_relu='gradient',
-                       sgdrop_ema_decay=0.999, latent_drop_rate=0.5, image_size=128, train_transform='resize',
-                       optimizer='adam', lr=1e-4, epochs=20, batch_size=64, seed=1, data='../shared/data/imagenette',
-                       train_subset=0, train_subset_per_class=150, holdout_per_class=100)
+                       sgdrop_reference='zero', sgdrop_ema_decay=0.999, latent_drop_rate=0.5, image_size=128,
+                       train_transform='resize', optimizer='adam', lr=1e-4, epochs=20, batch_size=64, seed=1,
+                       data='../shared/data/imagenette', train_subset=0, train_subset_per_class=150,
+                       holdout_per_class=100)
 
 
 def test_a_checkpoint_gives_back_the_settings_it_stored():
     stored = SETTINGS.to_dict()
-    assert stored['version'] == RUN_SETTINGS_VERSION == 1 and stored['holdout_per_class'] == 100
+    assert stored['version'] == RUN_SETTINGS_VERSION == 2 and stored['holdout_per_class'] == 100
     assert RunSettings.from_checkpoint({'settings': stored}, 'c.pth.tar') == SETTINGS
 
 
 @pytest.mark.parametrize('checkpoint, message', [
-    ({'args': {'arch': 'x'}}, 'c.pth.tar: no run settings, not those of version 1'),
-    ({'settings': dict(SETTINGS.to_dict(), version=2)}, 'c.pth.tar: run settings of version 2, not those of version 1'),
+    ({'args': {'arch': 'x'}}, 'c.pth.tar: no run settings, not those of version 2'),
+    ({'settings': dict(SETTINGS.to_dict(), version=1)}, 'c.pth.tar: run settings of version 1, not those of version 2'),
     ({'settings': {k: v for k, v in SETTINGS.to_dict().items() if k != 'seed'}},
      r"c.pth.tar: its run settings are not complete \(\['seed'\] missing\)"),
 ])
@@ -31,13 +32,13 @@ def test_a_checkpoint_without_these_settings_is_refused_in_one_line(checkpoint: 
 
 def test_sgdrop_arguments_of_each_regularizer():
     assert SETTINGS.sgdrop_model_args() == dict(sgdrop_rho=0.0, sgdrop_attribution='ema',
-                                                sgdrop_attribution_relu='gradient', sgdrop_ema_decay=0.999,
-                                                latent_drop_rate=0.0)
+                                                sgdrop_attribution_relu='gradient', sgdrop_reference='zero',
+                                                sgdrop_ema_decay=0.999, latent_drop_rate=0.0)
     # the baselines: rho 0, online (no EMA copy); dropout keeps its rate
     dropout = dataclasses.replace(SETTINGS, regularizer='dropout')
     assert dropout.sgdrop_model_args() == dict(sgdrop_rho=0.0, sgdrop_attribution='online',
-                                               sgdrop_attribution_relu='gradient', sgdrop_ema_decay=0.999,
-                                               latent_drop_rate=0.5)
+                                               sgdrop_attribution_relu='gradient', sgdrop_reference='zero',
+                                               sgdrop_ema_decay=0.999, latent_drop_rate=0.5)
     assert dataclasses.replace(SETTINGS, regularizer='none').sgdrop_model_args()['latent_drop_rate'] == 0.0
 
 

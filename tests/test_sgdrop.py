@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from sgdrop_zoo import AttributionSource, LinearRhoSchedule, add_sgdrop, is_sgdrop_model, saliency_mask
-from sgdrop_zoo.sgdrop import dropped_attribution_share, latent_attribution, nonpositive_share, num_dropped_features
+from sgdrop_zoo.sgdrop import (STEP_STAT_NAMES, dropped_attribution_share, latent_attribution, latent_reference,
+                               nonpositive_share, num_dropped_features)
 
 from conftest import RecordOps
 
@@ -447,7 +448,7 @@ def test_repr_shows_the_sgdrop_settings():
     model = reference_model(rho=0.25, attribution='online')
     settings = repr(model).splitlines()[1].strip()
     assert settings == ('sgdrop_rho=0.25, sgdrop_attribution=online, sgdrop_attribution_relu=gradient, '
-                        'sgdrop_ema_decay=0.999, latent_drop_rate=0.0')
+                        'sgdrop_reference=zero, sgdrop_ema_decay=0.999, latent_drop_rate=0.0')
 
 
 @pytest.mark.parametrize('attribution', ['ema', 'online'])
@@ -475,3 +476,127 @@ def test_on_a_class_token_vit_only_class_token_features_can_be_dropped():
     assert not dropped[:, 1:].any()
     assert (dropped[:, 0].sum(1) > 0).all()
     assert (dropped.flatten(1).sum(1) < num_dropped_features(0.25, features[0].numel())).all()
+
+
+def test_true_class_logit_drop_matches_hand_computation():
+    # rho 0.5 on LATENT, the paper's rule: clean logits W @ z are [7, 1, 6] (y=0) and [0, 11, 6] (y=1); the masked ones
+    # LOGITS_RHO_HALF. Drop: 7 - (-1) = 8 and 11 - (-4) = 15; margin over the runner-up: 7 - 6 = 1 and 11 - 6 = 5.
+    model = reference_model(rho=0.5)
+    assert torch.equal(model(LATENT.clone(), target=LABELS), LOGITS_RHO_HALF)
+    stats = model.sgdrop_step_stats
+    assert torch.equal(stats['true_class_logit_drop'], torch.tensor([8., 15.]))
+    assert torch.equal(stats['clean_logit_margin'], torch.tensor([1., 5.]))
+    # no mask (rho 0): nothing dropped, the margin of the training logits themselves
+    model = reference_model(rho=0.0)
+    model(LATENT.clone(), target=LABELS)
+    assert torch.equal(model.sgdrop_step_stats['true_class_logit_drop'], torch.zeros(2))
+    assert torch.equal(model.sgdrop_step_stats['clean_logit_margin'], torch.tensor([1., 5.]))
+    assert set(model.sgdrop_step_stats) == set(STEP_STAT_NAMES)
+
+
+def test_an_evaded_mask_shows_no_logit_drop():
+    # every feature <= 0: the paper's attribution has nothing to select, the mask is empty and the drop is zero
+    model = reference_model(rho=0.5)
+    model(-LATENT, target=LABELS)
+    assert torch.equal(model.sgdrop_step_stats['true_class_logit_drop'], torch.zeros(2))
+    assert torch.equal(model.sgdrop_step_stats['dropped_attribution_share'], torch.zeros(2))
+
+
+# channel_mean on LATENT: channels (c0, c1) at positions (p0, p1). Sample 0: c0 = [2, 1], c1 = [3, 4], so r = [2.5, 2.5]
+# and z - r = [-0.5, -1.5, 0.5, 1.5]; with W[0] = [1, -1, 2, 0], ReLU(W[0] * (z - r)) = [0, 1.5, 1, 0]. Sample 1:
+# c0 = [1, 5], c1 = [2, 0], r = [1.5, 2.5], z - r = [-0.5, 2.5, 0.5, -2.5]; W[1] = [0, 3, -2, 1] gives [0, 7.5, 0, 0].
+CHANNEL_MEAN_ATTRIBUTION = torch.tensor([[0., 1.5, 1., 0.], [0., 7.5, 0., 0.]]).view(2, 2, 1, 2)
+# rho 0.25, k = 1: both samples drop feature 1 (c0 at p1), set to r = 2.5: z' = [2, 2.5, 3, 4] and [1, 2.5, 2, 0]
+CHANNEL_MEAN_LOGITS = torch.tensor([[5.5, 5.5, 7.5], [2.5, 3.5, 3.5]])
+
+
+def test_zero_reference_is_the_papers_map_and_mask():
+    model = ReferenceClassifier()
+    attribution = latent_attribution(model.forward_head, LATENT, LABELS, reference='zero')
+    assert torch.equal(attribution, ATTRIBUTION)
+    model = reference_model(rho=0.5, sgdrop_reference='zero')
+    assert torch.equal(model(LATENT.clone(), target=LABELS), LOGITS_RHO_HALF)
+
+
+def test_channel_mean_reference_matches_hand_computation():
+    head = ReferenceClassifier().forward_head
+    attribution = latent_attribution(head, LATENT, LABELS, relu='product', reference='channel_mean')
+    assert torch.equal(attribution, CHANNEL_MEAN_ATTRIBUTION)
+    reference = torch.tensor([[2.5, 2.5], [1.5, 2.5]]).view(2, 1, 1, 2)
+    assert torch.equal(latent_reference(LATENT, 'channel_mean'), reference)
+    assert latent_reference(LATENT, 'zero') is None
+    model = reference_model(rho=0.25, sgdrop_attribution_relu='product', sgdrop_reference='channel_mean')
+    assert torch.equal(model(LATENT.clone(), target=LABELS), CHANNEL_MEAN_LOGITS)
+    # a linear head on a ReLU latent: the mask moves only features whose move to r lowers the true-class logit, by
+    # exactly their attribution (clean 7 and 11, masked 5.5 and 3.5)
+    assert torch.equal(model.sgdrop_step_stats['true_class_logit_drop'], torch.tensor([1.5, 7.5]))
+    assert model.sgdrop_config['sgdrop_reference'] == 'channel_mean'
+    with pytest.raises(ValueError, match="Unknown sgdrop_reference 'median': choose one of 'zero', 'channel_mean'"):
+        reference_model(sgdrop_reference='median')
+    with pytest.raises(ValueError, match=r'needs a latent of shape \(B, C\) or \(B, C, H, W\), got \(2, 2, 2\)'):
+        latent_reference(torch.ones(2, 2, 2), 'channel_mean')
+
+
+class PoolNormHead(nn.Module):
+    """ConvNeXt's head in small: global average pool, LayerNorm over channels, linear classifier."""
+
+    def __init__(self, channels: int = 6, num_classes: int = 4):
+        super().__init__()
+        self.num_classes = num_classes
+        self.norm = nn.LayerNorm(channels)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward_features(self, x):
+        return x
+
+    def forward_head(self, x, pre_logits=False):
+        x = self.norm(x.mean((2, 3)))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def test_channel_mean_mask_ignores_an_offset_shared_by_the_channels_of_a_position():
+    torch.manual_seed(0)
+    model = add_sgdrop(PoolNormHead().double(), sgdrop_rho=0.25, sgdrop_attribution='online',
+                       sgdrop_attribution_relu='product', sgdrop_reference='channel_mean').train()
+    z = torch.randn(3, 6, 2, 2, dtype=torch.float64)
+    target = torch.tensor([0, 1, 3])
+    offset = 10 * torch.randn(3, 1, 2, 2, dtype=torch.float64)  # one constant per sample and position
+    keep = model.saliency_keep_mask(z, z, target)
+    assert (~keep).sum() == 3 * 6  # k = floor(0.25 * 24) = 6 per sample
+    assert torch.equal(model.saliency_keep_mask(z + offset, z + offset, target), keep)
+    assert torch.allclose(model(z + offset, target=target), model(z, target=target), atol=1e-10)
+    # the paper's zero reference is not invariant: shifted below zero, its mask selects other features
+    model.sgdrop_reference, model.sgdrop_attribution_relu = 'zero', 'gradient'
+    assert not torch.equal(model.saliency_keep_mask(z - 20, z - 20, target), model.saliency_keep_mask(z, z, target))
+
+
+def test_ema_head_attribution_is_the_ema_head_on_the_online_latent():
+    # The EMA's encoder scale is 3 and its head EMA_WEIGHT; the online encoder scale is 1 (z = x) and its head
+    # HEAD_WEIGHT. ema_head: ReLU(EMA_WEIGHT[y]) * z on the online z: sample 0 [0, 1, 0, 4], drops feature 3; sample 1
+    # [1, 0, 0, 0], drops feature 0. The 'ema' source would attribute 3 z and pick the same features, so the EMA head
+    # is told apart from the online head by the ranking, and the online latent from the EMA latent by the drop.
+    ema_weight = torch.tensor([[0., 1., 0., 1.], [1., 0., 0., 0.], [0., 0., 0., 0.]])
+    model = reference_model(rho=0.25, attribution='ema_head')
+    model.load_ema_state_dict({'num_updates': 1, 'state_dict': {'scale': torch.full((1, 2, 1, 2), 3.),
+                                                                 'fc.weight': ema_weight}})
+    keep = torch.tensor([[1., 1., 1., 0.], [0., 1., 1., 1.]])
+    assert torch.equal(model(LATENT.clone(), target=LABELS), (LATENT.flatten(1) * keep) @ HEAD_WEIGHT.T)
+    # the dropped share is of the attribution on the online latent: 4 of 1 + 4, and 1 of 1
+    assert torch.equal(model.sgdrop_step_stats['dropped_attribution_share'], torch.tensor([0.8, 1.0]))
+    model.update_ema()
+    assert model.ema_updates == 2
+
+
+def test_ema_head_skips_the_ema_encoder():
+    model = reference_model(rho=0.25, attribution='ema_head')
+    model(LATENT.clone(), target=LABELS)
+    calls = []
+    model.ema_model.forward_features = lambda x: calls.append(x) or x
+    model(LATENT.clone(), target=LABELS)
+    assert calls == []
+    model.sgdrop_attribution = 'ema'
+    model(LATENT.clone(), target=LABELS)
+    assert len(calls) == 1

@@ -4,12 +4,16 @@ import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import pytest
+import timm
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
 DATA = Path('../shared/data/imagenette')
 sys.path.insert(0, str(BENCHMARKS))
+import overhead  # noqa: E402, benchmarks/overhead.py
 import reproduce  # noqa: E402, benchmarks/reproduce.py
 import ship_zoo  # noqa: E402, benchmarks/ship_zoo.py
 import transfer_zoo  # noqa: E402, benchmarks/transfer_zoo.py
@@ -67,10 +71,58 @@ def test_each_family_of_the_final_study_trains_and_ships_what_its_committed_pilo
 
 
 def test_each_sgdrop_method_is_timed_by_the_overhead_of_the_weights_that_compute_its_attribution():
-    expected = {'vanilla': None, 'dropout': None, 'sgdrop': 'sgdrop_ema_overhead',
-                'sgdrop_online': 'sgdrop_online_overhead', 'sgdrop_curriculum': 'sgdrop_ema_overhead',
-                'sgdrop_product': 'sgdrop_ema_overhead'}
+    ema = ['sgdrop', 'sgdrop_curriculum', 'sgdrop_product', 'sgdrop_rho0.05', 'sgdrop_rho0.1', 'sgdrop_curriculum0.1',
+           'sgdrop_product_rho0.01', 'sgdrop_channel_mean_rho0.01', 'sgdrop_channel_mean_rho0.1']
+    expected = {'vanilla': None, 'dropout': None, 'sgdrop_online': 'sgdrop_online_overhead',
+                **{method: 'sgdrop_ema_overhead' for method in ema},
+                **{f'{method}_ema_head': 'sgdrop_ema_head_overhead' for method in ema}}
     assert {method: reproduce.step_overhead_figure(method) for method in reproduce.METHODS} == expected
+    # an ema_head method is its method with the one flag changed
+    assert reproduce.METHODS['sgdrop_curriculum_ema_head'] == ['--regularizer', 'sgdrop', '--sgdrop-rho', '0.0',
+                                                               '--sgdrop-rho-end', 'RHO_END', '--sgdrop-attribution',
+                                                               'ema_head']
+    assert reproduce.METHODS['sgdrop_rho0.1_ema_head'] == ['--regularizer', 'sgdrop', '--sgdrop-attribution',
+                                                           'ema_head', '--sgdrop-rho', '0.1']
+
+
+def method_pilot(runs: dict[str, tuple[float, float, Optional[float]]]) -> list[dict]:
+    """Pilot results of sgdrop_convnext_atto on 1,000 dev images: method -> (top-1, share <= 0, logit drop)."""
+    return [dict(arch='sgdrop_convnext_atto', method=method, final_val_acc1=acc1, final_val_count=1000,
+                 final_nonpositive_feature_share=share, final_true_class_logit_drop=drop)
+            for method, (acc1, share, drop) in runs.items()]
+
+
+def test_the_method_pilot_rule_by_hand():
+    order = ['sgdrop', 'sgdrop_product', 'sgdrop_channel_mean_rho0.1']
+    runs = {'vanilla': (30.2, 0.498, None), 'sgdrop': (32.5, 0.993, None), 'sgdrop_product': (28.9, 0.502, None),
+            'sgdrop_channel_mean_rho0.1': (31.0, 0.55, 0.8)}
+    # sgdrop parks its features below zero (99.3% against 49.8%): not eligible, however high its top-1
+    assert reproduce.method_pilot_choice(method_pilot(runs), 'sgdrop_convnext_atto', order, cheaper=False) == \
+        'sgdrop_channel_mean_rho0.1'
+    # within 0.5 points (5 of 1,000 dev images) the earlier candidate wins; 6 images apart the better one does
+    close = dict(runs, sgdrop_product=(30.5, 0.502, None))
+    assert reproduce.method_pilot_choice(method_pilot(close), 'sgdrop_convnext_atto', order, cheaper=False) == \
+        'sgdrop_product'
+    apart = dict(runs, sgdrop_product=(30.4, 0.502, None))
+    assert reproduce.method_pilot_choice(method_pilot(apart), 'sgdrop_convnext_atto', order, cheaper=False) == \
+        'sgdrop_channel_mean_rho0.1'
+    # a mask that takes nothing from the true class is not eligible; a share 10.1 points above vanilla's neither
+    no_drop = {**runs, 'sgdrop_channel_mean_rho0.1': (31.0, 0.55, 0.0)}
+    assert reproduce.method_pilot_choice(method_pilot(no_drop), 'sgdrop_convnext_atto', order, cheaper=False) == \
+        'sgdrop_product'
+    parked = dict(no_drop, sgdrop_product=(28.9, 0.599, None))
+    assert reproduce.method_pilot_choice(method_pilot(parked), 'sgdrop_convnext_atto', order, cheaper=False) == \
+        'vanilla'
+    # the ema_head run replaces its method within 0.5 points, not below
+    with pytest.raises(SystemExit, match='chose sgdrop_channel_mean_rho0.1; its rule waits for '
+                                         'sgdrop_channel_mean_rho0.1_ema_head'):
+        reproduce.method_pilot_choice(method_pilot(runs), 'sgdrop_convnext_atto', order)
+    for acc1, expected in ((30.5, 'sgdrop_channel_mean_rho0.1_ema_head'), (30.4, 'sgdrop_channel_mean_rho0.1')):
+        cheaper = {**runs, 'sgdrop_channel_mean_rho0.1_ema_head': (acc1, 0.52, 0.7)}
+        assert reproduce.method_pilot_choice(method_pilot(cheaper), 'sgdrop_convnext_atto', order) == expected
+    with pytest.raises(SystemExit, match='has no result of sgdrop_channel_mean_rho0.1 yet'):
+        reproduce.method_pilot_choice(method_pilot({k: v for k, v in runs.items() if k != order[-1]}),
+                                      'sgdrop_convnext_atto', order)
 
 
 def test_checkpoint_names_of_a_pair():
@@ -340,3 +392,18 @@ def test_every_committed_probe_measured_the_weights_shipped_now():
     for path in probes:
         probe = json.loads(path.read_text())
         assert transfer_zoo.finished_probe(path, sha256[probe['checkpoint']], '../shared/data/eurosat') == probe
+
+
+def test_the_overhead_benchmarks_vanilla_holds_no_ema_and_each_source_its_own():
+    # the vanilla step is the recipe's --regularizer none: no EMA network built or updated, which would count part
+    # of SGDrop's cost in the baseline
+    args = SimpleNamespace(num_classes=3, model_kwargs={}, amp=False)
+    images, target = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
+    ema_of = {}
+    for variant, kwargs in overhead.VARIANTS.items():
+        model = timm.create_model('sgdrop_resnet10t', num_classes=args.num_classes, **{'sgdrop_rho': 0.1, **kwargs})
+        overhead.train_step(model.train(), torch.optim.SGD(model.parameters(), lr=1e-3), images, target, args.amp)
+        ema_of[variant] = (model.sgdrop_rho, model.sgdrop_attribution.value, model.ema_updates,
+                           model.ema_model is not None)
+    assert ema_of == {'vanilla': (0.0, 'online', 0, False), 'sgdrop_ema': (0.1, 'ema', 1, True),
+                      'sgdrop_online': (0.1, 'online', 0, False), 'sgdrop_ema_head': (0.1, 'ema_head', 1, True)}
