@@ -22,7 +22,7 @@ from timm.data import resolve_model_data_config
 from timm.models import save_for_hf
 
 from .data import EVAL_CROP
-from .pretrained import CONFIG_NAME, WEIGHTS_NAME
+from .pretrained import CONFIG_NAME, WEIGHTS_NAME, check_model_args
 from .run_settings import RunSettings
 from .sgdrop import add_sgdrop
 
@@ -119,6 +119,7 @@ def read_config(path: Path) -> dict[str, Any]:
         raise ValueError(f'{path}: not valid JSON ({e}).') from e
     if not isinstance(config, dict) or 'architecture' not in config or 'pretrained_cfg' not in config:
         raise ValueError(f'{path}: not a timm config (no architecture / pretrained_cfg).')
+    check_model_args(config.get('model_args', {}), path)
     return config
 
 

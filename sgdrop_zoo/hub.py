@@ -333,6 +333,10 @@ def load_sgdrop_model(model_id: str, pretrained: bool = True, **kwargs: Any) -> 
     except SafetensorError as e:
         raise HubError(f'{WEIGHTS_NAME} of {model_id} is truncated or corrupt ({e}); delete it from the cache '
                        f'(`hf cache rm`) and download it again.') from e
+    except TypeError as e:
+        # an argument the architecture does not take, from the config's model_args or the keywords
+        raise HubError(f'{model_id}: {architecture} does not take the model_args of its config or the keywords '
+                       f'given ({e}); remove that argument') from e
     if architecture.startswith('sgdrop_'):
         return model
     return add_sgdrop(model, **sgdrop_args)

@@ -9,6 +9,7 @@ pretrained=True)`` finds ``model.safetensors`` in the record's ``local_dir`` (a 
 ``SGDROP_ZOO_HUB_CONFIGS=/some/dir`` replaces the packaged ``hub_configs/`` (read once, when sgdrop_zoo is imported).
 """
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import timm
 import torch.nn as nn
 from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import (
@@ -36,9 +38,9 @@ from .sgdrop import sgdrop_model_args
 
 __all__ = [
     'CONFIG_NAME', 'HUB_CONFIGS_ENV', 'WEIGHTS_NAME', 'HubConfigWarning', 'HubError',
-    'build_model_with_checked_weights', 'checked_record_weights', 'download_checked_weights', 'hub_configs_dir',
-    'hub_download', 'load_hub_configs', 'local_weights', 'packaged_hub_configs_dir', 'pretrained_cfgs',
-    'sha256_of_file', 'tag_folder',
+    'build_model_with_checked_weights', 'check_model_args', 'checked_record_weights', 'download_checked_weights',
+    'hub_configs_dir', 'hub_download', 'load_hub_configs', 'local_weights', 'packaged_hub_configs_dir',
+    'pretrained_cfgs', 'sha256_of_file', 'tag_folder',
 ]
 
 HUB_CONFIGS_ENV = 'SGDROP_ZOO_HUB_CONFIGS'
@@ -51,6 +53,12 @@ REQUIRED_FIELDS = {
 }
 # where the weights are: at least one of them, each a string or null
 LOCATION_FIELDS = ('hf_hub_id', 'local_dir')
+
+
+# timm.create_model's own parameters, and the keywords timm's builder takes for itself: in a config's model_args they
+# would choose the weights (checkpoint_path, pretrained_cfg, ...) or the model's form instead of its architecture
+NOT_ARCHITECTURE_ARGS = frozenset(inspect.signature(timm.create_model).parameters) - {'kwargs'} | {
+    'features_only', 'feature_cfg', 'feature_cls', 'pretrained_strict', 'kwargs_filter'}
 
 
 class HubError(RuntimeError):
@@ -67,6 +75,23 @@ def hub_configs_dir() -> Path:
     """The directory of checkpoint records: ``$SGDROP_ZOO_HUB_CONFIGS``, else the packaged ``hub_configs/``."""
     override = os.environ.get(HUB_CONFIGS_ENV)
     return Path(override) if override else packaged_hub_configs_dir()
+
+
+def check_model_args(model_args: Any, source: Any) -> dict[str, Any]:
+    """A config's, record's or run's ``model_args``: architecture arguments only, by name.
+
+    Raises:
+        ValueError: Not a mapping of names, or a name that is ``timm.create_model``'s own (``checkpoint_path``,
+            ``pretrained``, ``pretrained_cfg_overlay``, ...); in one line naming ``source``.
+    """
+    if not isinstance(model_args, dict) or not all(isinstance(name, str) for name in model_args):
+        raise ValueError(f'{source}: model_args must be a JSON object of architecture arguments, got '
+                         f'{type(model_args).__name__}')
+    chosen_elsewhere = sorted(set(model_args) & NOT_ARCHITECTURE_ARGS)
+    if chosen_elsewhere:
+        raise ValueError(f"{source}: model_args holds {', '.join(chosen_elsewhere)}, which are no architecture "
+                         f"arguments (a model's weights are its own {WEIGHTS_NAME}); remove them")
+    return model_args
 
 
 def _check_record(record: Any, path: Path) -> dict[str, Any]:
@@ -86,6 +111,7 @@ def _check_record(record: Any, path: Path) -> dict[str, Any]:
         raise ValueError(f'{path}: {len(record["label_names"])} label_names for num_classes={record["num_classes"]}.')
     if len(record['sha256']) != 64:
         raise ValueError(f'{path}: sha256 must be the 64 hex digits of {WEIGHTS_NAME}.')
+    check_model_args(record.get('model_args', {}), path)
     return record
 
 

@@ -8,6 +8,8 @@ through ``RunSettings.from_checkpoint``, so no library module knows the recipe's
 import dataclasses
 from typing import Any, Optional
 
+from .pretrained import check_model_args
+
 __all__ = ['RUN_SETTINGS_VERSION', 'RunSettings']
 
 # the version of the stored settings; a checkpoint of another version is refused by name
@@ -93,6 +95,7 @@ class RunSettings:
         if set(stored) - {'version'} != names:
             raise ValueError(f'{path}: its run settings are not complete ({sorted(names - set(stored))} missing); '
                              f'pass an intact checkpoint')
+        check_model_args(stored['model_kwargs'], path)
         return cls(**{name: stored[name] for name in names})
 
     def sgdrop_model_args(self) -> dict[str, Any]:

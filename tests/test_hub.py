@@ -578,6 +578,37 @@ def test_a_folder_is_the_only_source_of_its_weights(tmp_path, monkeypatch):
         assert all(torch.equal(state_dict[k], v) for k, v in own.items())
 
 
+def test_a_config_cannot_substitute_another_files_weights(tmp_path, monkeypatch):
+    # the shipped SGDrop folder with a model_args key that would make timm load its vanilla twin's weights
+    shipped = packaged_hub_configs_dir()
+    folder = tmp_path / 'h'
+    shutil.copytree(shipped / 'sgdrop_resnet10t.imagenette_128', folder)
+    twin = shipped / 'sgdrop_resnet10t.imagenette_128_vanilla' / 'model.safetensors'
+    config = json.loads((folder / 'config.json').read_text())
+    _fail_on_network(monkeypatch)
+    for key, value in (('checkpoint_path', str(twin)), ('pretrained', False), ('pretrained_cfg_overlay', {})):
+        (folder / 'config.json').write_text(json.dumps(dict(config, model_args=dict(config['model_args'],
+                                                                                   **{key: value}))))
+        with pytest.raises(HubError, match=f'config.json: model_args holds {key}, which are no architecture '
+                                           f'arguments'):
+            load_sgdrop_model(f'local-dir:{folder}')
+    # an argument the architecture does not take: one line, no raw TypeError
+    (folder / 'config.json').write_text(json.dumps(dict(config, model_args=dict(config['model_args'], wings=2))))
+    with pytest.raises(HubError, match=r'resnet10t does not take the model_args of its config or the keywords given '
+                                       r'\(.*wings'):
+        load_sgdrop_model(f'local-dir:{folder}')
+    # the same rule for a record and for a recipe checkpoint's settings
+    record = json.loads((shipped / 'sgdrop_resnet10t.imagenette_128.json').read_text())
+    record['model_args'] = {'checkpoint_path': str(twin)}
+    (tmp_path / 'records').mkdir()
+    (tmp_path / 'records' / 'r.json').write_text(json.dumps(record))
+    with pytest.raises(ValueError, match='r.json: model_args holds checkpoint_path'):
+        load_hub_configs(tmp_path / 'records')
+    stored = dict(RUN_SETTINGS.to_dict(), model_kwargs={'checkpoint_path': str(twin)})
+    with pytest.raises(ValueError, match='c.pth.tar: model_args holds checkpoint_path'):
+        RunSettings.from_checkpoint({'settings': stored}, 'c.pth.tar')
+
+
 def test_offline_a_missing_repo_and_a_missing_file_each_say_so(published, olah, mirrors, tmp_path):
     configs = tmp_path / 'hub_configs'
     configs.mkdir()
