@@ -49,7 +49,7 @@ from sgdrop_zoo.data import fixed_order
 from sgdrop_zoo.export import read_config, to_published_config, write_config
 from sgdrop_zoo.hub import hub_config_record, prepare_hub_folder
 from sgdrop_zoo.model_card import render_model_card
-from sgdrop_zoo.pretrained import CONFIG_NAME, WEIGHTS_NAME, sha256_of_file
+from sgdrop_zoo.pretrained import CONFIG_NAME, WEIGHTS_NAME, checkpoint_description, sha256_of_file
 from sgdrop_zoo.run_files import read_log
 
 from reproduce import (  # benchmarks/reproduce.py, beside this script
@@ -316,6 +316,11 @@ def prepare_checkpoint(name: str, run: dict[str, Any], runs: list[dict[str, Any]
         ),
         sha256=sha256_of_file(tmp / WEIGHTS_NAME),
     )
+    # the folder's config.json describes these weights by the figures just measured
+    config['pretrained_cfg']['description'] = checkpoint_description(record['sgdrop'], record['dataset'],
+                                                                     record['metrics']['top1'],
+                                                                     record['metrics']['split'])
+    write_config(config, tmp)
     render_model_card([record], checkpoint=record).save(tmp / 'README.md')
     return record
 

@@ -22,12 +22,12 @@ from timm.data import resolve_model_data_config
 from timm.models import save_for_hf
 
 from .data import EVAL_CROP
-from .pretrained import CONFIG_NAME, WEIGHTS_NAME, check_model_args
+from .pretrained import CONFIG_NAME, WEIGHTS_NAME, check_model_args, checkpoint_description
 from .run_settings import RunSettings
 from .sgdrop import add_sgdrop
 
 __all__ = [
-    'PARTIAL_WRITE_SUFFIX', 'SGDROP_MODEL_ARGS', 'base_architecture', 'read_config', 'save_export',
+    'PARTIAL_WRITE_SUFFIX', 'SGDROP_MODEL_ARGS', 'base_architecture', 'measured_split', 'read_config', 'save_export',
     'save_recipe_export', 'sgdrop_settings', 'to_published_config', 'write_config',
 ]
 
@@ -69,16 +69,26 @@ def save_export(model: nn.Module, folder: Path, class_names: list[str], image_si
         'crop_mode': crop_mode,
         **{key: resolve_model_data_config(model)[key] for key in ('mean', 'std')},
     }
+    sgdrop = {'regularizer': regularizer, **model.sgdrop_config, 'sgdrop_rho_end': sgdrop_rho_end}
+    dataset = Path(training['data']).name if training.get('data') else 'unnamed data'
     model_config = {
         'label_names': list(class_names),
-        'sgdrop': {'regularizer': regularizer, **model.sgdrop_config, 'sgdrop_rho_end': sgdrop_rho_end},
+        'sgdrop': sgdrop,
         'training': dict(training, image_size=image_size, train_transform=train_transform),
+        # this checkpoint's own description, not that of the tag the architecture's default cfg names
+        'pretrained_cfg': {'description': checkpoint_description(sgdrop, dataset, training.get('val_acc1'),
+                                                                 measured_split(training))},
     }
     with tempfile.TemporaryDirectory(dir=folder, prefix='.export.', suffix=PARTIAL_WRITE_SUFFIX) as tmp:
         save_for_hf(model, tmp, model_config=model_config, data_config=data_config, safe_serialization=True)
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             (Path(tmp) / name).chmod(0o644)  # safetensors writes the weights private
             os.replace(Path(tmp) / name, Path(folder) / name)
+
+
+def measured_split(training: dict[str, Any]) -> str:
+    """The images an export's ``val_acc1`` was measured on: 'dev' (held out of the training folder) or 'val'."""
+    return 'dev' if training.get('holdout_per_class') else 'val'
 
 
 def save_recipe_export(model: nn.Module, folder: Path, settings: RunSettings, class_names: list[str], epoch: int,
@@ -94,8 +104,9 @@ def save_recipe_export(model: nn.Module, folder: Path, settings: RunSettings, cl
         val_acc1: Their validation top-1 (%), or None when it is not known.
     """
     add_sgdrop(model, **settings.sgdrop_model_args())
+    # holdout_per_class: a run validated on a dev split measured val_acc1 on images of the training folder
     training = {'epoch': epoch, 'val_acc1': val_acc1, 'data': settings.data, 'optimizer': settings.optimizer,
-                'lr': settings.lr, 'epochs': settings.epochs}
+                'lr': settings.lr, 'epochs': settings.epochs, 'holdout_per_class': settings.holdout_per_class}
     save_export(model, folder, class_names, settings.image_size, settings.train_transform, settings.regularizer,
                 training, sgdrop_rho_end=settings.sgdrop_rho_end if settings.regularizer == 'sgdrop' else None)
 

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .export import (
+    measured_split,
     read_config,
     save_recipe_export,
     sgdrop_settings,
@@ -31,7 +32,7 @@ from .export import (
 )
 from .loading import check_output_outside_hub_configs, check_writable_folder, load_recipe_checkpoint
 from .model_card import render_model_card
-from .pretrained import CONFIG_NAME, WEIGHTS_NAME, HubError, hub_download, sha256_of_file
+from .pretrained import CONFIG_NAME, WEIGHTS_NAME, HubError, checkpoint_description, hub_download, sha256_of_file
 from .run_settings import RunSettings
 from .sgdrop import add_sgdrop, sgdrop_model_args
 
@@ -93,7 +94,10 @@ def _eval_command(architecture: str, training: dict[str, Any]) -> Optional[str]:
         command += f' --image-size {training["image_size"]}'
     if training.get('train_transform'):
         command += f' --train-transform {training["train_transform"]}'
+    if training.get('holdout_per_class'):
+        command += f' --holdout-per-class {training["holdout_per_class"]}'
     return command
+
 
 
 def _check_weights(folder: Path, config: dict[str, Any]) -> None:
@@ -123,7 +127,7 @@ def hub_config_record(config: dict[str, Any], sha256: str, hf_hub_id: str, datas
     training = config.get('training') or {}
     metrics = {}
     if training.get('val_acc1') is not None:
-        metrics = dict(top1=round(float(training['val_acc1']), 3), split='val',
+        metrics = dict(top1=round(float(training['val_acc1']), 3), split=measured_split(training),
                        eval_command=_eval_command(config['sgdrop']['architecture'], training))
     label_names = config.get('label_names') or [str(i) for i in range(config['num_classes'])]
     return dict(
@@ -189,6 +193,9 @@ def prepare_hub_folder(
         raise HubError(f'{source}: the config does not say which dataset trained it: pass --dataset NAME.')
     name = repo_id.split('/')[-1]
     tag = tag or (name.rsplit('.', 1)[-1] if '.' in name else dataset.lower())
+    top1 = training.get('val_acc1')
+    config['pretrained_cfg']['description'] = checkpoint_description(
+        config['sgdrop'], dataset, round(float(top1), 3) if top1 is not None else None, measured_split(training))
     write_config(config, folder)
     record = hub_config_record(config, sha256_of_file(folder / WEIGHTS_NAME), repo_id, dataset, tag, license)
     render_model_card([record], checkpoint=record).save(folder / README_NAME)

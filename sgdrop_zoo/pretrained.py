@@ -38,9 +38,9 @@ from .sgdrop import sgdrop_model_args
 
 __all__ = [
     'CONFIG_NAME', 'HUB_CONFIGS_ENV', 'WEIGHTS_NAME', 'HubConfigWarning', 'HubError',
-    'build_model_with_checked_weights', 'check_model_args', 'checked_record_weights', 'download_checked_weights',
-    'hub_configs_dir', 'hub_download', 'load_hub_configs', 'local_weights', 'packaged_hub_configs_dir',
-    'pretrained_cfgs', 'sha256_of_file', 'tag_folder',
+    'build_model_with_checked_weights', 'check_model_args', 'checked_record_weights', 'checkpoint_description',
+    'download_checked_weights', 'hub_configs_dir', 'hub_download', 'load_hub_configs', 'local_weights',
+    'packaged_hub_configs_dir', 'pretrained_cfgs', 'sha256_of_file', 'tag_folder',
 ]
 
 HUB_CONFIGS_ENV = 'SGDROP_ZOO_HUB_CONFIGS'
@@ -184,6 +184,29 @@ def tag_folder(name: str) -> Optional[Path]:
     return weights.parent if weights is not None else None
 
 
+def checkpoint_description(sgdrop: dict[str, Any], dataset: str, top1: Optional[float], split: str) -> str:
+    """What a checkpoint is, in timm's ``description`` field: its method and settings, its data and its top-1.
+
+    Args:
+        sgdrop: Its recorded SGDrop settings (a record's or a config's ``sgdrop`` section, with ``regularizer``).
+        dataset: The dataset's name.
+        top1: Its top-1 (%), or None when it is not known.
+        split: The images that top-1 was measured on: 'val', or 'dev' for a split held out of the training folder.
+    """
+    regularizer = sgdrop.get('regularizer', 'sgdrop')
+    if regularizer == 'sgdrop':
+        end = sgdrop.get('sgdrop_rho_end')
+        rho = f"rho {sgdrop['sgdrop_rho']}" + (f' to {end}' if end is not None else '')
+        reference = sgdrop.get('sgdrop_reference', 'zero')
+        method = (f"SGDrop ({rho}, {sgdrop.get('sgdrop_attribution', 'ema')} attribution"
+                  + (f', {reference} reference' if reference != 'zero' else '') + ')')
+    elif regularizer == 'none':
+        method = 'Vanilla (no SGDrop)'
+    else:
+        method = f"Latent dropout {sgdrop.get('latent_drop_rate')} (no SGDrop)"
+    return f'{method}, {dataset}' + (f', {split} top-1 {top1}' if top1 is not None else '')
+
+
 def _record_to_cfg(record: dict[str, Any]) -> dict[str, Any]:
     """The pretrained_cfg fields a checkpoint record sets; its architecture's own cfg supplies the rest."""
     top1 = record['metrics'].get('top1')
@@ -201,7 +224,8 @@ def _record_to_cfg(record: dict[str, Any]) -> dict[str, Any]:
         interpolation=record['interpolation'],
         **({'crop_mode': record['crop_mode']} if record.get('crop_mode') else {}),
         license=record['license'],
-        description=f'SGDrop, {record["dataset"]}' + (f', top-1 {top1}' if top1 is not None else ''),
+        description=checkpoint_description(record['sgdrop'], record['dataset'], top1,
+                                           record['metrics'].get('split', 'val')),
     )
 
 

@@ -112,6 +112,8 @@ class RunSettings:
                     latent_drop_rate=self.latent_drop_rate if self.regularizer == 'dropout' else 0.0)
 
     def changed_run_settings(self, other: 'RunSettings') -> list[str]:
-        """The names of the run-defining settings that ``other`` changes (those of this run's regularizer)."""
-        names = _RUN_DEFINING + _OF_REGULARIZER[self.regularizer]
+        """The names of the run-defining settings that ``other`` changes (those of this run's regularizer, and the
+        number of epochs a rho curriculum spreads over)."""
+        curriculum = self.regularizer == 'sgdrop' and self.sgdrop_rho_end is not None
+        names = _RUN_DEFINING + _OF_REGULARIZER[self.regularizer] + (('epochs',) if curriculum else ())
         return [name for name in names if getattr(self, name) != getattr(other, name)]

@@ -208,11 +208,12 @@ def latent_attribution(
         reference: r: 'zero' (the paper's) or 'channel_mean' (``latent_reference``).
 
     Returns:
-        Attribution map with the shape, dtype and memory format of ``features``.
+        Attribution map in float32, with the shape and memory format of ``features``.
     """
     relu = _check_attribution_relu(relu)
-    with torch.enable_grad():
-        latent = features.detach().requires_grad_(True)
+    # in float32 even under autocast: bf16 attributions tie, and ties at the threshold drop more than k features
+    with torch.enable_grad(), torch.autocast(features.device.type, enabled=False):
+        latent = features.detach().float().requires_grad_(True)
         logits = head(latent)
         # Samples are independent, so the gradient of the summed true-class logits is the per-sample gradient.
         class_score = logits.gather(1, target.unsqueeze(1)).sum()
@@ -757,11 +758,14 @@ def sgdrop_model_args(settings: dict[str, Any]) -> dict[str, Any]:
 
     The one rule from what a ``hub_configs/`` record or a ``config.json`` records (its ``sgdrop`` section) to model
     arguments, for the tag path and ``load_sgdrop_model`` alike. Settings that were not recorded (plain timm weights)
-    get the method's defaults.
+    get the method's defaults. A checkpoint trained with a rho curriculum drops the rho its training ended at: the
+    record keeps the curriculum, the model trains on from where it stopped.
     """
     regularizer = settings.get('regularizer', 'sgdrop')
+    rho_end = settings.get('sgdrop_rho_end')
     return dict(
-        sgdrop_rho=settings.get('sgdrop_rho', DEFAULT_RHO) if regularizer == 'sgdrop' else 0.0,
+        sgdrop_rho=(rho_end if rho_end is not None else settings.get('sgdrop_rho', DEFAULT_RHO))
+        if regularizer == 'sgdrop' else 0.0,
         sgdrop_attribution=settings.get('sgdrop_attribution', 'ema'),
         sgdrop_attribution_relu=settings.get('sgdrop_attribution_relu', 'gradient'),
         sgdrop_reference=settings.get('sgdrop_reference', 'zero'),

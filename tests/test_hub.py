@@ -5,6 +5,7 @@ Uploads go to tests/hub_test_server.py, a documented test double of the Hub's up
 same mirror, so what is published is downloaded again by the real client through olah and compared bit for bit.
 huggingface_hub reads HF_ENDPOINT and HF_HOME when it is imported, so every client call runs in a subprocess.
 """
+import dataclasses
 import json
 import os
 import pickle
@@ -538,6 +539,27 @@ def test_publish_records_the_top1_of_the_published_weights(tmp_path, capsys, nam
                  str(tmp_path / 'dry')]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record['metrics'].get('top1') == top1
+
+
+@pytest.mark.parametrize('holdout, split, description', [
+    (0, 'val', 'SGDrop (rho 0.01, ema attribution), ab, val top-1 50.0'),
+    (100, 'dev', 'SGDrop (rho 0.01, ema attribution), ab, dev top-1 50.0'),
+])
+def test_publish_says_which_images_measured_the_top1(tmp_path, capsys, holdout, split, description):
+    model = timm.create_model('test_convnext', num_classes=2)
+    settings = dataclasses.replace(RUN_SETTINGS, holdout_per_class=holdout)
+    checkpoint = dict(arch='test_convnext', state_dict=model.state_dict(), class_names=['a', 'b'], epoch=1,
+                      acc1=50.0, best_acc1=50.0, sgdrop_ema=None, settings=settings.to_dict())
+    torch.save(checkpoint, tmp_path / 'model_best.pth.tar')
+    assert main(['publish', str(tmp_path / 'model_best.pth.tar'), '--repo-id', f'{ORG}/ab', '--dry-run',
+                 '--output', str(tmp_path / 'dry')]) == 0
+    metrics = json.loads(capsys.readouterr().out)['metrics']
+    # a dev-split figure says so, and its command measures the same images
+    assert metrics['split'] == split
+    assert metrics['eval_command'].endswith(' --train-transform resize' + (f' --holdout-per-class {holdout}'
+                                                                           if holdout else ''))
+    config = json.loads((tmp_path / 'dry' / 'config.json').read_text())
+    assert config['pretrained_cfg']['description'] == description
 
 
 def test_load_sgdrop_model_from_plain_timm_weights_uses_the_method_defaults(tmp_path):

@@ -345,6 +345,18 @@ def test_resume_gives_identical_weights(data_dir: Path, one_epoch_run: Path, two
 # bit, with either.
 REFERENCE_COMMIT = 'df13ecb'
 TIMING_FIELDS = ('img_per_s', 'epoch_time_s')
+# what the recipe records since the reference commit, beside the same training: the mask's logit-drop diagnostics in
+# the log, a run setting at its default, and in config.json the export's own description and its dev split's size
+LOG_FIELDS_SINCE_REFERENCE = ('train_true_class_logit_drop', 'train_clean_logit_margin', 'train_logit_drop_share')
+SETTINGS_SINCE_REFERENCE = {'sgdrop_reference': 'zero'}
+
+
+def config_as_of_the_reference(config: dict) -> dict:
+    """An export's config.json without what the recipe writes there since the reference commit."""
+    pretrained_cfg = {k: v for k, v in config['pretrained_cfg'].items() if k != 'description'}
+    training = {k: v for k, v in config['training'].items() if k != 'holdout_per_class'}
+    sgdrop = {k: v for k, v in config['sgdrop'].items() if k not in SETTINGS_SINCE_REFERENCE}
+    return dict(config, pretrained_cfg=pretrained_cfg, training=training, sgdrop=sgdrop)
 
 
 @pytest.fixture(scope='module')
@@ -411,11 +423,15 @@ def test_a_seeded_run_is_that_of_the_reference_commit_bit_for_bit(reference_tree
         assert_identical({k: v for k, v in a.items() if k != 'args'}, {k: v for k, v in b.items() if k != 'settings'},
                          name)
         settings = {k: v for k, v in b['settings'].items() if k != 'version'}
+        assert {k: settings.pop(k) for k in SETTINGS_SINCE_REFERENCE} == SETTINGS_SINCE_REFERENCE
         assert_identical({k: a['args'][k] for k in settings}, settings, f'{name}[settings]')
-    assert [{k: v for k, v in record.items() if k not in TIMING_FIELDS} for record in read_log(reference)] == [
-        {k: v for k, v in record.items() if k not in TIMING_FIELDS} for record in read_log(current)]
+    ignored = (*TIMING_FIELDS, *LOG_FIELDS_SINCE_REFERENCE)
+    assert [{k: v for k, v in record.items() if k not in ignored} for record in read_log(reference)] == [
+        {k: v for k, v in record.items() if k not in ignored} for record in read_log(current)]
+    assert all(set(LOG_FIELDS_SINCE_REFERENCE) <= set(record) for record in read_log(current))
     assert (reference / 'model.safetensors').read_bytes() == (current / 'model.safetensors').read_bytes()
-    assert json.loads((reference / 'config.json').read_text()) == json.loads((current / 'config.json').read_text())
+    assert config_as_of_the_reference(json.loads((reference / 'config.json').read_text())) == \
+        config_as_of_the_reference(json.loads((current / 'config.json').read_text()))
 
 
 @pytest.mark.parametrize('in_memory', [False, True], ids=['imagefolder', 'in_memory'])
@@ -931,6 +947,26 @@ def test_resume_refuses_a_changed_run_setting(capsys: pytest.CaptureFixture, dat
     assert message in run_bad_input(capsys, str(data_dir), '--epochs', '2', '--resume', str(run / 'checkpoint.pth.tar'),
                                     '--output', str(run), *flags)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_resume_keeps_the_schedule_of_a_curriculum(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):
+    # rho grows over --epochs: a resume with more epochs would change the rho of the epochs already trained
+    run = tmp_path / 'run'
+    curriculum = ['--sgdrop-rho', '0', '--sgdrop-rho-end', '0.05']
+    run_recipe(str(data_dir), *TINY_RUN, '--epochs', '1', *curriculum, '--output', str(run))
+    assert run_bad_input(capsys, str(data_dir), '--epochs', '2', *curriculum, '--resume',
+                         str(run / 'checkpoint.pth.tar'), '--output', str(run)) == (
+        f"error: --resume {run / 'checkpoint.pth.tar'} was trained with --epochs 1, not 2; pass --epochs 1 to continue "
+        f'it, or start a new run in another --output')
+
+
+def test_evaluate_on_a_dev_split_the_run_did_not_hold_out_is_refused(capsys: pytest.CaptureFixture, data_dir: Path,
+                                                                    one_epoch_run: Path):
+    resume = one_epoch_run / 'checkpoint.pth.tar'
+    assert run_bad_input(capsys, str(data_dir), '--evaluate', '--holdout-per-class', '1', '--resume', str(resume),
+                         '--output', str(one_epoch_run)) == (
+        f'error: --evaluate --holdout-per-class 1: {resume} was trained with --holdout-per-class 0, so this dev split '
+        f'holds images it trained on; pass --holdout-per-class 0 (val/)')
 
 
 def test_resume_never_writes_into_another_run(capsys: pytest.CaptureFixture, data_dir: Path, one_epoch_run: Path,

@@ -600,3 +600,23 @@ def test_ema_head_skips_the_ema_encoder():
     model.sgdrop_attribution = 'ema'
     model(LATENT.clone(), target=LABELS)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize('arch, model_kwargs, dtype', [
+    ('sgdrop_resnet10t', {}, torch.bfloat16),
+    ('sgdrop_convnext_atto', {}, torch.float32),  # its latent leaves a LayerNorm, in float32 under autocast
+    ('sgdrop_vgg11', {'mlp_ratio': 0.03125}, torch.bfloat16),
+])
+def test_under_bf16_autocast_the_mask_drops_exactly_k(arch, model_kwargs, dtype):
+    # bf16 attributions tie at the threshold (ResNet-10-T dropped 81 to 83 of k = 81 before they were taken in float32)
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=10, sgdrop_rho=0.01, sgdrop_attribution='online',
+                              **model_kwargs).train()
+    images, target = torch.randn(8, 3, 128, 128), torch.arange(8)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        features = model.forward_features(images)
+        keep = model.saliency_keep_mask(images, features, target)
+    assert features.dtype == dtype
+    k = num_dropped_features(0.01, features[0].numel())
+    assert k == {'sgdrop_convnext_atto': 51}.get(arch, 81)
+    assert (~keep).flatten(1).sum(1).tolist() == [k] * 8

@@ -100,14 +100,46 @@ def test_readme_zoo_table_lists_each_shipped_checkpoint_with_its_recorded_top1()
 def test_tag_and_folder_loaders_give_the_settings_it_was_trained_with(record):
     from sgdrop_zoo.hub import load_sgdrop_model
     name = f'{record["architecture"]}.{record["tag"]}'
-    # the record's settings are the model's own (a vanilla twin's record has rho 0)
+    # the record's settings are the model's own (a vanilla twin's record has rho 0), with the rho a curriculum ended at
     expected = {key: record['sgdrop'][key] for key in ('sgdrop_rho', 'sgdrop_attribution', 'sgdrop_ema_decay',
                                                         'latent_drop_rate')}
+    if record['sgdrop']['regularizer'] == 'sgdrop' and record['sgdrop'].get('sgdrop_rho_end') is not None:
+        expected['sgdrop_rho'] = record['sgdrop']['sgdrop_rho_end']
     for model in (timm.create_model(name, pretrained=True),
                   load_sgdrop_model(f'local-dir:{hub_configs_dir() / record["local_dir"]}')):
         assert {key: model.sgdrop_config[key] for key in expected} == expected
     # what the caller passes still wins
     assert timm.create_model(name, pretrained=True, sgdrop_rho=0.2).sgdrop_rho == 0.2
+
+
+@pytest.mark.parametrize('record', RECORDS, ids=NAMES)
+def test_each_shipped_checkpoint_describes_itself(record):
+    sgdrop, metrics = record['sgdrop'], record['metrics']
+    if sgdrop['regularizer'] == 'none':
+        method = 'Vanilla (no SGDrop)'
+    else:
+        end = sgdrop.get('sgdrop_rho_end')
+        method = f"SGDrop (rho {sgdrop['sgdrop_rho']}{f' to {end}' if end is not None else ''}, ema attribution"
+    own = f", {record['dataset']}, {metrics['split']} top-1 {metrics['top1']}"
+    config = json.loads((hub_configs_dir() / record['local_dir'] / 'config.json').read_text())
+    name = f'{record["architecture"]}.{record["tag"]}'
+    for description in (config['pretrained_cfg']['description'], timm.create_model(name).pretrained_cfg['description']):
+        assert description.startswith(method) and description.endswith(own), (name, description)
+
+
+def test_the_curriculum_tag_trains_on_with_the_rho_it_ended_at():
+    # sgdrop_vgg11.imagenette_128 was trained with rho growing from 0 to 0.025: fine-tuned in a plain loop, it drops
+    # floor(0.025 * 8192) = 204 of the 512 x 4 x 4 latent features of each 128 px image (not the 0 it started at)
+    torch.manual_seed(0)
+    model = timm.create_model('sgdrop_vgg11.imagenette_128', pretrained=True).train()
+    images, target = torch.randn(2, 3, 128, 128), torch.tensor([0, 5])
+    features = model.forward_features(images)
+    assert features[0].numel() == 8192 and model.sgdrop_rho == 0.025
+    keep = model.saliency_keep_mask(images, features, target)
+    assert (~keep).flatten(1).sum(1).tolist() == [204, 204]
+    loss = torch.nn.functional.cross_entropy(model(images, target=target), target)
+    loss.backward()
+    assert (model.sgdrop_step_stats['true_class_logit_drop'] > 0).all()
 
 
 @pytest.mark.parametrize('record', RECORDS, ids=NAMES)

@@ -314,8 +314,15 @@ def check_inputs(args: argparse.Namespace) -> Optional[dict[str, Any]]:
         read_log(log_path)
     checkpoint = load_checkpoint(args.resume)
     check_resumed(checkpoint, args.resume, args.arch, args.model_kwargs, args.class_names, args.data)
+    saved = RunSettings.from_checkpoint(checkpoint, args.resume)
     if not args.evaluate:
-        check_same_run(args.resume, RunSettings.from_checkpoint(checkpoint, args.resume), args.settings)
+        check_same_run(args.resume, saved, args.settings)
+    elif args.holdout_per_class != saved.holdout_per_class and args.holdout_per_class:
+        # the dev split is carved from the training folder: one of another size holds images the run trained on
+        raise RecipeError(f'--evaluate --holdout-per-class {args.holdout_per_class}: {args.resume} was trained with '
+                          f'--holdout-per-class {saved.holdout_per_class}, so this dev split holds images it trained '
+                          f'on; pass --holdout-per-class {saved.holdout_per_class or 0} '
+                          f'({"its own dev split" if saved.holdout_per_class else "val/"})')
     return checkpoint
 
 
