@@ -40,7 +40,7 @@ from .loading import (
     split_encoder_head,
 )
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME
-from .run_files import LOG_NAME, append_log
+from .run_files import LOG_NAME, append_log, hold_folder
 from .sgdrop import add_sgdrop, check_sgdrop_settings, is_sgdrop_model
 
 __all__ = ['MODES', 'TRAIN_TRANSFORMS', 'evaluate', 'finetune']
@@ -193,82 +193,83 @@ def finetune(
     check_input_channels(model, encoder)
     val_images = load_split(data, 'val', class_names, size, False, train_transform, workers, val_subset_per_class)
     val_loader = in_memory_loader(*val_images, model, batch_size, False, device)
-    output.mkdir(parents=True, exist_ok=True)
+    with hold_folder(output):
+        # again, now that no other fine-tune can write there: one may have finished into the folder since
+        check_output_folder(output, ('metrics.json',) if evaluate_only else OUTPUT_FILES, overwrite)
+        if evaluate_only:
+            check_label_names(model, class_names, model_name)
+            metrics = dict(model=model_name, data=str(data), evaluate=True, val=evaluate(model, val_loader))
+            (output / 'metrics.json').write_text(json.dumps(metrics, indent=2) + '\n')
+            return metrics
 
-    if evaluate_only:
-        check_label_names(model, class_names, model_name)
-        metrics = dict(model=model_name, data=str(data), evaluate=True, val=evaluate(model, val_loader))
+        # a new head for the new classes; timm re-initialises the last layer, SGDrop restarts its EMA
+        model.reset_classifier(len(class_names))
+        model.to(device)
+        if not is_sgdrop_model(model):
+            add_sgdrop(model, sgdrop_rho=sgdrop_rho)
+        model.sgdrop_rho = sgdrop_rho
+        # the only regularizer here is SGDrop; without it, no EMA copy is needed for attribution
+        model.latent_drop_rate = 0.0
+        if sgdrop_rho == 0:
+            model.sgdrop_attribution = 'online'
+        encoder, head_params = split_encoder_head(model, size)
+        for name, param in model.named_parameters():
+            param.requires_grad_(mode == 'full' or name in head_params)
+        train_images = load_split(data, 'train', class_names, size, True, train_transform, workers,
+                                  train_subset_per_class)
+        net: nn.Module = model
+        train_loader: Union[InMemoryLoader, FeatureLoader]
+        if mode == 'linear-probe' and train_transform == 'resize' and sgdrop_rho == 0:
+            # a frozen eval-mode encoder gives fixed inputs the same features every epoch: they are computed once, and
+            # only the classifier runs per step (with SGDrop the mask needs the images for its attribution)
+            train_features = encode(model, in_memory_loader(*train_images, model, batch_size, False, device))
+            train_loader = FeatureLoader(*train_features, batch_size, shuffle=True, seed=seed)
+            val_loader = FeatureLoader(*encode(model, val_loader), batch_size, shuffle=False)
+            net = Classifier(model)
+        else:
+            train_loader = in_memory_loader(*train_images, model, batch_size, True, device, seed=seed,
+                                            crop_flip_size=size if train_transform == 'crop-flip' else None)
+        lr = lr if lr is not None else DEFAULT_LR[mode]
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+        log_path = output / LOG_NAME
+        log_path.unlink(missing_ok=True)  # an earlier run's, which the caller asked to replace (overwrite)
+        best: dict[str, Any] = {}
+        for epoch in range(epochs):
+            train_loader.set_epoch(epoch)
+            _train_mode(model, mode, encoder)
+            start, loss_sum, correct, count = time.time(), 0.0, 0, 0
+            bar = tqdm(train_loader, desc=f'epoch {epoch + 1}/{epochs}', leave=False, disable=not progress)
+            for inputs, target in bar:
+                output_logits = net(inputs, target=target)
+                loss = F.cross_entropy(output_logits, target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                model.update_ema()
+                loss_sum += loss.item() * target.numel()
+                correct += (output_logits.argmax(1) == target).sum().item()
+                count += target.numel()
+                bar.set_postfix(loss=f'{loss_sum / count:.3f}')
+            val_metrics = evaluate(net, val_loader)
+            record = dict(epoch=epoch + 1, train_loss=loss_sum / count, train_acc1=100.0 * correct / count,
+                          val_loss=val_metrics['loss'], val_acc1=val_metrics['acc1'], val_count=val_metrics['count'],
+                          lr=lr, sgdrop_rho=sgdrop_rho, epoch_time_s=time.time() - start)
+            append_log(log_path, record)
+            if progress:
+                print(f'epoch {epoch + 1}/{epochs}: train loss {record["train_loss"]:.4f}, val acc@1 '
+                      f'{record["val_acc1"]:.2f}%', flush=True)
+            if not best or record['val_acc1'] > best['val_acc1']:
+                best = dict(record, state_dict=copy.deepcopy(model.state_dict()))
+
+        model.load_state_dict(best.pop('state_dict'))
+        model.cpu()
+        save_export(model, output, class_names, size, train_transform, 'sgdrop' if sgdrop_rho > 0 else 'none', dict(
+            source=model_name, data=str(data), mode=mode, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+            epoch=best['epoch'], val_acc1=best['val_acc1']))
+        metrics = dict(model=model_name, data=str(data), mode=mode, classes=class_names, best_epoch=best['epoch'],
+                       val_acc1=best['val_acc1'], val_count=best['val_count'],
+                       trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                       total_params=sum(p.numel() for p in model.parameters()))
         (output / 'metrics.json').write_text(json.dumps(metrics, indent=2) + '\n')
         return metrics
-
-    # a new head for the new classes; timm re-initialises the last layer, SGDrop restarts its EMA
-    model.reset_classifier(len(class_names))
-    model.to(device)
-    if not is_sgdrop_model(model):
-        add_sgdrop(model, sgdrop_rho=sgdrop_rho)
-    model.sgdrop_rho = sgdrop_rho
-    # the only regularizer here is SGDrop; without it, no EMA copy is needed for attribution
-    model.latent_drop_rate = 0.0
-    if sgdrop_rho == 0:
-        model.sgdrop_attribution = 'online'
-    encoder, head_params = split_encoder_head(model, size)
-    for name, param in model.named_parameters():
-        param.requires_grad_(mode == 'full' or name in head_params)
-    train_images = load_split(data, 'train', class_names, size, True, train_transform, workers,
-                              train_subset_per_class)
-    net: nn.Module = model
-    train_loader: Union[InMemoryLoader, FeatureLoader]
-    if mode == 'linear-probe' and train_transform == 'resize' and sgdrop_rho == 0:
-        # a frozen eval-mode encoder gives fixed inputs the same features every epoch: they are computed once, and
-        # only the classifier runs per step (with SGDrop the mask needs the images for its attribution)
-        train_loader = FeatureLoader(*encode(model, in_memory_loader(*train_images, model, batch_size, False, device)),
-                                     batch_size, shuffle=True, seed=seed)
-        val_loader = FeatureLoader(*encode(model, val_loader), batch_size, shuffle=False)
-        net = Classifier(model)
-    else:
-        train_loader = in_memory_loader(*train_images, model, batch_size, True, device, seed=seed,
-                                        crop_flip_size=size if train_transform == 'crop-flip' else None)
-    lr = lr if lr is not None else DEFAULT_LR[mode]
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-
-    log_path = output / LOG_NAME
-    log_path.unlink(missing_ok=True)  # an earlier run's, which the caller asked to replace (overwrite)
-    best: dict[str, Any] = {}
-    for epoch in range(epochs):
-        train_loader.set_epoch(epoch)
-        _train_mode(model, mode, encoder)
-        start, loss_sum, correct, count = time.time(), 0.0, 0, 0
-        bar = tqdm(train_loader, desc=f'epoch {epoch + 1}/{epochs}', leave=False, disable=not progress)
-        for inputs, target in bar:
-            output_logits = net(inputs, target=target)
-            loss = F.cross_entropy(output_logits, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            model.update_ema()
-            loss_sum += loss.item() * target.numel()
-            correct += (output_logits.argmax(1) == target).sum().item()
-            count += target.numel()
-            bar.set_postfix(loss=f'{loss_sum / count:.3f}')
-        val_metrics = evaluate(net, val_loader)
-        record = dict(epoch=epoch + 1, train_loss=loss_sum / count, train_acc1=100.0 * correct / count,
-                      val_loss=val_metrics['loss'], val_acc1=val_metrics['acc1'], val_count=val_metrics['count'],
-                      lr=lr, sgdrop_rho=sgdrop_rho, epoch_time_s=time.time() - start)
-        append_log(log_path, record)
-        if progress:
-            print(f'epoch {epoch + 1}/{epochs}: train loss {record["train_loss"]:.4f}, val acc@1 '
-                  f'{record["val_acc1"]:.2f}%', flush=True)
-        if not best or record['val_acc1'] > best['val_acc1']:
-            best = dict(record, state_dict=copy.deepcopy(model.state_dict()))
-
-    model.load_state_dict(best.pop('state_dict'))
-    model.cpu()
-    save_export(model, output, class_names, size, train_transform, 'sgdrop' if sgdrop_rho > 0 else 'none', dict(
-        source=model_name, data=str(data), mode=mode, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-        epoch=best['epoch'], val_acc1=best['val_acc1']))
-    metrics = dict(model=model_name, data=str(data), mode=mode, classes=class_names, best_epoch=best['epoch'],
-                   val_acc1=best['val_acc1'], val_count=best['val_count'],
-                   trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                   total_params=sum(p.numel() for p in model.parameters()))
-    (output / 'metrics.json').write_text(json.dumps(metrics, indent=2) + '\n')
-    return metrics

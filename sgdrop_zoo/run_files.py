@@ -8,12 +8,14 @@ Checkpoints are written to a temporary file of the same folder and renamed over 
 (``remove_partial_writes``), and only that. A write the system refuses stops the run with one line. A checkpoint
 holds the random state too (``get_rng_state``), so that a resumed run continues the interrupted one exactly.
 """
+import contextlib
+import fcntl
 import json
 import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, Optional
 
@@ -24,9 +26,9 @@ from .loading import read_checkpoint
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = [
-    'BEST_NAME', 'CHECKPOINT_NAME', 'LOG_NAME', 'RUN_FILES', 'RunFileError', 'append_log', 'atomic_write',
-    'copy_file', 'epoch_record', 'get_rng_state', 'keep_log_until', 'prepare_output', 'read_log',
-    'remove_partial_writes', 'restore_model_best', 'set_rng_state',
+    'BEST_NAME', 'CHECKPOINT_NAME', 'LOCK_NAME', 'LOG_NAME', 'RUN_FILES', 'RunFileError', 'append_log',
+    'atomic_write', 'copy_file', 'epoch_record', 'get_rng_state', 'hold_folder', 'keep_log_until', 'prepare_output',
+    'read_log', 'remove_partial_writes', 'restore_model_best', 'set_rng_state',
 ]
 
 CHECKPOINT_NAME = 'checkpoint.pth.tar'
@@ -34,10 +36,50 @@ BEST_NAME = 'model_best.pth.tar'
 LOG_NAME = 'log.jsonl'
 # every file a run writes into its folder: another run's, found there, is never replaced unless asked to
 RUN_FILES = (LOG_NAME, CHECKPOINT_NAME, BEST_NAME, WEIGHTS_NAME, CONFIG_NAME)
+# held by the process that writes into a folder (hold_folder), and named with its pid
+LOCK_NAME = '.sgdrop-zoo.lock'
 
 
 class RunFileError(Exception):
     """A run file that cannot be written, or read back on resume; the message says what to do, in one line."""
+
+
+@contextlib.contextmanager
+def hold_folder(folder: Path) -> Iterator[None]:
+    """Hold ``folder`` for this process while the block runs: another run or fine-tune into it is refused.
+
+    An advisory lock (``flock``) on ``LOCK_NAME`` in the folder, which names the holder's pid. The system releases it
+    when the process ends, however it ends, so a killed run leaves no lock to remove and resumes as before; a finished
+    one removes the file.
+
+    Raises:
+        RunFileError: Another process holds the folder, or it cannot be created; in one line.
+    """
+    path = Path(folder) / LOCK_NAME
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors='replace').strip() or 'unknown'
+                os.close(fd)
+                raise RunFileError(f'{folder} is in use by another run or fine-tune (pid {holder}), which writes '
+                                   f'there; wait for it to end, or write into another folder') from None
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            os.close(fd)  # the holder removed the file as this process opened it: lock the one that is there now
+        os.ftruncate(fd, 0)
+        os.write(fd, f'{os.getpid()}\n'.encode())
+    except OSError as e:
+        raise write_error(path, e) from e
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # still held: no other process can have taken it
+        os.close(fd)
 
 
 def write_error(path: Path, error: OSError) -> RunFileError:

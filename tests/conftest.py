@@ -1,5 +1,10 @@
-"""Fixtures shared by the fine-tuning and saliency tests."""
+"""Fixtures shared by the recipe, fine-tuning and saliency tests."""
+import contextlib
+import os
 import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,3 +43,19 @@ class RecordOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def folder_held_by_another_process(folder: Path) -> Iterator[int]:
+    """A second process that holds ``folder`` as a running training run does (``hold_folder``); yields its pid and
+    kills it (kill -9) at the end."""
+    code = ('import sys, time; from sgdrop_zoo.run_files import hold_folder\n'
+            'with hold_folder(sys.argv[1]):\n    print("held", flush=True); time.sleep(600)')
+    holder = subprocess.Popen([sys.executable, '-c', code, str(folder)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()

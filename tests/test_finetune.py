@@ -20,9 +20,10 @@ from sgdrop_zoo.data import DatasetError
 from sgdrop_zoo.finetune import finetune
 from sgdrop_zoo.loading import check_output_is_not_source, load_model, split_encoder_head
 from sgdrop_zoo.pretrained import HUB_CONFIGS_ENV, hub_configs_dir, packaged_hub_configs_dir
+from sgdrop_zoo.run_files import RunFileError
 from sgdrop_zoo.run_settings import RunSettings
 
-from conftest import SMALL_CLASSES, make_image_folder
+from conftest import SMALL_CLASSES, folder_held_by_another_process, make_image_folder
 
 ARCH = 'sgdrop_vgg_tiny'
 RUN = dict(epochs=1, batch_size=4, image_size=32, progress=False, workers=0)
@@ -255,6 +256,17 @@ def test_never_replaces_an_earlier_run_unless_told(small_data: Path, source_dir:
     assert json.loads((run / 'metrics.json').read_text()) == metrics
     assert [json.loads(line)['epoch'] for line in (run / 'log.jsonl').read_text().splitlines()] == [1]
     assert load_file(run / 'model.safetensors')
+
+
+def test_a_folder_in_use_by_another_fine_tune_is_refused(small_data: Path, source_dir: Path, tmp_path: Path):
+    run = tmp_path / 'run'
+    with folder_held_by_another_process(run) as pid:
+        with pytest.raises(RunFileError, match=rf'^{re.escape(str(run))} is in use by another run or fine-tune \(pid '
+                                               rf'{pid}\)'):
+            finetune(str(source_dir), small_data, run, **RUN)
+        assert sorted(p.name for p in run.iterdir()) == ['.sgdrop-zoo.lock']
+    finetune(str(source_dir), small_data, run, **RUN)
+    assert '.sgdrop-zoo.lock' not in [p.name for p in run.iterdir()]
 
 
 @pytest.mark.parametrize('flags, message', [

@@ -31,7 +31,7 @@ import sgdrop_zoo
 from sgdrop_zoo.cli import main as cli_main
 from sgdrop_zoo.saliency import attribution_area_ratio, grad_cam_maps
 
-from conftest import RecordOps
+from conftest import RecordOps, folder_held_by_another_process
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAIN = REPO_ROOT / 'train' / 'main.py'
@@ -830,6 +830,19 @@ def test_a_new_run_never_replaces_another_run(capsys: pytest.CaptureFixture, dat
     assert 'holds another run (log.jsonl, checkpoint.pth.tar, model_best.pth.tar' in message
     assert f"--resume {tmp_path / 'run' / 'checkpoint.pth.tar'}" in message and '--overwrite' in message
     assert {p.name: p.read_bytes() for p in (tmp_path / 'run').iterdir() if p.is_file()} == before
+
+
+def test_a_folder_in_use_by_another_run_is_refused(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):
+    run = tmp_path / 'run'
+    with folder_held_by_another_process(run) as pid:
+        assert run_bad_input(capsys, str(data_dir), '--epochs', '1', '--output', str(run)) == (
+            f'error: {run} is in use by another run or fine-tune (pid {pid}), which writes there; wait for it to end, '
+            f'or write into another folder')
+        assert sorted(p.name for p in run.iterdir()) == ['.sgdrop-zoo.lock']
+    # killed (-9), the holder left its lock file, which no longer holds the folder; a finished run removes it
+    run_recipe(str(data_dir), *TINY_RUN, '--epochs', '1', '--output', str(run))
+    assert sorted(p.name for p in run.iterdir()) == ['checkpoint.pth.tar', 'config.json', 'log.jsonl',
+                                                    'model.safetensors', 'model_best.pth.tar']
 
 
 def test_missing_data_folder(capsys: pytest.CaptureFixture, tmp_path: Path):

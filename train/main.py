@@ -15,13 +15,14 @@ Examples:
     python train/main.py DATA -a sgdrop_resnet50 --resume runs/r50/model_best.pth.tar --evaluate
 """
 import argparse
+import contextlib
 import functools
 import json
 import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,8 +52,8 @@ from sgdrop_zoo.recipe_checks import (RecipeError, check_arch, check_counts, che
                                       check_val_subset, load_checkpoint)
 from sgdrop_zoo.recipe_data import RecipeLoaders
 from sgdrop_zoo.run_files import (BEST_NAME, CHECKPOINT_NAME, LOG_NAME, RunFileError, append_log, atomic_write,
-                                  copy_file, epoch_record, get_rng_state, keep_log_until, prepare_output, read_log,
-                                  restore_model_best, set_rng_state)
+                                  copy_file, epoch_record, get_rng_state, hold_folder, keep_log_until, prepare_output,
+                                  read_log, restore_model_best, set_rng_state)
 from sgdrop_zoo.run_settings import RunSettings
 from sgdrop_zoo.sgdrop import DEFAULT_EMA_DECAY, DEFAULT_RHO
 
@@ -217,14 +218,34 @@ def rho_for_arch(arch: str, rho_by_arch: list[list]) -> float:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
 
+    held = contextlib.ExitStack()
     try:
         checkpoint = check_inputs(args)
+        held.enter_context(hold_output(args))
     except ONE_LINE_ERRORS as e:
         # under torchrun every process finds the same problem; one line is enough
         if int(os.environ.get('RANK', '0')) == 0:
             print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
+    with held:
+        launch(args, checkpoint)
 
+
+@contextlib.contextmanager
+def hold_output(args: argparse.Namespace) -> Iterator[None]:
+    """This run's hold on --output while it runs (``hold_folder``), on the process that writes there: a second run
+    into the folder is refused. Nothing for --evaluate, which writes nothing there."""
+    if args.evaluate or int(os.environ.get('RANK', '0')) != 0 or args.rank > 0:
+        yield
+        return
+    with hold_folder(Path(args.output)):
+        # again, now that no other run can write there: one may have finished into the folder since the first check
+        check_output(Path(args.output), args.resume, args.evaluate, args.overwrite, args.pretrained, args.dummy)
+        yield
+
+
+def launch(args: argparse.Namespace, checkpoint: Optional[dict[str, Any]]) -> None:
+    """Train in this process, in one per GPU (--multiprocessing-distributed) or as one of torchrun's."""
     if args.seed is not None and torch.cuda.is_available():
         warnings.warn('You have chosen to seed training. This will turn on the CUDNN deterministic setting, '
                       'which can slow down your training considerably!')
