@@ -1023,6 +1023,19 @@ def test_a_diverging_run_stops_in_one_line_and_exports_nothing(data_dir: Path, t
     assert not (tmp_path / 'model.safetensors').exists() and not (tmp_path / 'checkpoint.pth.tar').exists()
 
 
+def test_a_run_that_diverges_in_its_last_step_exports_nothing(data_dir: Path, tmp_path: Path):
+    # one step an epoch (40 images, batch 64): its loss is finite, the weights it leaves are not usable
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    result = subprocess.run([sys.executable, str(MAIN), str(data_dir), *TINY_RUN, '-b', '64', '--lr', '1e30',
+                             '--epochs', '1', '--output', str(tmp_path)], capture_output=True, text=True, timeout=300,
+                            env=env, cwd=REPO_ROOT)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ('error: the validation loss is not finite after epoch 1: the weights have '
+                                     'diverged, and nothing of this epoch was saved; start again with a lower --lr '
+                                     'than 1e+30')
+    assert not (tmp_path / 'model.safetensors').exists() and not (tmp_path / 'checkpoint.pth.tar').exists()
+
+
 def test_a_full_disk_during_the_export_stops_in_one_line(monkeypatch: pytest.MonkeyPatch, data_dir: Path,
                                                          one_epoch_run: Path, tmp_path: Path):
     import safetensors.torch

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -422,6 +423,10 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
 
         # evaluate on validation set
         val_metrics = validate(loaders.val, model_without_ddp, criterion, amp_autocast, device, args)
+        if not math.isfinite(val_metrics['loss']):
+            # a last step that diverged leaves a finite training loss behind: its weights show it here
+            raise RecipeError(f'the validation loss is not finite after epoch {epoch + 1}: the weights have diverged, '
+                              f'and nothing of this epoch was saved; start again with a lower --lr than {args.lr}')
         clean_metrics = validate(loaders.train_eval, model_without_ddp, criterion, amp_autocast, device, args,
                                  'Train (clean)') if loaders.train_eval is not None else None
         # main process only (the others hold no area loader), and without collectives: the other processes simply
