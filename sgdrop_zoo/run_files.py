@@ -279,8 +279,10 @@ def get_rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore a state of ``get_rng_state`` (its CUDA part only where it has one and there are GPUs)."""
+    """Restore a state of ``get_rng_state``: its CUDA part where it has one, on the GPUs both it and this machine
+    have (a run saved on 8 GPUs resumes on 1)."""
     random.setstate(state['python'])
     torch.set_rng_state(state['torch'])
     if torch.cuda.is_available() and 'cuda' in state:
-        torch.cuda.set_rng_state_all(state['cuda'])
+        for index, cuda_state in enumerate(state['cuda'][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)

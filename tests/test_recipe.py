@@ -453,6 +453,36 @@ def test_torchrun_two_processes_count_every_val_sample_once(data_dir: Path, num_
     assert reported_val_acc1(single.stdout) == pytest.approx(record['val_acc1'], abs=1e-3)
 
 
+def test_torchrun_without_dist_url_trains_one_batchnorm_model_across_its_processes(data_dir: Path, tmp_path: Path):
+    # no --dist-url: torchrun's environment is detected (two separate runs into one folder before); ResNet-10-T has
+    # BatchNorm, whose statistics each process gathers on its own shard: averaged after every epoch, the logged
+    # validation is that of the saved weights
+    torchrun = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2')
+    run = [*TINY_RUN, '-a', 'sgdrop_resnet10t', '--image-size', '32', '--sgdrop-rho', '0.05']
+    result = run_recipe(str(data_dir), *run, '--epochs', '2', '--output', str(tmp_path), launcher=torchrun)
+    assert result.stdout.count('=> creating model') == 1
+    log = read_log(tmp_path)
+    assert [record['epoch'] for record in log] == [1, 2]
+    run_recipe(str(data_dir), *run, '--resume', str(tmp_path / 'checkpoint.pth.tar'), '--evaluate', '--output',
+               str(tmp_path / 'eval'), '--metrics-json', str(tmp_path / 'metrics.json'))
+    single = json.loads((tmp_path / 'metrics.json').read_text())
+    # the loss, which every image's logits move: each process validated its shard with the saved statistics
+    assert single['count'] == log[-1]['val_count'] and single['acc1'] == pytest.approx(log[-1]['val_acc1'], abs=1e-3)
+    assert single['loss'] == pytest.approx(log[-1]['val_loss'], rel=1e-5)
+
+
+def test_a_resume_on_fewer_gpus_restores_the_random_state_of_those_it_has(monkeypatch: pytest.MonkeyPatch):
+    from sgdrop_zoo.run_files import get_rng_state, set_rng_state
+    state = dict(get_rng_state(), cuda=[torch.tensor([i], dtype=torch.uint8) for i in range(8)])  # saved on 8 GPUs
+    restored = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda new_state, device: restored.append((int(new_state),
+                                                                                                  device)))
+    set_rng_state(state)
+    assert restored == [(0, 0), (1, 1)]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))

@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 
 import timm
 from timm.data import resolve_model_data_config
-from timm.utils import AverageMeter, ParseKwargs, random_seed
+from timm.utils import AverageMeter, ParseKwargs, distribute_bn, random_seed
 
 import sgdrop_zoo
 from sgdrop_zoo.sgdrop import STEP_STAT_NAMES
@@ -189,6 +189,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f'preset {preset_name!r} sets unknown options {sorted(unknown)}; fix {PRESETS_PATH}')
     parser.set_defaults(**preset.get('args', {}))
     args = parser.parse_args(argv)
+    if args.dist_url == parser.get_default('dist_url') and int(os.environ.get('WORLD_SIZE', '1')) > 1 \
+            and 'LOCAL_RANK' in os.environ:
+        # started by torchrun (or torch.distributed.launch): its processes are one run, joined through its environment
+        args.dist_url = 'env://'
     if args.sgdrop_rho is None:
         args.sgdrop_rho = rho_for_arch(args.arch, preset.get('sgdrop_rho_by_arch', []))
     args.settings = run_settings(args)
@@ -420,6 +424,12 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
         train_metrics = train(loaders.train, model, model_without_ddp, criterion, optimizer, scaler, amp_autocast,
                               epoch, device, args)
         epoch_time = time.time() - start
+        if args.distributed:
+            # each process's BatchNorm statistics come from its own shard: their mean, in the attribution's EMA network
+            # too, so that every process validates, and the first saves, one model
+            distribute_bn(model_without_ddp, args.world_size, reduce=True)
+            if model_without_ddp.ema_model is not None:
+                distribute_bn(model_without_ddp.ema_model, args.world_size, reduce=True)
 
         # evaluate on validation set
         val_metrics = validate(loaders.val, model_without_ddp, criterion, amp_autocast, device, args)
@@ -479,6 +489,12 @@ def init_process(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespa
         The device of this process.
     """
     args.gpu = gpu
+    # the device first: NCCL binds a process group to the current device when it is created
+    if torch.cuda.is_available():
+        device = torch.device('cuda', args.gpu if args.gpu is not None else 0)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device('cpu')
     if args.distributed:
         if args.dist_url == 'env://' and args.rank == -1:
             args.rank = int(os.environ['RANK'])
@@ -496,11 +512,6 @@ def init_process(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespa
         args.rank, args.world_size = 0, 1
     args.is_main = args.rank == 0
 
-    if torch.cuda.is_available():
-        device = torch.device('cuda', args.gpu if args.gpu is not None else 0)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device('cpu')
     if args.seed is not None:
         # the same seed on every process would give every process the same dropout masks
         random_seed(args.seed, args.rank)
