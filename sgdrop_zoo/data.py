@@ -295,5 +295,8 @@ def random_resized_crop_flip(images: torch.Tensor, size: int, scale: tuple[float
     theta[:, 1, 1] = height
     theta[:, 0, 2] = (torch.rand(n) * 2 - 1) * (1 - width)  # crop centre, in [-1, 1] coordinates
     theta[:, 1, 2] = (torch.rand(n) * 2 - 1) * (1 - height)
-    grid = F.affine_grid(theta.to(images.device), [n, images.shape[1], size, size], align_corners=False)
+    # drawn on the CPU, so that a seed gives the same crops on any device; copied without making the host wait
+    theta = theta.pin_memory() if images.is_cuda else theta
+    grid = F.affine_grid(theta.to(images.device, non_blocking=True), [n, images.shape[1], size, size],
+                         align_corners=False)
     return F.grid_sample(images, grid, mode='bilinear', padding_mode='border', align_corners=False)

@@ -482,6 +482,8 @@ class SaliencyGuidedDropout:
     def _drop_ema(self) -> None:
         self._sgdrop_state.ema, self._sgdrop_state.ema_updates = None, 0
 
+    # not traced by torch.compile: the EMA's deepcopy of the network would break a compiled step's graph apart
+    @torch.compiler.disable
     def _ensure_ema(self) -> ModelEmaV3:
         state = self._sgdrop_state
         if state.ema is None:

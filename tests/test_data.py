@@ -1,4 +1,4 @@
-"""The evaluation sharding rule, shared by the ImageFolder and the in-memory data paths."""
+"""The evaluation sharding rule, shared by the ImageFolder and the in-memory data paths, and the in-memory loader."""
 import pytest
 import torch
 import torch.utils.data
@@ -26,3 +26,23 @@ def test_both_data_paths_evaluate_each_image_once_on_the_same_process(world_size
         seen_in_memory += in_memory_targets
         seen_folder += folder_targets
     assert sorted(seen_in_memory) == sorted(seen_folder) == list(range(7))
+
+
+def test_the_in_memory_loader_never_makes_the_host_wait_for_a_copy(monkeypatch: pytest.MonkeyPatch):
+    # on a GPU a blocking host-to-device copy (the crops' parameters, drawn on the CPU) stalls the host every step;
+    # the meta device stands in for the GPU here, to see every copy a batch makes and how
+    images, targets = torch.randint(0, 255, (4, 3, 16, 16), dtype=torch.uint8), torch.arange(4)
+    loader = InMemoryLoader(images, targets, 2, True, (0.5,) * 3, (0.5,) * 3, 0, 1, torch.device('meta'),
+                            crop_flip_size=8)
+    copies, to = [], torch.Tensor.to
+
+    def recorded_to(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        moved = to(tensor, *args, **kwargs)
+        if tensor.device.type == 'cpu' and moved.device.type == 'meta':
+            copies.append(kwargs.get('non_blocking', False))
+        return moved
+
+    monkeypatch.setattr(torch.Tensor, 'to', recorded_to)
+    assert [tuple(x.shape) for x, _ in loader] == [(2, 3, 8, 8), (2, 3, 8, 8)]
+    # per batch: the images, the crops' parameters and the labels
+    assert copies == [True] * 6

@@ -483,6 +483,21 @@ def test_a_resume_on_fewer_gpus_restores_the_random_state_of_those_it_has(monkey
     assert restored == [(0, 0), (1, 1)]
 
 
+@pytest.mark.parametrize('flags', [['--amp'], ['--compile', '--compile-backend', 'eager']], ids=['amp', 'compile'])
+def test_the_recipe_trains_with_bf16_autocast_and_with_torch_compile(data_dir: Path, tmp_path: Path,
+                                                                     flags: list[str]):
+    run_recipe(str(data_dir), *TINY_RUN, '--epochs', '1', '--sgdrop-rho', '0.1', '--output', str(tmp_path), *flags)
+    [record] = read_log(tmp_path)
+    assert math.isfinite(record['train_loss']) and record['train_dropped_attribution_share'] > 0
+    assert record['val_count'] == sum(1 for _ in (data_dir / 'val').rglob('*.jpg'))
+    assert torch.load(tmp_path / 'checkpoint.pth.tar', map_location='cpu', weights_only=True)['sgdrop_ema'] is not None
+
+
+def test_a_vanilla_run_holds_no_ema(data_dir: Path, tmp_path: Path):
+    run_recipe(str(data_dir), *TINY_RUN, '--epochs', '1', '--regularizer', 'none', '--output', str(tmp_path))
+    assert torch.load(tmp_path / 'checkpoint.pth.tar', map_location='cpu', weights_only=True)['sgdrop_ema'] is None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))

@@ -620,3 +620,23 @@ def test_under_bf16_autocast_the_mask_drops_exactly_k(arch, model_kwargs, dtype)
     k = num_dropped_features(0.01, features[0].numel())
     assert k == {'sgdrop_convnext_atto': 51}.get(arch, 81)
     assert (~keep).flatten(1).sum(1).tolist() == [k] * 8
+
+
+def test_torch_compile_does_not_trace_the_copy_that_builds_the_ema():
+    # the first SGDrop step builds the EMA network (a deepcopy of the model): traced, it added 3 graph breaks (and hit
+    # dynamo's recompile limit); now a compiled first step breaks where a step with an EMA already built does
+    from torch._dynamo.utils import counters
+    images, target = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    breaks = []
+    for ema_built in (True, False):
+        torch.manual_seed(0)
+        model = timm.create_model('sgdrop_resnet10t', num_classes=4, sgdrop_rho=0.1).train()
+        if ema_built:
+            model(images, target=target)
+        torch._dynamo.reset()
+        counters.clear()
+        torch.compile(model, backend='eager')(images, target=target)
+        breaks.append(sum(counters['graph_break'].values()))
+        assert model.ema_model is not None
+    torch._dynamo.reset()
+    assert breaks[0] == breaks[1] > 0

@@ -166,6 +166,8 @@ def get_parser() -> argparse.ArgumentParser:
                        help='autocast dtype; float16 adds a gradient scaler')
     group.add_argument('--channels-last', action='store_true', help='channels_last memory format')
     group.add_argument('--compile', action='store_true', help='torch.compile the model')
+    group.add_argument('--compile-backend', default='inductor', metavar='NAME',
+                       help="torch.compile's backend (inductor; eager or aot_eager compile nothing, for checks)")
     group.add_argument('--in-memory', action='store_true',
                        help='decode the dataset once into a uint8 tensor kept in memory (on the GPU when there is '
                             'one); for small datasets')
@@ -532,7 +534,7 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
         model = model.to(memory_format=torch.channels_last)
     if args.compile:
         # in place, so state_dict keys and the SGDrop methods stay those of the model
-        model.compile()
+        model.compile(backend=args.compile_backend)
     if not args.distributed:
         return model, model
     device_ids = [device.index] if device.type == 'cuda' else None
