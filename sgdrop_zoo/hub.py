@@ -32,7 +32,7 @@ from .export import (
 )
 from .loading import check_output_outside_hub_configs, check_writable_folder, load_recipe_checkpoint
 from .model_card import render_model_card
-from .pretrained import CONFIG_NAME, WEIGHTS_NAME, HubError, checkpoint_description, hub_download, sha256_of_file
+from .pretrained import CONFIG_NAME, WEIGHTS_NAME, HubError, hub_download, sha256_of_file
 from .run_settings import RunSettings
 from .sgdrop import add_sgdrop, sgdrop_model_args
 
@@ -193,9 +193,6 @@ def prepare_hub_folder(
         raise HubError(f'{source}: the config does not say which dataset trained it: pass --dataset NAME.')
     name = repo_id.split('/')[-1]
     tag = tag or (name.rsplit('.', 1)[-1] if '.' in name else dataset.lower())
-    top1 = training.get('val_acc1')
-    config['pretrained_cfg']['description'] = checkpoint_description(
-        config['sgdrop'], dataset, round(float(top1), 3) if top1 is not None else None, measured_split(training))
     write_config(config, folder)
     record = hub_config_record(config, sha256_of_file(folder / WEIGHTS_NAME), repo_id, dataset, tag, license)
     render_model_card([record], checkpoint=record).save(folder / README_NAME)
