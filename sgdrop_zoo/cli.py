@@ -18,6 +18,7 @@ from typing import Optional
 import timm
 import torch
 
+from .data import MAX_IMAGE_SIZE
 from .finetune import MODES, TRAIN_TRANSFORMS, finetune
 from .hub import publish_checkpoint
 from .loading import check_writable_file
@@ -28,7 +29,6 @@ from .run_files import RunFileError
 from .saliency import format_table, saliency_report
 from .sgdrop import DEFAULT_RHO, num_dropped_features
 
-MAX_IMAGE_SIZE = 4096  # px; larger sides are typos (the zoo's checkpoints take 64 to 224)
 
 
 def list_models_command(args: argparse.Namespace) -> int:

@@ -24,11 +24,14 @@ from timm.data import DEFAULT_CROP_PCT, create_transform
 from timm.data.transforms import MaybePILToTensor
 
 __all__ = [
-    'EVAL_CROP', 'DatasetError', 'InMemoryLoader', 'check_image_folders', 'check_links', 'decode_images',
-    'eval_shard', 'eval_transform', 'fixed_order', 'image_header_error', 'load_rgb', 'per_class_subset',
-    'random_resized_crop_flip', 'shuffled_order', 'stored_train_resize', 'with_transform',
+    'EVAL_CROP', 'MAX_IMAGE_SIZE', 'DatasetError', 'InMemoryLoader', 'check_image_folders', 'check_links',
+    'decode_images', 'eval_shard', 'eval_transform', 'fixed_order', 'image_header_error', 'load_rgb',
+    'per_class_subset', 'random_resized_crop_flip', 'shuffled_order', 'stored_train_resize', 'with_transform',
 ]
 
+# the largest image side the recipe, fine-tuning and saliency take: larger sides are typos (the zoo's checkpoints take
+# 64 to 224 px), whose first batch would exhaust the memory
+MAX_IMAGE_SIZE = 4096
 # crop_pct and crop_mode of the validation images, by training transform: the images only resized to a square, or
 # the official Resize(256) + CenterCrop(224) at any image size (timm's DEFAULT_CROP_PCT is 224 / 256)
 EVAL_CROP = {'resize': (1.0, 'squash'), 'crop-flip': (DEFAULT_CROP_PCT, 'center')}
@@ -123,9 +126,9 @@ def check_image_folders(root: Path, workers: int) -> list[str]:
 
 
 def check_links(class_dir: Path) -> None:
-    """Refuse a symbolic link inside ``class_dir`` that leads out of it: ImageFolder follows links, so one to another
-    class would label that class's images as this one, and one to a parent folder would list the dataset again (a
-    loop). The class folder itself may be a link, to another disk say.
+    """Refuse a symbolic link inside ``class_dir`` that leads out of it or to a folder that holds it: ImageFolder
+    follows links, so one to another class would label that class's images as this one, and one to a folder above it
+    would list its images again (a loop). The class folder itself may be a link, to another disk say.
 
     Raises:
         DatasetError: Such a link, named with its target.
@@ -137,11 +140,15 @@ def check_links(class_dir: Path) -> None:
             if not path.is_symlink():
                 continue
             target = path.resolve()
-            if target != real_class_dir and real_class_dir in target.parents:
-                continue
-            raise DatasetError(f'{path} is a link to {target}, outside its class folder {class_dir}: ImageFolder '
-                               f'would take what it leads to as images of this class; remove the link or copy the '
-                               f'images in')
+            if target == real_class_dir or real_class_dir not in target.parents:
+                raise DatasetError(f'{path} is a link to {target}, outside its class folder {class_dir}: ImageFolder '
+                                   f'would take what it leads to as images of this class; remove the link or copy the '
+                                   f'images in')
+            here = Path(folder).resolve()
+            if target == here or target in here.parents:
+                # inside the class folder, but to a folder that holds the link: ImageFolder would list it forever
+                raise DatasetError(f'{path} is a link to {target}, a folder that holds it: ImageFolder would list '
+                                   f'its images again and again; remove the link')
 
 
 def image_header_error(path: str) -> Optional[str]:

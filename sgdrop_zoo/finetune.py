@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import InMemoryLoader, check_image_folders, shuffled_order
+from .data import MAX_IMAGE_SIZE, InMemoryLoader, check_image_folders, shuffled_order
 from .export import save_export
 from .loading import (
     check_input_channels,
@@ -169,8 +169,9 @@ def finetune(
         raise ValueError(f'epochs must be at least 1, got {epochs}.')
     if batch_size < 1:
         raise ValueError(f'batch_size must be at least 1, got {batch_size}.')
-    if image_size is not None and image_size < 1:
-        raise ValueError(f"image_size must be at least 1, or None for the model's, got {image_size}.")
+    if image_size is not None and not 1 <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size must be from 1 to {MAX_IMAGE_SIZE} px, or None for the model's, got "
+                         f"{image_size}.")
     if lr is not None and not lr > 0:
         raise ValueError(f'lr must be positive, e.g. {DEFAULT_LR[mode]} for {mode}, got {lr}.')
     for name, value in (('train_subset_per_class', train_subset_per_class),

@@ -16,6 +16,7 @@ import timm
 import torch
 import torchvision.datasets as datasets
 
+from .data import MAX_IMAGE_SIZE
 from .export import SGDROP_MODEL_ARGS
 from .loading import check_writable_folder, read_checkpoint
 from .run_files import CHECKPOINT_NAME, RUN_FILES
@@ -23,13 +24,12 @@ from .run_settings import RunSettings
 from .sgdrop import check_sgdrop_settings
 
 __all__ = [
-    'MAX_IMAGE_SIZE', 'RECIPE_CHECKPOINT_KEYS', 'RecipeError', 'check_arch', 'check_counts', 'check_fits_val_split',
+    'RECIPE_CHECKPOINT_KEYS', 'RecipeError', 'check_arch', 'check_counts', 'check_fits_val_split',
     'check_gpu', 'check_holdout', 'check_launcher', 'check_metrics_json', 'check_model_kwargs', 'check_output',
     'check_regularizer_numbers', 'check_resumed', 'check_start_epoch', 'check_subset_options', 'check_training_numbers',
     'check_val_subset', 'load_checkpoint',
 ]
 
-MAX_IMAGE_SIZE = 4096
 # the keys of every checkpoint the recipe writes
 RECIPE_CHECKPOINT_KEYS = ('epoch', 'arch', 'state_dict', 'acc1', 'best_acc1', 'best_epoch', 'optimizer', 'scheduler',
                           'settings')

@@ -9,6 +9,7 @@ import dataclasses
 from typing import Any, Optional
 
 from .pretrained import check_model_args
+from .sgdrop import check_sgdrop_settings
 
 __all__ = ['RUN_SETTINGS_VERSION', 'RunSettings']
 
@@ -17,6 +18,9 @@ RUN_SETTINGS_VERSION = 2
 # the settings that define a run beyond the model: a resume that changed one would continue another run
 _RUN_DEFINING = ('regularizer', 'image_size', 'train_transform', 'optimizer', 'train_subset', 'train_subset_per_class',
                  'holdout_per_class')
+# the SGDrop settings among the run settings, checked by the method's own rule when a checkpoint is read
+_SGDROP_SETTINGS = ('sgdrop_rho', 'sgdrop_rho_end', 'sgdrop_attribution', 'sgdrop_attribution_relu', 'sgdrop_reference',
+                    'sgdrop_ema_decay', 'latent_drop_rate')
 _OF_REGULARIZER = {
     'sgdrop': ('sgdrop_rho', 'sgdrop_rho_end', 'sgdrop_attribution', 'sgdrop_attribution_relu', 'sgdrop_reference',
                'sgdrop_ema_decay'),
@@ -96,6 +100,14 @@ class RunSettings:
             raise ValueError(f'{path}: its run settings are not complete ({sorted(names - set(stored))} missing); '
                              f'pass an intact checkpoint')
         check_model_args(stored['model_kwargs'], path)
+        if stored['regularizer'] not in _OF_REGULARIZER:
+            raise ValueError(f"{path}: its run settings name the regularizer {stored['regularizer']!r}, not one of "
+                             f"{', '.join(_OF_REGULARIZER)}; pass a checkpoint that train/main.py wrote")
+        sgdrop = {name: stored[name] for name in _SGDROP_SETTINGS if stored[name] is not None}
+        try:
+            check_sgdrop_settings(**sgdrop)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f'{path}: its run settings hold an SGDrop setting out of range ({e})') from None
         return cls(**{name: stored[name] for name in names})
 
     def sgdrop_model_args(self) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from .data import DatasetError, check_image_folders, fixed_order
+from .data import MAX_IMAGE_SIZE, DatasetError, check_image_folders, fixed_order
 from .loading import (
     check_input_channels,
     check_label_names,
@@ -243,8 +243,9 @@ def saliency_report(
         raise ValueError(f'{len(labels)} labels for {len(model_names)} models: give one label per model.')
     if num_images is not None and num_images < 1:
         raise ValueError(f'num_images must be at least 1, got {num_images}.')
-    if image_size is not None and image_size < 1:
-        raise ValueError(f"image_size must be at least 1, or None for the first model's, got {image_size}.")
+    if image_size is not None and not 1 <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size must be from 1 to {MAX_IMAGE_SIZE} px, or None for the first model's, got "
+                         f"{image_size}.")
     for name, value, least in (('batch_size', batch_size, 1), ('grid_images', grid_images, 1), ('workers', workers, 0)):
         if value < least:
             raise ValueError(f'{name} must be at least {least}, got {value}.')

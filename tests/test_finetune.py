@@ -270,8 +270,9 @@ def test_a_folder_in_use_by_another_fine_tune_is_refused(small_data: Path, sourc
 
 
 @pytest.mark.parametrize('flags, message', [
-    (['--image-size', '0'], 'image_size must be at least 1'),
-    (['--image-size', '-8'], 'image_size must be at least 1'),
+    (['--image-size', '0'], 'image_size must be from 1 to 4096 px'),
+    (['--image-size', '-8'], 'image_size must be from 1 to 4096 px'),
+    (['--image-size', '100000'], 'image_size must be from 1 to 4096 px'),
     (['--lr', '-1'], 'lr must be positive, e.g. 0.001 for linear-probe, got -1.0.'),
     (['--sgdrop-rho', '2'], 'sgdrop_rho must be in [0, 1)'),
     (['--workers', '-1'], 'workers must be 0 or more'),

@@ -1122,6 +1122,17 @@ def test_a_link_out_of_its_class_folder_is_refused(capsys: pytest.CaptureFixture
     (data / 'train' / 'cat' / 'loop').unlink()
     (data / 'train' / 'cat' / 'plane.jpg').symlink_to(next((data / 'train' / 'airplane').iterdir()))
     assert 'outside its class folder' in run_bad_input(capsys, str(data), '--output', str(tmp_path / 'run'))
+    (data / 'train' / 'cat' / 'plane.jpg').unlink()
+    # a loop that stays inside the class folder: a subfolder with a link to itself
+    sub = data / 'train' / 'cat' / 'sub'
+    sub.mkdir()
+    for image in sorted((data / 'train' / 'cat').glob('*.jpg'))[:2]:
+        image.rename(sub / image.name)
+    (sub / 'loop').symlink_to('.')
+    assert run_bad_input(capsys, str(data), '--output', str(tmp_path / 'run')) == (
+        f'error: {sub / "loop"} is a link to {sub.resolve()}, a folder that holds it: ImageFolder would list its '
+        f'images again and again; remove the link')
+    assert not (tmp_path / 'run').exists()
 
 
 def test_log_area_ratio_beyond_the_val_split(capsys: pytest.CaptureFixture, data_dir: Path, num_val: int):

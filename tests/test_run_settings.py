@@ -24,6 +24,12 @@ def test_a_checkpoint_gives_back_the_settings_it_stored():
     ({'settings': dict(SETTINGS.to_dict(), version=1)}, 'c.pth.tar: run settings of version 1, not those of version 2'),
     ({'settings': {k: v for k, v in SETTINGS.to_dict().items() if k != 'seed'}},
      r"c.pth.tar: its run settings are not complete \(\['seed'\] missing\)"),
+    ({'settings': dict(SETTINGS.to_dict(), regularizer='evil')},
+     "c.pth.tar: its run settings name the regularizer 'evil', not one of sgdrop, dropout, none"),
+    ({'settings': dict(SETTINGS.to_dict(), sgdrop_rho_end=7.0)},
+     r'c.pth.tar: its run settings hold an SGDrop setting out of range \(sgdrop_rho_end must be in \[0, 1\)'),
+    ({'settings': dict(SETTINGS.to_dict(), sgdrop_reference='median')},
+     "c.pth.tar: its run settings hold an SGDrop setting out of range \\(Unknown sgdrop_reference 'median'"),
 ])
 def test_a_checkpoint_without_these_settings_is_refused_in_one_line(checkpoint: dict, message: str):
     with pytest.raises(ValueError, match=message):
@@ -43,7 +49,10 @@ def test_sgdrop_arguments_of_each_regularizer():
 
 
 def test_the_settings_a_resume_may_not_change():
-    assert SETTINGS.changed_run_settings(dataclasses.replace(SETTINGS, epochs=40, lr=1e-3, seed=2)) == []
+    # SETTINGS is a curriculum, whose rho per epoch depends on the number of epochs; a fixed rho's does not
+    assert SETTINGS.changed_run_settings(dataclasses.replace(SETTINGS, epochs=40, lr=1e-3, seed=2)) == ['epochs']
+    fixed = dataclasses.replace(SETTINGS, sgdrop_rho=0.01, sgdrop_rho_end=None)
+    assert fixed.changed_run_settings(dataclasses.replace(fixed, epochs=40, lr=1e-3, seed=2)) == []
     changed = dataclasses.replace(SETTINGS, image_size=64, sgdrop_rho_end=0.05, holdout_per_class=0)
     assert SETTINGS.changed_run_settings(changed) == ['image_size', 'holdout_per_class', 'sgdrop_rho_end']
     # a vanilla run has no SGDrop settings to keep

@@ -218,7 +218,8 @@ def test_saliency_never_replaces_an_earlier_report_unless_told(small_data: Path,
     (dict(batch_size=0), 'batch_size must be at least 1, got 0.'),
     (dict(grid_images=0), 'grid_images must be at least 1, got 0.'),
     (dict(workers=-1), 'workers must be at least 0, got -1.'),
-    (dict(image_size=-32), 'image_size must be at least 1'),
+    (dict(image_size=-32), 'image_size must be from 1 to 4096 px'),
+    (dict(image_size=100000), 'image_size must be from 1 to 4096 px'),
 ])
 def test_saliency_bad_settings_stop_before_any_work(small_data: Path, tmp_path: Path, setting: dict, message: str):
     with pytest.raises(ValueError, match=message.replace('.', r'\.')):
