@@ -86,10 +86,12 @@ def time_family(name: str, args: argparse.Namespace, device: torch.device) -> di
             if step >= args.warmup:
                 times[variant].append(time.perf_counter() - start)
     medians = {variant: statistics.median(values) for variant, values in times.items()}
+    finite = all(torch.isfinite(p).all() for model, _ in runs.values() for p in model.parameters())
     result = {f'{variant}_ms': round(1000 * value, 2) for variant, value in medians.items()}
     for variant in ('sgdrop_ema', 'sgdrop_online', 'sgdrop_ema_head'):
         result[f'{variant}_overhead'] = round(medians[variant] / medians['vanilla'] - 1, 4)
     result['sgdrop_rho'] = rho
+    result['weights_finite'] = bool(finite)
     result['paper_overhead'] = PAPER_OVERHEAD.get(name)
     return result
 
