@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py --smoke: every stage of the GPU check runs on the CPU at toy sizes and reports sound figures."""
+"""benchmarks/gpu_check.py --smoke: every stage of the GPU check runs on the CPU at toy sizes with sound figures."""
 import json
 import subprocess
 import sys
