@@ -356,7 +356,8 @@ def config_as_of_the_reference(config: dict) -> dict:
     pretrained_cfg = {k: v for k, v in config['pretrained_cfg'].items() if k != 'description'}
     training = {k: v for k, v in config['training'].items() if k != 'holdout_per_class'}
     sgdrop = {k: v for k, v in config['sgdrop'].items() if k not in SETTINGS_SINCE_REFERENCE}
-    return dict(config, pretrained_cfg=pretrained_cfg, training=training, sgdrop=sgdrop)
+    model_args = {k: v for k, v in config['model_args'].items() if k not in SETTINGS_SINCE_REFERENCE}
+    return dict(config, pretrained_cfg=pretrained_cfg, training=training, sgdrop=sgdrop, model_args=model_args)
 
 
 @pytest.fixture(scope='module')
