@@ -208,12 +208,16 @@ def latent_attribution(
         reference: r: 'zero' (the paper's) or 'channel_mean' (``latent_reference``).
 
     Returns:
-        Attribution map in float32, with the shape and memory format of ``features``.
+        Attribution map in float32 (or the latent's own wider dtype), with the shape and memory format of
+        ``features``.
     """
     relu = _check_attribution_relu(relu)
-    # in float32 even under autocast: bf16 attributions tie, and ties at the threshold drop more than k features
+    # in float32 at least, even under autocast: bf16 attributions tie, and ties at the threshold drop more than k
+    latent = features.detach()
+    if latent.dtype in (torch.float16, torch.bfloat16):
+        latent = latent.float()
     with torch.enable_grad(), torch.autocast(features.device.type, enabled=False):
-        latent = features.detach().float().requires_grad_(True)
+        latent.requires_grad_(True)
         logits = head(latent)
         # Samples are independent, so the gradient of the summed true-class logits is the per-sample gradient.
         class_score = logits.gather(1, target.unsqueeze(1)).sum()
