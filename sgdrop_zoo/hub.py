@@ -261,7 +261,8 @@ def publish_checkpoint(
     Returns:
         Where it went and its ``hub_configs/`` record (``hf_hub_id`` pinned to the commit after an upload).
     """
-    if repo_id.count('/') != 1 or not all(repo_id.split('/')):
+    if repo_id.count('/') != 1 or not all(part and part.strip('.') for part in repo_id.split('/')):
+        # '.' and '..' are path steps, not names: ../.. would write the dry run two folders up
         raise HubError(f'--repo-id must be ORG/NAME, got {repo_id!r}.')
     if dry_run_dir is not None:
         dry_run_dir = Path(dry_run_dir)

@@ -107,6 +107,10 @@ def _check_record(record: Any, path: Path) -> dict[str, Any]:
         raise ValueError(f'{path}: missing or mistyped fields {", ".join(problems)}; see hub_configs/README.md.')
     if not any(record.get(name) for name in LOCATION_FIELDS):
         raise ValueError(f'{path}: neither hf_hub_id nor local_dir says where the weights are; set at least one.')
+    local_dir = record.get('local_dir')
+    if local_dir and (Path(local_dir).is_absolute() or Path(local_dir).parts != (local_dir,) or local_dir == '..'):
+        raise ValueError(f'{path}: local_dir {local_dir!r} must name a folder of hub_configs/ itself, as its tag '
+                         f'does (e.g. "sgdrop_resnet10t.imagenette_128").')
     if len(record['label_names']) != record['num_classes']:
         raise ValueError(f'{path}: {len(record["label_names"])} label_names for num_classes={record["num_classes"]}.')
     if len(record['sha256']) != 64:

@@ -18,6 +18,7 @@ import torchvision.datasets as datasets
 import torchvision.transforms as transforms
 
 from .data import (
+    DatasetError,
     InMemoryLoader,
     decode_images,
     eval_shard,
@@ -115,6 +116,9 @@ def build_loaders(data: Path, image_size: int, train_transform: str, mean: Seque
         train_indices = [index for index in train_indices if index not in holdout]
         val_folder, val_pool = train_folder, sorted(holdout)
     if train_subset:
+        if train_subset > len(train_indices):
+            raise DatasetError(f'{train_subset} training images asked for, but the training split has only '
+                               f'{len(train_indices)}; ask for at most that many, or for all of them with 0')
         train_indices = train_indices[:train_subset]
     elif train_subset_per_class:
         train_indices = per_class_subset(train_indices, train_folder.targets, train_subset_per_class,

@@ -8,6 +8,7 @@ huggingface_hub reads HF_ENDPOINT and HF_HOME when it is imported, so every clie
 import dataclasses
 import json
 import os
+import re
 import pickle
 import shutil
 import socket
@@ -338,6 +339,11 @@ def test_hub_configs_errors_name_the_file(tmp_path, published):
     (tmp_path / 'bad.json').write_text(json.dumps({k: v for k, v in published.items() if k != 'sha256'}))
     with pytest.raises(ValueError, match=r'bad.json: missing or mistyped fields sha256'):
         load_hub_configs(tmp_path)
+    for local_dir in ('../outside', '/etc', 'a/b', '..'):
+        (tmp_path / 'bad.json').write_text(json.dumps(dict(published, local_dir=local_dir)))
+        with pytest.raises(ValueError, match=f"bad.json: local_dir '{re.escape(local_dir)}' must name a folder of "
+                                             f'hub_configs/ itself'):
+            load_hub_configs(tmp_path)
     (tmp_path / 'bad.json').write_text(json.dumps(published))
     (tmp_path / 'copy.json').write_text(json.dumps(published))
     with pytest.raises(ValueError, match='already defined by'):
@@ -497,8 +503,9 @@ def test_publish_rejects_bad_input_and_writes_nothing(export_dir, tmp_path):
         publish_checkpoint(broken, f'{ORG}/x', dry_run_dir=out / 'dry')
     with pytest.raises(HubError, match='already exists'):
         publish_checkpoint(export_dir, f'{ORG}/x', dry_run_dir=out)
-    with pytest.raises(HubError, match='ORG/NAME'):
-        publish_checkpoint(export_dir, 'no-org', dry_run_dir=out / 'dry')
+    for repo_id in ('no-org', '../..', f'{ORG}/.', './x'):
+        with pytest.raises(HubError, match=f"--repo-id must be ORG/NAME, got '{re.escape(repo_id)}'"):
+            publish_checkpoint(export_dir, repo_id, dry_run_dir=out / 'dry')
     assert list(out.iterdir()) == []
 
 

@@ -1136,6 +1136,15 @@ def test_a_link_out_of_its_class_folder_is_refused(capsys: pytest.CaptureFixture
     assert not (tmp_path / 'run').exists()
 
 
+def test_a_train_subset_larger_than_the_training_split_is_refused(data_dir: Path):
+    from sgdrop_zoo.data import DatasetError
+    from sgdrop_zoo.recipe_data import build_loaders
+    with pytest.raises(DatasetError, match='^100000 training images asked for, but the training split has only 40; '):
+        build_loaders(data_dir, 32, 'resize', (0.5,) * 3, (0.5,) * 3, 8, 0, torch.device('cpu'), train_subset=100000)
+    assert len(build_loaders(data_dir, 32, 'resize', (0.5,) * 3, (0.5,) * 3, 8, 0, torch.device('cpu'),
+                             train_subset=40).train.dataset) == 40
+
+
 def test_log_area_ratio_beyond_the_val_split(capsys: pytest.CaptureFixture, data_dir: Path, num_val: int):
     message = run_bad_input(capsys, str(data_dir), '--log-area-ratio', str(num_val + 1))
     assert f'--log-area-ratio {num_val + 1} asks for more images than the {num_val}' in message
