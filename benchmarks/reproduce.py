@@ -261,8 +261,19 @@ def runs_folder(protocol: str) -> Path:
 
 
 def read_results(results_dir: Path) -> list[dict]:
-    """Every run result of a results folder (``<arch>__<method>__seed<N>.json``), in name order."""
-    return [json.loads(p.read_text()) for p in sorted(results_dir.glob('*__*__seed*.json'))]
+    """Every run result of a results folder (``<arch>__<method>__seed<N>.json``), in name order.
+
+    Raises:
+        SystemExit: A result that is not JSON (a write cut short), naming it.
+    """
+    results = []
+    for path in sorted(results_dir.glob('*__*__seed*.json')):
+        try:
+            results.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise SystemExit(f'error: {os.path.relpath(path, REPO)} is not a run result ({e}); restore it (git '
+                             f'checkout) or delete it to train that run again') from None
+    return results
 
 
 def check_data_root(data: Optional[str]) -> None:
@@ -716,6 +727,10 @@ def main() -> None:
     args = parser.parse_args()
 
     config = PROTOCOLS[args.protocol]
+    unknown = sorted(set(args.archs or []) - set(config['archs']))
+    if unknown:
+        parser.error(f"--archs {' '.join(unknown)}: not in the {args.protocol} protocol, whose architectures are "
+                     f"{', '.join(config['archs'])}")
     results_dir = Path(args.results_dir or results_folder(args.protocol)).resolve()
     results_dir.mkdir(parents=True, exist_ok=True)
     if args.overhead:

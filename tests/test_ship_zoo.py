@@ -1,6 +1,7 @@
 """The pure parts of benchmarks/ship_zoo.py and transfer_zoo.py: which runs ship, under which tags, what probes."""
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -407,3 +408,16 @@ def test_the_overhead_benchmarks_vanilla_holds_no_ema_and_each_source_its_own():
                            model.ema_model is not None)
     assert ema_of == {'vanilla': (0.0, 'online', 0, False), 'sgdrop_ema': (0.1, 'ema', 1, True),
                       'sgdrop_online': (0.1, 'online', 0, False), 'sgdrop_ema_head': (0.1, 'ema_head', 1, True)}
+
+
+def test_a_truncated_result_and_an_unknown_architecture_are_named(tmp_path: Path):
+    (tmp_path / 'sgdrop_resnet10t__sgdrop__seed0.json').write_text('{"arch": ')
+    with pytest.raises(SystemExit, match=r'sgdrop_resnet10t__sgdrop__seed0.json is not a run result \(Expecting'):
+        reproduce.read_results(tmp_path)
+    result = subprocess.run([sys.executable, 'benchmarks/reproduce.py', 'zoo128', '--archs', 'sgdrop_resnet10',
+                             '--table-only', '--results-dir', str(tmp_path / 'empty')], cwd=reproduce.REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and not (tmp_path / 'empty').exists()
+    assert result.stderr.strip().splitlines()[-1] == (
+        'reproduce.py: error: --archs sgdrop_resnet10: not in the zoo128 protocol, whose architectures are '
+        'sgdrop_resnet10t, sgdrop_convnext_atto, sgdrop_vgg11')
