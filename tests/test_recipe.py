@@ -1028,6 +1028,22 @@ def test_evaluate_on_a_dev_split_the_run_did_not_hold_out_is_refused(capsys: pyt
         f'holds images it trained on; pass --holdout-per-class 0 (val/)')
 
 
+def test_resume_from_an_older_checkpoint_of_its_own_folder_is_refused(capsys: pytest.CaptureFixture, data_dir: Path,
+                                                                      one_epoch_run: Path,
+                                                                      two_epoch_run: tuple[Path, str], tmp_path: Path):
+    # the folder's last checkpoint is epoch 2, its model_best.pth.tar epoch 1 (the same seeded run's first epoch)
+    run = tmp_path / 'run'
+    shutil.copytree(two_epoch_run[0], run)
+    shutil.copyfile(one_epoch_run / 'checkpoint.pth.tar', run / 'model_best.pth.tar')
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert run_bad_input(capsys, str(data_dir), '--epochs', '3', '--resume', str(run / 'model_best.pth.tar'),
+                         '--output', str(run)) == (
+        f"error: --resume {run / 'model_best.pth.tar'} holds epoch 1, and {run / 'checkpoint.pth.tar'} of the same "
+        f"run epoch 2, which training on from it would replace; resume from {run / 'checkpoint.pth.tar'}, or copy "
+        f'model_best.pth.tar into a new --output to train on from it there')
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
 def test_resume_never_writes_into_another_run(capsys: pytest.CaptureFixture, data_dir: Path, one_epoch_run: Path,
                                               two_epoch_run: tuple[Path, str], tmp_path: Path):
     other = tmp_path / 'other'

@@ -345,6 +345,7 @@ def check_inputs(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     saved = RunSettings.from_checkpoint(checkpoint, args.resume)
     if not args.evaluate:
         check_same_run(args.resume, saved, args.settings)
+        check_no_rewind(Path(args.resume), checkpoint['epoch'], Path(args.output))
     elif args.holdout_per_class != saved.holdout_per_class and args.holdout_per_class:
         # the dev split is carved from the training folder: one of another size holds images the run trained on
         raise RecipeError(f'--evaluate --holdout-per-class {args.holdout_per_class}: {args.resume} was trained with '
@@ -352,6 +353,19 @@ def check_inputs(args: argparse.Namespace) -> Optional[dict[str, Any]]:
                           f'on; pass --holdout-per-class {saved.holdout_per_class or 0} '
                           f'({"its own dev split" if saved.holdout_per_class else "val/"})')
     return checkpoint
+
+
+def check_no_rewind(resume: Path, epoch: int, output: Path) -> None:
+    """Refuse a --resume into its own folder from a checkpoint older than the folder's last one (model_best.pth.tar,
+    say): training on from it would replace the later epochs' checkpoint and log lines."""
+    last = output / CHECKPOINT_NAME
+    if resume.resolve() == last.resolve() or resume.resolve().parent != output.resolve() or not last.is_file():
+        return
+    last_epoch = load_checkpoint(str(last))['epoch']
+    if epoch < last_epoch:
+        raise RecipeError(f'--resume {resume} holds epoch {epoch}, and {last} of the same run epoch {last_epoch}, '
+                          f'which training on from it would replace; resume from {last}, or copy {resume.name} into '
+                          f'a new --output to train on from it there')
 
 
 def check_same_run(resume: str, saved: RunSettings, settings: RunSettings) -> None:
