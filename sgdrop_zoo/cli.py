@@ -76,6 +76,8 @@ def publish_command(args: argparse.Namespace) -> int:
 
 
 def model_card_command(args: argparse.Namespace) -> int:
+    if args.output:
+        check_writable_file(Path(args.output), args.overwrite)
     card = render_model_card(load_hub_configs())
     if args.output:
         card.save(args.output)
@@ -106,7 +108,7 @@ def saliency_command(args: argparse.Namespace) -> int:
 
 
 def plot_command(args: argparse.Namespace) -> int:
-    check_writable_file(Path(args.output))
+    check_writable_file(Path(args.output), args.overwrite)
     print(f'wrote {plot_runs(args.logs, args.output, labels=args.label)}', file=sys.stderr)
     return 0
 
@@ -142,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     publish.set_defaults(func=publish_command)
     card = commands.add_parser('model-card', help="render the zoo's model card from hub_configs/")
     card.add_argument('--output', default=None, metavar='PATH', help='write it here (default: print it)')
+    card.add_argument('--overwrite', action='store_true', help='replace an existing --output')
     card.set_defaults(func=model_card_command)
     tune = commands.add_parser('finetune', help='fine-tune a model on an ImageFolder dataset (linear probe or full)')
     tune.add_argument('--model', required=True, metavar='NAME_OR_PATH',
@@ -192,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument('logs', nargs='+', metavar='LOG', help='log.jsonl files or run folders')
     plot.add_argument('--output', required=True, metavar='PATH', help='image file (.png, .svg or .pdf)')
     plot.add_argument('--label', action='append', default=None, help='legend name per log (default: folder names)')
+    plot.add_argument('--overwrite', action='store_true', help='replace an existing --output')
     plot.set_defaults(func=plot_command)
     return parser
 

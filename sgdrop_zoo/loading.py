@@ -259,10 +259,13 @@ def check_writable_folder(output: Path) -> None:
     _check_creatable(output, 'folder')
 
 
-def check_writable_file(output: Path) -> None:
-    """Raise ValueError unless ``output`` is a file, or can be created as one, that this process can write to."""
+def check_writable_file(output: Path, overwrite: bool) -> None:
+    """Raise ValueError unless ``output`` can be created as a file this process can write to, or is one and
+    ``overwrite`` lets it be replaced."""
     if output.is_dir():
         raise ValueError(f'--output {output} is a folder; pass a file name.')
+    if output.exists() and not overwrite:
+        raise ValueError(f'--output {output} exists; pass --overwrite to replace it, or another file name.')
     _check_creatable(output, 'file')
 
 

@@ -98,3 +98,15 @@ def test_plot_onto_a_read_only_or_folder_output_fails_in_one_line(capsys, monkey
     assert capsys.readouterr().err == f'error: --output {tmp_path / "run"} is a folder; pass a file name.\n'
     assert main(['plot', str(log), '--output', str(tmp_path / 'curves.png')]) == 0
     assert (tmp_path / 'curves.png').stat().st_size > 1000
+    capsys.readouterr()
+    # an existing file is replaced only when asked to, by plot and model-card alike
+    (tmp_path / 'curves.png').write_bytes(b'mine')
+    (tmp_path / 'CARD.md').write_text('mine')
+    for command in (['plot', str(log), '--output', str(tmp_path / 'curves.png')],
+                    ['model-card', '--output', str(tmp_path / 'CARD.md')]):
+        assert main(command) == 2
+        assert capsys.readouterr().err == (f'error: --output {command[-1]} exists; pass --overwrite to replace it, or '
+                                           f'another file name.\n')
+    assert (tmp_path / 'curves.png').read_bytes() == b'mine' and (tmp_path / 'CARD.md').read_text() == 'mine'
+    assert main(['plot', str(log), '--output', str(tmp_path / 'curves.png'), '--overwrite']) == 0
+    assert (tmp_path / 'curves.png').stat().st_size > 1000
