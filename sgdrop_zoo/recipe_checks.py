@@ -5,6 +5,7 @@ says what is wrong and what to pass instead. ``train/main.py`` runs them in orde
 ``--resume`` checkpoint also refuse one of another model, dataset or run.
 """
 import collections
+import contextlib
 import difflib
 import math
 import os
@@ -177,13 +178,15 @@ def check_subset_options(train_subset: int, train_subset_per_class: int, log_are
                           f'or 0 to turn it off')
 
 
-def check_model_kwargs(arch: str, model_kwargs: dict[str, Any], build: Callable[[], Any]) -> None:
+def check_model_kwargs(arch: str, model_kwargs: dict[str, Any], build: Callable[[], Any], image_size: int) -> None:
     """--model-kwargs must leave the input channels and the recipe's own settings alone, and be taken by `arch`.
 
     Args:
         arch: The architecture.
         model_kwargs: Its extra constructor arguments.
         build: Builds the model with them; called on the meta device, where it builds nothing but the module tree.
+        image_size: The input side of the eval-mode forward also run there: some arguments (a drop rate, say) are
+            only used in the forward.
     """
     if model_kwargs.get('in_chans', 3) != 3:
         raise RecipeError(f"--model-kwargs in_chans={model_kwargs['in_chans']}: the recipe reads every image as "
@@ -194,7 +197,14 @@ def check_model_kwargs(arch: str, model_kwargs: dict[str, Any], build: Callable[
                           f"leave them out")
     try:
         with torch.device('meta'):
-            build()
+            model = build().eval()
+            with contextlib.suppress(NotImplementedError):  # an op without a meta kernel: the forward checks nothing
+                try:
+                    model(torch.empty(2, 3, image_size, image_size))
+                except RuntimeError as e:  # a shape the network cannot take
+                    raise RecipeError(f'{arch} with --model-kwargs {model_kwargs} cannot run at --image-size '
+                                      f'{image_size} ({str(e).splitlines()[0][:200]}); pass a larger --image-size or '
+                                      f'other --model-kwargs') from e
     except TypeError as e:
         raise RecipeError(f'--model-kwargs {model_kwargs}: {arch} does not take them ({e})') from e
     except ValueError as e:  # a value of the wrong kind, which the model's own code trips over

@@ -1161,6 +1161,16 @@ def test_a_train_subset_larger_than_the_training_split_is_refused(data_dir: Path
                              train_subset=40).train.dataset) == 40
 
 
+def test_model_kwargs_used_only_in_the_forward_are_checked_before_any_work(capsys: pytest.CaptureFixture,
+                                                                           data_dir: Path, tmp_path: Path):
+    # ResNet's drop_rate is only read in its forward: the eval-mode forward on the meta device catches it
+    message = run_bad_input(capsys, str(data_dir), '-a', 'sgdrop_resnet10t', '--model-kwargs', 'drop_rate=abc',
+                            '--output', str(tmp_path / 'run'))
+    assert message == ("error: --model-kwargs {'drop_rate': 'abc'}: sgdrop_resnet10t cannot be built with these "
+                       "values (could not convert string to float: 'abc'); pass values of the types its arguments take")
+    assert not (tmp_path / 'run').exists()
+
+
 def test_log_area_ratio_beyond_the_val_split(capsys: pytest.CaptureFixture, data_dir: Path, num_val: int):
     message = run_bad_input(capsys, str(data_dir), '--log-area-ratio', str(num_val + 1))
     assert f'--log-area-ratio {num_val + 1} asks for more images than the {num_val}' in message

@@ -321,7 +321,7 @@ def check_inputs(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     check_metrics_json(args.metrics_json, args.evaluate)
     check_subset_options(args.train_subset, args.train_subset_per_class, args.log_area_ratio)
     check_model_kwargs(args.arch, args.model_kwargs, lambda: create_model(
-        argparse.Namespace(**{**vars(args), 'pretrained': False}), num_classes=2))
+        argparse.Namespace(**{**vars(args), 'pretrained': False}), num_classes=2), args.image_size)
 
     if args.dummy:
         args.class_names = [str(i) for i in range(1000)]
