@@ -32,7 +32,7 @@ from .export import (
 )
 from .loading import check_output_outside_hub_configs, check_writable_folder, load_recipe_checkpoint
 from .model_card import render_model_card
-from .pretrained import CONFIG_NAME, WEIGHTS_NAME, HubError, hub_download, sha256_of_file
+from .pretrained import CONFIG_NAME, WEIGHTS_NAME, HubError, check_shipped_folder, hub_download, sha256_of_file
 from .run_settings import RunSettings
 from .sgdrop import add_sgdrop, sgdrop_model_args
 
@@ -177,6 +177,7 @@ def prepare_hub_folder(
     """
     source, folder = Path(source), Path(folder)
     if source.is_dir():
+        check_shipped_folder(source)
         config = _copy_export(source, folder)
     elif source.is_file():
         config = _export_checkpoint(source, folder)
@@ -312,6 +313,7 @@ def load_sgdrop_model(model_id: str, pretrained: bool = True, **kwargs: Any) -> 
         weights_path = hub_download(repo_id, WEIGHTS_NAME, revision or None, repo_exists=True) if pretrained else None
     elif scheme == 'local-dir':
         config_path, weights_path = Path(location) / CONFIG_NAME, Path(location) / WEIGHTS_NAME
+        check_shipped_folder(Path(location))
     else:
         raise HubError(f'model_id must start with hf-hub: or local-dir:, got {model_id!r}.')
     try:

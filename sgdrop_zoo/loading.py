@@ -30,6 +30,7 @@ from .export import read_config
 from .pretrained import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    check_shipped_folder,
     hub_configs_dir,
     hub_download,
     packaged_hub_configs_dir,
@@ -137,6 +138,7 @@ def load_model(name_or_path: str) -> nn.Module:
             raise ValueError(f'{path}: expected {WEIGHTS_NAME} and {CONFIG_NAME} (the export of train/main.py or '
                              f'sgdrop-zoo finetune), or pass a model_best.pth.tar.')
         read_config(path / CONFIG_NAME)
+        check_shipped_folder(path)
         return _create_model(f'local-dir:{path}', pretrained=True)
     if path.is_file():
         return _load_recipe_checkpoint(path)

@@ -38,9 +38,9 @@ from .sgdrop import sgdrop_model_args
 
 __all__ = [
     'CONFIG_NAME', 'HUB_CONFIGS_ENV', 'WEIGHTS_NAME', 'HubConfigWarning', 'HubError',
-    'build_model_with_checked_weights', 'check_model_args', 'checked_record_weights', 'checkpoint_description',
-    'download_checked_weights', 'hub_configs_dir', 'hub_download', 'load_hub_configs', 'local_weights',
-    'packaged_hub_configs_dir', 'pretrained_cfgs', 'sha256_of_file', 'tag_folder',
+    'build_model_with_checked_weights', 'check_model_args', 'check_shipped_folder', 'checked_record_weights',
+    'checkpoint_description', 'download_checked_weights', 'hub_configs_dir', 'hub_download', 'load_hub_configs',
+    'local_weights', 'packaged_hub_configs_dir', 'pretrained_cfgs', 'sha256_of_file', 'tag_folder',
 ]
 
 HUB_CONFIGS_ENV = 'SGDROP_ZOO_HUB_CONFIGS'
@@ -384,6 +384,21 @@ def checked_record_weights(name: str, record: dict[str, Any]) -> Path:
         raise HubError(f'{name}: {local} is missing and the checkpoint is not on the Hub (its record has no '
                        f'hf_hub_id). Restore the folder (git checkout) or install sgdrop-zoo from a source checkout.')
     return download_checked_weights(name, record['hf_hub_id'], record['sha256'])
+
+
+def check_shipped_folder(folder: Path) -> None:
+    """A folder of ``hub_configs/`` that a record ships is loaded or published by path only with the weights its
+    record pins, as its tag would be.
+
+    Raises:
+        HubError: The folder's weights have another sha256 than its record's.
+    """
+    folder = Path(folder).resolve()
+    if folder.parent != hub_configs_dir().resolve():
+        return
+    for name, record in _records().items():
+        if record.get('local_dir') == folder.name:
+            checked_record_weights(name, record)
 
 
 def build_model_with_checked_weights(

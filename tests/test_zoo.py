@@ -240,6 +240,26 @@ def test_changed_or_missing_weights_are_refused(tmp_path):
     """
     out = _run(code, _offline_env(tmp_path, SGDROP_ZOO_HUB_CONFIGS=str(configs))).stdout
     assert f'has sha256 {sha256_of_file(weights)}, but its hub_configs/ record expects {record["sha256"]}' in out
+    # the folder by its path, to load or to publish, is held to its record as its tag is
+    by_path = f"""
+        import sgdrop_zoo
+        from sgdrop_zoo.hub import load_sgdrop_model, publish_checkpoint
+        from sgdrop_zoo.loading import load_model
+        from sgdrop_zoo.pretrained import HubError
+        folder = {str(weights.parent)!r}
+        for load in (lambda: load_model(folder), lambda: load_sgdrop_model('local-dir:' + folder),
+                     lambda: publish_checkpoint(folder, 'me/x', dry_run_dir={str(tmp_path / 'dry')!r})):
+            try:
+                load()
+            except HubError as e:
+                print(e)
+            else:
+                raise SystemExit('took changed weights')
+    """
+    out = _run(by_path, _offline_env(tmp_path, SGDROP_ZOO_HUB_CONFIGS=str(configs))).stdout.splitlines()
+    assert len(out) == 3 and all(f'has sha256 {sha256_of_file(weights)}, but its hub_configs/ record' in line
+                                 for line in out)
+    assert not (tmp_path / 'dry').exists()
     weights.unlink()
     out = _run(code, _offline_env(tmp_path, SGDROP_ZOO_HUB_CONFIGS=str(configs))).stdout
     assert 'is missing and the checkpoint is not on the Hub' in out
