@@ -300,7 +300,6 @@ def prepare_checkpoint(name: str, run: dict[str, Any], runs: list[dict[str, Any]
     record.update(
         hf_hub_id=None,
         local_dir=name,
-        crop_mode=config['pretrained_cfg'].get('crop_mode', 'center'),
         twin=twin,
         metrics=dict(
             **measure(model, data / 'val', weights_run['final_val_acc1'], name),

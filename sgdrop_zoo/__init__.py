@@ -5,20 +5,24 @@
 """
 from .models import *
 from .sgdrop import (
+    SGDROP_SETTINGS,
     AttributionRelu,
     AttributionSource,
     LatentReference,
     LinearRhoSchedule,
     SaliencyGuidedDropout,
+    SGDropCfg,
     add_sgdrop,
     is_sgdrop_model,
     latent_attribution,
     saliency_mask,
 )
+from .task import SGDropClassificationTask
 
 __version__ = '0.1.0'
 
 __all__ = [
-    'AttributionRelu', 'AttributionSource', 'LatentReference', 'LinearRhoSchedule', 'SaliencyGuidedDropout',
-    'add_sgdrop', 'is_sgdrop_model', 'latent_attribution', 'saliency_mask',
+    'SGDROP_SETTINGS', 'AttributionRelu', 'AttributionSource', 'LatentReference', 'LinearRhoSchedule',
+    'SGDropCfg', 'SGDropClassificationTask', 'SaliencyGuidedDropout', 'add_sgdrop', 'is_sgdrop_model',
+    'latent_attribution', 'saliency_mask',
 ]

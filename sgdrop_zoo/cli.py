@@ -48,7 +48,8 @@ def info_command(args: argparse.Namespace) -> int:
         raise ValueError(f'--num-classes must be at least 1, got {args.num_classes}.')
     # on the meta device: shapes and parameter counts, without allocating or computing anything at any image size
     with torch.device('meta'):
-        model = timm.create_model(args.model, num_classes=args.num_classes, sgdrop_rho=args.sgdrop_rho).eval()
+        rho = {} if args.sgdrop_rho is None else {'sgdrop_rho': args.sgdrop_rho}
+        model = timm.create_model(args.model, num_classes=args.num_classes, **rho).eval()
         size = args.image_size or model.pretrained_cfg['input_size'][-1]
         try:
             features = model.forward_features(torch.zeros(1, 3, size, size))
@@ -58,7 +59,10 @@ def info_command(args: argparse.Namespace) -> int:
     print(f'model:            {args.model} ({type(model).__name__})')
     print(f'input:            3x{size}x{size}')
     print(f'latent map:       {"x".join(map(str, features.shape[1:]))} = {num_features} features')
-    print(f'dropped / sample: {num_dropped_features(args.sgdrop_rho, num_features)} at sgdrop_rho={args.sgdrop_rho}')
+    print(f'dropped / sample: {num_dropped_features(model.sgdrop_rho, num_features)} at sgdrop_rho={model.sgdrop_rho}')
+    settings = ', '.join(f'{name}={value}' for name, value in model.sgdrop_cfg.to_dict().items()
+                         if name != 'sgdrop_rho_end')
+    print(f'settings:         {settings}')
     print(f'parameters:       {sum(p.numel() for p in model.parameters()):,}')
     return 0
 
@@ -124,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     'sgdrop_resnet10t.imagenette_128')
     info.add_argument('--image-size', type=int, default=None,
                       help=f"input side, 1 to {MAX_IMAGE_SIZE} (default: the model's)")
-    info.add_argument('--sgdrop-rho', type=float, default=DEFAULT_RHO,
-                      help=f'share of features dropped ({DEFAULT_RHO})')
+    info.add_argument('--sgdrop-rho', type=float, default=None,
+                      help=f"share of features dropped (default: the tag's, or the paper's {DEFAULT_RHO})")
     info.add_argument('--num-classes', type=int, default=10, help='classes of the head (10)')
     info.set_defaults(func=info_command)
     publish = commands.add_parser('publish', help='upload a trained checkpoint to the Hugging Face Hub')

@@ -4,7 +4,7 @@
 with ``save_recipe_export``), ``sgdrop-zoo finetune`` after fine-tuning, all with ``save_export``, so they cannot
 drift. ``config.json`` is timm's (``save_for_hf``): its preprocessing fields are the training's validation transform,
 so ``timm.data.resolve_model_data_config(model)`` + ``create_transform(**cfg)`` evaluate the model as training did;
-the SGDrop settings are kept in ``"sgdrop"``, by their constructor names (``model.sgdrop_config``) with the
+the SGDrop settings are kept in ``"sgdrop"``, by their names (``SGDropCfg.to_dict()``) with the
 regularizer and the curriculum's ``sgdrop_rho_end``, and the training run in ``"training"``, both ignored by timm.
 ``to_published_config`` turns an export into a published repo's config, ``write_config`` writes it and
 ``read_config`` and ``sgdrop_settings`` read either back.
@@ -24,33 +24,30 @@ from timm.models import save_for_hf
 from .data import EVAL_CROP
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME, check_model_args, checkpoint_description
 from .run_settings import RunSettings
-from .sgdrop import add_sgdrop
+from .sgdrop import MODEL_SGDROP_SETTINGS, SGDropCfg, add_sgdrop
 
 __all__ = [
-    'PARTIAL_WRITE_SUFFIX', 'SGDROP_MODEL_ARGS', 'base_architecture', 'measured_split', 'read_config', 'save_export',
+    'PARTIAL_WRITE_SUFFIX', 'base_architecture', 'measured_split', 'read_config', 'save_export',
     'save_recipe_export', 'sgdrop_settings', 'to_published_config', 'write_config',
 ]
 
-# constructor arguments of an SGDrop model that plain timm's base architecture does not accept
-SGDROP_MODEL_ARGS = ('sgdrop_rho', 'sgdrop_attribution', 'sgdrop_attribution_relu', 'sgdrop_reference',
-                     'sgdrop_ema_decay', 'latent_drop_rate')
 # the suffix of the temporary files and folders of an unfinished write (a run killed while writing one leaves it):
 # only the writers of run files make such names, so only they are removed when the run resumes
 PARTIAL_WRITE_SUFFIX = '.sgdrop-partial'
 
 def save_export(model: nn.Module, folder: Path, class_names: list[str], image_size: int, train_transform: str,
-                regularizer: str, training: dict[str, Any], sgdrop_rho_end: Optional[float] = None) -> None:
+                regularizer: str, sgdrop: SGDropCfg, training: dict[str, Any]) -> None:
     """Write ``model.safetensors`` and ``config.json`` of a trained SGDrop model into ``folder``, both at once.
 
     Args:
-        model: The trained SGDrop model, on the CPU; ``config.json`` records its ``sgdrop_config``.
+        model: The trained model, on the CPU.
         folder: An existing folder; files of the same names are replaced atomically.
         class_names: The dataset's classes, in label order.
         image_size: The square input side it was trained and validated at.
         train_transform: 'resize' (images only resized, the paper's low-data protocol) or 'crop-flip'.
         regularizer: 'sgdrop', or the paper's baseline it was trained as ('none', 'dropout').
+        sgdrop: The SGDrop settings it was trained with (a rho curriculum included).
         training: What trained it (epochs, data, optimizer, ...), informative only.
-        sgdrop_rho_end: The end of a rho curriculum, if one was used.
 
     Raises:
         ValueError: A weight is not finite; nothing is written.
@@ -69,7 +66,7 @@ def save_export(model: nn.Module, folder: Path, class_names: list[str], image_si
         'crop_mode': crop_mode,
         **{key: resolve_model_data_config(model)[key] for key in ('mean', 'std')},
     }
-    sgdrop = {'regularizer': regularizer, **model.sgdrop_config, 'sgdrop_rho_end': sgdrop_rho_end}
+    sgdrop = {'regularizer': regularizer, **sgdrop.to_dict()}
     dataset = Path(training['data']).name if training.get('data') else 'unnamed data'
     model_config = {
         'label_names': list(class_names),
@@ -103,12 +100,12 @@ def save_recipe_export(model: nn.Module, folder: Path, settings: RunSettings, cl
         epoch: The number of epochs the weights were trained for.
         val_acc1: Their validation top-1 (%), or None when it is not known.
     """
-    add_sgdrop(model, **settings.sgdrop_model_args())
+    add_sgdrop(model, **settings.sgdrop_cfg.model_args())
     # holdout_per_class: a run validated on a dev split measured val_acc1 on images of the training folder
     training = {'epoch': epoch, 'val_acc1': val_acc1, 'data': settings.data, 'optimizer': settings.optimizer,
                 'lr': settings.lr, 'epochs': settings.epochs, 'holdout_per_class': settings.holdout_per_class}
     save_export(model, folder, class_names, settings.image_size, settings.train_transform, settings.regularizer,
-                training, sgdrop_rho_end=settings.sgdrop_rho_end if settings.regularizer == 'sgdrop' else None)
+                settings.sgdrop_cfg, training)
 
 
 def write_config(config: dict[str, Any], folder: Path) -> None:
@@ -141,7 +138,7 @@ def sgdrop_settings(config: dict[str, Any]) -> dict[str, Any]:
     """
     settings = dict(config.get('sgdrop') or {})
     model_args = config.get('model_args') or {}
-    for key in SGDROP_MODEL_ARGS:
+    for key in MODEL_SGDROP_SETTINGS:
         if key in model_args:
             settings.setdefault(key, model_args[key])
     return settings
@@ -175,7 +172,7 @@ def to_published_config(config: dict[str, Any], label_descriptions: Optional[dic
         raise ValueError('config.json records no SGDrop settings (no "sgdrop" section and no sgdrop_rho argument): '
                          'publish the export of a model trained with SGDrop (train/main.py writes them).')
     model_args = config.get('model_args', {})
-    for key in SGDROP_MODEL_ARGS:
+    for key in MODEL_SGDROP_SETTINGS:
         model_args.pop(key, None)
     config['architecture'] = base_architecture(sgdrop_architecture)
     config['sgdrop'] = dict(settings, architecture=sgdrop_architecture if sgdrop_architecture.startswith('sgdrop_')

@@ -14,6 +14,7 @@ The output folder gets the best weights as ``model.safetensors`` + timm ``config
 the SGDrop settings, ready for ``sgdrop-zoo publish``), ``metrics.json`` and ``log.jsonl`` (one line per epoch).
 """
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -41,7 +42,7 @@ from .loading import (
 )
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME
 from .run_files import LOG_NAME, append_log, hold_folder
-from .sgdrop import add_sgdrop, check_sgdrop_settings, is_sgdrop_model
+from .sgdrop import SGDropCfg, add_sgdrop, is_sgdrop_model
 
 __all__ = ['MODES', 'TRAIN_TRANSFORMS', 'evaluate', 'finetune']
 
@@ -180,7 +181,7 @@ def finetune(
             raise ValueError(f'{name} must be 0 (all images) or a number of images per class, got {value}.')
     if workers < 0:
         raise ValueError(f'workers must be 0 or more, got {workers}.')
-    check_sgdrop_settings(sgdrop_rho=sgdrop_rho)
+    SGDropCfg(sgdrop_rho=sgdrop_rho)  # checked before any work
     data, output = Path(data), Path(output)
     check_output_is_not_source(model_name, output)
     check_output_folder(output, ('metrics.json',) if evaluate_only else OUTPUT_FILES, overwrite)
@@ -207,12 +208,11 @@ def finetune(
         model.reset_classifier(len(class_names))
         model.to(device)
         if not is_sgdrop_model(model):
-            add_sgdrop(model, sgdrop_rho=sgdrop_rho)
-        model.sgdrop_rho = sgdrop_rho
-        # the only regularizer here is SGDrop; without it, no EMA copy is needed for attribution
-        model.latent_drop_rate = 0.0
-        if sgdrop_rho == 0:
-            model.sgdrop_attribution = 'online'
+            add_sgdrop(model)
+        # the only regularizer here is SGDrop at sgdrop_rho, with the model's other settings; without it, no EMA copy
+        # is needed for attribution
+        regularizer = 'sgdrop' if sgdrop_rho > 0 else 'none'
+        model.sgdrop_cfg = dataclasses.replace(model.sgdrop_cfg, sgdrop_rho=sgdrop_rho).of_regularizer(regularizer)
         encoder, head_params = split_encoder_head(model, size)
         for name, param in model.named_parameters():
             param.requires_grad_(mode == 'full' or name in head_params)
@@ -265,7 +265,7 @@ def finetune(
 
         model.load_state_dict(best.pop('state_dict'))
         model.cpu()
-        save_export(model, output, class_names, size, train_transform, 'sgdrop' if sgdrop_rho > 0 else 'none', dict(
+        save_export(model, output, class_names, size, train_transform, regularizer, model.sgdrop_cfg, dict(
             source=model_name, data=str(data), mode=mode, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
             epoch=best['epoch'], val_acc1=best['val_acc1']))
         metrics = dict(model=model_name, data=str(data), mode=mode, classes=class_names, best_epoch=best['epoch'],

@@ -34,7 +34,7 @@ from .loading import check_output_outside_hub_configs, check_writable_folder, lo
 from .model_card import render_model_card
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME, HubError, check_shipped_folder, hub_download, sha256_of_file
 from .run_settings import RunSettings
-from .sgdrop import add_sgdrop, sgdrop_model_args
+from .sgdrop import SGDropCfg, add_sgdrop
 
 __all__ = [
     'PublishResult', 'hub_config_record', 'load_sgdrop_model', 'prepare_hub_folder',
@@ -143,6 +143,8 @@ def hub_config_record(config: dict[str, Any], sha256: str, hf_hub_id: str, datas
         mean=list(pretrained_cfg['mean']),
         std=list(pretrained_cfg['std']),
         crop_pct=pretrained_cfg['crop_pct'],
+        # how the checkpoint's top-1 was measured: 'squash' for a model trained on resized images
+        crop_mode=pretrained_cfg['crop_mode'],
         interpolation=pretrained_cfg['interpolation'],
         model_args={k: v for k, v in config.get('model_args', {}).items() if k not in ('num_classes', 'in_chans')},
         sgdrop={k: v for k, v in config['sgdrop'].items() if k != 'architecture'},
@@ -325,7 +327,7 @@ def load_sgdrop_model(model_id: str, pretrained: bool = True, **kwargs: Any) -> 
     if not timm.is_model(architecture):
         raise HubError(f'{model_id} is a {architecture!r} model, which is not registered: `import sgdrop_zoo` '
                        f'before loading it, or upgrade sgdrop-zoo and timm if it is already imported.')
-    sgdrop_args = sgdrop_model_args(settings)
+    sgdrop_args = SGDropCfg.of_record(settings).model_args()
     if architecture.startswith('sgdrop_'):
         model_args = {**config.get('model_args', {}), **sgdrop_args, **kwargs}
     else:

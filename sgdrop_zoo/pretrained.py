@@ -34,7 +34,7 @@ from timm.models import build_model_with_cfg
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._hub import hf_split
 
-from .sgdrop import sgdrop_model_args
+from .sgdrop import SGDropCfg
 
 __all__ = [
     'CONFIG_NAME', 'HUB_CONFIGS_ENV', 'WEIGHTS_NAME', 'HubConfigWarning', 'HubError',
@@ -48,7 +48,8 @@ WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
 REQUIRED_FIELDS = {
     'architecture': str, 'tag': str, 'dataset': str, 'num_classes': int, 'label_names': list,
-    'input_size': list, 'mean': list, 'std': list, 'crop_pct': float, 'interpolation': str, 'sgdrop': dict,
+    'input_size': list, 'mean': list, 'std': list, 'crop_pct': float, 'crop_mode': str, 'interpolation': str,
+    'sgdrop': dict,
     'metrics': dict, 'sha256': str, 'license': str,
 }
 # where the weights are: at least one of them, each a string or null
@@ -226,7 +227,7 @@ def _record_to_cfg(record: dict[str, Any]) -> dict[str, Any]:
         std=tuple(record['std']),
         crop_pct=record['crop_pct'],
         interpolation=record['interpolation'],
-        **({'crop_mode': record['crop_mode']} if record.get('crop_mode') else {}),
+        crop_mode=record['crop_mode'],
         license=record['license'],
         description=checkpoint_description(record['sgdrop'], record['dataset'], top1,
                                            record['metrics'].get('split', 'val')),
@@ -431,7 +432,7 @@ def build_model_with_checked_weights(
             record_args = {key: value for key, value in record.get('model_args', {}).items() if key not in kwargs}
             kwargs.update(record_args)
             # the settings it was trained with, as load_sgdrop_model applies a config.json's
-            kwargs.update({key: value for key, value in sgdrop_model_args(record['sgdrop']).items()
+            kwargs.update({key: value for key, value in SGDropCfg.of_record(record['sgdrop']).model_args().items()
                            if key not in kwargs})
             if pretrained:
                 overlay['file'] = str(checked_record_weights(f'{variant}.{cfg.tag}', record))

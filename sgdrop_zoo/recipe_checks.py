@@ -18,16 +18,15 @@ import torch
 import torchvision.datasets as datasets
 
 from .data import MAX_IMAGE_SIZE
-from .export import SGDROP_MODEL_ARGS
 from .loading import check_writable_folder, read_checkpoint
 from .run_files import CHECKPOINT_NAME, RUN_FILES
 from .run_settings import RunSettings
-from .sgdrop import check_sgdrop_settings
+from .sgdrop import MODEL_SGDROP_SETTINGS, SGDropCfg
 
 __all__ = [
     'RECIPE_CHECKPOINT_KEYS', 'RecipeError', 'check_arch', 'check_counts', 'check_fits_val_split',
     'check_gpu', 'check_holdout', 'check_launcher', 'check_metrics_json', 'check_model_kwargs', 'check_output',
-    'check_regularizer_numbers', 'check_resumed', 'check_start_epoch', 'check_subset_options', 'check_training_numbers',
+    'check_resumed', 'check_sgdrop_flags', 'check_start_epoch', 'check_subset_options', 'check_training_numbers',
     'check_val_subset', 'load_checkpoint',
 ]
 
@@ -99,17 +98,15 @@ def check_training_numbers(lr: float, momentum: float, weight_decay: float, lr_g
                           f'models fits in memory; pass the side the model is trained at, e.g. 224')
 
 
-def check_regularizer_numbers(settings: Mapping[str, Optional[float]]) -> None:
-    """SGDrop and dropout settings by their constructor names (None: not set), each option named after its setting.
-
-    Checked by the models' own rule whatever the regularizer: every run builds its rho schedule and model from them.
-    """
+def check_sgdrop_flags(settings: Mapping[str, Any]) -> SGDropCfg:
+    """The SGDrop settings of the command line by their names, each judged by the method's rule whatever the
+    regularizer (every run builds its rho schedule from them) and named by its flag."""
     for name, value in settings.items():
-        if value is not None:
-            try:
-                check_sgdrop_settings(**{name: value})
-            except ValueError as e:
-                raise RecipeError(f"--{name.replace('_', '-')} {value}: {e}") from e
+        try:
+            SGDropCfg(**{name: value})
+        except ValueError as e:
+            raise RecipeError(f"--{name.replace('_', '-')} {value}: {e}") from e
+    return SGDropCfg(**settings)
 
 
 def check_gpu(gpu: Optional[int]) -> None:
@@ -191,7 +188,7 @@ def check_model_kwargs(arch: str, model_kwargs: dict[str, Any], build: Callable[
     if model_kwargs.get('in_chans', 3) != 3:
         raise RecipeError(f"--model-kwargs in_chans={model_kwargs['in_chans']}: the recipe reads every image as "
                           f"RGB, 3 channels; leave in_chans out")
-    reserved = sorted(set(model_kwargs) & {'num_classes', 'pretrained', *SGDROP_MODEL_ARGS})
+    reserved = sorted(set(model_kwargs) & {'num_classes', 'pretrained', *MODEL_SGDROP_SETTINGS})
     if reserved:
         raise RecipeError(f"--model-kwargs sets {', '.join(reserved)}, which the recipe sets from its own options; "
                           f"leave them out")

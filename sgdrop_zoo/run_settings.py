@@ -9,7 +9,7 @@ import dataclasses
 from typing import Any, Optional
 
 from .pretrained import check_model_args
-from .sgdrop import check_sgdrop_settings
+from .sgdrop import REGULARIZERS, SGDROP_SETTINGS, SGDropCfg
 
 __all__ = ['RUN_SETTINGS_VERSION', 'RunSettings']
 
@@ -18,15 +18,6 @@ RUN_SETTINGS_VERSION = 2
 # the settings that define a run beyond the model: a resume that changed one would continue another run
 _RUN_DEFINING = ('regularizer', 'image_size', 'train_transform', 'optimizer', 'train_subset', 'train_subset_per_class',
                  'holdout_per_class')
-# the SGDrop settings among the run settings, checked by the method's own rule when a checkpoint is read
-_SGDROP_SETTINGS = ('sgdrop_rho', 'sgdrop_rho_end', 'sgdrop_attribution', 'sgdrop_attribution_relu', 'sgdrop_reference',
-                    'sgdrop_ema_decay', 'latent_drop_rate')
-_OF_REGULARIZER = {
-    'sgdrop': ('sgdrop_rho', 'sgdrop_rho_end', 'sgdrop_attribution', 'sgdrop_attribution_relu', 'sgdrop_reference',
-               'sgdrop_ema_decay'),
-    'dropout': ('latent_drop_rate',),
-    'none': (),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +28,7 @@ class RunSettings:
         arch: The timm model name.
         model_kwargs: Its architecture arguments.
         regularizer: 'sgdrop', or one of the paper's baselines on the same latent features ('dropout', 'none').
-        sgdrop_rho: rho, or the curriculum's start.
-        sgdrop_rho_end: The curriculum's end, or None for a fixed rho.
-        sgdrop_attribution: 'ema', 'online' or 'ema_head'.
-        sgdrop_attribution_relu: 'gradient' or 'product'.
-        sgdrop_reference: 'zero' or 'channel_mean'.
-        sgdrop_ema_decay: The attribution EMA's decay.
-        latent_drop_rate: The dropout baseline's drop probability.
+        sgdrop: The SGDrop settings as given (a rho curriculum included); ``sgdrop_cfg`` is what the run trains with.
         image_size: The square side it was trained and validated at.
         train_transform: 'crop-flip' or 'resize'.
         optimizer: 'sgd' or 'adam'.
@@ -59,13 +44,7 @@ class RunSettings:
     arch: str
     model_kwargs: dict[str, Any]
     regularizer: str
-    sgdrop_rho: float
-    sgdrop_rho_end: Optional[float]
-    sgdrop_attribution: str
-    sgdrop_attribution_relu: str
-    sgdrop_reference: str
-    sgdrop_ema_decay: float
-    latent_drop_rate: float
+    sgdrop: SGDropCfg
     image_size: int
     train_transform: str
     optimizer: str
@@ -78,16 +57,23 @@ class RunSettings:
     train_subset_per_class: int
     holdout_per_class: int
 
+    @property
+    def sgdrop_cfg(self) -> SGDropCfg:
+        """The SGDrop settings the run trains with: its own for SGDrop, those of the paper's baseline otherwise."""
+        return self.sgdrop.of_regularizer(self.regularizer)
+
     def to_dict(self) -> dict[str, Any]:
-        """The settings as a checkpoint stores them, with their version."""
-        return {'version': RUN_SETTINGS_VERSION, **dataclasses.asdict(self)}
+        """The settings as a checkpoint stores them, with their version (the SGDrop settings among the others)."""
+        fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.name != 'sgdrop'}
+        return {'version': RUN_SETTINGS_VERSION, **fields, **self.sgdrop.to_dict()}
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict[str, Any], path: Any) -> 'RunSettings':
         """The settings a recipe checkpoint (read from ``path``) stores.
 
         Raises:
-            ValueError: It stores none, or settings of another version; in one line naming ``path``.
+            ValueError: It stores none, settings of another version, or settings out of range; in one line naming
+                ``path``.
         """
         stored = checkpoint.get('settings')
         if not isinstance(stored, dict) or stored.get('version') != RUN_SETTINGS_VERSION:
@@ -95,37 +81,26 @@ class RunSettings:
                                                                            f'{stored.get("version")!r}'
             raise ValueError(f'{path}: {found}, not those of version {RUN_SETTINGS_VERSION} that this sgdrop-zoo '
                              f'writes; train it again with this version of train/main.py')
-        names = {field.name for field in dataclasses.fields(cls)}
+        names = {field.name for field in dataclasses.fields(cls)} - {'sgdrop'} | set(SGDROP_SETTINGS)
         if set(stored) - {'version'} != names:
             raise ValueError(f'{path}: its run settings are not complete ({sorted(names - set(stored))} missing); '
                              f'pass an intact checkpoint')
         check_model_args(stored['model_kwargs'], path)
-        if stored['regularizer'] not in _OF_REGULARIZER:
+        if stored['regularizer'] not in REGULARIZERS:
             raise ValueError(f"{path}: its run settings name the regularizer {stored['regularizer']!r}, not one of "
-                             f"{', '.join(_OF_REGULARIZER)}; pass a checkpoint that train/main.py wrote")
-        sgdrop = {name: stored[name] for name in _SGDROP_SETTINGS if stored[name] is not None}
+                             f"{', '.join(REGULARIZERS)}; pass a checkpoint that train/main.py wrote")
         try:
-            check_sgdrop_settings(**sgdrop)
+            sgdrop = SGDropCfg.from_dict({name: stored[name] for name in SGDROP_SETTINGS})
         except (TypeError, ValueError) as e:
-            raise ValueError(f'{path}: its run settings hold an SGDrop setting out of range ({e})') from None
-        return cls(**{name: stored[name] for name in names})
-
-    def sgdrop_model_args(self) -> dict[str, Any]:
-        """The SGDrop constructor arguments of the run's regularizer; the paper's baselines have rho 0."""
-        if self.regularizer == 'sgdrop':
-            return dict(sgdrop_rho=self.sgdrop_rho, sgdrop_attribution=self.sgdrop_attribution,
-                        sgdrop_attribution_relu=self.sgdrop_attribution_relu, sgdrop_reference=self.sgdrop_reference,
-                        sgdrop_ema_decay=self.sgdrop_ema_decay,
-                        latent_drop_rate=0.0)
-        # online attribution keeps no EMA copy of the weights, which a run without SGDrop never reads
-        return dict(sgdrop_rho=0.0, sgdrop_attribution='online', sgdrop_attribution_relu='gradient',
-                    sgdrop_reference='zero',
-                    sgdrop_ema_decay=self.sgdrop_ema_decay,
-                    latent_drop_rate=self.latent_drop_rate if self.regularizer == 'dropout' else 0.0)
+            raise ValueError(f'{path}: its run settings hold an SGDrop setting out of range ({e}); pass a checkpoint '
+                             f'that train/main.py wrote') from None
+        return cls(sgdrop=sgdrop, **{name: stored[name] for name in names if name not in SGDROP_SETTINGS})
 
     def changed_run_settings(self, other: 'RunSettings') -> list[str]:
-        """The names of the run-defining settings that ``other`` changes (those of this run's regularizer, and the
-        number of epochs a rho curriculum spreads over)."""
-        curriculum = self.regularizer == 'sgdrop' and self.sgdrop_rho_end is not None
-        names = _RUN_DEFINING + _OF_REGULARIZER[self.regularizer] + (('epochs',) if curriculum else ())
-        return [name for name in names if getattr(self, name) != getattr(other, name)]
+        """The names of the run-defining settings that ``other`` changes (the SGDrop settings its regularizer trains
+        with, and the number of epochs a rho curriculum spreads over)."""
+        curriculum = self.sgdrop_cfg.sgdrop_rho_end is not None
+        changed = [name for name in _RUN_DEFINING + (('epochs',) if curriculum else ())
+                   if getattr(self, name) != getattr(other, name)]
+        return changed + [name for name in SGDROP_SETTINGS
+                          if getattr(self.sgdrop_cfg, name) != getattr(other.sgdrop_cfg, name)]

@@ -65,17 +65,21 @@ from torch.fx import _symbolic_trace as fx_symbolic_trace
 from timm.utils import ModelEmaV3, unwrap_model
 
 __all__ = [
-    'AttributionRelu', 'AttributionSource', 'LatentReference', 'LinearRhoSchedule', 'STEP_STAT_NAMES',
-    'SaliencyGuidedDropout', 'add_sgdrop', 'check_sgdrop_settings', 'dropped_attribution_share', 'is_sgdrop_model',
-    'latent_attribution', 'latent_reference', 'nonpositive_share', 'saliency_mask', 'sgdrop_model_args',
-    'true_class_logit_drop',
+    'AttributionRelu', 'AttributionSource', 'LatentReference', 'LinearRhoSchedule', 'MODEL_SGDROP_SETTINGS',
+    'PAPER_NAME', 'REGULARIZERS', 'SGDROP_SETTINGS', 'STEP_STAT_NAMES', 'SGDropCfg', 'SaliencyGuidedDropout',
+    'add_sgdrop', 'dropped_attribution_share', 'is_sgdrop_model', 'latent_attribution', 'latent_reference',
+    'nonpositive_share', 'saliency_mask', 'true_class_logit_drop',
 ]
 
+# the paper, as timm's pretrained cfgs name it (paper_name, paper_ids)
+PAPER_NAME = 'The Overfocusing Bias of Convolutional Neural Networks: A Saliency-Guided Regularization Approach'
 DEFAULT_RHO = 0.01
 DEFAULT_EMA_DECAY = 0.999
 # ModelEmaV3 warmup 1 - (1 + t / gamma) ** -power with gamma 10, power 1 gives decay (n - 1) / (n + 9) at update n.
 EMA_WARMUP_GAMMA = 10.0
 EMA_WARMUP_POWER = 1.0
+# what a run trains with: SGDrop, or one of the paper's baselines on the same latent features
+REGULARIZERS = ('sgdrop', 'dropout', 'none')
 # the per-sample diagnostics of every train-mode forward with a target, by name (``sgdrop_step_stats``)
 STEP_STAT_NAMES = ('dropped_attribution_share', 'nonpositive_feature_share', 'true_class_logit_drop',
                    'clean_logit_margin')
@@ -110,77 +114,133 @@ def _check_rho(rho: float, name: str = 'rho') -> float:
     return float(rho)
 
 
-def _check_attribution(source: Union[str, AttributionSource]) -> AttributionSource:
-    try:
-        return AttributionSource(source)
-    except ValueError:
-        choices = ', '.join(repr(s.value) for s in AttributionSource)
-        raise ValueError(f'Unknown sgdrop_attribution {source!r}: choose one of {choices}.') from None
+def _check_rho_end(rho: Optional[float], name: str) -> Optional[float]:
+    return None if rho is None else _check_rho(rho, name)
 
 
-def _check_attribution_relu(relu: Union[str, AttributionRelu]) -> AttributionRelu:
-    try:
-        return AttributionRelu(relu)
-    except ValueError:
-        choices = ', '.join(repr(s.value) for s in AttributionRelu)
-        raise ValueError(f'Unknown sgdrop_attribution_relu {relu!r}: choose one of {choices}.') from None
-
-
-def _check_reference(reference: Union[str, LatentReference]) -> LatentReference:
-    try:
-        return LatentReference(reference)
-    except ValueError:
-        choices = ', '.join(repr(s.value) for s in LatentReference)
-        raise ValueError(f'Unknown sgdrop_reference {reference!r}: choose one of {choices}.') from None
-
-
-def _check_ema_decay(decay: float) -> float:
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-        raise ValueError(f'sgdrop_ema_decay must be a float in [0, 1), e.g. {DEFAULT_EMA_DECAY}, got {decay!r}.')
-    return float(decay)
-
-
-def _check_drop_rate(rate: float) -> float:
+def _check_rate(rate: float, name: str) -> float:
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
-        raise ValueError(f'latent_drop_rate must be a float in [0, 1), got {rate!r}.')
+        raise ValueError(f'{name} must be a float in [0, 1), got {rate!r}.')
     return float(rate)
 
 
-_CHECKS: dict[str, Callable[[Any], Any]] = {
-    'sgdrop_rho': lambda rho: _check_rho(rho, 'sgdrop_rho'),
-    'sgdrop_rho_end': lambda rho: _check_rho(rho, 'sgdrop_rho_end'),  # the end of a curriculum (LinearRhoSchedule)
-    'sgdrop_attribution': _check_attribution,
-    'sgdrop_attribution_relu': _check_attribution_relu,
-    'sgdrop_reference': _check_reference,
-    'sgdrop_ema_decay': _check_ema_decay,
-    'latent_drop_rate': _check_drop_rate,
-}
+def _check_choice(choice_type: type[enum.Enum]) -> Callable[[Any, str], Any]:
+    def check(value: Any, name: str) -> Any:
+        try:
+            return choice_type(value)
+        except ValueError:
+            choices = ', '.join(repr(member.value) for member in choice_type)
+            raise ValueError(f'Unknown {name} {value!r}: choose one of {choices}.') from None
+    return check
 
 
-def check_sgdrop_settings(**settings: Any) -> dict[str, Any]:
-    """Check SGDrop settings by their names everywhere: the constructor's keywords, and ``sgdrop_rho_end``.
+_check_attribution = _check_choice(AttributionSource)
+_check_attribution_relu = _check_choice(AttributionRelu)
+_check_reference = _check_choice(LatentReference)
 
-    The models, ``add_sgdrop`` and the command lines all check with this, so that a value is judged by one rule, before
-    any work.
 
-    Returns:
-        The checked values (floats, an ``AttributionSource``, an ``AttributionRelu`` and a ``LatentReference``), by
-        name.
+def _setting(default: Any, check: Callable[[Any, str], Any], doc: str) -> Any:
+    return dataclasses.field(default=default, metadata={'check': check, 'doc': doc})
+
+
+@dataclasses.dataclass(frozen=True)
+class SGDropCfg:
+    """The SGDrop settings, checked when made: the one list of them and of their rules.
+
+    The names are those of the settings everywhere: the ``sgdrop_*`` models' constructor arguments, ``add_sgdrop``'s,
+    the recipe's flags (``--sgdrop-rho``) and the keys of records, exports and checkpoints. A model holds one without a
+    curriculum (``model_args()``); a record or a run holds the curriculum too.
 
     Raises:
         ValueError: A value out of its range, in one line naming the setting and its range.
-        TypeError: A value of the wrong type, or a name that is no SGDrop setting.
+        TypeError: A rho that is no number.
     """
-    unknown = sorted(set(settings) - set(_CHECKS))
-    if unknown:
-        raise TypeError(f'{", ".join(unknown)}: no SGDrop setting; the settings are {", ".join(_CHECKS)}.')
-    return {name: _CHECKS[name](value) for name, value in settings.items()}
+    sgdrop_rho: float = _setting(DEFAULT_RHO, _check_rho,
+                                 'Share of latent features dropped per sample, in [0, 1); the start of a curriculum. '
+                                 '0 disables SGDrop.')
+    sgdrop_rho_end: Optional[float] = _setting(None, _check_rho_end,
+                                               'The end of a curriculum (LinearRhoSchedule), None for a fixed rho.')
+    sgdrop_attribution: AttributionSource = _setting(
+        AttributionSource.EMA, _check_attribution,
+        "'ema' (the paper's), 'online' (the paper's \"w/o EMA\") or 'ema_head' (the EMA network's head on the online "
+        "latent).")
+    sgdrop_attribution_relu: AttributionRelu = _setting(
+        AttributionRelu.GRADIENT, _check_attribution_relu,
+        "'gradient' (the paper's, ReLU(d logit_y / d z) * z) or 'product' (ReLU(d logit_y / d z * z)).")
+    sgdrop_reference: LatentReference = _setting(
+        LatentReference.ZERO, _check_reference,
+        "'zero' (the paper's) or 'channel_mean': what z is attributed against and a dropped feature set to.")
+    sgdrop_ema_decay: float = _setting(DEFAULT_EMA_DECAY, _check_rate,
+                                       'Decay of the attribution EMA after its warmup, in [0, 1).')
+    latent_drop_rate: float = _setting(0.0, _check_rate,
+                                       "Dropout on the same latent features (the paper's Dropout baseline), 0 = off.")
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            object.__setattr__(self, field.name, field.metadata['check'](getattr(self, field.name), field.name))
+
+    @classmethod
+    def from_dict(cls, settings: dict[str, Any]) -> 'SGDropCfg':
+        """The settings recorded by name (a record's, an export's or a checkpoint's); those not recorded get the
+        method's defaults.
+
+        Raises:
+            TypeError: A name that is no SGDrop setting.
+        """
+        unknown = sorted(set(settings) - set(SGDROP_SETTINGS))
+        if unknown:
+            raise TypeError(f'{", ".join(unknown)}: no SGDrop setting; the settings are {", ".join(SGDROP_SETTINGS)}.')
+        return cls(**settings)
+
+    @classmethod
+    def of_record(cls, section: dict[str, Any]) -> 'SGDropCfg':
+        """What the ``sgdrop`` section of a ``hub_configs/`` record or a ``config.json`` trained with: the recorded
+        settings (the method's defaults for those not recorded, as for plain timm weights) as its ``regularizer``
+        trains (``of_regularizer``)."""
+        recorded = {name: section[name] for name in SGDROP_SETTINGS if section.get(name) is not None}
+        return cls(**recorded).of_regularizer(section.get('regularizer', 'sgdrop'))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain values, by name, as records, exports and checkpoints store them."""
+        return {name: value.value if isinstance(value, enum.Enum) else value
+                for name, value in dataclasses.asdict(self).items()}
+
+    def of_regularizer(self, regularizer: str) -> 'SGDropCfg':
+        """The settings a run of ``regularizer`` trains with: 'sgdrop' without latent dropout, or one of the paper's
+        baselines on the same latent, rho 0 with the online source ('dropout' keeps its rate, 'none' has none), which
+        keeps no EMA copy of the weights that nothing would read.
+
+        Raises:
+            ValueError: ``regularizer`` is none of 'sgdrop', 'dropout', 'none'.
+        """
+        if regularizer == 'sgdrop':
+            return dataclasses.replace(self, latent_drop_rate=0.0)
+        if regularizer not in REGULARIZERS:
+            raise ValueError(f"Unknown regularizer {regularizer!r}: choose one of {', '.join(REGULARIZERS)}.")
+        return SGDropCfg(sgdrop_rho=0.0, sgdrop_attribution=AttributionSource.ONLINE,
+                         latent_drop_rate=self.latent_drop_rate if regularizer == 'dropout' else 0.0)
+
+    def rho_schedule(self, num_epochs: int) -> 'LinearRhoSchedule':
+        """rho per epoch: the curriculum from ``sgdrop_rho`` to ``sgdrop_rho_end``, or ``sgdrop_rho`` throughout."""
+        return LinearRhoSchedule(self.sgdrop_rho, self.sgdrop_rho_end, num_epochs)
+
+    def model_args(self) -> dict[str, Any]:
+        """Constructor arguments of a model that trains on where these settings ended: a curriculum's model drops the
+        rho it ended at."""
+        ended = dataclasses.replace(self, sgdrop_rho=self.sgdrop_rho if self.sgdrop_rho_end is None
+                                    else self.sgdrop_rho_end, sgdrop_rho_end=None)
+        return {name: getattr(ended, name) for name in MODEL_SGDROP_SETTINGS}
+
+
+# the settings by name; a model drops one rho, so a curriculum's end is no model argument
+SGDROP_SETTINGS = tuple(field.name for field in dataclasses.fields(SGDropCfg))
+MODEL_SGDROP_SETTINGS = tuple(name for name in SGDROP_SETTINGS if name != 'sgdrop_rho_end')
 
 
 def latent_reference(features: torch.Tensor, reference: Union[str, LatentReference]) -> Optional[torch.Tensor]:
     """The reference r of ``features`` (B, C, ...): None for 'zero', the mean over channels (dim 1) at each sample and
     spatial position, broadcastable to ``features``, for 'channel_mean'."""
-    if _check_reference(reference) is LatentReference.ZERO:
+    if _check_reference(reference, 'sgdrop_reference') is LatentReference.ZERO:
         return None
     if features.dim() not in (2, 4):
         raise ValueError(f"sgdrop_reference='channel_mean' needs a latent of shape (B, C) or (B, C, H, W), got "
@@ -211,7 +271,7 @@ def latent_attribution(
         Attribution map in float32 (or the latent's own wider dtype), with the shape and memory format of
         ``features``.
     """
-    relu = _check_attribution_relu(relu)
+    relu = _check_attribution_relu(relu, 'sgdrop_attribution_relu')
     # in float32 at least, even under autocast: bf16 attributions tie, and ties at the threshold drop more than k
     latent = features.detach()
     if latent.dtype in (torch.float16, torch.bfloat16):
@@ -367,113 +427,34 @@ class SaliencyGuidedDropout:
         - while torch.fx, torch.jit or torch.export captures a graph: the base model in either mode, and
           ``torch.jit.script`` compiles the base class itself (see ``__prepare_scriptable__``).
 
-    Args:
-        sgdrop_rho: Share of latent features dropped per sample, in [0, 1). 0 disables SGDrop.
-        sgdrop_attribution: 'ema' (paper default), 'online' (the paper's "w/o EMA" variant) or 'ema_head' (the EMA
-            network's head on the online latent).
-        sgdrop_attribution_relu: 'gradient' (paper default, ReLU(d logit_y / d z) * z) or 'product'
-            (ReLU(d logit_y / d z * z), which can also select negative features of a signed latent).
-        sgdrop_reference: 'zero' (paper default) or 'channel_mean': what z is attributed against and a dropped
-            feature set to.
-        sgdrop_ema_decay: Decay of the EMA network (after warmup, see the module docstring).
-        latent_drop_rate: Standard dropout on the same latent features (the paper's Dropout baseline), 0 = off.
+    The SGDrop settings are ``SGDropCfg``'s, by the same names: constructor keywords (``sgdrop_rho=0.05``), read and
+    set on the model (``model.sgdrop_rho = 0.02``, checked), or whole as ``model.sgdrop_cfg``.
     """
 
-    def __init__(
-            self,
-            *args: Any,
-            sgdrop_rho: float = DEFAULT_RHO,
-            sgdrop_attribution: Union[str, AttributionSource] = AttributionSource.EMA,
-            sgdrop_attribution_relu: Union[str, AttributionRelu] = AttributionRelu.GRADIENT,
-            sgdrop_reference: Union[str, LatentReference] = LatentReference.ZERO,
-            sgdrop_ema_decay: float = DEFAULT_EMA_DECAY,
-            latent_drop_rate: float = 0.0,
-            **kwargs: Any,
-    ):
-        # validate before building the network: a bad setting should not cost a full model init
-        settings = check_sgdrop_settings(sgdrop_rho=sgdrop_rho, sgdrop_attribution=sgdrop_attribution,
-                                         sgdrop_attribution_relu=sgdrop_attribution_relu,
-                                         sgdrop_reference=sgdrop_reference, sgdrop_ema_decay=sgdrop_ema_decay,
-                                         latent_drop_rate=latent_drop_rate)
+    def __init__(self, *args: Any, **kwargs: Any):
+        # checked before the network is built: a bad setting should not cost a full model init
+        cfg = _pop_sgdrop_cfg(kwargs)
         super().__init__(*args, **kwargs)
-        self._init_sgdrop(**settings)
+        self._init_sgdrop(cfg)
 
-    def _init_sgdrop(
-            self,
-            sgdrop_rho: float,
-            sgdrop_attribution: AttributionSource,
-            sgdrop_attribution_relu: AttributionRelu,
-            sgdrop_reference: LatentReference,
-            sgdrop_ema_decay: float,
-            latent_drop_rate: float,
-    ) -> None:
-        self._sgdrop_rho, self._sgdrop_attribution = sgdrop_rho, sgdrop_attribution
-        self._sgdrop_attribution_relu, self._sgdrop_reference = sgdrop_attribution_relu, sgdrop_reference
-        self._sgdrop_ema_decay, self._sgdrop_latent_drop_rate = sgdrop_ema_decay, latent_drop_rate
+    def _init_sgdrop(self, cfg: SGDropCfg) -> None:
+        self._sgdrop_cfg = cfg
         self._sgdrop_state = _SGDropState()
 
     @property
-    def sgdrop_rho(self) -> float:
-        return self._sgdrop_rho
+    def sgdrop_cfg(self) -> SGDropCfg:
+        """The model's SGDrop settings (a fixed rho: a curriculum sets ``sgdrop_rho`` each epoch)."""
+        return self._sgdrop_cfg
 
-    @sgdrop_rho.setter
-    def sgdrop_rho(self, rho: float) -> None:
-        self._sgdrop_rho = _check_rho(rho, 'sgdrop_rho')
-
-    @property
-    def sgdrop_attribution(self) -> AttributionSource:
-        return self._sgdrop_attribution
-
-    @sgdrop_attribution.setter
-    def sgdrop_attribution(self, source: Union[str, AttributionSource]) -> None:
-        self._sgdrop_attribution = _check_attribution(source)
-
-    @property
-    def sgdrop_attribution_relu(self) -> AttributionRelu:
-        return self._sgdrop_attribution_relu
-
-    @sgdrop_attribution_relu.setter
-    def sgdrop_attribution_relu(self, relu: Union[str, AttributionRelu]) -> None:
-        self._sgdrop_attribution_relu = _check_attribution_relu(relu)
-
-    @property
-    def sgdrop_reference(self) -> LatentReference:
-        return self._sgdrop_reference
-
-    @sgdrop_reference.setter
-    def sgdrop_reference(self, reference: Union[str, LatentReference]) -> None:
-        self._sgdrop_reference = _check_reference(reference)
-
-    @property
-    def sgdrop_ema_decay(self) -> float:
-        return self._sgdrop_ema_decay
-
-    @sgdrop_ema_decay.setter
-    def sgdrop_ema_decay(self, decay: float) -> None:
-        self._sgdrop_ema_decay = _check_ema_decay(decay)
-
-    @property
-    def latent_drop_rate(self) -> float:
-        return self._sgdrop_latent_drop_rate
-
-    @latent_drop_rate.setter
-    def latent_drop_rate(self, rate: float) -> None:
-        self._sgdrop_latent_drop_rate = _check_drop_rate(rate)
-
-    @property
-    def sgdrop_config(self) -> dict[str, Any]:
-        """The SGDrop settings as plain values, for logs, checkpoints and model cards."""
-        return dict(
-            sgdrop_rho=self.sgdrop_rho,
-            sgdrop_attribution=self.sgdrop_attribution.value,
-            sgdrop_attribution_relu=self.sgdrop_attribution_relu.value,
-            sgdrop_reference=self.sgdrop_reference.value,
-            sgdrop_ema_decay=self.sgdrop_ema_decay,
-            latent_drop_rate=self.latent_drop_rate,
-        )
+    @sgdrop_cfg.setter
+    def sgdrop_cfg(self, cfg: SGDropCfg) -> None:
+        if not isinstance(cfg, SGDropCfg) or cfg.sgdrop_rho_end is not None:
+            raise TypeError(f'sgdrop_cfg must be an SGDropCfg without sgdrop_rho_end, got {cfg!r}.')
+        self._sgdrop_cfg = cfg
 
     def extra_repr(self) -> str:
-        settings = ', '.join(f'{key}={value}' for key, value in self.sgdrop_config.items())
+        settings = ', '.join(f'{name}={value}' for name, value in self.sgdrop_cfg.to_dict().items()
+                             if name in MODEL_SGDROP_SETTINGS)
         base = super().extra_repr()
         return f'{base}, {settings}' if base else settings
 
@@ -701,6 +682,29 @@ class SaliencyGuidedDropout:
         return scriptable
 
 
+def _sgdrop_setting(name: str) -> property:
+    """``model.<name>``: the setting of the model's ``sgdrop_cfg``; setting it checks the value by ``SGDropCfg``'s
+    rule and replaces the model's cfg."""
+    def get(self: SaliencyGuidedDropout) -> Any:
+        return getattr(self._sgdrop_cfg, name)
+
+    def set_(self: SaliencyGuidedDropout, value: Any) -> None:
+        self._sgdrop_cfg = dataclasses.replace(self._sgdrop_cfg, **{name: value})
+    return property(get, set_, doc=SGDropCfg.__dataclass_fields__[name].metadata['doc'])
+
+
+for _name in MODEL_SGDROP_SETTINGS:
+    setattr(SaliencyGuidedDropout, _name, _sgdrop_setting(_name))
+
+
+def _pop_sgdrop_cfg(kwargs: dict[str, Any]) -> SGDropCfg:
+    """The SGDrop settings among a model's keyword arguments, taken out of them and checked."""
+    if 'sgdrop_rho_end' in kwargs:
+        raise TypeError('sgdrop_rho_end is no model argument: a model drops one rho, and a curriculum belongs to its '
+                        'training (LinearRhoSchedule); SGDropCfg.model_args() gives the rho a curriculum ended at.')
+    return SGDropCfg(**{name: kwargs.pop(name) for name in MODEL_SGDROP_SETTINGS if name in kwargs})
+
+
 def _base_architecture(cls: type[nn.Module]) -> type[nn.Module]:
     """The class after ``SaliencyGuidedDropout`` in the MRO: ``ResNet`` for ``SGDropResNet``."""
     mro = cls.__mro__
@@ -714,33 +718,35 @@ def _base_architecture(cls: type[nn.Module]) -> type[nn.Module]:
 
 @functools.lru_cache(maxsize=None)
 def _sgdrop_class(base: type[nn.Module]) -> type[nn.Module]:
-    return type(f'SGDrop{base.__name__}', (SaliencyGuidedDropout, base), {'__doc__': base.__doc__})
+    return type(f'SGDrop{base.__name__}', (SaliencyGuidedDropout, base),
+                {'__doc__': base.__doc__, '_sgdrop_base': base, '__reduce_ex__': _reduce_added_sgdrop})
 
 
-def add_sgdrop(
-        model: nn.Module,
-        sgdrop_rho: float = DEFAULT_RHO,
-        sgdrop_attribution: Union[str, AttributionSource] = AttributionSource.EMA,
-        sgdrop_attribution_relu: Union[str, AttributionRelu] = AttributionRelu.GRADIENT,
-        sgdrop_reference: Union[str, LatentReference] = LatentReference.ZERO,
-        sgdrop_ema_decay: float = DEFAULT_EMA_DECAY,
-        latent_drop_rate: float = 0.0,
-) -> nn.Module:
+def _reduce_added_sgdrop(self: nn.Module, protocol: int) -> tuple:
+    # add_sgdrop's classes are made at run time, where pickle (torch.save(model)) cannot find them by name: an
+    # instance unpickles as a new one of the class made for its base architecture, then takes its state
+    return (_new_added_sgdrop, (type(self)._sgdrop_base,), *object.__reduce_ex__(self, protocol)[2:])
+
+
+def _new_added_sgdrop(base: type[nn.Module]) -> nn.Module:
+    cls = _sgdrop_class(base)
+    return cls.__new__(cls)
+
+
+def add_sgdrop(model: nn.Module, **settings: Any) -> nn.Module:
     """Give any built timm classifier SGDrop training, in place; weights and state-dict keys are unchanged.
 
     Args:
         model: A classifier with ``forward_features`` and ``forward_head`` (every timm CNN has them).
-        sgdrop_rho: Share of latent features dropped per sample.
-        sgdrop_attribution: 'ema', 'online' or 'ema_head'.
-        sgdrop_attribution_relu: 'gradient' (the paper's rule) or 'product'.
-        sgdrop_reference: 'zero' (the paper's) or 'channel_mean'.
-        sgdrop_ema_decay: EMA decay after warmup.
-        latent_drop_rate: Dropout on the latent features (the Dropout baseline), 0 = off.
-
-    The keywords are the ``sgdrop_*`` models' constructor arguments, the names the settings have everywhere.
+        **settings: ``SGDropCfg``'s settings by name but ``sgdrop_rho_end`` (``sgdrop_rho=0.05``,
+            ``**cfg.model_args()``), the ``sgdrop_*`` models' constructor arguments; the others get their defaults.
 
     Returns:
-        The same model object, now an instance of ``SaliencyGuidedDropout``.
+        The same model object, now an instance of ``SaliencyGuidedDropout`` (it pickles, and ``torch.save(model)``
+        loads back).
+
+    Raises:
+        TypeError: ``model`` has no timm-style encoder and head, or a keyword is no SGDrop setting.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f'add_sgdrop expects an nn.Module, got {type(model).__name__}.')
@@ -749,35 +755,14 @@ def add_sgdrop(
         raise TypeError(
             f'{type(model).__name__} has no {", ".join(missing)}: SGDrop needs a timm-style classifier split into '
             f'forward_features (encoder) and forward_head (classifier).')
-    settings = check_sgdrop_settings(sgdrop_rho=sgdrop_rho, sgdrop_attribution=sgdrop_attribution,
-                                     sgdrop_attribution_relu=sgdrop_attribution_relu,
-                                     sgdrop_reference=sgdrop_reference, sgdrop_ema_decay=sgdrop_ema_decay,
-                                     latent_drop_rate=latent_drop_rate)  # before any change
+    cfg = _pop_sgdrop_cfg(settings)  # before any change
+    if settings:
+        raise TypeError(f'{", ".join(sorted(settings))}: no SGDrop setting; the settings are '
+                        f'{", ".join(MODEL_SGDROP_SETTINGS)}.')
     if not isinstance(model, SaliencyGuidedDropout):
         model.__class__ = _sgdrop_class(type(model))
-    model._init_sgdrop(**settings)
+    model._init_sgdrop(cfg)
     return model
-
-
-def sgdrop_model_args(settings: dict[str, Any]) -> dict[str, Any]:
-    """SGDrop constructor arguments reproducing recorded training settings (the paper's baselines have rho 0).
-
-    The one rule from what a ``hub_configs/`` record or a ``config.json`` records (its ``sgdrop`` section) to model
-    arguments, for the tag path and ``load_sgdrop_model`` alike. Settings that were not recorded (plain timm weights)
-    get the method's defaults. A checkpoint trained with a rho curriculum drops the rho its training ended at: the
-    record keeps the curriculum, the model trains on from where it stopped.
-    """
-    regularizer = settings.get('regularizer', 'sgdrop')
-    rho_end = settings.get('sgdrop_rho_end')
-    return dict(
-        sgdrop_rho=(rho_end if rho_end is not None else settings.get('sgdrop_rho', DEFAULT_RHO))
-        if regularizer == 'sgdrop' else 0.0,
-        sgdrop_attribution=settings.get('sgdrop_attribution', 'ema'),
-        sgdrop_attribution_relu=settings.get('sgdrop_attribution_relu', 'gradient'),
-        sgdrop_reference=settings.get('sgdrop_reference', 'zero'),
-        sgdrop_ema_decay=settings.get('sgdrop_ema_decay', DEFAULT_EMA_DECAY),
-        latent_drop_rate=(settings.get('latent_drop_rate') or 0.0) if regularizer == 'dropout' else 0.0,
-    )
 
 
 def is_sgdrop_model(model: nn.Module) -> bool:

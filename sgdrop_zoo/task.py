@@ -4,7 +4,7 @@ timm's ``ClassificationTask`` calls ``model(input)``, so an SGDrop model would t
 warn once). ``SGDropClassificationTask`` passes the labels, ``model(input, target=target)``, and advances the model's
 attribution EMA in ``update_ema()``, which a ``timm.task`` training loop calls after each optimizer step.
 
-Needs a timm with ``timm.task``; ``import sgdrop_zoo`` does not import this module, so older timm versions still work.
+``sgdrop_zoo.SGDropClassificationTask`` (every timm release this package supports has ``timm.task``).
 """
 from typing import Any, Optional
 

@@ -22,6 +22,7 @@ from sgdrop_zoo.loading import check_output_is_not_source, load_model, split_enc
 from sgdrop_zoo.pretrained import HUB_CONFIGS_ENV, hub_configs_dir, packaged_hub_configs_dir
 from sgdrop_zoo.run_files import RunFileError
 from sgdrop_zoo.run_settings import RunSettings
+from sgdrop_zoo.sgdrop import SGDropCfg
 
 from conftest import SMALL_CLASSES, folder_held_by_another_process, make_image_folder
 
@@ -108,9 +109,8 @@ def test_evaluate_needs_the_checkpoint_classes(small_data: Path, source_dir: Pat
 
 
 # what train/main.py stores in its checkpoints of a run of ARCH
-RUN_SETTINGS = RunSettings(arch=ARCH, model_kwargs={}, regularizer='sgdrop', sgdrop_rho=0.01, sgdrop_rho_end=None,
-                           sgdrop_attribution='ema', sgdrop_attribution_relu='gradient', sgdrop_reference='zero',
-                           sgdrop_ema_decay=0.999, latent_drop_rate=0.0, image_size=32, train_transform='resize',
+RUN_SETTINGS = RunSettings(arch=ARCH, model_kwargs={}, regularizer='sgdrop', sgdrop=SGDropCfg(), image_size=32,
+                           train_transform='resize',
                            optimizer='adam', lr=1e-4, epochs=1, batch_size=8, seed=0, data='data', train_subset=0,
                            train_subset_per_class=0, holdout_per_class=0)
 

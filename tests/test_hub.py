@@ -36,6 +36,7 @@ from sgdrop_zoo.hub import load_sgdrop_model, publish_checkpoint
 from sgdrop_zoo.loading import load_model
 from sgdrop_zoo.model_card import render_model_card
 from sgdrop_zoo.run_settings import RunSettings
+from sgdrop_zoo.sgdrop import SGDropCfg
 from sgdrop_zoo.pretrained import (
     HubError,
     hub_configs_dir,
@@ -166,7 +167,8 @@ def export_dir(tmp_path_factory) -> Path:
         model.update_ema()
     out = tmp_path_factory.mktemp('run')
     training = dict(epoch=3, val_acc1=66.667, data='/data/tiny-pets', optimizer='sgd', lr=0.1, epochs=3)
-    save_export(model.eval(), out, LABELS, 32, 'resize', 'sgdrop', training)  # the writer of the recipe's export
+    # the writer of the recipe's export
+    save_export(model.eval(), out, LABELS, 32, 'resize', 'sgdrop', model.sgdrop_cfg, training)
     return out
 
 
@@ -237,7 +239,7 @@ def test_registry_tag_downloads_checks_and_adapts(published, export_dir, olah, t
         cfg = model.pretrained_cfg
         print(json.dumps(dict(names=names, identical=identical, body_kept=body_kept, head=adapted.num_classes,
                               rho=model.sgdrop_rho, cfg={{k: cfg[k] for k in ("hf_hub_id", "input_size", "mean",
-                              "crop_pct", "interpolation", "num_classes", "label_names")}})))
+                              "crop_pct", "crop_mode", "interpolation", "num_classes", "label_names")}})))
     """
     env = hub_env(olah, tmp_path / 'hf', SGDROP_ZOO_HUB_CONFIGS=str(configs))
     result = run_python(code, env)
@@ -246,8 +248,8 @@ def test_registry_tag_downloads_checks_and_adapts(published, export_dir, olah, t
     assert out['names'] == ['sgdrop_convnext_tiny.pets']
     assert out['identical'] and out['body_kept'] and out['head'] == 5
     assert out['cfg'] == dict(hf_hub_id=published['hf_hub_id'], input_size=[3, 32, 32],
-                              mean=list(published['mean']), crop_pct=1.0, interpolation='bilinear', num_classes=3,
-                              label_names=LABELS)
+                              mean=list(published['mean']), crop_pct=1.0, crop_mode='squash',
+                              interpolation='bilinear', num_classes=3, label_names=LABELS)
     # the cache now serves the tag offline, still checked
     offline = run_python(code, dict(env, HF_HUB_OFFLINE='1', HF_ENDPOINT='http://127.0.0.1:9'))
     assert offline.returncode == 0, offline.stderr
@@ -271,7 +273,7 @@ def test_dry_run_writes_the_repo_folder_and_loads_locally(export_dir, tmp_path):
     assert type(plain).__name__ == 'ConvNeXt'
     from sgdrop_zoo.hub import load_sgdrop_model
     model = load_sgdrop_model(f'local-dir:{target}', num_classes=4)
-    assert model.sgdrop_config['sgdrop_rho'] == 0.05 and model.sgdrop_config['sgdrop_ema_decay'] == 0.99
+    assert (model.sgdrop_rho, model.sgdrop_ema_decay) == (0.05, 0.99)
     assert model.num_classes == 4
 
 
@@ -338,6 +340,10 @@ def test_hub_configs_errors_name_the_file(tmp_path, published):
         load_hub_configs(tmp_path)
     (tmp_path / 'bad.json').write_text(json.dumps({k: v for k, v in published.items() if k != 'sha256'}))
     with pytest.raises(ValueError, match=r'bad.json: missing or mistyped fields sha256'):
+        load_hub_configs(tmp_path)
+    # how the top-1 was measured is part of a record: timm's default center crop would measure another model
+    (tmp_path / 'bad.json').write_text(json.dumps({k: v for k, v in published.items() if k != 'crop_mode'}))
+    with pytest.raises(ValueError, match=r'bad.json: missing or mistyped fields crop_mode \(str\)'):
         load_hub_configs(tmp_path)
     for local_dir in ('../outside', '/etc', 'a/b', '..'):
         (tmp_path / 'bad.json').write_text(json.dumps(dict(published, local_dir=local_dir)))
@@ -510,11 +516,9 @@ def test_publish_rejects_bad_input_and_writes_nothing(export_dir, tmp_path):
 
 
 # what train/main.py stores in a checkpoint of a 2-class, 64 px SGDrop run
-RUN_SETTINGS = RunSettings(arch='test_convnext', model_kwargs={}, regularizer='sgdrop', sgdrop_rho=0.01,
-                           sgdrop_rho_end=None, sgdrop_attribution='ema', sgdrop_attribution_relu='gradient',
-                           sgdrop_reference='zero', sgdrop_ema_decay=0.999, latent_drop_rate=0.0, image_size=64,
-                           train_transform='resize', optimizer='adam', lr=1e-4, epochs=1, batch_size=64, seed=0,
-                           data='/data/ab', train_subset=0, train_subset_per_class=0, holdout_per_class=0)
+RUN_SETTINGS = RunSettings(arch='test_convnext', model_kwargs={}, regularizer='sgdrop', sgdrop=SGDropCfg(),
+                           image_size=64, train_transform='resize', optimizer='adam', lr=1e-4, epochs=1, batch_size=64,
+                           seed=0, data='/data/ab', train_subset=0, train_subset_per_class=0, holdout_per_class=0)
 
 
 def test_publish_from_a_recipe_checkpoint(tmp_path, capsys):
@@ -574,7 +578,7 @@ def test_load_sgdrop_model_from_plain_timm_weights_uses_the_method_defaults(tmp_
     plain = timm.create_model('resnet18', num_classes=3)
     save_for_hf(plain, tmp_path / 'plain', safe_serialization=True)
     model = load_sgdrop_model(f'local-dir:{tmp_path / "plain"}')
-    assert is_sgdrop_model(model) and model.sgdrop_config['sgdrop_rho'] == 0.01
+    assert is_sgdrop_model(model) and model.sgdrop_cfg.model_args()['sgdrop_rho'] == 0.01
     assert all(torch.equal(model.state_dict()[k], v) for k, v in plain.state_dict().items())
 
 

@@ -159,7 +159,7 @@ def test_forward_intermediates_match_base(name):
 def test_sgdrop_kwargs_reach_the_model():
     model = timm.create_model(
         'sgdrop_vgg_tiny', num_classes=3, sgdrop_rho=0.02, sgdrop_attribution='online', sgdrop_ema_decay=0.99)
-    assert model.sgdrop_config == dict(
+    assert model.sgdrop_cfg.model_args() == dict(
         sgdrop_rho=0.02, sgdrop_attribution='online', sgdrop_attribution_relu='gradient', sgdrop_reference='zero',
         sgdrop_ema_decay=0.99, latent_drop_rate=0.0)
     with pytest.raises(ValueError, match="choose one of 'ema', 'online', 'ema_head'"):

@@ -1124,7 +1124,7 @@ def test_nothing_that_is_not_finite_is_exported(tmp_path: Path):
     with torch.no_grad():
         model.head.fc.weight[0, 0] = float('nan')
     with pytest.raises(ValueError, match='head.fc.weight holds NaN or infinite values'):
-        save_export(model, tmp_path, ['a', 'b', 'c'], 32, 'resize', 'sgdrop', {})
+        save_export(model, tmp_path, ['a', 'b', 'c'], 32, 'resize', 'sgdrop', model.sgdrop_cfg, {})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -1219,7 +1219,7 @@ def test_regularizer_builds_the_paper_baselines_on_any_timm_arch(arch: str, regu
     args = recipe.parse_args(['data', '-a', arch, '--regularizer', regularizer, '--latent-drop-rate', '0.3'])
     model = recipe.create_model(args, num_classes=3)
     assert sgdrop_zoo.is_sgdrop_model(model)
-    assert (model.sgdrop_rho, model.latent_drop_rate, model.sgdrop_config['sgdrop_attribution']) == (
+    assert (model.sgdrop_rho, model.latent_drop_rate, model.sgdrop_cfg.model_args()['sgdrop_attribution']) == (
         rho, drop_rate, attribution)
     assert model.num_classes == 3
 

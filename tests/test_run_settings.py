@@ -4,10 +4,12 @@ import dataclasses
 import pytest
 
 from sgdrop_zoo.run_settings import RUN_SETTINGS_VERSION, RunSettings
+from sgdrop_zoo.sgdrop import SGDropCfg
 
-SETTINGS = RunSettings(arch='sgdrop_vgg11', model_kwargs={'mlp_ratio': 0.03125}, regularizer='sgdrop', sgdrop_rho=0.0,
-                       sgdrop_rho_end=0.025, sgdrop_attribution='ema', sgdrop_attribution_relu='gradient',
-                       sgdrop_reference='zero', sgdrop_ema_decay=0.999, latent_drop_rate=0.5, image_size=128,
+SGDROP = SGDropCfg(sgdrop_rho=0.0, sgdrop_rho_end=0.025, sgdrop_attribution='ema', sgdrop_attribution_relu='gradient',
+                   sgdrop_reference='zero', sgdrop_ema_decay=0.999, latent_drop_rate=0.5)
+SETTINGS = RunSettings(arch='sgdrop_vgg11', model_kwargs={'mlp_ratio': 0.03125}, regularizer='sgdrop', sgdrop=SGDROP,
+                       image_size=128,
                        train_transform='resize', optimizer='adam', lr=1e-4, epochs=20, batch_size=64, seed=1,
                        data='../shared/data/imagenette', train_subset=0, train_subset_per_class=150,
                        holdout_per_class=100)
@@ -36,25 +38,36 @@ def test_a_checkpoint_without_these_settings_is_refused_in_one_line(checkpoint: 
         RunSettings.from_checkpoint(checkpoint, 'c.pth.tar')
 
 
-def test_sgdrop_arguments_of_each_regularizer():
-    assert SETTINGS.sgdrop_model_args() == dict(sgdrop_rho=0.0, sgdrop_attribution='ema',
-                                                sgdrop_attribution_relu='gradient', sgdrop_reference='zero',
-                                                sgdrop_ema_decay=0.999, latent_drop_rate=0.0)
-    # the baselines: rho 0, online (no EMA copy); dropout keeps its rate
+def test_a_checkpoint_stores_the_sgdrop_settings_by_their_names():
+    stored = SETTINGS.to_dict()
+    assert {name: stored[name] for name in ('sgdrop_rho', 'sgdrop_rho_end', 'sgdrop_attribution', 'latent_drop_rate')} \
+        == dict(sgdrop_rho=0.0, sgdrop_rho_end=0.025, sgdrop_attribution='ema', latent_drop_rate=0.5)
+    assert 'sgdrop' not in stored
+
+
+def test_the_sgdrop_settings_each_regularizer_trains_with():
+    # SGDrop: the settings as given without the latent dropout, the curriculum kept; its model drops where it ended
+    assert SETTINGS.sgdrop_cfg == dataclasses.replace(SGDROP, latent_drop_rate=0.0)
+    assert SETTINGS.sgdrop_cfg.model_args() == dict(sgdrop_rho=0.025, sgdrop_attribution='ema',
+                                                    sgdrop_attribution_relu='gradient', sgdrop_reference='zero',
+                                                    sgdrop_ema_decay=0.999, latent_drop_rate=0.0)
+    # the baselines: rho 0, online (no EMA copy), the method's defaults; dropout keeps its rate
     dropout = dataclasses.replace(SETTINGS, regularizer='dropout')
-    assert dropout.sgdrop_model_args() == dict(sgdrop_rho=0.0, sgdrop_attribution='online',
-                                               sgdrop_attribution_relu='gradient', sgdrop_reference='zero',
-                                               sgdrop_ema_decay=0.999, latent_drop_rate=0.5)
-    assert dataclasses.replace(SETTINGS, regularizer='none').sgdrop_model_args()['latent_drop_rate'] == 0.0
+    assert dropout.sgdrop_cfg.model_args() == dict(sgdrop_rho=0.0, sgdrop_attribution='online',
+                                                   sgdrop_attribution_relu='gradient', sgdrop_reference='zero',
+                                                   sgdrop_ema_decay=0.999, latent_drop_rate=0.5)
+    assert dataclasses.replace(SETTINGS, regularizer='none').sgdrop_cfg.model_args()['latent_drop_rate'] == 0.0
 
 
 def test_the_settings_a_resume_may_not_change():
     # SETTINGS is a curriculum, whose rho per epoch depends on the number of epochs; a fixed rho's does not
     assert SETTINGS.changed_run_settings(dataclasses.replace(SETTINGS, epochs=40, lr=1e-3, seed=2)) == ['epochs']
-    fixed = dataclasses.replace(SETTINGS, sgdrop_rho=0.01, sgdrop_rho_end=None)
+    fixed = dataclasses.replace(SETTINGS, sgdrop=dataclasses.replace(SGDROP, sgdrop_rho=0.01, sgdrop_rho_end=None))
     assert fixed.changed_run_settings(dataclasses.replace(fixed, epochs=40, lr=1e-3, seed=2)) == []
-    changed = dataclasses.replace(SETTINGS, image_size=64, sgdrop_rho_end=0.05, holdout_per_class=0)
+    changed = dataclasses.replace(SETTINGS, image_size=64, sgdrop=dataclasses.replace(SGDROP, sgdrop_rho_end=0.05),
+                                  holdout_per_class=0)
     assert SETTINGS.changed_run_settings(changed) == ['image_size', 'holdout_per_class', 'sgdrop_rho_end']
     # a vanilla run has no SGDrop settings to keep
     vanilla = dataclasses.replace(SETTINGS, regularizer='none')
-    assert vanilla.changed_run_settings(dataclasses.replace(vanilla, sgdrop_rho=0.5)) == []
+    assert vanilla.changed_run_settings(
+        dataclasses.replace(vanilla, sgdrop=dataclasses.replace(SGDROP, sgdrop_rho=0.5))) == []

@@ -1,12 +1,14 @@
 """The SGDrop method against hand-computed references (sgdrop_zoo/sgdrop.py)."""
 import copy
+import dataclasses
+import io
 
 import pytest
 import timm
 import torch
 import torch.nn as nn
 
-from sgdrop_zoo import AttributionSource, LinearRhoSchedule, add_sgdrop, is_sgdrop_model, saliency_mask
+from sgdrop_zoo import AttributionSource, LinearRhoSchedule, SGDropCfg, add_sgdrop, is_sgdrop_model, saliency_mask
 from sgdrop_zoo.sgdrop import (STEP_STAT_NAMES, dropped_attribution_share, latent_attribution, latent_reference,
                                nonpositive_share, num_dropped_features)
 
@@ -108,7 +110,7 @@ def test_product_attribution_reaches_negative_features_of_a_signed_latent():
     model = reference_model(rho=0.5, sgdrop_attribution_relu='product')
     # W @ (z * keep): sample 0 W @ [0, -1, 0, -4] = [1, -7, -5]; sample 1 W @ [1, 0, 0, 0] = [1, 0, -1]
     assert torch.equal(model(SIGNED_LATENT.clone(), target=LABELS), torch.tensor([[1., -7., -5.], [1., 0., -1.]]))
-    assert model.sgdrop_config['sgdrop_attribution_relu'] == 'product'
+    assert model.sgdrop_cfg.model_args()['sgdrop_attribution_relu'] == 'product'
     with pytest.raises(ValueError, match="Unknown sgdrop_attribution_relu 'sign': choose one of 'gradient', 'product'"):
         reference_model(sgdrop_attribution_relu='sign')
 
@@ -413,6 +415,66 @@ def test_add_sgdrop_with_bad_settings_leaves_the_model_untouched():
     assert type(model) is ReferenceClassifier
 
 
+def test_the_settings_are_one_checked_object():
+    cfg = SGDropCfg(sgdrop_rho=0.0, sgdrop_rho_end=0.025, sgdrop_attribution='ema_head', latent_drop_rate=0.5)
+    assert cfg.sgdrop_attribution is AttributionSource.EMA_HEAD and cfg.sgdrop_rho == 0.0
+    assert SGDropCfg.from_dict(cfg.to_dict()) == cfg
+    assert cfg.to_dict()['sgdrop_attribution'] == 'ema_head'
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.sgdrop_rho = 0.5
+    with pytest.raises(TypeError, match='sgdrop_p: no SGDrop setting; the settings are sgdrop_rho, sgdrop_rho_end'):
+        SGDropCfg.from_dict({'sgdrop_p': 0.1})
+    with pytest.raises(ValueError, match=r'sgdrop_rho_end must be in \[0, 1\)'):
+        SGDropCfg(sgdrop_rho_end=1.0)
+    # a curriculum's model drops the rho it ended at; SGDrop runs without the dropout baseline's rate
+    sgdrop = cfg.of_regularizer('sgdrop')
+    assert sgdrop.model_args() == dict(sgdrop_rho=0.025, sgdrop_attribution=AttributionSource.EMA_HEAD,
+                                       sgdrop_attribution_relu='gradient', sgdrop_reference='zero',
+                                       sgdrop_ema_decay=0.999, latent_drop_rate=0.0)
+    assert [sgdrop.rho_schedule(3)(epoch) for epoch in range(3)] == [0.0, 0.0125, 0.025]
+    # the paper's baselines: rho 0 and no EMA to keep, whatever was recorded beside them
+    assert cfg.of_regularizer('dropout') == SGDropCfg(sgdrop_rho=0.0, sgdrop_attribution='online', latent_drop_rate=0.5)
+    assert cfg.of_regularizer('none') == SGDropCfg(sgdrop_rho=0.0, sgdrop_attribution='online')
+    with pytest.raises(ValueError, match="Unknown regularizer 'mixup': choose one of sgdrop, dropout, none"):
+        cfg.of_regularizer('mixup')
+    # a record: its regularizer's settings, the defaults for what it does not record
+    assert SGDropCfg.of_record({'regularizer': 'sgdrop', 'sgdrop_rho': 0.1, 'architecture': 'x'}) == \
+        SGDropCfg(sgdrop_rho=0.1)
+
+
+def test_a_model_holds_the_settings_and_checks_each_change():
+    model = add_sgdrop(ReferenceClassifier(), sgdrop_rho=0.25)
+    assert model.sgdrop_cfg == SGDropCfg(sgdrop_rho=0.25)
+    model.sgdrop_attribution = 'online'
+    assert model.sgdrop_cfg == SGDropCfg(sgdrop_rho=0.25, sgdrop_attribution='online')
+    with pytest.raises(ValueError, match=r'sgdrop_rho must be in \[0, 1\)'):
+        model.sgdrop_rho = 1.5
+    assert model.sgdrop_rho == 0.25
+    with pytest.raises(TypeError, match='sgdrop_rho_end is no model argument'):
+        add_sgdrop(ReferenceClassifier(), sgdrop_rho_end=0.1)
+    with pytest.raises(TypeError, match='sgdrop_cfg must be an SGDropCfg without sgdrop_rho_end'):
+        model.sgdrop_cfg = SGDropCfg(sgdrop_rho_end=0.1)
+    with pytest.raises(TypeError, match='sgdrop_p: no SGDrop setting'):
+        add_sgdrop(ReferenceClassifier(), sgdrop_p=0.1)
+
+
+def test_a_whole_model_made_by_add_sgdrop_saves_and_loads_back():
+    model = add_sgdrop(timm.create_model('resnet10t', num_classes=3), sgdrop_rho=0.05, sgdrop_attribution='ema_head')
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
+    model.train()(x, target=y)
+    model.update_ema()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    assert type(loaded) is type(model) and loaded.sgdrop_cfg == model.sgdrop_cfg and loaded.ema_updates == 1
+    assert all(torch.equal(a, b) for a, b in zip(loaded.ema_model.state_dict().values(),
+                                                 model.ema_model.state_dict().values()))
+    torch.manual_seed(0)
+    expected = model(x, target=y)
+    torch.manual_seed(0)
+    assert torch.equal(loaded(x, target=y), expected)
+
+
 def test_add_sgdrop_on_a_plain_timm_model():
     base = timm.create_model('resnet18', num_classes=4)
     keys = list(base.state_dict())
@@ -530,7 +592,7 @@ def test_channel_mean_reference_matches_hand_computation():
     # a linear head on a ReLU latent: the mask moves only features whose move to r lowers the true-class logit, by
     # exactly their attribution (clean 7 and 11, masked 5.5 and 3.5)
     assert torch.equal(model.sgdrop_step_stats['true_class_logit_drop'], torch.tensor([1.5, 7.5]))
-    assert model.sgdrop_config['sgdrop_reference'] == 'channel_mean'
+    assert model.sgdrop_cfg.model_args()['sgdrop_reference'] == 'channel_mean'
     with pytest.raises(ValueError, match="Unknown sgdrop_reference 'median': choose one of 'zero', 'channel_mean'"):
         reference_model(sgdrop_reference='median')
     with pytest.raises(ValueError, match=r'needs a latent of shape \(B, C\) or \(B, C, H, W\), got \(2, 2, 2\)'):

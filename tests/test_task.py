@@ -6,8 +6,7 @@ import timm
 import torch
 import torch.nn as nn
 
-pytest.importorskip('timm.task', reason=f'timm {timm.__version__} has no timm.task')
-from sgdrop_zoo.task import SGDropClassificationTask  # noqa: E402
+from sgdrop_zoo import SGDropClassificationTask
 
 
 def _batches(num_steps=3):

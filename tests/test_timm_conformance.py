@@ -419,6 +419,9 @@ def test_pretrained_cfg_and_data_config(name):
         assert cfg[key] == base_cfg[key], key
     for key in ('num_classes', 'input_size', 'pool_size', 'crop_pct', 'crop_mode', 'interpolation', 'license'):
         assert cfg.get(key) is not None, key
+    # the paper, as timm's own tags name theirs
+    assert (cfg['paper_ids'], cfg['origin_url']) == ('arXiv:2409.17370', 'https://arxiv.org/abs/2409.17370')
+    assert cfg['paper_name'].startswith('The Overfocusing Bias of Convolutional Neural Networks')
     data_config = timm.data.resolve_data_config(model=model)
     assert data_config['input_size'] == cfg['input_size'] and data_config['crop_pct'] == cfg['crop_pct']
 

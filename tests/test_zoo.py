@@ -107,7 +107,7 @@ def test_tag_and_folder_loaders_give_the_settings_it_was_trained_with(record):
         expected['sgdrop_rho'] = record['sgdrop']['sgdrop_rho_end']
     for model in (timm.create_model(name, pretrained=True),
                   load_sgdrop_model(f'local-dir:{hub_configs_dir() / record["local_dir"]}')):
-        assert {key: model.sgdrop_config[key] for key in expected} == expected
+        assert {key: model.sgdrop_cfg.model_args()[key] for key in expected} == expected
     # what the caller passes still wins
     assert timm.create_model(name, pretrained=True, sgdrop_rho=0.2).sgdrop_rho == 0.2
 

@@ -48,7 +48,7 @@ from sgdrop_zoo.meters import ProgressMeter, all_reduce_meters, record_batch
 from sgdrop_zoo.pretrained import WEIGHTS_NAME
 from sgdrop_zoo.recipe_checks import (RecipeError, check_arch, check_counts, check_fits_val_split, check_gpu,
                                       check_holdout, check_launcher, check_metrics_json, check_model_kwargs,
-                                      check_output, check_regularizer_numbers, check_resumed,
+                                      check_output, check_resumed, check_sgdrop_flags,
                                       check_start_epoch, check_subset_options, check_training_numbers,
                                       check_val_subset, load_checkpoint)
 from sgdrop_zoo.recipe_data import RecipeLoaders
@@ -204,11 +204,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def run_settings(args: argparse.Namespace) -> RunSettings:
     """What defines the run, as its checkpoints store it; built once, before any process changes an argument."""
     return RunSettings(
-        arch=args.arch, model_kwargs=args.model_kwargs, regularizer=args.regularizer, sgdrop_rho=args.sgdrop_rho,
-        sgdrop_rho_end=args.sgdrop_rho_end, sgdrop_attribution=args.sgdrop_attribution,
-        sgdrop_attribution_relu=args.sgdrop_attribution_relu, sgdrop_reference=args.sgdrop_reference,
-        sgdrop_ema_decay=args.sgdrop_ema_decay,
-        latent_drop_rate=args.latent_drop_rate, image_size=args.image_size, train_transform=args.train_transform,
+        arch=args.arch, model_kwargs=args.model_kwargs, regularizer=args.regularizer,
+        sgdrop=check_sgdrop_flags({name: getattr(args, name) for name in sgdrop_zoo.SGDROP_SETTINGS}),
+        image_size=args.image_size, train_transform=args.train_transform,
         optimizer=args.optimizer, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
         data=args.data, train_subset=args.train_subset, train_subset_per_class=args.train_subset_per_class,
         holdout_per_class=args.holdout_per_class)
@@ -223,10 +221,9 @@ def rho_for_arch(arch: str, rho_by_arch: list[list]) -> float:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    args = parse_args(argv)
-
     held = contextlib.ExitStack()
     try:
+        args = parse_args(argv)
         checkpoint = check_inputs(args)
         held.enter_context(hold_output(args))
     except ONE_LINE_ERRORS as e:
@@ -313,8 +310,6 @@ def check_inputs(args: argparse.Namespace) -> Optional[dict[str, Any]]:
                                ('--start-epoch', args.start_epoch), ('--train-eval-samples', args.train_eval_samples),
                                ('--holdout-per-class', args.holdout_per_class)))
     check_training_numbers(args.lr, args.momentum, args.weight_decay, args.lr_gamma, args.seed, args.image_size)
-    check_regularizer_numbers({name: getattr(args, name) for name in ('sgdrop_rho', 'sgdrop_rho_end',
-                                                                      'sgdrop_ema_decay', 'latent_drop_rate')})
     check_gpu(args.gpu)
     check_start_epoch(args.start_epoch, args.epochs, args.evaluate, bool(args.resume))
     check_output(Path(args.output), args.resume, args.evaluate, args.overwrite, args.pretrained, args.dummy)
@@ -380,7 +375,7 @@ def check_same_run(resume: str, saved: RunSettings, settings: RunSettings) -> No
 
 def create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     """The timm model `args.arch` with the regularizer of `args`; plain timm names get SGDrop added."""
-    options = args.settings.sgdrop_model_args()
+    options = args.settings.sgdrop_cfg.model_args()
     if args.arch.startswith('sgdrop_'):
         return timm.create_model(args.arch, pretrained=args.pretrained, num_classes=num_classes, **options,
                                  **args.model_kwargs)
@@ -409,7 +404,7 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
     amp_autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype, enabled=args.amp)
     # bf16 has float32's range and needs no loss scaling; the scaler is a no-op unless float16
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and amp_dtype == torch.float16)
-    rho_schedule = sgdrop_zoo.LinearRhoSchedule(args.sgdrop_rho, args.sgdrop_rho_end, args.epochs)
+    rho_schedule = args.settings.sgdrop_cfg.rho_schedule(args.epochs)
 
     best_acc1, best_epoch, rng_state = 0.0, None, None
     if args.resume:
@@ -570,7 +565,7 @@ def resume(checkpoint: dict[str, Any], model: nn.Module, optimizer: torch.optim.
     best_acc1 = checkpoint['best_acc1']
     best_epoch = checkpoint['best_epoch']
     model.load_state_dict(checkpoint['state_dict'])
-    if checkpoint.get('sgdrop_ema') is not None and model.sgdrop_attribution.value == 'ema':
+    if checkpoint.get('sgdrop_ema') is not None:  # the 'ema' and 'ema_head' sources' EMA network
         model.load_ema_state_dict(checkpoint['sgdrop_ema'])
     rng_state = None
     if not args.evaluate:

@@ -24,7 +24,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..pretrained import build_model_with_checked_weights, pretrained_cfgs
-from ..sgdrop import SaliencyGuidedDropout
+from ..sgdrop import PAPER_NAME, SaliencyGuidedDropout
 
 __all__ = ['CifarCNN', 'SGDropCifarCNN']
 
@@ -222,7 +222,8 @@ def _cfg(url: str = '', **kwargs: Any) -> dict[str, Any]:
         'crop_pct': 1.0, 'interpolation': 'bilinear',
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'stages.0.0', 'classifier': 'fc',
-        'license': 'apache-2.0', 'paper_ids': 'arXiv:2409.17370',
+        'license': 'apache-2.0', 'paper_ids': 'arXiv:2409.17370', 'paper_name': PAPER_NAME,
+        'origin_url': 'https://arxiv.org/abs/2409.17370',
         **kwargs,
     }
 

@@ -16,7 +16,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.vgg import VGG, _filter_fn, cfgs
 
 from ..pretrained import build_model_with_checked_weights, pretrained_cfgs
-from ..sgdrop import SaliencyGuidedDropout
+from ..sgdrop import PAPER_NAME, SaliencyGuidedDropout
 
 __all__ = ['SGDropVGG']
 
@@ -52,7 +52,8 @@ def _cfg(url: str = '', **kwargs: Any) -> dict[str, Any]:
         'crop_pct': 0.875, 'interpolation': 'bilinear',
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'features.0', 'classifier': 'head.fc',
-        'license': 'apache-2.0', 'paper_ids': 'arXiv:2409.17370',
+        'license': 'apache-2.0', 'paper_ids': 'arXiv:2409.17370', 'paper_name': PAPER_NAME,
+        'origin_url': 'https://arxiv.org/abs/2409.17370',
         **kwargs,
     }
 
