@@ -690,7 +690,7 @@ def write_table(protocol: str, config: dict, results_dir: Path) -> str:
                 f'{params / 1e6:.2f}M',
                 f"{statistics.mean(r['img_per_s'] for r in group):.0f}",
                 f'+{100 * overhead[arch][step_overhead_figure(method)]:.0f}%'
-                if step_overhead_figure(method) and arch in overhead else '-',
+                if step_overhead_figure(method) in overhead.get(arch, {}) else '-',
                 f'{paper:.2f}' if paper is not None else '-',
             ]) + ' |')
     if 'candidate_order' in config:
