@@ -216,9 +216,11 @@ PROTOCOLS: dict[str, dict] = {
                     'sgdrop_convnext_atto': ['vanilla', 'sgdrop', 'sgdrop_channel_mean_rho0.01_ema_head'],
                     'sgdrop_vgg11': ['vanilla', 'sgdrop_curriculum']},
         'ship': ['sgdrop_resnet10t', 'sgdrop_convnext_atto', 'sgdrop_vgg11'],
-        'ship_method': {'sgdrop_resnet10t': 'sgdrop', 'sgdrop_convnext_atto': 'sgdrop',
+        'ship_method': {'sgdrop_resnet10t': 'sgdrop', 'sgdrop_convnext_atto': 'sgdrop_channel_mean_rho0.01_ema_head',
                         'sgdrop_vgg11': 'sgdrop_curriculum'},
         'tag': 'imagenette_128',
+        # a family's pair under a tag of its own where a method pilot changed its method: new weights, new tags
+        'pair_tag': {'sgdrop_convnext_atto': 'imagenette_128_channel_mean'},
         'seeds': [0, 1, 2],
         'args': ['--preset', 'lowdata', '--image-size', '128', '--train-subset-per-class', '150', '--in-memory',
                  '--channels-last', '--train-eval-samples', '500', '--log-area-ratio', '200', '-j', '2', '-p', '1000'],

@@ -208,8 +208,10 @@ def result_of_folder(run: dict[str, Any], runs_dir: Path, results_dir: Path,
                      f'with {rerun_command(run, data, runs_dir, results_dir)}')
 
 
-def checkpoint_names(arch: str, tag: str) -> tuple[str, str]:
-    """The tags of a family's SGDrop checkpoint and of its vanilla twin."""
+def checkpoint_names(arch: str, protocol: dict[str, Any]) -> tuple[str, str]:
+    """The tags of a family's SGDrop checkpoint and of its vanilla twin (``<tag>_vanilla``): the protocol's
+    ``pair_tag`` of the family, else its ``tag``."""
+    tag = protocol.get('pair_tag', {}).get(arch, protocol['tag'])
     return f'{arch}.{tag}', f'{arch}.{tag}_vanilla'
 
 
@@ -376,7 +378,7 @@ def main() -> None:
     for arch in archs:
         method = protocol['ship_method'][arch]
         chosen, twin = choose_pair(runs, arch, method)
-        name, twin_name = checkpoint_names(arch, protocol['tag'])
+        name, twin_name = checkpoint_names(arch, protocol)
         if twin is None:
             sys.exit(f'error: no vanilla run of {arch} with seed {chosen["seed"]}, the twin of the checkpoint to '
                      f'ship; run it with python benchmarks/reproduce.py {args.protocol} --data {args.data} --archs '

@@ -96,11 +96,14 @@ class RunSettings:
                              f'that train/main.py wrote') from None
         return cls(sgdrop=sgdrop, **{name: stored[name] for name in names if name not in SGDROP_SETTINGS})
 
+    def run_defining(self) -> dict[str, Any]:
+        """The settings that define the run beyond the model, by name, with the number of epochs and the SGDrop
+        settings its regularizer trains with (plain values)."""
+        return {**{name: getattr(self, name) for name in (*_RUN_DEFINING, 'epochs')}, **self.sgdrop_cfg.to_dict()}
+
     def changed_run_settings(self, other: 'RunSettings') -> list[str]:
-        """The names of the run-defining settings that ``other`` changes (the SGDrop settings its regularizer trains
-        with, and the number of epochs a rho curriculum spreads over)."""
+        """The names of the run-defining settings that ``other`` changes: a resume that changed one would continue
+        another run (the number of epochs counts only for a rho curriculum, which spreads over them)."""
+        mine, theirs = self.run_defining(), other.run_defining()
         curriculum = self.sgdrop_cfg.sgdrop_rho_end is not None
-        changed = [name for name in _RUN_DEFINING + (('epochs',) if curriculum else ())
-                   if getattr(self, name) != getattr(other, name)]
-        return changed + [name for name in SGDROP_SETTINGS
-                          if getattr(self.sgdrop_cfg, name) != getattr(other.sgdrop_cfg, name)]
+        return [name for name in mine if mine[name] != theirs[name] and (name != 'epochs' or curriculum)]

@@ -353,7 +353,8 @@ SETTINGS_SINCE_REFERENCE = {'sgdrop_reference': 'zero'}
 
 def config_as_of_the_reference(config: dict) -> dict:
     """An export's config.json without what the recipe writes there since the reference commit."""
-    pretrained_cfg = {k: v for k, v in config['pretrained_cfg'].items() if k != 'description'}
+    pretrained_cfg = {k: v for k, v in config['pretrained_cfg'].items()
+                      if k not in ('description', 'paper_name', 'origin_url')}
     training = {k: v for k, v in config['training'].items() if k != 'holdout_per_class'}
     sgdrop = {k: v for k, v in config['sgdrop'].items() if k not in SETTINGS_SINCE_REFERENCE}
     model_args = {k: v for k, v in config['model_args'].items() if k not in SETTINGS_SINCE_REFERENCE}

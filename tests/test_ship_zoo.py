@@ -62,13 +62,21 @@ def test_the_pilot_rule_takes_the_best_last_epoch_dev_top1_and_the_paper_default
         reproduce.pilot_choice(pilot({'vanilla': 50.4, 'sgdrop': 42.1}), 'sgdrop_vgg11', candidates)
 
 
-def test_each_family_of_the_final_study_trains_and_ships_what_its_committed_pilot_chose():
+def test_each_family_of_the_final_study_trains_and_ships_what_its_committed_pilots_chose():
     pilot = [json.loads(p.read_text()) for p in (reproduce.RESULTS / 'reproduce_pilot128').glob('*__*__seed*.json')]
+    method_pilot = reproduce.pilot_runs('pilot128v2', reproduce.results_folder('pilot128v2'))
     final = reproduce.PROTOCOLS['zoo128']
     assert sorted(final['ship']) == sorted(final['methods']) == sorted(final['ship_method'])
     for arch in final['ship']:
-        chosen = reproduce.pilot_choice(pilot, arch, reproduce.PROTOCOLS['pilot128']['methods'][arch])
-        assert final['methods'][arch] == ['vanilla', chosen] and final['ship_method'][arch] == chosen, arch
+        chosen = [reproduce.pilot_choice(pilot, arch, reproduce.PROTOCOLS['pilot128']['methods'][arch])]
+        try:
+            chosen.append(reproduce.method_pilot_choice(method_pilot, arch,
+                                                        reproduce.PROTOCOLS['pilot128v2']['candidate_order'][arch]))
+        except SystemExit:  # the family's method pilot has not chosen yet
+            pass
+        assert final['methods'][arch] == ['vanilla', *chosen] and final['ship_method'][arch] == chosen[-1], arch
+        # a method pilot's choice ships new weights, under a tag of its own
+        assert (arch in final.get('pair_tag', {})) == (len(chosen) > 1), arch
 
 
 def test_each_sgdrop_method_is_timed_by_the_overhead_of_the_weights_that_compute_its_attribution():
@@ -127,8 +135,11 @@ def test_the_method_pilot_rule_by_hand():
 
 
 def test_checkpoint_names_of_a_pair():
-    assert ship_zoo.checkpoint_names('sgdrop_vgg11', 'imagenette_128') == (
+    protocol = dict(tag='imagenette_128', pair_tag={'sgdrop_convnext_atto': 'imagenette_128_channel_mean'})
+    assert ship_zoo.checkpoint_names('sgdrop_vgg11', protocol) == (
         'sgdrop_vgg11.imagenette_128', 'sgdrop_vgg11.imagenette_128_vanilla')
+    assert ship_zoo.checkpoint_names('sgdrop_convnext_atto', protocol) == (
+        'sgdrop_convnext_atto.imagenette_128_channel_mean', 'sgdrop_convnext_atto.imagenette_128_channel_mean_vanilla')
 
 
 def test_each_shipped_record_names_the_command_that_exports_it_under_its_own_tag():
@@ -139,7 +150,7 @@ def test_each_shipped_record_names_the_command_that_exports_it_under_its_own_tag
         # the protocol fixes the tag and the results read
         options = dict(zip(command[2::2], command[3::2]))
         protocol = reproduce.PROTOCOLS[options['--protocol']]
-        names = ship_zoo.checkpoint_names(record['architecture'], protocol['tag'])
+        names = ship_zoo.checkpoint_names(record['architecture'], protocol)
         assert f'{record["architecture"]}.{record["tag"]}' in names, record['tag']
         assert options['--archs'] == record['architecture']
         assert record['metrics']['results'].startswith(options['--results-dir'] + '/')

@@ -368,7 +368,7 @@ def check_same_run(resume: str, saved: RunSettings, settings: RunSettings) -> No
     changed = saved.changed_run_settings(settings)
     if changed:
         name = changed[0]
-        flag, was, now = '--' + name.replace('_', '-'), getattr(saved, name), getattr(settings, name)
+        flag, was, now = '--' + name.replace('_', '-'), saved.run_defining()[name], settings.run_defining()[name]
         raise RecipeError(f'--resume {resume} was trained with {flag} {was}, not {now}; pass {flag} {was} to continue '
                           f'it, or start a new run in another --output')
 
