@@ -202,8 +202,9 @@ def checkpoint_description(sgdrop: dict[str, Any], dataset: str, top1: Optional[
     if regularizer == 'sgdrop':
         end = sgdrop.get('sgdrop_rho_end')
         rho = f"rho {sgdrop['sgdrop_rho']}" + (f' to {end}' if end is not None else '')
-        reference = sgdrop.get('sgdrop_reference', 'zero')
+        relu, reference = sgdrop.get('sgdrop_attribution_relu', 'gradient'), sgdrop.get('sgdrop_reference', 'zero')
         method = (f"SGDrop ({rho}, {sgdrop.get('sgdrop_attribution', 'ema')} attribution"
+                  + (f', {relu} rule' if relu != 'gradient' else '')
                   + (f', {reference} reference' if reference != 'zero' else '') + ')')
     elif regularizer == 'none':
         method = 'Vanilla (no SGDrop)'

@@ -119,7 +119,12 @@ def test_each_shipped_checkpoint_describes_itself(record):
         method = 'Vanilla (no SGDrop)'
     else:
         end = sgdrop.get('sgdrop_rho_end')
-        method = f"SGDrop (rho {sgdrop['sgdrop_rho']}{f' to {end}' if end is not None else ''}, ema attribution"
+        # the settings beyond the paper's defaults by name: ConvNeXt-Atto's product rule and channel-mean reference
+        beyond = ''.join(f', {sgdrop[key]} {what}' for key, what, paper in (
+            ('sgdrop_attribution_relu', 'rule', 'gradient'), ('sgdrop_reference', 'reference', 'zero'))
+            if sgdrop.get(key, paper) != paper)
+        method = (f"SGDrop (rho {sgdrop['sgdrop_rho']}{f' to {end}' if end is not None else ''}, "
+                  f"{sgdrop['sgdrop_attribution']} attribution{beyond})")
     own = f", {record['dataset']}, {metrics['split']} top-1 {metrics['top1']}"
     config = json.loads((hub_configs_dir() / record['local_dir'] / 'config.json').read_text())
     name = f'{record["architecture"]}.{record["tag"]}'
