@@ -60,8 +60,7 @@ def info_command(args: argparse.Namespace) -> int:
     print(f'input:            3x{size}x{size}')
     print(f'latent map:       {"x".join(map(str, features.shape[1:]))} = {num_features} features')
     print(f'dropped / sample: {num_dropped_features(model.sgdrop_rho, num_features)} at sgdrop_rho={model.sgdrop_rho}')
-    settings = ', '.join(f'{name}={value}' for name, value in model.sgdrop_cfg.to_dict().items()
-                         if name != 'sgdrop_rho_end')
+    settings = ', '.join(f'{name}={value}' for name, value in model.sgdrop_cfg.model_args().items())
     print(f'settings:         {settings}')
     print(f'parameters:       {sum(p.numel() for p in model.parameters()):,}')
     return 0

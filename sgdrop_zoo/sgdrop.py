@@ -225,11 +225,11 @@ class SGDropCfg:
         return LinearRhoSchedule(self.sgdrop_rho, self.sgdrop_rho_end, num_epochs)
 
     def model_args(self) -> dict[str, Any]:
-        """Constructor arguments of a model that trains on where these settings ended: a curriculum's model drops the
-        rho it ended at."""
+        """Constructor arguments of a model that trains on where these settings ended, as plain values: a
+        curriculum's model drops the rho it ended at."""
         ended = dataclasses.replace(self, sgdrop_rho=self.sgdrop_rho if self.sgdrop_rho_end is None
                                     else self.sgdrop_rho_end, sgdrop_rho_end=None)
-        return {name: getattr(ended, name) for name in MODEL_SGDROP_SETTINGS}
+        return {name: value for name, value in ended.to_dict().items() if name in MODEL_SGDROP_SETTINGS}
 
 
 # the settings by name; a model drops one rho, so a curriculum's end is no model argument
@@ -453,8 +453,7 @@ class SaliencyGuidedDropout:
         self._sgdrop_cfg = cfg
 
     def extra_repr(self) -> str:
-        settings = ', '.join(f'{name}={value}' for name, value in self.sgdrop_cfg.to_dict().items()
-                             if name in MODEL_SGDROP_SETTINGS)
+        settings = ', '.join(f'{name}={value}' for name, value in self.sgdrop_cfg.model_args().items())
         base = super().extra_repr()
         return f'{base}, {settings}' if base else settings
 
