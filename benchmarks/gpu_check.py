@@ -51,12 +51,12 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sgdrop_zoo  # noqa: F401, registers the sgdrop_* architectures
-from sgdrop_zoo.recipe_data import build_loaders
 from sgdrop_zoo.sgdrop import num_dropped_features
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / 'benchmarks'))
+sys.path[:0] = [str(REPO / 'benchmarks'), str(REPO / 'train')]
 import overhead  # noqa: E402, benchmarks/overhead.py
+from recipe_data import build_loaders  # noqa: E402, train/recipe_data.py
 
 # the paper's families at the paper's size, and the zoo's small members for --smoke, with their architecture arguments
 FAMILIES = {'full': {'sgdrop_resnet50': {}, 'sgdrop_convnext_tiny': {}, 'sgdrop_vgg16': {}},

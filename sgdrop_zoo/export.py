@@ -95,7 +95,7 @@ def save_recipe_export(model: nn.Module, folder: Path, settings: RunSettings, cl
     Args:
         model: The trained model (SGDrop or plain timm), on the CPU; it is given the run's SGDrop settings.
         folder: An existing folder.
-        settings: The run's settings (``RunSettings.from_checkpoint`` of its checkpoints).
+        settings: The run's settings (those its checkpoints store).
         class_names: The dataset's classes, in label order.
         epoch: The number of epochs the weights were trained for.
         val_acc1: Their validation top-1 (%), or None when it is not known.

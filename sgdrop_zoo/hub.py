@@ -30,10 +30,10 @@ from .export import (
     to_published_config,
     write_config,
 )
-from .loading import check_output_outside_hub_configs, check_writable_folder, load_recipe_checkpoint
+from .loading import check_output_outside_hub_configs, check_writable_folder
 from .model_card import render_model_card
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME, HubError, check_shipped_folder, hub_download, sha256_of_file
-from .run_settings import RunSettings
+from .checkpoint import RecipeCheckpoint
 from .sgdrop import SGDropCfg, add_sgdrop
 
 __all__ = [
@@ -63,12 +63,12 @@ def _export_checkpoint(path: Path, folder: Path) -> dict[str, Any]:
         The exported config.
     """
     try:
-        model, checkpoint = load_recipe_checkpoint(path, required=('epoch', 'acc1'))
-        settings = RunSettings.from_checkpoint(checkpoint, path)
+        checkpoint = RecipeCheckpoint.read(path)
+        model = checkpoint.build_model(path)
     except ValueError as e:
         raise HubError(str(e)) from e
     # the top-1 of the checkpoint's own epoch, not the run's best
-    save_recipe_export(model, folder, settings, checkpoint['class_names'], checkpoint['epoch'], checkpoint['acc1'])
+    save_recipe_export(model, folder, checkpoint.settings, checkpoint.class_names, checkpoint.epoch, checkpoint.acc1)
     return read_config(folder / CONFIG_NAME)
 
 

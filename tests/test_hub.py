@@ -45,6 +45,7 @@ from sgdrop_zoo.pretrained import (
     sha256_of_file,
 )
 
+from conftest import recipe_checkpoint
 from hub_test_server import HubTestServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -523,10 +524,7 @@ RUN_SETTINGS = RunSettings(arch='test_convnext', model_kwargs={}, regularizer='s
 
 def test_publish_from_a_recipe_checkpoint(tmp_path, capsys):
     model = timm.create_model('test_convnext', num_classes=2)
-    checkpoint = dict(arch='test_convnext', state_dict=model.state_dict(), class_names=['a', 'b'], epoch=1,
-                      acc1=50.0, best_acc1=50.0, sgdrop_ema=None,
-                      settings=RUN_SETTINGS.to_dict())
-    torch.save(checkpoint, tmp_path / 'model_best.pth.tar')
+    recipe_checkpoint(model, RUN_SETTINGS, ['a', 'b']).write(tmp_path / 'model_best.pth.tar')
     assert main(['publish', str(tmp_path / 'model_best.pth.tar'), '--repo-id', f'{ORG}/ab', '--dry-run',
                  '--output', str(tmp_path / 'dry')]) == 0
     record = json.loads(capsys.readouterr().out)
@@ -541,11 +539,7 @@ def test_publish_from_a_recipe_checkpoint(tmp_path, capsys):
 ])
 def test_publish_records_the_top1_of_the_published_weights(tmp_path, capsys, name, acc1, top1):
     model = timm.create_model('test_convnext', num_classes=2)
-    checkpoint = dict(arch='test_convnext', state_dict=model.state_dict(), class_names=['a', 'b'], epoch=3,
-                      best_acc1=50.0, sgdrop_ema=None,
-                      settings=RUN_SETTINGS.to_dict())
-    checkpoint['acc1'] = acc1
-    torch.save(checkpoint, tmp_path / name)
+    recipe_checkpoint(model, RUN_SETTINGS, ['a', 'b'], epoch=3, acc1=acc1).write(tmp_path / name)
     assert main(['publish', str(tmp_path / name), '--repo-id', f'{ORG}/ab', '--dry-run', '--output',
                  str(tmp_path / 'dry')]) == 0
     record = json.loads(capsys.readouterr().out)
@@ -559,9 +553,7 @@ def test_publish_records_the_top1_of_the_published_weights(tmp_path, capsys, nam
 def test_publish_says_which_images_measured_the_top1(tmp_path, capsys, holdout, split, description):
     model = timm.create_model('test_convnext', num_classes=2)
     settings = dataclasses.replace(RUN_SETTINGS, holdout_per_class=holdout)
-    checkpoint = dict(arch='test_convnext', state_dict=model.state_dict(), class_names=['a', 'b'], epoch=1,
-                      acc1=50.0, best_acc1=50.0, sgdrop_ema=None, settings=settings.to_dict())
-    torch.save(checkpoint, tmp_path / 'model_best.pth.tar')
+    recipe_checkpoint(model, settings, ['a', 'b']).write(tmp_path / 'model_best.pth.tar')
     assert main(['publish', str(tmp_path / 'model_best.pth.tar'), '--repo-id', f'{ORG}/ab', '--dry-run',
                  '--output', str(tmp_path / 'dry')]) == 0
     metrics = json.loads(capsys.readouterr().out)['metrics']
@@ -639,7 +631,7 @@ def test_a_config_cannot_substitute_another_files_weights(tmp_path, monkeypatch)
         load_hub_configs(tmp_path / 'records')
     stored = dict(RUN_SETTINGS.to_dict(), model_kwargs={'checkpoint_path': str(twin)})
     with pytest.raises(ValueError, match='c.pth.tar: model_args holds checkpoint_path'):
-        RunSettings.from_checkpoint({'settings': stored}, 'c.pth.tar')
+        RunSettings.from_dict(stored, 'c.pth.tar')
 
 
 def test_offline_a_missing_repo_and_a_missing_file_each_say_so(published, olah, mirrors, tmp_path):

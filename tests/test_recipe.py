@@ -118,9 +118,10 @@ def test_two_epoch_run_writes_checkpoints_log_and_export(two_epoch_run: tuple[Pa
     classes = sorted(p.name for p in (data_dir / 'train').iterdir())
 
     checkpoint = torch.load(output / 'checkpoint.pth.tar', map_location='cpu', weights_only=True)
-    assert {'epoch', 'arch', 'state_dict', 'best_acc1', 'optimizer', 'scheduler'} <= set(checkpoint)
-    assert {'sgdrop_ema', 'scaler', 'rng_state', 'sgdrop_rho', 'rho_schedule'} <= set(checkpoint)
-    assert checkpoint['epoch'] == 2 and checkpoint['arch'] == 'sgdrop_vgg_tiny'
+    # what a resume, the export and publish read, and nothing else
+    assert set(checkpoint) == {'epoch', 'acc1', 'best_acc1', 'best_epoch', 'class_names', 'settings', 'state_dict',
+                               'sgdrop_ema', 'optimizer', 'scheduler', 'scaler', 'rng_state'}
+    assert checkpoint['epoch'] == 2 and checkpoint['settings']['arch'] == 'sgdrop_vgg_tiny'
     assert not any(key.startswith('module.') for key in checkpoint['state_dict'])
     assert checkpoint['sgdrop_ema']['num_updates'] == 2 * math.ceil(TRAIN_PER_CLASS * len(classes) / BATCH_SIZE)
     assert checkpoint['class_names'] == classes
@@ -421,9 +422,12 @@ def test_a_seeded_run_is_that_of_the_reference_commit_bit_for_bit(reference_tree
         b = torch.load(current / name, map_location='cpu', weights_only=True)
         for key in ('state_dict', 'sgdrop_ema', 'optimizer', 'rng_state'):
             assert_identical(a[key], b[key], f'{name}[{key!r}]')
-        # the rest too; the reference stored its arguments, this version the run settings built from them
-        assert_identical({k: v for k, v in a.items() if k != 'args'}, {k: v for k, v in b.items() if k != 'settings'},
-                         name)
+        # the rest too; the reference stored its arguments, this version the run settings built from them, and no
+        # longer the architecture twice nor the rho and schedule that nothing read
+        assert set(a) - set(b) == {'args', 'arch', 'sgdrop_rho', 'rho_schedule'} and set(b) - set(a) == {'settings'}
+        assert_identical({k: a[k] for k in sorted(b) if k != 'settings'},
+                         {k: b[k] for k in sorted(b) if k != 'settings'}, name)
+        assert a['arch'] == b['settings']['arch']
         settings = {k: v for k, v in b['settings'].items() if k != 'version'}
         assert {k: settings.pop(k) for k in SETTINGS_SINCE_REFERENCE} == SETTINGS_SINCE_REFERENCE
         assert_identical({k: a['args'][k] for k in settings}, settings, f'{name}[settings]')
@@ -527,7 +531,7 @@ def fixed_val_images(data_dir: Path, model: torch.nn.Module, size: int, count: i
 
 def load_checkpoint_model(checkpoint_path: Path) -> torch.nn.Module:
     checkpoint = torch.load(checkpoint_path, map_location='cpu', weights_only=True)
-    model = timm.create_model(checkpoint['arch'], num_classes=len(checkpoint['class_names']))
+    model = timm.create_model(checkpoint['settings']['arch'], num_classes=len(checkpoint['class_names']))
     model.load_state_dict(checkpoint['state_dict'])
     return model.eval()
 
@@ -971,14 +975,15 @@ def test_resume_from_a_corrupt_checkpoint(capsys: pytest.CaptureFixture, data_di
     truncated.write_bytes(truncated.read_bytes()[:200])
     message = run_bad_input(capsys, str(data_dir), '--resume', str(truncated))
     assert f'--resume {truncated}: not a readable checkpoint (truncated, or not written by torch.save)' in message
-    assert message.endswith('Pass an intact checkpoint.pth.tar') and 'weights_only' not in message
+    assert message.endswith('pass an intact checkpoint.pth.tar or model_best.pth.tar of a run.')
+    assert 'weights_only' not in message
 
 
 def test_resume_from_another_architecture(capsys: pytest.CaptureFixture, data_dir: Path, one_epoch_run: Path,
                                           tmp_path: Path):
     other = tmp_path / 'checkpoint.pth.tar'
     checkpoint = torch.load(one_epoch_run / 'checkpoint.pth.tar', map_location='cpu', weights_only=True)
-    torch.save(dict(checkpoint, arch='sgdrop_cifar_cnn'), other)
+    torch.save(dict(checkpoint, settings=dict(checkpoint['settings'], arch='sgdrop_cifar_cnn')), other)
     message = run_bad_input(capsys, str(data_dir), '--resume', str(other))
     assert "holds a 'sgdrop_cifar_cnn' model, not 'sgdrop_vgg_tiny'" in message and '-a sgdrop_cifar_cnn' in message
 
@@ -987,9 +992,9 @@ def test_resume_from_a_checkpoint_of_weights_only(capsys: pytest.CaptureFixture,
     weights = tmp_path / 'weights.pth.tar'
     torch.save({'arch': 'sgdrop_vgg_tiny', 'state_dict': {}}, weights)
     message = run_bad_input(capsys, str(data_dir), '--resume', str(weights), '--output', str(tmp_path))
-    assert message == (f'error: --resume {weights}: not a checkpoint of this script (no epoch, acc1, best_acc1, '
-                       f'best_epoch, optimizer, scheduler, settings); pass the checkpoint.pth.tar or '
-                       f'model_best.pth.tar of a train/main.py run')
+    assert message == (f'error: --resume {weights}: not a checkpoint of train/main.py (no epoch, acc1, best_acc1, '
+                       f'best_epoch, class_names, settings, sgdrop_ema, optimizer, scheduler, scaler, rng_state); '
+                       f'pass the checkpoint.pth.tar or model_best.pth.tar of a run.')
 
 
 @pytest.mark.parametrize('flags, message', [
@@ -1155,7 +1160,7 @@ def test_a_link_out_of_its_class_folder_is_refused(capsys: pytest.CaptureFixture
 
 def test_a_train_subset_larger_than_the_training_split_is_refused(data_dir: Path):
     from sgdrop_zoo.data import DatasetError
-    from sgdrop_zoo.recipe_data import build_loaders
+    from recipe_data import build_loaders  # train/recipe_data.py
     with pytest.raises(DatasetError, match='^100000 training images asked for, but the training split has only 40; '):
         build_loaders(data_dir, 32, 'resize', (0.5,) * 3, (0.5,) * 3, 8, 0, torch.device('cpu'), train_subset=100000)
     assert len(build_loaders(data_dir, 32, 'resize', (0.5,) * 3, (0.5,) * 3, 8, 0, torch.device('cpu'),

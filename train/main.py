@@ -39,24 +39,24 @@ from timm.data import resolve_model_data_config
 from timm.utils import AverageMeter, ParseKwargs, distribute_bn, random_seed
 
 import sgdrop_zoo
-from sgdrop_zoo.sgdrop import STEP_STAT_NAMES
-from sgdrop_zoo import recipe_data
+from sgdrop_zoo.checkpoint import RecipeCheckpoint
 from sgdrop_zoo.data import DatasetError, check_image_folders
 from sgdrop_zoo.export import save_recipe_export
-from sgdrop_zoo.loading import read_checkpoint
-from sgdrop_zoo.meters import ProgressMeter, all_reduce_meters, record_batch
 from sgdrop_zoo.pretrained import WEIGHTS_NAME
-from sgdrop_zoo.recipe_checks import (RecipeError, check_arch, check_counts, check_fits_val_split, check_gpu,
-                                      check_holdout, check_launcher, check_metrics_json, check_model_kwargs,
-                                      check_output, check_resumed, check_sgdrop_flags,
-                                      check_start_epoch, check_subset_options, check_training_numbers,
-                                      check_val_subset, load_checkpoint)
-from sgdrop_zoo.recipe_data import RecipeLoaders
 from sgdrop_zoo.run_files import (BEST_NAME, CHECKPOINT_NAME, LOG_NAME, RunFileError, append_log, atomic_write,
                                   copy_file, epoch_record, get_rng_state, hold_folder, keep_log_until, prepare_output,
-                                  read_log, restore_model_best, set_rng_state)
+                                  read_log, set_rng_state)
 from sgdrop_zoo.run_settings import RunSettings
-from sgdrop_zoo.sgdrop import DEFAULT_EMA_DECAY, DEFAULT_RHO
+from sgdrop_zoo.sgdrop import DEFAULT_EMA_DECAY, DEFAULT_RHO, STEP_STAT_NAMES
+
+# the recipe's own plumbing, beside this script
+import recipe_data
+from meters import ProgressMeter, all_reduce_meters, record_batch
+from recipe_checks import (RecipeError, check_arch, check_counts, check_fits_val_split, check_gpu, check_holdout,
+                           check_launcher, check_metrics_json, check_model_kwargs, check_output, check_resumed,
+                           check_sgdrop_flags, check_start_epoch, check_subset_options, check_training_numbers,
+                           check_val_subset, load_checkpoint)
+from recipe_data import RecipeLoaders
 
 PRESETS_PATH = Path(__file__).with_name('presets.json')
 # the errors that stop the script with their one-line message
@@ -248,7 +248,7 @@ def hold_output(args: argparse.Namespace) -> Iterator[None]:
         yield
 
 
-def launch(args: argparse.Namespace, checkpoint: Optional[dict[str, Any]]) -> None:
+def launch(args: argparse.Namespace, checkpoint: Optional[RecipeCheckpoint]) -> None:
     """Train in this process, in one per GPU (--multiprocessing-distributed) or as one of torchrun's."""
     if args.seed is not None and torch.cuda.is_available():
         warnings.warn('You have chosen to seed training. This will turn on the CUDNN deterministic setting, '
@@ -280,7 +280,7 @@ def launch(args: argparse.Namespace, checkpoint: Optional[dict[str, Any]]) -> No
 
 
 def run_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespace,
-               checkpoint: Optional[dict[str, Any]] = None) -> None:
+               checkpoint: Optional[RecipeCheckpoint] = None) -> None:
     """`main_worker`, stopped in one line by an image that cannot be decoded (the checks before training read only
     the headers) or a write the system refused; the checkpoint of the last finished epoch stays as it was."""
     try:
@@ -292,7 +292,7 @@ def run_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespace
         sys.exit(2)
 
 
-def check_inputs(args: argparse.Namespace) -> Optional[dict[str, Any]]:
+def check_inputs(args: argparse.Namespace) -> Optional[RecipeCheckpoint]:
     """Stop with one clear line for every problem that can be seen before training starts.
 
     Sets `args.class_names` from the dataset (or the fake dataset of `--dummy`).
@@ -337,10 +337,10 @@ def check_inputs(args: argparse.Namespace) -> Optional[dict[str, Any]]:
         read_log(log_path)
     checkpoint = load_checkpoint(args.resume)
     check_resumed(checkpoint, args.resume, args.arch, args.model_kwargs, args.class_names, args.data)
-    saved = RunSettings.from_checkpoint(checkpoint, args.resume)
+    saved = checkpoint.settings
     if not args.evaluate:
         check_same_run(args.resume, saved, args.settings)
-        check_no_rewind(Path(args.resume), checkpoint['epoch'], Path(args.output))
+        check_no_rewind(Path(args.resume), checkpoint.epoch, Path(args.output))
     elif args.holdout_per_class != saved.holdout_per_class and args.holdout_per_class:
         # the dev split is carved from the training folder: one of another size holds images the run trained on
         raise RecipeError(f'--evaluate --holdout-per-class {args.holdout_per_class}: {args.resume} was trained with '
@@ -356,7 +356,7 @@ def check_no_rewind(resume: Path, epoch: int, output: Path) -> None:
     last = output / CHECKPOINT_NAME
     if resume.resolve() == last.resolve() or resume.resolve().parent != output.resolve() or not last.is_file():
         return
-    last_epoch = load_checkpoint(str(last))['epoch']
+    last_epoch = load_checkpoint(str(last)).epoch
     if epoch < last_epoch:
         raise RecipeError(f'--resume {resume} holds epoch {epoch}, and {last} of the same run epoch {last_epoch}, '
                           f'which training on from it would replace; resume from {last}, or copy {resume.name} into '
@@ -384,7 +384,7 @@ def create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
 
 
 def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespace,
-                checkpoint: Optional[dict[str, Any]] = None) -> None:
+                checkpoint: Optional[RecipeCheckpoint] = None) -> None:
     """Train (or, with `--evaluate`, evaluate) in this process; `checkpoint` is the `--resume` one, if already read."""
     device = init_process(gpu, ngpus_per_node, args)
     output, log_path = Path(args.output), Path(args.output) / LOG_NAME
@@ -468,23 +468,12 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
             # and resuming drops the lines of epochs the checkpoint does not hold
             append_log(log_path, epoch_record(epoch, train_metrics, val_metrics, clean_metrics, area_ratio, lr,
                                               model_without_ddp.sgdrop_rho, epoch_time, args.regularizer))
-            save_checkpoint({
-                'epoch': epoch + 1,
-                'arch': args.arch,
-                'state_dict': model_without_ddp.state_dict(),
-                'acc1': acc1,
-                'best_acc1': best_acc1,
-                'best_epoch': best_epoch,
-                'optimizer': optimizer.state_dict(),
-                'scheduler': scheduler.state_dict(),
-                'sgdrop_ema': model_without_ddp.ema_state_dict(),
-                'sgdrop_rho': model_without_ddp.sgdrop_rho,
-                'rho_schedule': {'start': args.sgdrop_rho, 'end': args.sgdrop_rho_end, 'num_epochs': args.epochs},
-                'scaler': scaler.state_dict(),
-                'rng_state': get_rng_state(),
-                'class_names': args.class_names,
-                'settings': args.settings.to_dict(),
-            }, is_best, output)
+            save_checkpoint(RecipeCheckpoint(
+                epoch=epoch + 1, acc1=acc1, best_acc1=best_acc1, best_epoch=best_epoch, class_names=args.class_names,
+                settings=args.settings, state_dict=model_without_ddp.state_dict(),
+                sgdrop_ema=model_without_ddp.ema_state_dict(), optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng_state=get_rng_state(),
+            ), is_best, output)
 
     if args.is_main and (output / BEST_NAME).exists():
         export_dir = export_for_hub(output / BEST_NAME, output, args)
@@ -550,40 +539,78 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids), model
 
 
-def resume(checkpoint: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+def resume(checkpoint: RecipeCheckpoint, model: nn.Module, optimizer: torch.optim.Optimizer,
            scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
            args: argparse.Namespace) -> tuple[float, int, Optional[dict[str, Any]]]:
     """Load the `--resume` checkpoint into the unwrapped `model` and, unless evaluating, the training state.
 
-    Sets `args.start_epoch` to its epoch. Empties `checkpoint` once loaded, so that its tensors are freed however many
-    callers hold it.
+    Sets `args.start_epoch` to its epoch. Releases the checkpoint's state once loaded, so that its tensors are freed
+    however many callers hold it.
 
     Returns:
         The best top-1 and best epoch to continue with, and the RNG state to restore (None when evaluating).
     """
-    args.start_epoch = checkpoint['epoch']
-    best_acc1 = checkpoint['best_acc1']
-    best_epoch = checkpoint['best_epoch']
-    model.load_state_dict(checkpoint['state_dict'])
-    if checkpoint.get('sgdrop_ema') is not None:  # the 'ema' and 'ema_head' sources' EMA network
-        model.load_ema_state_dict(checkpoint['sgdrop_ema'])
+    args.start_epoch = checkpoint.epoch
+    best_acc1, best_epoch = checkpoint.best_acc1, checkpoint.best_epoch
+    model.load_state_dict(checkpoint.state_dict)
+    if checkpoint.sgdrop_ema is not None:  # the 'ema' and 'ema_head' sources' EMA network
+        model.load_ema_state_dict(checkpoint.sgdrop_ema)
     rng_state = None
     if not args.evaluate:
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        scheduler.load_state_dict(checkpoint['scheduler'])
-        if checkpoint.get('scaler'):
-            scaler.load_state_dict(checkpoint['scaler'])
-        rng_state = checkpoint.get('rng_state')
+        optimizer.load_state_dict(checkpoint.optimizer)
+        scheduler.load_state_dict(checkpoint.scheduler)
+        if checkpoint.scaler:  # a float16 scaler's state; a disabled scaler's is empty
+            scaler.load_state_dict(checkpoint.scaler)
+        rng_state = checkpoint.rng_state
     if args.is_main:
-        print(f"=> loaded checkpoint '{args.resume}' (epoch {checkpoint['epoch']})", flush=True)
+        print(f"=> loaded checkpoint '{args.resume}' (epoch {checkpoint.epoch})", flush=True)
     if args.is_main and not args.evaluate:
         best_acc1, best_epoch = restore_model_best(checkpoint, Path(args.resume), Path(args.output) / BEST_NAME)
-    checkpoint.clear()
+    checkpoint.release_state()
     return best_acc1, best_epoch, rng_state
 
 
+def restore_model_best(checkpoint: RecipeCheckpoint, resume_path: Path, best_path: Path) -> tuple[float, int]:
+    """Check that `best_path` holds the resumed run's best epoch, rebuilding it when a kill left it missing or stale.
+
+    A run stopped between writing its checkpoint and copying it to model_best leaves model_best missing or one best
+    epoch behind. When the resumed checkpoint is that best epoch, the copy is made again and nothing is lost; when
+    model_best is missing and the best epoch's weights are gone, the resumed epoch stands in for it and becomes the
+    best to beat. A model_best of another epoch that the resumed checkpoint cannot replace is kept.
+
+    Args:
+        checkpoint: The resumed checkpoint, read from `resume_path`.
+        resume_path: Its file.
+        best_path: The run's model_best.
+
+    Returns:
+        The best top-1 and best epoch to continue with.
+    """
+    best_acc1, best_epoch = checkpoint.best_acc1, checkpoint.best_epoch
+    if best_path.exists():
+        held = RecipeCheckpoint.read(best_path).epoch
+        if held == best_epoch:
+            return best_acc1, best_epoch
+        if best_epoch != checkpoint.epoch:
+            # not what a kill leaves (an older checkpoint resumed, say): weights the resumed one cannot replace
+            print(f'=> {best_path} holds epoch {held}, not the best epoch {best_epoch} of {resume_path}; it is kept '
+                  f'until this run has a better epoch', flush=True)
+            return best_acc1, best_epoch
+        print(f'=> {best_path} holds epoch {held}, not the best epoch {best_epoch} (the run was stopped while '
+              f'writing it); copied again from {resume_path}, which holds that epoch', flush=True)
+    elif best_epoch == checkpoint.epoch:
+        print(f'=> {best_path} is missing (the run was stopped while writing it); copied again from {resume_path}, '
+              f'which holds its best epoch', flush=True)
+    else:
+        best_acc1, best_epoch = checkpoint.acc1, checkpoint.epoch
+        print(f"=> {best_path} is missing and the best epoch's weights are gone; rebuilt from {resume_path} (epoch "
+              f"{best_epoch}, val Acc@1 {best_acc1:.3f}), the best to beat from now on", flush=True)
+    copy_file(resume_path, best_path)
+    return best_acc1, best_epoch
+
+
 def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.device) -> RecipeLoaders:
-    """The loaders of the run (``sgdrop_zoo.recipe_data.build_loaders``), normalised with the model's mean and std."""
+    """The loaders of the run (``recipe_data.build_loaders``), normalised with the model's mean and std."""
     data_config = resolve_model_data_config(model)
     return recipe_data.build_loaders(
         Path(args.data), args.image_size, args.train_transform, data_config['mean'], data_config['std'],
@@ -743,14 +770,14 @@ def evaluate(loaders: RecipeLoaders, model: nn.Module, criterion: nn.Module, amp
         atomic_write(Path(args.metrics_json), lambda f: f.write((json.dumps(record, indent=1) + '\n').encode()))
 
 
-def save_checkpoint(state: dict[str, Any], is_best: bool, output: Path, filename: str = CHECKPOINT_NAME) -> None:
-    """Write `state` to `output`/`filename`, and copy it to model_best.pth.tar when best.
+def save_checkpoint(checkpoint: RecipeCheckpoint, is_best: bool, output: Path) -> None:
+    """Write `checkpoint` to `output`, and copy it to model_best.pth.tar when best.
 
     Each file is written to a temporary file in the same directory and renamed over the old one, so a run killed at any
     moment leaves the previous complete checkpoint in place.
     """
-    path = output / filename
-    atomic_write(path, lambda f: torch.save(state, f))
+    path = output / CHECKPOINT_NAME
+    checkpoint.write(path)
     if is_best:
         copy_file(path, output / BEST_NAME)
 
@@ -761,13 +788,12 @@ def export_for_hub(checkpoint_path: Path, output: Path, args: argparse.Namespace
     The model is rebuilt on the CPU from the checkpoint, so the export holds plain contiguous float32 weights whatever
     the training memory format or compile state.
     """
-    checkpoint = read_checkpoint(checkpoint_path)
+    checkpoint = RecipeCheckpoint.read(checkpoint_path)
     model = create_model(argparse.Namespace(**{**vars(args), 'pretrained': False}), len(args.class_names))
-    model.load_state_dict(checkpoint['state_dict'])
+    model.load_state_dict(checkpoint.state_dict)
     try:
         # model_best holds its own epoch and that epoch's top-1, the best one
-        save_recipe_export(model, output, args.settings, args.class_names, checkpoint['epoch'],
-                           checkpoint['acc1'])
+        save_recipe_export(model, output, args.settings, args.class_names, checkpoint.epoch, checkpoint.acc1)
     except ValueError as e:  # weights that are not finite
         raise RecipeError(str(e)) from e
     except (OSError, SafetensorError) as e:
