@@ -3,6 +3,7 @@
 Training runs go through the command line in subprocesses, as a user runs them; the bad-input checks call `main()`
 in-process because they stop before any training.
 """
+import contextlib
 import errno
 import functools
 import importlib.util
@@ -61,9 +62,20 @@ recipe = load_recipe()
 
 
 def run_recipe(*args: str, timeout: float = 300, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS='1' if launcher else os.environ.get(
-        'OMP_NUM_THREADS', '2'))
-    command = [*launcher, str(MAIN), *args] if launcher else [sys.executable, str(MAIN), *args]
+    """Run the recipe to its end and return its output: in this process (as `python train/main.py` would, without
+    paying its start-up once more), or as the script of `launcher` (torchrun, or python itself)."""
+    if not launcher:
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.chdir(REPO_ROOT), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                recipe.main(list(args))
+                returncode = 0
+            except SystemExit as e:
+                returncode = e.code
+        assert returncode == 0, f'{args} failed:\n{stdout.getvalue()[-3000:]}\n{stderr.getvalue()[-3000:]}'
+        return subprocess.CompletedProcess(['train/main.py', *args], 0, stdout.getvalue(), stderr.getvalue())
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS='1')
+    command = [*launcher, str(MAIN), *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
     assert result.returncode == 0, f'{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}'
     return result
@@ -440,11 +452,10 @@ def test_a_seeded_run_is_that_of_the_reference_commit_bit_for_bit(reference_tree
         config_as_of_the_reference(json.loads((current / 'config.json').read_text()))
 
 
-@pytest.mark.parametrize('in_memory', [False, True], ids=['imagefolder', 'in_memory'])
-def test_torchrun_two_processes_count_every_val_sample_once(data_dir: Path, num_val: int, tmp_path: Path,
-                                                            in_memory: bool):
+def test_torchrun_two_processes_count_every_val_sample_once_in_memory(data_dir: Path, num_val: int, tmp_path: Path):
+    # the ImageFolder data path under torchrun: the BatchNorm test below
     torchrun = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2')
-    extra = ['--in-memory'] if in_memory else []
+    extra = ['--in-memory']
     result = run_recipe(str(data_dir), *TINY_RUN, '--epochs', '1', '--dist-url', 'env://', '--output',
                         str(tmp_path), *extra, launcher=torchrun)
     assert num_val % 2 == 1  # the two shards differ in size
@@ -459,7 +470,8 @@ def test_torchrun_two_processes_count_every_val_sample_once(data_dir: Path, num_
     assert reported_val_acc1(single.stdout) == pytest.approx(record['val_acc1'], abs=1e-3)
 
 
-def test_torchrun_without_dist_url_trains_one_batchnorm_model_across_its_processes(data_dir: Path, tmp_path: Path):
+def test_torchrun_without_dist_url_trains_one_batchnorm_model_across_its_processes(data_dir: Path, num_val: int,
+                                                                                   tmp_path: Path):
     # no --dist-url: torchrun's environment is detected (two separate runs into one folder before); ResNet-10-T has
     # BatchNorm, whose statistics each process gathers on its own shard: averaged after every epoch, the logged
     # validation is that of the saved weights
@@ -469,6 +481,10 @@ def test_torchrun_without_dist_url_trains_one_batchnorm_model_across_its_process
     assert result.stdout.count('=> creating model') == 1
     log = read_log(tmp_path)
     assert [record['epoch'] for record in log] == [1, 2]
+    # the ImageFolder shards differ in size, and every validation image is counted once
+    assert num_val % 2 == 1 and all(record['val_count'] == num_val for record in log)
+    checkpoint = torch.load(tmp_path / 'checkpoint.pth.tar', map_location='cpu', weights_only=True)
+    assert not any(key.startswith('module.') for key in checkpoint['state_dict'])
     run_recipe(str(data_dir), *run, '--resume', str(tmp_path / 'checkpoint.pth.tar'), '--evaluate', '--output',
                str(tmp_path / 'eval'), '--metrics-json', str(tmp_path / 'metrics.json'))
     single = json.loads((tmp_path / 'metrics.json').read_text())
@@ -511,8 +527,10 @@ def free_port() -> int:
 
 
 def test_multiprocessing_distributed_on_cpu(data_dir: Path, tmp_path: Path, num_val: int):
+    # a script of its own: the processes it spawns import the recipe by the path of __main__
     run_recipe(str(data_dir), *TINY_RUN, '--epochs', '1', '--multiprocessing-distributed', '--world-size', '1',
-               '--rank', '0', '--dist-url', f'tcp://127.0.0.1:{free_port()}', '--output', str(tmp_path))
+               '--rank', '0', '--dist-url', f'tcp://127.0.0.1:{free_port()}', '--output', str(tmp_path),
+               launcher=(sys.executable,))
     assert read_log(tmp_path)[0]['val_count'] == num_val
 
 
@@ -602,8 +620,9 @@ def test_log_area_ratio_leaves_training_unchanged(area_ratio_run: tuple[Path, st
 
 
 SLOW_SAVE = """
-import importlib.util, time, torch
+import importlib.util, sys, time
 from pathlib import Path
+sys.path.insert(0, str(Path({main!r}).parent))
 spec = importlib.util.spec_from_file_location("recipe_main", {main!r})
 recipe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(recipe)
@@ -615,10 +634,10 @@ class BlocksWhilePickled:
         time.sleep(60)
         return (int, (0,))
 
-state = torch.load({checkpoint!r}, map_location="cpu", weights_only=True)
-state["epoch"] += 1
-state["padding"] = BlocksWhilePickled()
-recipe.save_checkpoint(state, True, Path({output!r}))
+checkpoint = recipe.RecipeCheckpoint.read(Path({checkpoint!r}))
+checkpoint.epoch += 1
+checkpoint.rng_state["padding"] = BlocksWhilePickled()
+recipe.save_checkpoint(checkpoint, True, Path({output!r}))
 """
 
 
@@ -673,8 +692,9 @@ def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(data_dir: Pat
 
 
 SLOW_BEST_COPY = """
-import importlib.util, shutil, time, torch
+import importlib.util, shutil, sys, time
 from pathlib import Path
+sys.path.insert(0, str(Path({main!r}).parent))
 spec = importlib.util.spec_from_file_location("recipe_main", {main!r})
 recipe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(recipe)
@@ -683,10 +703,10 @@ def blocking_copy(src, dst):
     Path({marker!r}).touch()
     time.sleep(60)
 
-state = torch.load({checkpoint!r}, map_location="cpu", weights_only=True)
-state["epoch"] = state["best_epoch"] = 2
+checkpoint = recipe.RecipeCheckpoint.read(Path({checkpoint!r}))
+checkpoint.epoch = checkpoint.best_epoch = 2
 shutil.copyfileobj = blocking_copy  # save_checkpoint copies the new best checkpoint to model_best with it
-recipe.save_checkpoint(state, True, Path({output!r}))
+recipe.save_checkpoint(checkpoint, True, Path({output!r}))
 """
 
 

@@ -233,41 +233,32 @@ def test_changed_or_missing_weights_are_refused(tmp_path):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
+    # by its tag, then the folder by its path, to load or to publish, held to its record as its tag is; then the tag
+    # once the weights are gone; one process for all, each refusal printed on a line of its own
     code = f"""
-        import timm, sgdrop_zoo
-        from sgdrop_zoo.pretrained import HubError
-        try:
-            timm.create_model({NAMES[0]!r}, pretrained=True)
-        except HubError as e:
-            print(e)
-        else:
-            raise SystemExit('loaded changed weights')
-    """
-    out = _run(code, _offline_env(tmp_path, SGDROP_ZOO_HUB_CONFIGS=str(configs))).stdout
-    assert f'has sha256 {sha256_of_file(weights)}, but its hub_configs/ record expects {record["sha256"]}' in out
-    # the folder by its path, to load or to publish, is held to its record as its tag is
-    by_path = f"""
-        import sgdrop_zoo
+        import os, timm, sgdrop_zoo
         from sgdrop_zoo.hub import load_sgdrop_model, publish_checkpoint
         from sgdrop_zoo.loading import load_model
         from sgdrop_zoo.pretrained import HubError
         folder = {str(weights.parent)!r}
-        for load in (lambda: load_model(folder), lambda: load_sgdrop_model('local-dir:' + folder),
-                     lambda: publish_checkpoint(folder, 'me/x', dry_run_dir={str(tmp_path / 'dry')!r})):
+        for load in (lambda: timm.create_model({NAMES[0]!r}, pretrained=True), lambda: load_model(folder),
+                     lambda: load_sgdrop_model('local-dir:' + folder),
+                     lambda: publish_checkpoint(folder, 'me/x', dry_run_dir={str(tmp_path / 'dry')!r}),
+                     lambda: os.remove({str(weights)!r}) or timm.create_model({NAMES[0]!r}, pretrained=True)):
             try:
                 load()
             except HubError as e:
                 print(e)
             else:
-                raise SystemExit('took changed weights')
+                raise SystemExit('took changed or missing weights')
     """
-    out = _run(by_path, _offline_env(tmp_path, SGDROP_ZOO_HUB_CONFIGS=str(configs))).stdout.splitlines()
-    assert len(out) == 3 and all(f'has sha256 {sha256_of_file(weights)}, but its hub_configs/ record' in line
-                                 for line in out)
-    assert not (tmp_path / 'dry').exists()
-    weights.unlink()
-    out = _run(code, _offline_env(tmp_path, SGDROP_ZOO_HUB_CONFIGS=str(configs))).stdout
-    assert 'is missing and the checkpoint is not on the Hub' in out
+    changed = sha256_of_file(weights)
+    out = _run(code, _offline_env(tmp_path, SGDROP_ZOO_HUB_CONFIGS=str(configs))).stdout.splitlines()
+    assert len(out) == 5
+    assert f'has sha256 {changed}, but its hub_configs/ record expects {record["sha256"]}' in out[0]
+    assert all(f'has sha256 {changed}, but its hub_configs/ record' in line for line in out[1:4])
+    assert 'is missing and the checkpoint is not on the Hub' in out[4]
+    assert not (tmp_path / 'dry').exists() and not weights.exists()
 
 
 @pytest.mark.parametrize('record', RECORDS[:1], ids=NAMES[:1])
