@@ -278,11 +278,15 @@ def publish_checkpoint(
             raise HubError(str(e)) from e
         dry_run_dir.parent.mkdir(parents=True, exist_ok=True)
         # built next to its destination and renamed into place, so a failure leaves no partial folder
-        with tempfile.TemporaryDirectory(dir=dry_run_dir.parent, prefix=f'.{dry_run_dir.name}.') as tmp:
-            record = prepare_hub_folder(source, tmp, repo_id, dataset=dataset, tag=tag, license=license)
-            Path(tmp).chmod(0o755)  # a repo folder, for everyone to read (TemporaryDirectory creates it private)
-            os.replace(tmp, dry_run_dir)
-            Path(tmp).mkdir()  # TemporaryDirectory removes its path on exit
+        try:
+            with tempfile.TemporaryDirectory(dir=dry_run_dir.parent, prefix=f'.{dry_run_dir.name}.') as tmp:
+                record = prepare_hub_folder(source, tmp, repo_id, dataset=dataset, tag=tag, license=license)
+                Path(tmp).chmod(0o755)  # a repo folder, for everyone to read (TemporaryDirectory creates it private)
+                os.replace(tmp, dry_run_dir)
+                Path(tmp).mkdir()  # TemporaryDirectory removes its path on exit
+        except OSError as e:  # a full disk
+            raise HubError(f'cannot write {dry_run_dir} ({e.strerror or e}); nothing of it was written: free some '
+                           f'space there') from e
         return PublishResult(repo_id, str(dry_run_dir), None, record)
 
     token = _resolve_token(token_from_env)

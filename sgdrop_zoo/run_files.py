@@ -20,15 +20,17 @@ from typing import IO, Any, Optional
 
 import torch
 
-from .export import PARTIAL_WRITE_SUFFIX
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = [
-    'BEST_NAME', 'CHECKPOINT_NAME', 'LOCK_NAME', 'LOG_NAME', 'RUN_FILES', 'RunFileError', 'append_log',
-    'atomic_write', 'copy_file', 'epoch_record', 'get_rng_state', 'hold_folder', 'keep_log_until', 'prepare_output',
-    'read_log', 'remove_partial_writes', 'set_rng_state',
+    'BEST_NAME', 'CHECKPOINT_NAME', 'LOCK_NAME', 'LOG_NAME', 'PARTIAL_WRITE_SUFFIX', 'RUN_FILES', 'RunFileError',
+    'append_log', 'atomic_write', 'copy_file', 'epoch_record', 'get_rng_state', 'hold_folder', 'keep_log_until',
+    'prepare_output', 'read_log', 'remove_partial_writes', 'set_rng_state',
 ]
 
+# the suffix of the temporary files and folders of an unfinished write (a run killed while writing one leaves it):
+# only the writers of run files make such names, so only they are removed when the run resumes
+PARTIAL_WRITE_SUFFIX = '.sgdrop-partial'
 CHECKPOINT_NAME = 'checkpoint.pth.tar'
 BEST_NAME = 'model_best.pth.tar'
 LOG_NAME = 'log.jsonl'

@@ -362,3 +362,24 @@ def test_an_unreachable_hf_hub_id_fails_in_one_line(small_data: Path, tmp_path: 
                                                    'sgdrop-zoo/no-such-repo@main is not in the local cache and '
                                                    'HF_HUB_OFFLINE is set: unset it'), lines
     assert not (tmp_path / 'out').exists()
+
+
+def test_a_full_disk_during_the_export_stops_in_one_line(capsys: pytest.CaptureFixture, small_data: Path,
+                                                         source_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+
+    monkeypatch.setattr(safetensors.torch, 'save_file', full_disk)
+    output = tmp_path / 'out'
+    assert cli.main(['finetune', '--model', str(source_dir), '--data', str(small_data), '--output', str(output),
+                     '--epochs', '1', '--image-size', '32', '--workers', '0']) == 2
+    # after the training's progress bar, one line
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f'error: cannot write the export {output / "model.safetensors"} (Error while serializing: I/O error: No space '
+        f'left on device (os error 28)); nothing of it was written: free some space there')
+    assert not (output / 'model.safetensors').exists() and not (output / 'config.json').exists()
+    assert not list(output.glob('.export.*'))

@@ -726,3 +726,18 @@ def test_publish_dry_run_never_writes_into_hub_configs(export_dir, tmp_path, mon
         with pytest.raises(HubError, match=r"^--output .* is inside .*, the zoo's hub_configs/ folder"):
             publish_checkpoint(export_dir, f'{ORG}/x', dry_run_dir=folder / 'sgdrop_x.dry')
         assert sorted(folder.iterdir()) == before
+
+
+def test_a_full_disk_during_a_dry_run_stops_in_one_line_and_leaves_nothing(export_dir, tmp_path, capsys,
+                                                                          monkeypatch):
+    import errno
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shutil, 'copyfile', full_disk)  # the weights' copy into the repo folder
+    dry = tmp_path / 'out' / 'dry'
+    assert main(['publish', str(export_dir), '--repo-id', f'{ORG}/x', '--dry-run', '--output', str(dry)]) == 2
+    assert capsys.readouterr().err == (f'error: cannot write {dry} (No space left on device); nothing of it was '
+                                       f'written: free some space there\n')
+    assert list((tmp_path / 'out').iterdir()) == []

@@ -1139,8 +1139,9 @@ def test_a_full_disk_during_the_export_stops_in_one_line(monkeypatch: pytest.Mon
     with pytest.raises(recipe.RecipeError) as refused:
         recipe.export_for_hub(one_epoch_run / 'model_best.pth.tar', tmp_path, args)
     assert str(refused.value) == (f'cannot write the export {tmp_path / "model.safetensors"} (Error while '
-                                  f'serializing: I/O error: No space left on device (os error 28)); the checkpoints '
-                                  f'are intact: free some space there, then resume the run, which exports again')
+                                  f'serializing: I/O error: No space left on device (os error 28)); nothing of it was '
+                                  f'written: free some space there, then resume the run, which exports again (the '
+                                  f'checkpoints are intact)')
     assert list(tmp_path.iterdir()) == []
 
 

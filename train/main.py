@@ -32,7 +32,6 @@ import torch.backends.cudnn as cudnn
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
-from safetensors import SafetensorError
 
 import timm
 from timm.data import resolve_model_data_config
@@ -796,11 +795,8 @@ def export_for_hub(checkpoint_path: Path, output: Path, args: argparse.Namespace
         save_recipe_export(model, output, args.settings, args.class_names, checkpoint.epoch, checkpoint.acc1)
     except ValueError as e:  # weights that are not finite
         raise RecipeError(str(e)) from e
-    except (OSError, SafetensorError) as e:
-        # safetensors reports a refused write as its own error, with the OS's reason in the message
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        raise RecipeError(f'cannot write the export {output / WEIGHTS_NAME} ({reason}); the checkpoints are intact: '
-                          f'free some space there, then resume the run, which exports again') from e
+    except RunFileError as e:  # a full disk
+        raise RecipeError(f'{e}, then resume the run, which exports again (the checkpoints are intact)') from e
     return output
 
 
