@@ -55,16 +55,11 @@ from recipe_checks import (RecipeError, check_arch, check_counts, check_fits_val
                            check_launcher, check_metrics_json, check_model_kwargs, check_output, check_resumed,
                            check_sgdrop_flags, check_start_epoch, check_subset_options, check_training_numbers,
                            check_val_subset, load_checkpoint)
+from presets import PRESETS_PATH, load_presets, rho_for_arch
 from recipe_data import RecipeLoaders
 
-PRESETS_PATH = Path(__file__).with_name('presets.json')
 # the errors that stop the script with their one-line message
 ONE_LINE_ERRORS = (DatasetError, RecipeError, RunFileError)
-
-
-def load_presets() -> dict[str, dict]:
-    with PRESETS_PATH.open() as f:
-        return {name: preset for name, preset in json.load(f).items() if not name.startswith('_')}
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -195,7 +190,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         # started by torchrun (or torch.distributed.launch): its processes are one run, joined through its environment
         args.dist_url = 'env://'
     if args.sgdrop_rho is None:
-        args.sgdrop_rho = rho_for_arch(args.arch, preset.get('sgdrop_rho_by_arch', []))
+        args.sgdrop_rho = rho_for_arch(args.arch, preset)
     args.settings = run_settings(args)
     return args
 
@@ -209,14 +204,6 @@ def run_settings(args: argparse.Namespace) -> RunSettings:
         optimizer=args.optimizer, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
         data=args.data, train_subset=args.train_subset, train_subset_per_class=args.train_subset_per_class,
         holdout_per_class=args.holdout_per_class)
-
-
-def rho_for_arch(arch: str, rho_by_arch: list[list]) -> float:
-    """First rho whose architecture pattern occurs in `arch`, else the paper's default."""
-    for pattern, rho in rho_by_arch:
-        if pattern in arch:
-            return rho
-    return DEFAULT_RHO
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
