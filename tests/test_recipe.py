@@ -59,6 +59,9 @@ def load_recipe() -> Any:
 
 
 recipe = load_recipe()
+# what a run without a launcher is: one process on the CPU (batch size and loader workers of TINY_RUN)
+ONE_CPU_PROCESS = recipe.Process(device=torch.device('cpu'), rank=0, world_size=1, distributed=False,
+                                 batch_size=BATCH_SIZE, workers=0)
 
 
 def run_recipe(*args: str, timeout: float = 300, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -197,7 +200,6 @@ class RecordSecondStep:
 def test_a_training_step_reads_nothing_back_to_the_host():
     # aten._local_scalar_dense is what .item(), int(), float() and bool() of a tensor run: on a GPU, a sync
     args = recipe.parse_args(['data', *TINY_RUN, '-p', '1000'])
-    args.is_main, args.distributed = True, False
     model = recipe.create_model(args, num_classes=10)
     torch.manual_seed(0)
     loader = RecordSecondStep([(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(2)])
@@ -205,7 +207,7 @@ def test_a_training_step_reads_nothing_back_to_the_host():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     no_autocast = functools.partial(torch.autocast, 'cpu', enabled=False)
     metrics = recipe.train(loader, model, model, nn.CrossEntropyLoss(), optimizer,
-                           torch.amp.GradScaler('cpu', enabled=False), no_autocast, 0, torch.device('cpu'), args)
+                           torch.amp.GradScaler('cpu', enabled=False), no_autocast, 0, ONE_CPU_PROCESS, args)
     ops = loader.recorded.ops
     # the whole step was recorded: the forward's label check, the backward, the momentum update
     assert {'aten._assert_async.msg', 'aten.convolution_backward.default'} <= set(ops)
@@ -218,9 +220,8 @@ def test_holdout_validates_on_training_images_disjoint_from_the_trained_ones(dat
     args = recipe.parse_args([str(data_dir), *TINY_RUN, '--holdout-per-class', '1', '--train-subset-per-class', '2',
                               '--train-eval-samples', '0', '--output', str(tmp_path)])
     recipe.check_inputs(args)
-    args.is_main, args.distributed, args.rank, args.world_size = True, False, 0, 1
     model = recipe.create_model(args, num_classes=10)
-    train_loader, val_loader, _, _ = recipe.build_loaders(args, model, torch.device('cpu'))
+    train_loader, val_loader, _, _ = recipe.build_loaders(args, ONE_CPU_PROCESS, model)
     targets = datasets.ImageFolder(data_dir / 'train').targets
     # by hand from the recipe's fixed order: the first 2 images of each class train, the last one is held out
     order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(0)).tolist()
@@ -229,7 +230,7 @@ def test_holdout_validates_on_training_images_disjoint_from_the_trained_ones(dat
     assert sorted(train_loader.dataset.indices) == sorted(index for images in in_order for index in images[:2])
     # the same training images as without the holdout
     args.holdout_per_class = 0
-    assert train_loader.dataset.indices == recipe.build_loaders(args, model, torch.device('cpu'))[0].dataset.indices
+    assert train_loader.dataset.indices == recipe.build_loaders(args, ONE_CPU_PROCESS, model)[0].dataset.indices
 
 
 def test_holdout_larger_than_a_class_is_refused_in_one_line(data_dir: Path, tmp_path: Path,
@@ -1134,10 +1135,9 @@ def test_a_full_disk_during_the_export_stops_in_one_line(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(safetensors.torch, 'save_file', full_disk)
     args = recipe.parse_args([str(data_dir), *TINY_RUN, '--output', str(tmp_path)])
-    args.class_names = torch.load(one_epoch_run / 'checkpoint.pth.tar', map_location='cpu',
-                                  weights_only=True)['class_names']
+    class_names = torch.load(one_epoch_run / 'checkpoint.pth.tar', map_location='cpu', weights_only=True)['class_names']
     with pytest.raises(recipe.RecipeError) as refused:
-        recipe.export_for_hub(one_epoch_run / 'model_best.pth.tar', tmp_path, args)
+        recipe.export_for_hub(one_epoch_run / 'model_best.pth.tar', tmp_path, args, class_names)
     assert str(refused.value) == (f'cannot write the export {tmp_path / "model.safetensors"} (Error while '
                                   f'serializing: I/O error: No space left on device (os error 28)); nothing of it was '
                                   f'written: free some space there, then resume the run, which exports again (the '
