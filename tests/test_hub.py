@@ -42,6 +42,7 @@ from sgdrop_zoo.pretrained import (
     hub_configs_dir,
     load_hub_configs,
     packaged_hub_configs_dir,
+    record_notes,
     sha256_of_file,
 )
 
@@ -531,6 +532,21 @@ def test_publish_from_a_recipe_checkpoint(tmp_path, capsys):
     assert record['architecture'] == 'test_convnext' and record['input_size'] == [3, 64, 64]
     loaded = load_file(tmp_path / 'dry' / 'model.safetensors')
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+    assert 'dataset_license' not in record  # not known unless given
+
+
+def test_publish_records_the_datas_terms_for_the_card_and_timms_notes(tmp_path, capsys):
+    model = timm.create_model('test_convnext', num_classes=2)
+    recipe_checkpoint(model, RUN_SETTINGS, ['a', 'b']).write(tmp_path / 'model_best.pth.tar')
+    assert main(['publish', str(tmp_path / 'model_best.pth.tar'), '--repo-id', f'{ORG}/ab', '--dry-run', '--output',
+                 str(tmp_path / 'dry'), '--dataset-license', 'CC BY 4.0']) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record['dataset_license'] == 'CC BY 4.0'
+    card = (tmp_path / 'dry' / 'README.md').read_text()
+    assert '- **License:** apache-2.0 (the weights); the data: CC BY 4.0' in card
+    assert record_notes(record) == ('Data: CC BY 4.0',)
+    assert record_notes(dict(record, metrics=dict(record['metrics'], train_command='python train/main.py d'))) == (
+        'Trained with: python train/main.py d', 'Data: CC BY 4.0')
 
 
 @pytest.mark.parametrize('name, acc1, top1', [

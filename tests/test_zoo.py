@@ -16,6 +16,7 @@ import torch
 
 from sgdrop_zoo.hub import publish_checkpoint
 from sgdrop_zoo.pretrained import WEIGHTS_NAME, hub_configs_dir, load_hub_configs, sha256_of_file
+from sgdrop_zoo.sgdrop import PAPER_NAME
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGENETTE_VAL = REPO_ROOT.parent / 'shared' / 'data' / 'imagenette' / 'val'
@@ -130,6 +131,24 @@ def test_each_shipped_checkpoint_describes_itself(record):
     name = f'{record["architecture"]}.{record["tag"]}'
     for description in (config['pretrained_cfg']['description'], timm.create_model(name).pretrained_cfg['description']):
         assert description.startswith(method) and description.endswith(own), (name, description)
+
+
+@pytest.mark.parametrize('record', RECORDS, ids=NAMES)
+def test_each_shipped_checkpoint_names_its_paper_licenses_and_training_command(record):
+    # timm's fields: the paper, the weights' license and the data's terms, and the command that trained the weights
+    paper = {'paper_ids': 'arXiv:2409.17370', 'paper_name': PAPER_NAME,
+             'origin_url': 'https://arxiv.org/abs/2409.17370'}
+    notes = [f"Trained with: {record['metrics']['train_command']}", f"Data: {record['dataset_license']}"]
+    assert record['license'] == 'apache-2.0' and 'ImageNet' in record['dataset_license']
+    assert record['metrics']['train_command'].startswith('python train/main.py ../shared/data/imagenette -a ')
+    config = json.loads((hub_configs_dir() / record['local_dir'] / 'config.json').read_text())
+    tag_cfg = timm.create_model(f'{record["architecture"]}.{record["tag"]}').pretrained_cfg
+    for cfg in (config['pretrained_cfg'], tag_cfg):
+        assert {key: cfg[key] for key in paper} == paper and cfg['license'] == 'apache-2.0'
+        assert list(cfg['notes']) == notes
+    card = (hub_configs_dir() / record['local_dir'] / 'README.md').read_text()
+    assert f"- **License:** apache-2.0 (the weights); the data: {record['dataset_license']}" in card
+    assert f"```bash\n{record['metrics']['train_command']}\n```" in card
 
 
 def test_the_curriculum_tag_trains_on_with_the_rho_it_ended_at():
