@@ -51,12 +51,12 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sgdrop_zoo  # noqa: F401, registers the sgdrop_* architectures
-from sgdrop_zoo.recipe_data import build_loaders
 from sgdrop_zoo.sgdrop import num_dropped_features
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / 'benchmarks'))
+sys.path[:0] = [str(REPO / 'benchmarks'), str(REPO / 'train')]
 import overhead  # noqa: E402, benchmarks/overhead.py
+from recipe_data import build_loaders  # noqa: E402, train/recipe_data.py
 
 # the paper's families at the paper's size, and the zoo's small members for --smoke, with their architecture arguments
 FAMILIES = {'full': {'sgdrop_resnet50': {}, 'sgdrop_convnext_tiny': {}, 'sgdrop_vgg16': {}},
@@ -177,7 +177,7 @@ def host_syncs(args: argparse.Namespace, device: torch.device, data: Path) -> di
         run_args = recipe.parse_args([str(data), '-a', next(iter(args.families)), '--image-size',
                                       str(args.recipe_size), '-b', '8', '-j', '0', '-p', '100000', '--seed', '0',
                                       '--sgdrop-rho', '0.1'])
-        run_args.is_main, run_args.distributed = True, False
+        process = recipe.Process(device=device, rank=0, world_size=1, distributed=False, batch_size=8, workers=0)
         model = recipe.create_model(run_args, num_classes=4).to(device)
         loaders = build_loaders(data, run_args.image_size, 'crop-flip', model.pretrained_cfg['mean'],
                                 model.pretrained_cfg['std'], 8, 0, device, in_memory=in_memory)
@@ -185,7 +185,7 @@ def host_syncs(args: argparse.Namespace, device: torch.device, data: Path) -> di
         autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
         with count_syncs(device) as counter:
             recipe.train(CountedLoader(loaders.train, counter), model, model, nn.CrossEntropyLoss(), optimizer,
-                         torch.amp.GradScaler(device.type, enabled=False), autocast, 0, device, run_args)
+                         torch.amp.GradScaler(device.type, enabled=False), autocast, 0, process, run_args)
         results['in_memory' if in_memory else 'imagefolder'] = {'steps': len(loaders.train), 'syncs': counter.count}
     return results
 

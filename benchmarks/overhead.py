@@ -23,9 +23,11 @@ import torch.nn.functional as F
 from timm.utils import ParseKwargs
 
 import sgdrop_zoo
-from reproduce import family_rho  # benchmarks/reproduce.py, beside this script
 
-# SGDrop at the rho each family trains with (the low-data preset's, benchmarks/reproduce.py family_rho). Vanilla is
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'train'))
+from presets import load_presets, rho_for_arch  # noqa: E402, train/presets.py
+
+# SGDrop at the rho each family trains with (the low-data preset's, train/presets.json). Vanilla is
 # the recipe's --regularizer none: rho 0 with online attribution, so that it neither builds nor updates an EMA network
 VARIANTS = {
     'vanilla': dict(sgdrop_rho=0.0, sgdrop_attribution='online'),
@@ -68,7 +70,7 @@ def time_family(name: str, args: argparse.Namespace, device: torch.device) -> di
     images = images.to(memory_format=memory_format)
     target = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
     runs = {}
-    rho = family_rho(name)
+    rho = rho_for_arch(name, load_presets()['lowdata'])
     for variant, kwargs in VARIANTS.items():
         model = timm.create_model(name, num_classes=args.num_classes, **{'sgdrop_rho': rho, **kwargs},
                                   **args.model_kwargs)

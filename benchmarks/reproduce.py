@@ -10,8 +10,6 @@ numbers. Re-running skips finished runs and resumes an interrupted one from its 
     python benchmarks/reproduce.py cpu --table-only                                    # rebuild table.md
 """
 import argparse
-import functools
-import importlib.util
 import json
 import os
 import platform
@@ -20,13 +18,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import timm
 import torch
 
 import sgdrop_zoo  # noqa: F401, registers the sgdrop_* architectures the table counts the parameters of
 from sgdrop_zoo.run_files import read_log
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'train'))
+from presets import load_presets, rho_for_arch  # noqa: E402, train/presets.py
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / 'benchmarks' / 'results'
@@ -286,19 +287,9 @@ def check_data_root(data: Optional[str]) -> None:
         raise SystemExit(f'error: --data must be an ImageFolder root with train/ and val/, got {data!r}')
 
 
-@functools.lru_cache(maxsize=None)
-def load_recipe() -> Any:
-    """``train/main.py`` as a module, for its presets: the one place that holds each family's rho."""
-    spec = importlib.util.spec_from_file_location('recipe_main', REPO / 'train' / 'main.py')
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    return recipe
-
-
 def family_rho(arch: str) -> float:
     """The fixed rho the low-data preset trains ``arch`` with (Appendix B), the base of the curriculum's end."""
-    recipe = load_recipe()
-    return recipe.rho_for_arch(arch, recipe.load_presets()['lowdata']['sgdrop_rho_by_arch'])
+    return rho_for_arch(arch, load_presets()['lowdata'])
 
 
 def overhead_commands(protocol: str) -> dict[str, list[str]]:

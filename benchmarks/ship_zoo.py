@@ -49,7 +49,7 @@ from sgdrop_zoo.data import fixed_order
 from sgdrop_zoo.export import read_config, to_published_config, write_config
 from sgdrop_zoo.hub import hub_config_record, prepare_hub_folder
 from sgdrop_zoo.model_card import render_model_card
-from sgdrop_zoo.pretrained import CONFIG_NAME, WEIGHTS_NAME, checkpoint_description, sha256_of_file
+from sgdrop_zoo.pretrained import CONFIG_NAME, WEIGHTS_NAME, checkpoint_description, record_notes, sha256_of_file
 from sgdrop_zoo.run_files import read_log
 
 from reproduce import (  # benchmarks/reproduce.py, beside this script
@@ -67,6 +67,11 @@ from reproduce import (  # benchmarks/reproduce.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = 'imagenette'
+# the data's terms (../shared/data/imagenette/README.md), which every record, card and tag of the zoo names
+DATASET_LICENSE = ("Imagenette (fast.ai), Apache-2.0; its images are ImageNet's (ILSVRC-2012), under ImageNet's terms "
+                   'of access')
+# what timm's own pretrained cfgs say of their paper, copied from the architecture's cfg into each shipped config.json
+PAPER_FIELDS = ('paper_ids', 'paper_name', 'origin_url')
 CHECK_IMAGES = 100  # size of the fixed validation subset whose correct count the tests compare
 MAX_TOP1_DRIFT = 0.1  # points of top-1 the float16 weights may differ by from the study's float32 figure
 SHIPPED_FILES = (WEIGHTS_NAME, CONFIG_NAME, 'README.md')  # a shipped checkpoint's folder: a Hub repo's files
@@ -123,7 +128,7 @@ def export_run(name: str, source: Path, folder: Path) -> dict[str, Any]:
     info = ImageNetInfo()
     descriptions = {synset: info.label_name_to_description(synset) for synset in info.label_names()}
     record = prepare_hub_folder(source, folder, f'sgdrop-zoo/{name}', dataset=DATASET, tag=name.split('.', 1)[1],
-                                label_descriptions=descriptions)
+                                label_descriptions=descriptions, dataset_license=DATASET_LICENSE)
     to_float16(folder / WEIGHTS_NAME)
     return record
 
@@ -153,7 +158,7 @@ def reuse_shipped(name: str, seed: int, shipped: Path, folder: Path) -> tuple[di
     config = to_published_config(read_config(shipped / CONFIG_NAME))
     write_config(config, folder)
     return (hub_config_record(config, record['sha256'], f'sgdrop-zoo/{name}', DATASET, name.split('.', 1)[1],
-                              record['license']), REPO / record['metrics']['results'])
+                              record['license'], DATASET_LICENSE), REPO / record['metrics']['results'])
 
 
 def choose_pair(runs: list[dict[str, Any]], arch: str, method: str) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
@@ -317,10 +322,14 @@ def prepare_checkpoint(name: str, run: dict[str, Any], runs: list[dict[str, Any]
         ),
         sha256=sha256_of_file(tmp / WEIGHTS_NAME),
     )
-    # the folder's config.json describes these weights by the figures just measured
+    # the folder's config.json describes these weights by the figures just measured, with timm's paper fields and
+    # notes (the training command, the data's terms) as its tag gives them
     config['pretrained_cfg']['description'] = checkpoint_description(record['sgdrop'], record['dataset'],
                                                                      record['metrics']['top1'],
                                                                      record['metrics']['split'])
+    architecture_cfg = timm.models.get_pretrained_cfg(arch)
+    config['pretrained_cfg'].update({field: getattr(architecture_cfg, field) for field in PAPER_FIELDS},
+                                    notes=list(record_notes(record)))
     write_config(config, tmp)
     render_model_card([record], checkpoint=record).save(tmp / 'README.md')
     return record

@@ -71,7 +71,7 @@ def publish_command(args: argparse.Namespace) -> int:
     result = publish_checkpoint(
         args.checkpoint, args.repo_id, revision=args.revision, private=args.private,
         token_from_env=args.token_from_env, dry_run_dir=dry_run_dir, dataset=args.dataset, tag=args.tag,
-        license=args.license)
+        license=args.license, dataset_license=args.dataset_license)
     print(f'{"wrote" if args.dry_run else "published"} {result.location}', file=sys.stderr)
     # the hub_configs/ record, to save as hub_configs/<architecture>.<tag>.json once the upload is checked
     print(json.dumps(result.record, indent=2))
@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument('--dataset', default=None, help='dataset name for the card (default: from the config)')
     publish.add_argument('--tag', default=None, help="pretrained tag (default: NAME after its last '.')")
     publish.add_argument('--license', default='apache-2.0', help='license of the weights (apache-2.0)')
+    publish.add_argument('--dataset-license', default=None, metavar='TEXT',
+                         help="the terms of the training data, for the record, the card and timm's notes")
     publish.set_defaults(func=publish_command)
     card = commands.add_parser('model-card', help="render the zoo's model card from hub_configs/")
     card.add_argument('--output', default=None, metavar='PATH', help='write it here (default: print it)')

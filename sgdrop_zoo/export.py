@@ -18,22 +18,21 @@ from typing import Any, Optional
 import timm
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from timm.data import resolve_model_data_config
 from timm.models import save_for_hf
 
 from .data import EVAL_CROP
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME, check_model_args, checkpoint_description
+from .run_files import PARTIAL_WRITE_SUFFIX, RunFileError
 from .run_settings import RunSettings
 from .sgdrop import MODEL_SGDROP_SETTINGS, SGDropCfg, add_sgdrop
 
 __all__ = [
-    'PARTIAL_WRITE_SUFFIX', 'base_architecture', 'measured_split', 'read_config', 'save_export',
+    'base_architecture', 'measured_split', 'read_config', 'save_export',
     'save_recipe_export', 'sgdrop_settings', 'to_published_config', 'write_config',
 ]
 
-# the suffix of the temporary files and folders of an unfinished write (a run killed while writing one leaves it):
-# only the writers of run files make such names, so only they are removed when the run resumes
-PARTIAL_WRITE_SUFFIX = '.sgdrop-partial'
 
 def save_export(model: nn.Module, folder: Path, class_names: list[str], image_size: int, train_transform: str,
                 regularizer: str, sgdrop: SGDropCfg, training: dict[str, Any]) -> None:
@@ -51,6 +50,7 @@ def save_export(model: nn.Module, folder: Path, class_names: list[str], image_si
 
     Raises:
         ValueError: A weight is not finite; nothing is written.
+        RunFileError: The system refused the write (a full disk); nothing is written.
     """
     nonfinite = next((name for name, tensor in model.state_dict().items()
                       if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
@@ -76,11 +76,17 @@ def save_export(model: nn.Module, folder: Path, class_names: list[str], image_si
         'pretrained_cfg': {'description': checkpoint_description(sgdrop, dataset, training.get('val_acc1'),
                                                                  measured_split(training))},
     }
-    with tempfile.TemporaryDirectory(dir=folder, prefix='.export.', suffix=PARTIAL_WRITE_SUFFIX) as tmp:
-        save_for_hf(model, tmp, model_config=model_config, data_config=data_config, safe_serialization=True)
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            (Path(tmp) / name).chmod(0o644)  # safetensors writes the weights private
-            os.replace(Path(tmp) / name, Path(folder) / name)
+    try:
+        with tempfile.TemporaryDirectory(dir=folder, prefix='.export.', suffix=PARTIAL_WRITE_SUFFIX) as tmp:
+            save_for_hf(model, tmp, model_config=model_config, data_config=data_config, safe_serialization=True)
+            for name in (WEIGHTS_NAME, CONFIG_NAME):
+                (Path(tmp) / name).chmod(0o644)  # safetensors writes the weights private
+                os.replace(Path(tmp) / name, Path(folder) / name)
+    except (OSError, SafetensorError) as e:
+        # safetensors reports a refused write as its own error, with the system's reason in its message
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise RunFileError(f'cannot write the export {Path(folder) / WEIGHTS_NAME} ({reason}); nothing of it was '
+                           f'written: free some space there') from e
 
 
 def measured_split(training: dict[str, Any]) -> str:
@@ -95,7 +101,7 @@ def save_recipe_export(model: nn.Module, folder: Path, settings: RunSettings, cl
     Args:
         model: The trained model (SGDrop or plain timm), on the CPU; it is given the run's SGDrop settings.
         folder: An existing folder.
-        settings: The run's settings (``RunSettings.from_checkpoint`` of its checkpoints).
+        settings: The run's settings (those its checkpoints store).
         class_names: The dataset's classes, in label order.
         epoch: The number of epochs the weights were trained for.
         val_acc1: Their validation top-1 (%), or None when it is not known.

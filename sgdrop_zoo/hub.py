@@ -30,10 +30,10 @@ from .export import (
     to_published_config,
     write_config,
 )
-from .loading import check_output_outside_hub_configs, check_writable_folder, load_recipe_checkpoint
+from .loading import check_output_outside_hub_configs, check_writable_folder
 from .model_card import render_model_card
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME, HubError, check_shipped_folder, hub_download, sha256_of_file
-from .run_settings import RunSettings
+from .checkpoint import RecipeCheckpoint
 from .sgdrop import SGDropCfg, add_sgdrop
 
 __all__ = [
@@ -63,12 +63,12 @@ def _export_checkpoint(path: Path, folder: Path) -> dict[str, Any]:
         The exported config.
     """
     try:
-        model, checkpoint = load_recipe_checkpoint(path, required=('epoch', 'acc1'))
-        settings = RunSettings.from_checkpoint(checkpoint, path)
+        checkpoint = RecipeCheckpoint.read(path)
+        model = checkpoint.build_model(path)
     except ValueError as e:
         raise HubError(str(e)) from e
     # the top-1 of the checkpoint's own epoch, not the run's best
-    save_recipe_export(model, folder, settings, checkpoint['class_names'], checkpoint['epoch'], checkpoint['acc1'])
+    save_recipe_export(model, folder, checkpoint.settings, checkpoint.class_names, checkpoint.epoch, checkpoint.acc1)
     return read_config(folder / CONFIG_NAME)
 
 
@@ -121,7 +121,7 @@ def _check_weights(folder: Path, config: dict[str, Any]) -> None:
 
 
 def hub_config_record(config: dict[str, Any], sha256: str, hf_hub_id: str, dataset: str, tag: str,
-                      license: str = DEFAULT_LICENSE) -> dict[str, Any]:
+                      license: str = DEFAULT_LICENSE, dataset_license: Optional[str] = None) -> dict[str, Any]:
     """The ``hub_configs/`` record of a published config: add it as ``hub_configs/<arch>.<tag>.json``."""
     pretrained_cfg = config['pretrained_cfg']
     training = config.get('training') or {}
@@ -151,6 +151,7 @@ def hub_config_record(config: dict[str, Any], sha256: str, hf_hub_id: str, datas
         metrics=metrics,
         sha256=sha256,
         license=license,
+        **({'dataset_license': dataset_license} if dataset_license else {}),
     )
 
 
@@ -162,6 +163,7 @@ def prepare_hub_folder(
         tag: Optional[str] = None,
         license: str = DEFAULT_LICENSE,
         label_descriptions: Optional[dict[str, str]] = None,
+        dataset_license: Optional[str] = None,
 ) -> dict[str, Any]:
     """Write the repo contents of a checkpoint (``model.safetensors``, ``config.json``, ``README.md``) to ``folder``.
 
@@ -173,6 +175,7 @@ def prepare_hub_folder(
         tag: Pretrained tag for ``hub_configs/``; default: the repo name after its last '.', else the dataset.
         license: License of the weights (a Hub license id).
         label_descriptions: Human-readable class names by label name, recorded in ``config.json`` as timm does.
+        dataset_license: The terms of the data that trained it, for the record and the card.
 
     Returns:
         The checkpoint's ``hub_configs/`` record, with ``hf_hub_id=repo_id``.
@@ -197,7 +200,8 @@ def prepare_hub_folder(
     name = repo_id.split('/')[-1]
     tag = tag or (name.rsplit('.', 1)[-1] if '.' in name else dataset.lower())
     write_config(config, folder)
-    record = hub_config_record(config, sha256_of_file(folder / WEIGHTS_NAME), repo_id, dataset, tag, license)
+    record = hub_config_record(config, sha256_of_file(folder / WEIGHTS_NAME), repo_id, dataset, tag, license,
+                               dataset_license)
     render_model_card([record], checkpoint=record).save(folder / README_NAME)
     return record
 
@@ -244,6 +248,7 @@ def publish_checkpoint(
         dataset: Optional[str] = None,
         tag: Optional[str] = None,
         license: str = DEFAULT_LICENSE,
+        dataset_license: Optional[str] = None,
 ) -> PublishResult:
     """Publish an SGDrop checkpoint as a new Hub repo (or a new branch of one), or write it locally.
 
@@ -260,6 +265,7 @@ def publish_checkpoint(
         dataset: Dataset name for the card (see ``prepare_hub_folder``).
         tag: Pretrained tag for ``hub_configs/`` (see ``prepare_hub_folder``).
         license: License of the weights.
+        dataset_license: The terms of the data that trained it, for the record and the card.
 
     Returns:
         Where it went and its ``hub_configs/`` record (``hf_hub_id`` pinned to the commit after an upload).
@@ -278,16 +284,22 @@ def publish_checkpoint(
             raise HubError(str(e)) from e
         dry_run_dir.parent.mkdir(parents=True, exist_ok=True)
         # built next to its destination and renamed into place, so a failure leaves no partial folder
-        with tempfile.TemporaryDirectory(dir=dry_run_dir.parent, prefix=f'.{dry_run_dir.name}.') as tmp:
-            record = prepare_hub_folder(source, tmp, repo_id, dataset=dataset, tag=tag, license=license)
-            Path(tmp).chmod(0o755)  # a repo folder, for everyone to read (TemporaryDirectory creates it private)
-            os.replace(tmp, dry_run_dir)
-            Path(tmp).mkdir()  # TemporaryDirectory removes its path on exit
+        try:
+            with tempfile.TemporaryDirectory(dir=dry_run_dir.parent, prefix=f'.{dry_run_dir.name}.') as tmp:
+                record = prepare_hub_folder(source, tmp, repo_id, dataset=dataset, tag=tag, license=license,
+                                            dataset_license=dataset_license)
+                Path(tmp).chmod(0o755)  # a repo folder, for everyone to read (TemporaryDirectory creates it private)
+                os.replace(tmp, dry_run_dir)
+                Path(tmp).mkdir()  # TemporaryDirectory removes its path on exit
+        except OSError as e:  # a full disk
+            raise HubError(f'cannot write {dry_run_dir} ({e.strerror or e}); nothing of it was written: free some '
+                           f'space there') from e
         return PublishResult(repo_id, str(dry_run_dir), None, record)
 
     token = _resolve_token(token_from_env)
     with tempfile.TemporaryDirectory(prefix='sgdrop-publish.') as tmp:
-        record = prepare_hub_folder(source, tmp, repo_id, dataset=dataset, tag=tag, license=license)
+        record = prepare_hub_folder(source, tmp, repo_id, dataset=dataset, tag=tag, license=license,
+                                    dataset_license=dataset_license)
         api = HfApi(token=token, library_name='sgdrop-zoo')
         commit, url = _upload(api, Path(tmp), repo_id, revision, private)
     record['hf_hub_id'] = f'{repo_id}@{commit}'

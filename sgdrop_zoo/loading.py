@@ -1,13 +1,11 @@
 """Loading models and data for fine-tuning and saliency: model ids, recipe checkpoints, encoder/head split, splits.
 
 ``finetune`` and ``saliency`` both read models and ImageFolder splits the same way; the helpers live here so neither
-depends on the other, and ``hub`` reads recipe checkpoints with ``load_recipe_checkpoint`` too.
+depends on the other.
 """
 import os
-import pickle
-import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import timm
 import torch
@@ -15,6 +13,7 @@ import torch.nn as nn
 import torchvision.datasets as datasets
 from timm.data import resolve_model_data_config
 
+from .checkpoint import RecipeCheckpoint
 from .data import (
     DatasetError,
     InMemoryLoader,
@@ -36,78 +35,12 @@ from .pretrained import (
     packaged_hub_configs_dir,
     tag_folder,
 )
-from .run_settings import RunSettings
 
 __all__ = [
     'check_input_channels', 'check_label_names', 'check_output_folder', 'check_output_is_not_source',
     'check_output_outside_hub_configs', 'check_writable_file', 'check_writable_folder', 'in_memory_loader',
-    'input_size', 'load_model', 'load_recipe_checkpoint', 'load_split', 'read_checkpoint', 'split_encoder_head',
+    'input_size', 'load_model', 'load_split', 'split_encoder_head',
 ]
-
-
-def _is_legacy_torch_save(path: Path) -> bool:
-    """Whether ``path`` starts as the files of ``torch.save(..., _use_new_zipfile_serialization=False)`` do."""
-    with open(path, 'rb') as f:
-        head = f.read(64)
-    # the legacy format begins with torch's magic number, pickled with the protocol of the save
-    return any(head.startswith(pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=protocol))
-               for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1))
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a ``torch.save`` checkpoint, tensors on the CPU, without executing pickled code.
-
-    Raises:
-        ValueError: The file is truncated, corrupt, not written by ``torch.save``, holds objects other than tensors
-            and plain data, or holds no dict; in one line.
-    """
-    try:
-        # weights_only: a checkpoint is data, and unpickling anything else would run its code
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # noqa: BLE001, a truncated zip, foreign classes, a file that is no checkpoint at all
-        # torch's own messages run to many lines, and some end with advice to load with weights_only=False, which
-        # would run the file's code
-        if not zipfile.is_zipfile(path) and not _is_legacy_torch_save(path):  # the two formats of torch.save
-            reason = 'truncated, or not written by torch.save'
-        elif isinstance(e, pickle.UnpicklingError):
-            reason = 'it holds objects other than tensors and plain data'
-        else:
-            reason = str(e).splitlines()[0].split('. ')[0] if str(e) else type(e).__name__
-        raise ValueError(f'{path}: not a readable checkpoint ({reason}).') from e
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f'{path}: not a checkpoint (it holds a {type(checkpoint).__name__}, not a dict).')
-    return checkpoint
-
-
-def load_recipe_checkpoint(path: Path, required: tuple[str, ...] = ()) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model of a ``*.pth.tar`` checkpoint of ``train/main.py``, without executing pickled code.
-
-    Args:
-        path: The checkpoint file.
-        required: Keys needed beyond ``arch``, ``state_dict``, ``class_names`` and ``settings``.
-
-    Returns:
-        The model holding the checkpoint's weights, and the checkpoint.
-
-    Raises:
-        ValueError: The file is unreadable, lacks a key or its run settings, or its weights do not fit its
-            architecture.
-    """
-    checkpoint = read_checkpoint(path)
-    keys = ('arch', 'state_dict', 'class_names', 'settings', *required)
-    missing = [k for k in keys if k not in checkpoint]
-    if missing:
-        raise ValueError(f'{path}: not a checkpoint of train/main.py (no {", ".join(missing)}); pass its '
-                         f'model_best.pth.tar or the folder holding {WEIGHTS_NAME} and {CONFIG_NAME}.')
-    arch, num_classes = checkpoint['arch'], len(checkpoint['class_names'])
-    model_kwargs = RunSettings.from_checkpoint(checkpoint, path).model_kwargs
-    model = timm.create_model(arch, num_classes=num_classes, **model_kwargs)
-    try:
-        model.load_state_dict(checkpoint['state_dict'])
-    except RuntimeError as e:
-        raise ValueError(f'{path}: its state_dict does not fit {arch} with {num_classes} classes and arguments '
-                         f'{model_kwargs} ({str(e)[:200]}).') from e
-    return model, checkpoint
 
 
 def load_model(name_or_path: str) -> nn.Module:
@@ -161,8 +94,9 @@ def _create_model(name: str, pretrained: bool) -> nn.Module:
 
 
 def _load_recipe_checkpoint(path: Path) -> nn.Module:
-    model, checkpoint = load_recipe_checkpoint(path)
-    model.pretrained_cfg = dict(model.pretrained_cfg, label_names=list(checkpoint['class_names']))
+    checkpoint = RecipeCheckpoint.read(path)
+    model = checkpoint.build_model(path)
+    model.pretrained_cfg = dict(model.pretrained_cfg, label_names=list(checkpoint.class_names))
     return model
 
 

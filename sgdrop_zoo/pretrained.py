@@ -40,7 +40,7 @@ __all__ = [
     'CONFIG_NAME', 'HUB_CONFIGS_ENV', 'WEIGHTS_NAME', 'HubConfigWarning', 'HubError',
     'build_model_with_checked_weights', 'check_model_args', 'check_shipped_folder', 'checked_record_weights',
     'checkpoint_description', 'download_checked_weights', 'hub_configs_dir', 'hub_download', 'load_hub_configs',
-    'local_weights', 'packaged_hub_configs_dir', 'pretrained_cfgs', 'sha256_of_file', 'tag_folder',
+    'local_weights', 'packaged_hub_configs_dir', 'pretrained_cfgs', 'record_notes', 'sha256_of_file', 'tag_folder',
 ]
 
 HUB_CONFIGS_ENV = 'SGDROP_ZOO_HUB_CONFIGS'
@@ -54,6 +54,8 @@ REQUIRED_FIELDS = {
 }
 # where the weights are: at least one of them, each a string or null
 LOCATION_FIELDS = ('hf_hub_id', 'local_dir')
+# fields a record may leave out: the terms of the data that trained it
+OPTIONAL_FIELDS = {'dataset_license': str}
 
 
 # timm.create_model's own parameters, and the keywords timm's builder takes for itself: in a config's model_args they
@@ -104,6 +106,8 @@ def _check_record(record: Any, path: Path) -> dict[str, Any]:
     ]
     problems += [f'{name} (str or null)' for name in LOCATION_FIELDS
                  if not isinstance(record.get(name), (str, type(None)))]
+    problems += [f'{name} ({kind.__name__})' for name, kind in OPTIONAL_FIELDS.items()
+                 if name in record and not isinstance(record[name], kind)]
     if problems:
         raise ValueError(f'{path}: missing or mistyped fields {", ".join(problems)}; see hub_configs/README.md.')
     if not any(record.get(name) for name in LOCATION_FIELDS):
@@ -232,7 +236,15 @@ def _record_to_cfg(record: dict[str, Any]) -> dict[str, Any]:
         license=record['license'],
         description=checkpoint_description(record['sgdrop'], record['dataset'], top1,
                                            record['metrics'].get('split', 'val')),
+        notes=record_notes(record),
     )
+
+
+def record_notes(record: dict[str, Any]) -> Optional[tuple[str, ...]]:
+    """timm's ``notes`` of a checkpoint: the command that trained it and the terms of its data, where recorded."""
+    command, terms = record['metrics'].get('train_command'), record.get('dataset_license')
+    notes = (f'Trained with: {command}' if command else None, f'Data: {terms}' if terms else None)
+    return tuple(note for note in notes if note) or None
 
 
 def _pool_size(cfg: dict[str, Any], input_size: list[int]) -> tuple[int, int]:

@@ -3,8 +3,7 @@
 Checkpoints are written to a temporary file of the same folder and renamed over the old one (``atomic_write``);
 ``log.jsonl`` gets one line per epoch, appended before the epoch's checkpoint (``append_log``, its one writer;
 ``read_log`` is its one reader), and a resumed run drops the lines of the epochs it trains again
-(``keep_log_until``); a ``model_best.pth.tar`` left missing or stale by a kill is rebuilt from the resumed checkpoint
-(``restore_model_best``); what a killed write left behind is removed when the run starts again
+(``keep_log_until``); what a killed write left behind is removed when the run starts again
 (``remove_partial_writes``), and only that. A write the system refuses stops the run with one line. A checkpoint
 holds the random state too (``get_rng_state``), so that a resumed run continues the interrupted one exactly.
 """
@@ -21,16 +20,17 @@ from typing import IO, Any, Optional
 
 import torch
 
-from .export import PARTIAL_WRITE_SUFFIX
-from .loading import read_checkpoint
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = [
-    'BEST_NAME', 'CHECKPOINT_NAME', 'LOCK_NAME', 'LOG_NAME', 'RUN_FILES', 'RunFileError', 'append_log',
-    'atomic_write', 'copy_file', 'epoch_record', 'get_rng_state', 'hold_folder', 'keep_log_until', 'prepare_output',
-    'read_log', 'remove_partial_writes', 'restore_model_best', 'set_rng_state',
+    'BEST_NAME', 'CHECKPOINT_NAME', 'LOCK_NAME', 'LOG_NAME', 'PARTIAL_WRITE_SUFFIX', 'RUN_FILES', 'RunFileError',
+    'append_log', 'atomic_write', 'copy_file', 'epoch_record', 'get_rng_state', 'hold_folder', 'keep_log_until',
+    'prepare_output', 'read_log', 'remove_partial_writes', 'set_rng_state',
 ]
 
+# the suffix of the temporary files and folders of an unfinished write (a run killed while writing one leaves it):
+# only the writers of run files make such names, so only they are removed when the run resumes
+PARTIAL_WRITE_SUFFIX = '.sgdrop-partial'
 CHECKPOINT_NAME = 'checkpoint.pth.tar'
 BEST_NAME = 'model_best.pth.tar'
 LOG_NAME = 'log.jsonl'
@@ -143,45 +143,6 @@ def remove_partial_writes(output: Path) -> None:
     for partial in output.glob(f'.export.*{PARTIAL_WRITE_SUFFIX}'):
         if partial.is_dir() and not partial.is_symlink():
             shutil.rmtree(partial)
-
-
-def restore_model_best(checkpoint: dict[str, Any], resume_path: Path, best_path: Path) -> tuple[float, int]:
-    """Check that `best_path` holds the resumed run's best epoch, rebuilding it when a kill left it missing or stale.
-
-    A run stopped between writing its checkpoint and copying it to model_best leaves model_best missing or one best
-    epoch behind. When the resumed checkpoint is that best epoch, the copy is made again and nothing is lost; when
-    model_best is missing and the best epoch's weights are gone, the resumed epoch stands in for it and becomes the
-    best to beat. A model_best of another epoch that the resumed checkpoint cannot replace is kept.
-
-    Args:
-        checkpoint: The resumed checkpoint, read from `resume_path`.
-        resume_path: Its file.
-        best_path: The run's model_best.
-
-    Returns:
-        The best top-1 and best epoch to continue with.
-    """
-    best_acc1, best_epoch = checkpoint['best_acc1'], checkpoint['best_epoch']
-    if best_path.exists():
-        held = read_checkpoint(best_path)['epoch']
-        if held == best_epoch:
-            return best_acc1, best_epoch
-        if best_epoch != checkpoint['epoch']:
-            # not what a kill leaves (an older checkpoint resumed, say): weights the resumed one cannot replace
-            print(f'=> {best_path} holds epoch {held}, not the best epoch {best_epoch} of {resume_path}; it is kept '
-                  f'until this run has a better epoch', flush=True)
-            return best_acc1, best_epoch
-        print(f'=> {best_path} holds epoch {held}, not the best epoch {best_epoch} (the run was stopped while '
-              f'writing it); copied again from {resume_path}, which holds that epoch', flush=True)
-    elif best_epoch == checkpoint['epoch']:
-        print(f'=> {best_path} is missing (the run was stopped while writing it); copied again from {resume_path}, '
-              f'which holds its best epoch', flush=True)
-    else:
-        best_acc1, best_epoch = checkpoint['acc1'], checkpoint['epoch']
-        print(f"=> {best_path} is missing and the best epoch's weights are gone; rebuilt from {resume_path} (epoch "
-              f"{best_epoch}, val Acc@1 {best_acc1:.3f}), the best to beat from now on", flush=True)
-    copy_file(resume_path, best_path)
-    return best_acc1, best_epoch
 
 
 def epoch_record(epoch: int, train_metrics: dict[str, float], val_metrics: dict[str, float],

@@ -1,9 +1,8 @@
 """The settings of a training run: what the recipe builds once from its arguments and stores in its checkpoints.
 
 ``train/main.py`` builds a ``RunSettings`` from its command line before any process changes an argument (the batch
-size, say, becomes per process under DDP), stores ``to_dict()`` in every checkpoint as ``settings``, and reads it back
-on resume. Everything that reads a recipe checkpoint (resume, export, ``sgdrop-zoo publish``, ``finetune``) goes
-through ``RunSettings.from_checkpoint``, so no library module knows the recipe's command-line names.
+size, say, becomes per process under DDP); its checkpoint (``checkpoint.RecipeCheckpoint``) stores ``to_dict()`` and
+reads it back with ``from_dict``, so no library module knows the recipe's command-line names.
 """
 import dataclasses
 from typing import Any, Optional
@@ -68,17 +67,15 @@ class RunSettings:
         return {'version': RUN_SETTINGS_VERSION, **fields, **self.sgdrop.to_dict()}
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: dict[str, Any], path: Any) -> 'RunSettings':
-        """The settings a recipe checkpoint (read from ``path``) stores.
+    def from_dict(cls, stored: Any, path: Any) -> 'RunSettings':
+        """The settings a recipe checkpoint (read from ``path``) stores, as ``to_dict`` wrote them.
 
         Raises:
-            ValueError: It stores none, settings of another version, or settings out of range; in one line naming
-                ``path``.
+            ValueError: They are missing, of another version, or out of range; in one line naming ``path``.
         """
-        stored = checkpoint.get('settings')
         if not isinstance(stored, dict) or stored.get('version') != RUN_SETTINGS_VERSION:
-            found = 'no run settings' if not isinstance(stored, dict) else f'run settings of version ' \
-                                                                           f'{stored.get("version")!r}'
+            versioned = isinstance(stored, dict) and 'version' in stored
+            found = f'run settings of version {stored["version"]!r}' if versioned else 'no run settings'
             raise ValueError(f'{path}: {found}, not those of version {RUN_SETTINGS_VERSION} that this sgdrop-zoo '
                              f'writes; train it again with this version of train/main.py')
         names = {field.name for field in dataclasses.fields(cls)} - {'sgdrop'} | set(SGDROP_SETTINGS)

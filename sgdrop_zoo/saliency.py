@@ -37,6 +37,7 @@ from .loading import (
     load_split,
     split_encoder_head,
 )
+from .run_files import atomic_write
 
 __all__ = [
     'attribution_area_ratio', 'grad_cam_maps', 'mean_area_ratio', 'neuron_coverage', 'saliency_grid', 'saliency_report',
@@ -197,7 +198,7 @@ def saliency_grid(images: torch.Tensor, maps: dict[str, torch.Tensor], predictio
         axis.axis('off')
     figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.05, hspace=0.35)
     path = Path(path)
-    figure.savefig(path, dpi=GRID_DPI)
+    atomic_write(path, lambda f: figure.savefig(f, dpi=GRID_DPI, format='png'))
     return path
 
 
@@ -299,7 +300,7 @@ def saliency_report(
     descriptions = first_model_descriptions or {}
     titles = [descriptions.get(name, name).split(',')[0] for name in class_names]
     saliency_grid(shown, grid_maps, grid_predictions, targets[:grid_images], titles, output / 'saliency_grid.png')
-    (output / 'saliency.json').write_text(json.dumps(results, indent=2) + '\n')
+    atomic_write(output / 'saliency.json', lambda f: f.write((json.dumps(results, indent=2) + '\n').encode()))
     return results
 
 

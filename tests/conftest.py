@@ -8,7 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from sgdrop_zoo.checkpoint import RecipeCheckpoint
+from sgdrop_zoo.run_settings import RunSettings
+
+# the recipe's own modules (train/recipe_data.py, ...), found as `python train/main.py` finds them
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'train'))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'cifar10_subset'
 SMALL_CLASSES = ('airplane', 'automobile', 'bird')
@@ -25,6 +32,15 @@ def make_image_folder(root: Path, classes=SMALL_CLASSES, per_split=(('train', 4)
             for image in sorted((SHARED_DATA / split / name).iterdir())[:count]:
                 shutil.copyfile(image, target / image.name)
     return root
+
+
+def recipe_checkpoint(model: nn.Module, settings: RunSettings, class_names: list[str], epoch: int = 1,
+                      acc1: float = 50.0, best_acc1: float = 50.0) -> RecipeCheckpoint:
+    """A checkpoint of ``train/main.py`` holding ``model``'s weights after ``epoch`` epochs, with an empty training
+    state (the state that the readers other than the resume do not look at)."""
+    return RecipeCheckpoint(epoch=epoch, acc1=acc1, best_acc1=best_acc1, best_epoch=epoch, class_names=class_names,
+                            settings=settings, state_dict=model.state_dict(), sgdrop_ema=None, optimizer={},
+                            scheduler={}, scaler={}, rng_state={})
 
 
 @pytest.fixture(scope='session')

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.utils.data
 
+from recipe_data import make_loader  # train/recipe_data.py
 from sgdrop_zoo.data import InMemoryLoader
-from sgdrop_zoo.recipe_data import make_loader
 
 
 @pytest.mark.parametrize('world_size', [1, 2, 3])

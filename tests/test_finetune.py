@@ -18,13 +18,14 @@ import sgdrop_zoo.finetune as finetune_module
 from sgdrop_zoo import cli
 from sgdrop_zoo.data import DatasetError
 from sgdrop_zoo.finetune import finetune
+from sgdrop_zoo.checkpoint import RecipeCheckpoint
 from sgdrop_zoo.loading import check_output_is_not_source, load_model, split_encoder_head
 from sgdrop_zoo.pretrained import HUB_CONFIGS_ENV, hub_configs_dir, packaged_hub_configs_dir
 from sgdrop_zoo.run_files import RunFileError
 from sgdrop_zoo.run_settings import RunSettings
 from sgdrop_zoo.sgdrop import SGDropCfg
 
-from conftest import SMALL_CLASSES, folder_held_by_another_process, make_image_folder
+from conftest import SMALL_CLASSES, folder_held_by_another_process, make_image_folder, recipe_checkpoint
 
 ARCH = 'sgdrop_vgg_tiny'
 RUN = dict(epochs=1, batch_size=4, image_size=32, progress=False, workers=0)
@@ -118,8 +119,7 @@ RUN_SETTINGS = RunSettings(arch=ARCH, model_kwargs={}, regularizer='sgdrop', sgd
 def test_loads_recipe_checkpoints(tmp_path: Path):
     model = timm.create_model(ARCH, num_classes=2)
     path = tmp_path / 'model_best.pth.tar'
-    torch.save({'arch': ARCH, 'state_dict': model.state_dict(), 'class_names': ['x', 'y'],
-                'settings': RUN_SETTINGS.to_dict()}, path)
+    recipe_checkpoint(model, RUN_SETTINGS, ['x', 'y']).write(path)
     loaded = load_model(str(path))
     assert loaded.pretrained_cfg['label_names'] == ['x', 'y']
     assert torch.equal(loaded.state_dict()['head.fc.weight'], model.state_dict()['head.fc.weight'])
@@ -188,16 +188,22 @@ def test_a_file_that_is_no_checkpoint_fails_in_one_line(tmp_path: Path, kind: st
     message = str(error.value)
     reason = ('it holds objects other than tensors and plain data' if kind.endswith('foreign_objects')
               else 'truncated, or not written by torch.save')
-    assert message == f'{path}: not a readable checkpoint ({reason}).'
+    assert message == (f'{path}: not a readable checkpoint ({reason}); pass an intact checkpoint.pth.tar or '
+                       f'model_best.pth.tar of a run.')
     # torch's advice to unpickle with weights_only=False would run the file's code: never passed on
     assert 'weights_only' not in message
+
+
+def _written(checkpoint: RecipeCheckpoint, path: Path) -> Path:
+    checkpoint.write(path)
+    return path
 
 
 def test_a_legacy_checkpoint_of_plain_tensors_loads(tmp_path: Path):
     model = timm.create_model(ARCH, num_classes=2)
     path = tmp_path / 'model_best.pth.tar'
-    torch.save({'arch': ARCH, 'state_dict': model.state_dict(), 'class_names': ['x', 'y'],
-                'settings': RUN_SETTINGS.to_dict()}, path, _use_new_zipfile_serialization=False)
+    stored = torch.load(_written(recipe_checkpoint(model, RUN_SETTINGS, ['x', 'y']), path), weights_only=True)
+    torch.save(stored, path, _use_new_zipfile_serialization=False)
     loaded = load_model(str(path))
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
 
@@ -356,3 +362,24 @@ def test_an_unreachable_hf_hub_id_fails_in_one_line(small_data: Path, tmp_path: 
                                                    'sgdrop-zoo/no-such-repo@main is not in the local cache and '
                                                    'HF_HUB_OFFLINE is set: unset it'), lines
     assert not (tmp_path / 'out').exists()
+
+
+def test_a_full_disk_during_the_export_stops_in_one_line(capsys: pytest.CaptureFixture, small_data: Path,
+                                                         source_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+
+    monkeypatch.setattr(safetensors.torch, 'save_file', full_disk)
+    output = tmp_path / 'out'
+    assert cli.main(['finetune', '--model', str(source_dir), '--data', str(small_data), '--output', str(output),
+                     '--epochs', '1', '--image-size', '32', '--workers', '0']) == 2
+    # after the training's progress bar, one line
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f'error: cannot write the export {output / "model.safetensors"} (Error while serializing: I/O error: No space '
+        f'left on device (os error 28)); nothing of it was written: free some space there')
+    assert not (output / 'model.safetensors').exists() and not (output / 'config.json').exists()
+    assert not list(output.glob('.export.*'))

@@ -42,9 +42,11 @@ from sgdrop_zoo.pretrained import (
     hub_configs_dir,
     load_hub_configs,
     packaged_hub_configs_dir,
+    record_notes,
     sha256_of_file,
 )
 
+from conftest import recipe_checkpoint
 from hub_test_server import HubTestServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -523,16 +525,28 @@ RUN_SETTINGS = RunSettings(arch='test_convnext', model_kwargs={}, regularizer='s
 
 def test_publish_from_a_recipe_checkpoint(tmp_path, capsys):
     model = timm.create_model('test_convnext', num_classes=2)
-    checkpoint = dict(arch='test_convnext', state_dict=model.state_dict(), class_names=['a', 'b'], epoch=1,
-                      acc1=50.0, best_acc1=50.0, sgdrop_ema=None,
-                      settings=RUN_SETTINGS.to_dict())
-    torch.save(checkpoint, tmp_path / 'model_best.pth.tar')
+    recipe_checkpoint(model, RUN_SETTINGS, ['a', 'b']).write(tmp_path / 'model_best.pth.tar')
     assert main(['publish', str(tmp_path / 'model_best.pth.tar'), '--repo-id', f'{ORG}/ab', '--dry-run',
                  '--output', str(tmp_path / 'dry')]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record['architecture'] == 'test_convnext' and record['input_size'] == [3, 64, 64]
     loaded = load_file(tmp_path / 'dry' / 'model.safetensors')
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+    assert 'dataset_license' not in record  # not known unless given
+
+
+def test_publish_records_the_datas_terms_for_the_card_and_timms_notes(tmp_path, capsys):
+    model = timm.create_model('test_convnext', num_classes=2)
+    recipe_checkpoint(model, RUN_SETTINGS, ['a', 'b']).write(tmp_path / 'model_best.pth.tar')
+    assert main(['publish', str(tmp_path / 'model_best.pth.tar'), '--repo-id', f'{ORG}/ab', '--dry-run', '--output',
+                 str(tmp_path / 'dry'), '--dataset-license', 'CC BY 4.0']) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record['dataset_license'] == 'CC BY 4.0'
+    card = (tmp_path / 'dry' / 'README.md').read_text()
+    assert '- **License:** apache-2.0 (the weights); the data: CC BY 4.0' in card
+    assert record_notes(record) == ('Data: CC BY 4.0',)
+    assert record_notes(dict(record, metrics=dict(record['metrics'], train_command='python train/main.py d'))) == (
+        'Trained with: python train/main.py d', 'Data: CC BY 4.0')
 
 
 @pytest.mark.parametrize('name, acc1, top1', [
@@ -541,11 +555,7 @@ def test_publish_from_a_recipe_checkpoint(tmp_path, capsys):
 ])
 def test_publish_records_the_top1_of_the_published_weights(tmp_path, capsys, name, acc1, top1):
     model = timm.create_model('test_convnext', num_classes=2)
-    checkpoint = dict(arch='test_convnext', state_dict=model.state_dict(), class_names=['a', 'b'], epoch=3,
-                      best_acc1=50.0, sgdrop_ema=None,
-                      settings=RUN_SETTINGS.to_dict())
-    checkpoint['acc1'] = acc1
-    torch.save(checkpoint, tmp_path / name)
+    recipe_checkpoint(model, RUN_SETTINGS, ['a', 'b'], epoch=3, acc1=acc1).write(tmp_path / name)
     assert main(['publish', str(tmp_path / name), '--repo-id', f'{ORG}/ab', '--dry-run', '--output',
                  str(tmp_path / 'dry')]) == 0
     record = json.loads(capsys.readouterr().out)
@@ -559,9 +569,7 @@ def test_publish_records_the_top1_of_the_published_weights(tmp_path, capsys, nam
 def test_publish_says_which_images_measured_the_top1(tmp_path, capsys, holdout, split, description):
     model = timm.create_model('test_convnext', num_classes=2)
     settings = dataclasses.replace(RUN_SETTINGS, holdout_per_class=holdout)
-    checkpoint = dict(arch='test_convnext', state_dict=model.state_dict(), class_names=['a', 'b'], epoch=1,
-                      acc1=50.0, best_acc1=50.0, sgdrop_ema=None, settings=settings.to_dict())
-    torch.save(checkpoint, tmp_path / 'model_best.pth.tar')
+    recipe_checkpoint(model, settings, ['a', 'b']).write(tmp_path / 'model_best.pth.tar')
     assert main(['publish', str(tmp_path / 'model_best.pth.tar'), '--repo-id', f'{ORG}/ab', '--dry-run',
                  '--output', str(tmp_path / 'dry')]) == 0
     metrics = json.loads(capsys.readouterr().out)['metrics']
@@ -639,7 +647,7 @@ def test_a_config_cannot_substitute_another_files_weights(tmp_path, monkeypatch)
         load_hub_configs(tmp_path / 'records')
     stored = dict(RUN_SETTINGS.to_dict(), model_kwargs={'checkpoint_path': str(twin)})
     with pytest.raises(ValueError, match='c.pth.tar: model_args holds checkpoint_path'):
-        RunSettings.from_checkpoint({'settings': stored}, 'c.pth.tar')
+        RunSettings.from_dict(stored, 'c.pth.tar')
 
 
 def test_offline_a_missing_repo_and_a_missing_file_each_say_so(published, olah, mirrors, tmp_path):
@@ -734,3 +742,18 @@ def test_publish_dry_run_never_writes_into_hub_configs(export_dir, tmp_path, mon
         with pytest.raises(HubError, match=r"^--output .* is inside .*, the zoo's hub_configs/ folder"):
             publish_checkpoint(export_dir, f'{ORG}/x', dry_run_dir=folder / 'sgdrop_x.dry')
         assert sorted(folder.iterdir()) == before
+
+
+def test_a_full_disk_during_a_dry_run_stops_in_one_line_and_leaves_nothing(export_dir, tmp_path, capsys,
+                                                                          monkeypatch):
+    import errno
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shutil, 'copyfile', full_disk)  # the weights' copy into the repo folder
+    dry = tmp_path / 'out' / 'dry'
+    assert main(['publish', str(export_dir), '--repo-id', f'{ORG}/x', '--dry-run', '--output', str(dry)]) == 2
+    assert capsys.readouterr().err == (f'error: cannot write {dry} (No space left on device); nothing of it was '
+                                       f'written: free some space there\n')
+    assert list((tmp_path / 'out').iterdir()) == []

@@ -3,6 +3,7 @@
 Training runs go through the command line in subprocesses, as a user runs them; the bad-input checks call `main()`
 in-process because they stop before any training.
 """
+import contextlib
 import errno
 import functools
 import importlib.util
@@ -58,12 +59,26 @@ def load_recipe() -> Any:
 
 
 recipe = load_recipe()
+# what a run without a launcher is: one process on the CPU (batch size and loader workers of TINY_RUN)
+ONE_CPU_PROCESS = recipe.Process(device=torch.device('cpu'), rank=0, world_size=1, distributed=False,
+                                 batch_size=BATCH_SIZE, workers=0)
 
 
 def run_recipe(*args: str, timeout: float = 300, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS='1' if launcher else os.environ.get(
-        'OMP_NUM_THREADS', '2'))
-    command = [*launcher, str(MAIN), *args] if launcher else [sys.executable, str(MAIN), *args]
+    """Run the recipe to its end and return its output: in this process (as `python train/main.py` would, without
+    paying its start-up once more), or as the script of `launcher` (torchrun, or python itself)."""
+    if not launcher:
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.chdir(REPO_ROOT), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                recipe.main(list(args))
+                returncode = 0
+            except SystemExit as e:
+                returncode = e.code
+        assert returncode == 0, f'{args} failed:\n{stdout.getvalue()[-3000:]}\n{stderr.getvalue()[-3000:]}'
+        return subprocess.CompletedProcess(['train/main.py', *args], 0, stdout.getvalue(), stderr.getvalue())
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS='1')
+    command = [*launcher, str(MAIN), *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
     assert result.returncode == 0, f'{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}'
     return result
@@ -118,9 +133,10 @@ def test_two_epoch_run_writes_checkpoints_log_and_export(two_epoch_run: tuple[Pa
     classes = sorted(p.name for p in (data_dir / 'train').iterdir())
 
     checkpoint = torch.load(output / 'checkpoint.pth.tar', map_location='cpu', weights_only=True)
-    assert {'epoch', 'arch', 'state_dict', 'best_acc1', 'optimizer', 'scheduler'} <= set(checkpoint)
-    assert {'sgdrop_ema', 'scaler', 'rng_state', 'sgdrop_rho', 'rho_schedule'} <= set(checkpoint)
-    assert checkpoint['epoch'] == 2 and checkpoint['arch'] == 'sgdrop_vgg_tiny'
+    # what a resume, the export and publish read, and nothing else
+    assert set(checkpoint) == {'epoch', 'acc1', 'best_acc1', 'best_epoch', 'class_names', 'settings', 'state_dict',
+                               'sgdrop_ema', 'optimizer', 'scheduler', 'scaler', 'rng_state'}
+    assert checkpoint['epoch'] == 2 and checkpoint['settings']['arch'] == 'sgdrop_vgg_tiny'
     assert not any(key.startswith('module.') for key in checkpoint['state_dict'])
     assert checkpoint['sgdrop_ema']['num_updates'] == 2 * math.ceil(TRAIN_PER_CLASS * len(classes) / BATCH_SIZE)
     assert checkpoint['class_names'] == classes
@@ -184,7 +200,6 @@ class RecordSecondStep:
 def test_a_training_step_reads_nothing_back_to_the_host():
     # aten._local_scalar_dense is what .item(), int(), float() and bool() of a tensor run: on a GPU, a sync
     args = recipe.parse_args(['data', *TINY_RUN, '-p', '1000'])
-    args.is_main, args.distributed = True, False
     model = recipe.create_model(args, num_classes=10)
     torch.manual_seed(0)
     loader = RecordSecondStep([(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(2)])
@@ -192,7 +207,7 @@ def test_a_training_step_reads_nothing_back_to_the_host():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     no_autocast = functools.partial(torch.autocast, 'cpu', enabled=False)
     metrics = recipe.train(loader, model, model, nn.CrossEntropyLoss(), optimizer,
-                           torch.amp.GradScaler('cpu', enabled=False), no_autocast, 0, torch.device('cpu'), args)
+                           torch.amp.GradScaler('cpu', enabled=False), no_autocast, 0, ONE_CPU_PROCESS, args)
     ops = loader.recorded.ops
     # the whole step was recorded: the forward's label check, the backward, the momentum update
     assert {'aten._assert_async.msg', 'aten.convolution_backward.default'} <= set(ops)
@@ -205,9 +220,8 @@ def test_holdout_validates_on_training_images_disjoint_from_the_trained_ones(dat
     args = recipe.parse_args([str(data_dir), *TINY_RUN, '--holdout-per-class', '1', '--train-subset-per-class', '2',
                               '--train-eval-samples', '0', '--output', str(tmp_path)])
     recipe.check_inputs(args)
-    args.is_main, args.distributed, args.rank, args.world_size = True, False, 0, 1
     model = recipe.create_model(args, num_classes=10)
-    train_loader, val_loader, _, _ = recipe.build_loaders(args, model, torch.device('cpu'))
+    train_loader, val_loader, _, _ = recipe.build_loaders(args, ONE_CPU_PROCESS, model)
     targets = datasets.ImageFolder(data_dir / 'train').targets
     # by hand from the recipe's fixed order: the first 2 images of each class train, the last one is held out
     order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(0)).tolist()
@@ -216,7 +230,7 @@ def test_holdout_validates_on_training_images_disjoint_from_the_trained_ones(dat
     assert sorted(train_loader.dataset.indices) == sorted(index for images in in_order for index in images[:2])
     # the same training images as without the holdout
     args.holdout_per_class = 0
-    assert train_loader.dataset.indices == recipe.build_loaders(args, model, torch.device('cpu'))[0].dataset.indices
+    assert train_loader.dataset.indices == recipe.build_loaders(args, ONE_CPU_PROCESS, model)[0].dataset.indices
 
 
 def test_holdout_larger_than_a_class_is_refused_in_one_line(data_dir: Path, tmp_path: Path,
@@ -421,9 +435,12 @@ def test_a_seeded_run_is_that_of_the_reference_commit_bit_for_bit(reference_tree
         b = torch.load(current / name, map_location='cpu', weights_only=True)
         for key in ('state_dict', 'sgdrop_ema', 'optimizer', 'rng_state'):
             assert_identical(a[key], b[key], f'{name}[{key!r}]')
-        # the rest too; the reference stored its arguments, this version the run settings built from them
-        assert_identical({k: v for k, v in a.items() if k != 'args'}, {k: v for k, v in b.items() if k != 'settings'},
-                         name)
+        # the rest too; the reference stored its arguments, this version the run settings built from them, and no
+        # longer the architecture twice nor the rho and schedule that nothing read
+        assert set(a) - set(b) == {'args', 'arch', 'sgdrop_rho', 'rho_schedule'} and set(b) - set(a) == {'settings'}
+        assert_identical({k: a[k] for k in sorted(b) if k != 'settings'},
+                         {k: b[k] for k in sorted(b) if k != 'settings'}, name)
+        assert a['arch'] == b['settings']['arch']
         settings = {k: v for k, v in b['settings'].items() if k != 'version'}
         assert {k: settings.pop(k) for k in SETTINGS_SINCE_REFERENCE} == SETTINGS_SINCE_REFERENCE
         assert_identical({k: a['args'][k] for k in settings}, settings, f'{name}[settings]')
@@ -436,11 +453,10 @@ def test_a_seeded_run_is_that_of_the_reference_commit_bit_for_bit(reference_tree
         config_as_of_the_reference(json.loads((current / 'config.json').read_text()))
 
 
-@pytest.mark.parametrize('in_memory', [False, True], ids=['imagefolder', 'in_memory'])
-def test_torchrun_two_processes_count_every_val_sample_once(data_dir: Path, num_val: int, tmp_path: Path,
-                                                            in_memory: bool):
+def test_torchrun_two_processes_count_every_val_sample_once_in_memory(data_dir: Path, num_val: int, tmp_path: Path):
+    # the ImageFolder data path under torchrun: the BatchNorm test below
     torchrun = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2')
-    extra = ['--in-memory'] if in_memory else []
+    extra = ['--in-memory']
     result = run_recipe(str(data_dir), *TINY_RUN, '--epochs', '1', '--dist-url', 'env://', '--output',
                         str(tmp_path), *extra, launcher=torchrun)
     assert num_val % 2 == 1  # the two shards differ in size
@@ -455,7 +471,8 @@ def test_torchrun_two_processes_count_every_val_sample_once(data_dir: Path, num_
     assert reported_val_acc1(single.stdout) == pytest.approx(record['val_acc1'], abs=1e-3)
 
 
-def test_torchrun_without_dist_url_trains_one_batchnorm_model_across_its_processes(data_dir: Path, tmp_path: Path):
+def test_torchrun_without_dist_url_trains_one_batchnorm_model_across_its_processes(data_dir: Path, num_val: int,
+                                                                                   tmp_path: Path):
     # no --dist-url: torchrun's environment is detected (two separate runs into one folder before); ResNet-10-T has
     # BatchNorm, whose statistics each process gathers on its own shard: averaged after every epoch, the logged
     # validation is that of the saved weights
@@ -465,6 +482,10 @@ def test_torchrun_without_dist_url_trains_one_batchnorm_model_across_its_process
     assert result.stdout.count('=> creating model') == 1
     log = read_log(tmp_path)
     assert [record['epoch'] for record in log] == [1, 2]
+    # the ImageFolder shards differ in size, and every validation image is counted once
+    assert num_val % 2 == 1 and all(record['val_count'] == num_val for record in log)
+    checkpoint = torch.load(tmp_path / 'checkpoint.pth.tar', map_location='cpu', weights_only=True)
+    assert not any(key.startswith('module.') for key in checkpoint['state_dict'])
     run_recipe(str(data_dir), *run, '--resume', str(tmp_path / 'checkpoint.pth.tar'), '--evaluate', '--output',
                str(tmp_path / 'eval'), '--metrics-json', str(tmp_path / 'metrics.json'))
     single = json.loads((tmp_path / 'metrics.json').read_text())
@@ -507,8 +528,10 @@ def free_port() -> int:
 
 
 def test_multiprocessing_distributed_on_cpu(data_dir: Path, tmp_path: Path, num_val: int):
+    # a script of its own: the processes it spawns import the recipe by the path of __main__
     run_recipe(str(data_dir), *TINY_RUN, '--epochs', '1', '--multiprocessing-distributed', '--world-size', '1',
-               '--rank', '0', '--dist-url', f'tcp://127.0.0.1:{free_port()}', '--output', str(tmp_path))
+               '--rank', '0', '--dist-url', f'tcp://127.0.0.1:{free_port()}', '--output', str(tmp_path),
+               launcher=(sys.executable,))
     assert read_log(tmp_path)[0]['val_count'] == num_val
 
 
@@ -527,7 +550,7 @@ def fixed_val_images(data_dir: Path, model: torch.nn.Module, size: int, count: i
 
 def load_checkpoint_model(checkpoint_path: Path) -> torch.nn.Module:
     checkpoint = torch.load(checkpoint_path, map_location='cpu', weights_only=True)
-    model = timm.create_model(checkpoint['arch'], num_classes=len(checkpoint['class_names']))
+    model = timm.create_model(checkpoint['settings']['arch'], num_classes=len(checkpoint['class_names']))
     model.load_state_dict(checkpoint['state_dict'])
     return model.eval()
 
@@ -598,8 +621,9 @@ def test_log_area_ratio_leaves_training_unchanged(area_ratio_run: tuple[Path, st
 
 
 SLOW_SAVE = """
-import importlib.util, time, torch
+import importlib.util, sys, time
 from pathlib import Path
+sys.path.insert(0, str(Path({main!r}).parent))
 spec = importlib.util.spec_from_file_location("recipe_main", {main!r})
 recipe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(recipe)
@@ -611,10 +635,10 @@ class BlocksWhilePickled:
         time.sleep(60)
         return (int, (0,))
 
-state = torch.load({checkpoint!r}, map_location="cpu", weights_only=True)
-state["epoch"] += 1
-state["padding"] = BlocksWhilePickled()
-recipe.save_checkpoint(state, True, Path({output!r}))
+checkpoint = recipe.RecipeCheckpoint.read(Path({checkpoint!r}))
+checkpoint.epoch += 1
+checkpoint.rng_state["padding"] = BlocksWhilePickled()
+recipe.save_checkpoint(checkpoint, True, Path({output!r}))
 """
 
 
@@ -669,8 +693,9 @@ def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(data_dir: Pat
 
 
 SLOW_BEST_COPY = """
-import importlib.util, shutil, time, torch
+import importlib.util, shutil, sys, time
 from pathlib import Path
+sys.path.insert(0, str(Path({main!r}).parent))
 spec = importlib.util.spec_from_file_location("recipe_main", {main!r})
 recipe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(recipe)
@@ -679,10 +704,10 @@ def blocking_copy(src, dst):
     Path({marker!r}).touch()
     time.sleep(60)
 
-state = torch.load({checkpoint!r}, map_location="cpu", weights_only=True)
-state["epoch"] = state["best_epoch"] = 2
+checkpoint = recipe.RecipeCheckpoint.read(Path({checkpoint!r}))
+checkpoint.epoch = checkpoint.best_epoch = 2
 shutil.copyfileobj = blocking_copy  # save_checkpoint copies the new best checkpoint to model_best with it
-recipe.save_checkpoint(state, True, Path({output!r}))
+recipe.save_checkpoint(checkpoint, True, Path({output!r}))
 """
 
 
@@ -971,14 +996,15 @@ def test_resume_from_a_corrupt_checkpoint(capsys: pytest.CaptureFixture, data_di
     truncated.write_bytes(truncated.read_bytes()[:200])
     message = run_bad_input(capsys, str(data_dir), '--resume', str(truncated))
     assert f'--resume {truncated}: not a readable checkpoint (truncated, or not written by torch.save)' in message
-    assert message.endswith('Pass an intact checkpoint.pth.tar') and 'weights_only' not in message
+    assert message.endswith('pass an intact checkpoint.pth.tar or model_best.pth.tar of a run.')
+    assert 'weights_only' not in message
 
 
 def test_resume_from_another_architecture(capsys: pytest.CaptureFixture, data_dir: Path, one_epoch_run: Path,
                                           tmp_path: Path):
     other = tmp_path / 'checkpoint.pth.tar'
     checkpoint = torch.load(one_epoch_run / 'checkpoint.pth.tar', map_location='cpu', weights_only=True)
-    torch.save(dict(checkpoint, arch='sgdrop_cifar_cnn'), other)
+    torch.save(dict(checkpoint, settings=dict(checkpoint['settings'], arch='sgdrop_cifar_cnn')), other)
     message = run_bad_input(capsys, str(data_dir), '--resume', str(other))
     assert "holds a 'sgdrop_cifar_cnn' model, not 'sgdrop_vgg_tiny'" in message and '-a sgdrop_cifar_cnn' in message
 
@@ -987,9 +1013,9 @@ def test_resume_from_a_checkpoint_of_weights_only(capsys: pytest.CaptureFixture,
     weights = tmp_path / 'weights.pth.tar'
     torch.save({'arch': 'sgdrop_vgg_tiny', 'state_dict': {}}, weights)
     message = run_bad_input(capsys, str(data_dir), '--resume', str(weights), '--output', str(tmp_path))
-    assert message == (f'error: --resume {weights}: not a checkpoint of this script (no epoch, acc1, best_acc1, '
-                       f'best_epoch, optimizer, scheduler, settings); pass the checkpoint.pth.tar or '
-                       f'model_best.pth.tar of a train/main.py run')
+    assert message == (f'error: --resume {weights}: not a checkpoint of train/main.py (no epoch, acc1, best_acc1, '
+                       f'best_epoch, class_names, settings, sgdrop_ema, optimizer, scheduler, scaler, rng_state); '
+                       f'pass the checkpoint.pth.tar or model_best.pth.tar of a run.')
 
 
 @pytest.mark.parametrize('flags, message', [
@@ -1109,13 +1135,13 @@ def test_a_full_disk_during_the_export_stops_in_one_line(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(safetensors.torch, 'save_file', full_disk)
     args = recipe.parse_args([str(data_dir), *TINY_RUN, '--output', str(tmp_path)])
-    args.class_names = torch.load(one_epoch_run / 'checkpoint.pth.tar', map_location='cpu',
-                                  weights_only=True)['class_names']
+    class_names = torch.load(one_epoch_run / 'checkpoint.pth.tar', map_location='cpu', weights_only=True)['class_names']
     with pytest.raises(recipe.RecipeError) as refused:
-        recipe.export_for_hub(one_epoch_run / 'model_best.pth.tar', tmp_path, args)
+        recipe.export_for_hub(one_epoch_run / 'model_best.pth.tar', tmp_path, args, class_names)
     assert str(refused.value) == (f'cannot write the export {tmp_path / "model.safetensors"} (Error while '
-                                  f'serializing: I/O error: No space left on device (os error 28)); the checkpoints '
-                                  f'are intact: free some space there, then resume the run, which exports again')
+                                  f'serializing: I/O error: No space left on device (os error 28)); nothing of it was '
+                                  f'written: free some space there, then resume the run, which exports again (the '
+                                  f'checkpoints are intact)')
     assert list(tmp_path.iterdir()) == []
 
 
@@ -1155,7 +1181,7 @@ def test_a_link_out_of_its_class_folder_is_refused(capsys: pytest.CaptureFixture
 
 def test_a_train_subset_larger_than_the_training_split_is_refused(data_dir: Path):
     from sgdrop_zoo.data import DatasetError
-    from sgdrop_zoo.recipe_data import build_loaders
+    from recipe_data import build_loaders  # train/recipe_data.py
     with pytest.raises(DatasetError, match='^100000 training images asked for, but the training split has only 40; '):
         build_loaders(data_dir, 32, 'resize', (0.5,) * 3, (0.5,) * 3, 8, 0, torch.device('cpu'), train_subset=100000)
     assert len(build_loaders(data_dir, 32, 'resize', (0.5,) * 3, (0.5,) * 3, 8, 0, torch.device('cpu'),

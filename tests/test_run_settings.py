@@ -1,8 +1,11 @@
-"""The run settings a recipe checkpoint stores: one writer (to_dict), one reader (from_checkpoint)."""
+"""The recipe's checkpoint and the run settings it stores: one writer (write, to_dict), one reader (read, from_dict)."""
 import dataclasses
+from pathlib import Path
 
 import pytest
+import torch
 
+from sgdrop_zoo.checkpoint import RecipeCheckpoint
 from sgdrop_zoo.run_settings import RUN_SETTINGS_VERSION, RunSettings
 from sgdrop_zoo.sgdrop import SGDropCfg
 
@@ -18,24 +21,25 @@ SETTINGS = RunSettings(arch='sgdrop_vgg11', model_kwargs={'mlp_ratio': 0.03125},
 def test_a_checkpoint_gives_back_the_settings_it_stored():
     stored = SETTINGS.to_dict()
     assert stored['version'] == RUN_SETTINGS_VERSION == 2 and stored['holdout_per_class'] == 100
-    assert RunSettings.from_checkpoint({'settings': stored}, 'c.pth.tar') == SETTINGS
+    assert RunSettings.from_dict(stored, 'c.pth.tar') == SETTINGS
 
 
-@pytest.mark.parametrize('checkpoint, message', [
-    ({'args': {'arch': 'x'}}, 'c.pth.tar: no run settings, not those of version 2'),
-    ({'settings': dict(SETTINGS.to_dict(), version=1)}, 'c.pth.tar: run settings of version 1, not those of version 2'),
-    ({'settings': {k: v for k, v in SETTINGS.to_dict().items() if k != 'seed'}},
+@pytest.mark.parametrize('stored, message', [
+    ({'arch': 'x'}, 'c.pth.tar: no run settings, not those of version 2'),
+    (None, 'c.pth.tar: no run settings, not those of version 2'),
+    (dict(SETTINGS.to_dict(), version=1), 'c.pth.tar: run settings of version 1, not those of version 2'),
+    ({k: v for k, v in SETTINGS.to_dict().items() if k != 'seed'},
      r"c.pth.tar: its run settings are not complete \(\['seed'\] missing\)"),
-    ({'settings': dict(SETTINGS.to_dict(), regularizer='evil')},
+    (dict(SETTINGS.to_dict(), regularizer='evil'),
      "c.pth.tar: its run settings name the regularizer 'evil', not one of sgdrop, dropout, none"),
-    ({'settings': dict(SETTINGS.to_dict(), sgdrop_rho_end=7.0)},
+    (dict(SETTINGS.to_dict(), sgdrop_rho_end=7.0),
      r'c.pth.tar: its run settings hold an SGDrop setting out of range \(sgdrop_rho_end must be in \[0, 1\)'),
-    ({'settings': dict(SETTINGS.to_dict(), sgdrop_reference='median')},
+    (dict(SETTINGS.to_dict(), sgdrop_reference='median'),
      "c.pth.tar: its run settings hold an SGDrop setting out of range \\(Unknown sgdrop_reference 'median'"),
 ])
-def test_a_checkpoint_without_these_settings_is_refused_in_one_line(checkpoint: dict, message: str):
+def test_a_checkpoint_without_these_settings_is_refused_in_one_line(stored: dict, message: str):
     with pytest.raises(ValueError, match=message):
-        RunSettings.from_checkpoint(checkpoint, 'c.pth.tar')
+        RunSettings.from_dict(stored, 'c.pth.tar')
 
 
 def test_a_checkpoint_stores_the_sgdrop_settings_by_their_names():
@@ -71,3 +75,48 @@ def test_the_settings_a_resume_may_not_change():
     vanilla = dataclasses.replace(SETTINGS, regularizer='none')
     assert vanilla.changed_run_settings(
         dataclasses.replace(vanilla, sgdrop=dataclasses.replace(SGDROP, sgdrop_rho=0.5))) == []
+
+
+def _checkpoint() -> RecipeCheckpoint:
+    generator = torch.Generator().manual_seed(0)
+    return RecipeCheckpoint(
+        epoch=3, acc1=41.25, best_acc1=50.0, best_epoch=2, class_names=['a', 'b'], settings=SETTINGS,
+        state_dict={'fc.weight': torch.randn(2, 4, generator=generator)},
+        sgdrop_ema={'fc.weight': torch.randn(2, 4, generator=generator)}, optimizer={'state': {}, 'param_groups': []},
+        scheduler={'last_epoch': 3}, scaler={}, rng_state={'torch': torch.get_rng_state()})
+
+
+def test_a_checkpoint_reads_back_what_it_wrote_and_only_its_fields(tmp_path: Path):
+    checkpoint = _checkpoint()
+    checkpoint.write(tmp_path / 'c.pth.tar')
+    stored = torch.load(tmp_path / 'c.pth.tar', weights_only=True)
+    # one key per field, the settings as to_dict writes them
+    assert sorted(stored) == sorted(field.name for field in dataclasses.fields(RecipeCheckpoint))
+    assert stored['settings'] == SETTINGS.to_dict()
+    read = RecipeCheckpoint.read(tmp_path / 'c.pth.tar')
+    assert (read.epoch, read.acc1, read.best_acc1, read.best_epoch, read.class_names, read.settings) == \
+        (3, 41.25, 50.0, 2, ['a', 'b'], SETTINGS)
+    assert torch.equal(read.state_dict['fc.weight'], checkpoint.state_dict['fc.weight'])
+    assert torch.equal(read.sgdrop_ema['fc.weight'], checkpoint.sgdrop_ema['fc.weight'])
+    assert torch.equal(read.rng_state['torch'], checkpoint.rng_state['torch'])
+    assert (read.optimizer, read.scheduler, read.scaler) == ({'state': {}, 'param_groups': []}, {'last_epoch': 3}, {})
+
+
+def test_a_checkpoint_missing_a_field_is_refused_by_name(tmp_path: Path):
+    checkpoint = _checkpoint()
+    checkpoint.write(tmp_path / 'c.pth.tar')
+    stored = torch.load(tmp_path / 'c.pth.tar', weights_only=True)
+    del stored['best_epoch'], stored['scaler']
+    torch.save(stored, tmp_path / 'c.pth.tar')
+    with pytest.raises(ValueError) as error:
+        RecipeCheckpoint.read(tmp_path / 'c.pth.tar')
+    assert str(error.value) == (f'{tmp_path / "c.pth.tar"}: not a checkpoint of train/main.py (no best_epoch, scaler); '
+                                f'pass the checkpoint.pth.tar or model_best.pth.tar of a run.')
+
+
+def test_a_released_checkpoint_holds_no_training_state():
+    checkpoint = _checkpoint()
+    checkpoint.release_state()
+    assert (checkpoint.state_dict, checkpoint.sgdrop_ema, checkpoint.optimizer, checkpoint.scheduler,
+            checkpoint.scaler) == ({}, None, {}, {}, {})
+    assert checkpoint.epoch == 3 and checkpoint.settings == SETTINGS

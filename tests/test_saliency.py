@@ -240,3 +240,25 @@ def test_split_must_be_a_folder_of_the_dataset_root(capsys: pytest.CaptureFixtur
     assert capsys.readouterr().err == (f'error: split must be the name of a folder of the dataset root, such as val '
                                        f'or train, got {split!r}.\n')
     assert not output.exists()
+
+
+def test_a_full_disk_stops_the_report_in_one_line_and_writes_no_part_of_it(capsys: pytest.CaptureFixture,
+                                                                         small_data: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch):
+    import errno
+    import os
+    folder = tmp_path / 'model'
+    save_for_hf(timm.create_model('sgdrop_vgg_tiny', num_classes=3), folder,
+                model_config=dict(label_names=['airplane', 'automobile', 'bird']), safe_serialization=True)
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, 'fsync', full_disk)  # the file's data reaches the disk here, or not
+    output = tmp_path / 'out'
+    assert cli_main(['saliency', '--model', str(folder), '--data', str(small_data), '--output', str(output),
+                     '--image-size', '32', '--grid-images', '2', '--workers', '0']) == 2
+    assert capsys.readouterr().err == (
+        f'error: cannot write {output / "saliency_grid.png"} (No space left on device); the files written before it '
+        f'are intact: free some space there, or fix the folder\n')
+    assert list(output.iterdir()) == []

@@ -16,6 +16,7 @@ import torch
 
 from sgdrop_zoo.hub import publish_checkpoint
 from sgdrop_zoo.pretrained import WEIGHTS_NAME, hub_configs_dir, load_hub_configs, sha256_of_file
+from sgdrop_zoo.sgdrop import PAPER_NAME
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGENETTE_VAL = REPO_ROOT.parent / 'shared' / 'data' / 'imagenette' / 'val'
@@ -132,6 +133,24 @@ def test_each_shipped_checkpoint_describes_itself(record):
         assert description.startswith(method) and description.endswith(own), (name, description)
 
 
+@pytest.mark.parametrize('record', RECORDS, ids=NAMES)
+def test_each_shipped_checkpoint_names_its_paper_licenses_and_training_command(record):
+    # timm's fields: the paper, the weights' license and the data's terms, and the command that trained the weights
+    paper = {'paper_ids': 'arXiv:2409.17370', 'paper_name': PAPER_NAME,
+             'origin_url': 'https://arxiv.org/abs/2409.17370'}
+    notes = [f"Trained with: {record['metrics']['train_command']}", f"Data: {record['dataset_license']}"]
+    assert record['license'] == 'apache-2.0' and 'ImageNet' in record['dataset_license']
+    assert record['metrics']['train_command'].startswith('python train/main.py ../shared/data/imagenette -a ')
+    config = json.loads((hub_configs_dir() / record['local_dir'] / 'config.json').read_text())
+    tag_cfg = timm.create_model(f'{record["architecture"]}.{record["tag"]}').pretrained_cfg
+    for cfg in (config['pretrained_cfg'], tag_cfg):
+        assert {key: cfg[key] for key in paper} == paper and cfg['license'] == 'apache-2.0'
+        assert list(cfg['notes']) == notes
+    card = (hub_configs_dir() / record['local_dir'] / 'README.md').read_text()
+    assert f"- **License:** apache-2.0 (the weights); the data: {record['dataset_license']}" in card
+    assert f"```bash\n{record['metrics']['train_command']}\n```" in card
+
+
 def test_the_curriculum_tag_trains_on_with_the_rho_it_ended_at():
     # sgdrop_vgg11.imagenette_128 was trained with rho growing from 0 to 0.025: fine-tuned in a plain loop, it drops
     # floor(0.025 * 8192) = 204 of the 512 x 4 x 4 latent features of each 128 px image (not the 0 it started at)
@@ -233,41 +252,32 @@ def test_changed_or_missing_weights_are_refused(tmp_path):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
+    # by its tag, then the folder by its path, to load or to publish, held to its record as its tag is; then the tag
+    # once the weights are gone; one process for all, each refusal printed on a line of its own
     code = f"""
-        import timm, sgdrop_zoo
-        from sgdrop_zoo.pretrained import HubError
-        try:
-            timm.create_model({NAMES[0]!r}, pretrained=True)
-        except HubError as e:
-            print(e)
-        else:
-            raise SystemExit('loaded changed weights')
-    """
-    out = _run(code, _offline_env(tmp_path, SGDROP_ZOO_HUB_CONFIGS=str(configs))).stdout
-    assert f'has sha256 {sha256_of_file(weights)}, but its hub_configs/ record expects {record["sha256"]}' in out
-    # the folder by its path, to load or to publish, is held to its record as its tag is
-    by_path = f"""
-        import sgdrop_zoo
+        import os, timm, sgdrop_zoo
         from sgdrop_zoo.hub import load_sgdrop_model, publish_checkpoint
         from sgdrop_zoo.loading import load_model
         from sgdrop_zoo.pretrained import HubError
         folder = {str(weights.parent)!r}
-        for load in (lambda: load_model(folder), lambda: load_sgdrop_model('local-dir:' + folder),
-                     lambda: publish_checkpoint(folder, 'me/x', dry_run_dir={str(tmp_path / 'dry')!r})):
+        for load in (lambda: timm.create_model({NAMES[0]!r}, pretrained=True), lambda: load_model(folder),
+                     lambda: load_sgdrop_model('local-dir:' + folder),
+                     lambda: publish_checkpoint(folder, 'me/x', dry_run_dir={str(tmp_path / 'dry')!r}),
+                     lambda: os.remove({str(weights)!r}) or timm.create_model({NAMES[0]!r}, pretrained=True)):
             try:
                 load()
             except HubError as e:
                 print(e)
             else:
-                raise SystemExit('took changed weights')
+                raise SystemExit('took changed or missing weights')
     """
-    out = _run(by_path, _offline_env(tmp_path, SGDROP_ZOO_HUB_CONFIGS=str(configs))).stdout.splitlines()
-    assert len(out) == 3 and all(f'has sha256 {sha256_of_file(weights)}, but its hub_configs/ record' in line
-                                 for line in out)
-    assert not (tmp_path / 'dry').exists()
-    weights.unlink()
-    out = _run(code, _offline_env(tmp_path, SGDROP_ZOO_HUB_CONFIGS=str(configs))).stdout
-    assert 'is missing and the checkpoint is not on the Hub' in out
+    changed = sha256_of_file(weights)
+    out = _run(code, _offline_env(tmp_path, SGDROP_ZOO_HUB_CONFIGS=str(configs))).stdout.splitlines()
+    assert len(out) == 5
+    assert f'has sha256 {changed}, but its hub_configs/ record expects {record["sha256"]}' in out[0]
+    assert all(f'has sha256 {changed}, but its hub_configs/ record' in line for line in out[1:4])
+    assert 'is missing and the checkpoint is not on the Hub' in out[4]
+    assert not (tmp_path / 'dry').exists() and not weights.exists()
 
 
 @pytest.mark.parametrize('record', RECORDS[:1], ids=NAMES[:1])

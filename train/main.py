@@ -16,6 +16,7 @@ Examples:
 """
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -32,40 +33,34 @@ import torch.backends.cudnn as cudnn
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
-from safetensors import SafetensorError
 
 import timm
 from timm.data import resolve_model_data_config
 from timm.utils import AverageMeter, ParseKwargs, distribute_bn, random_seed
 
 import sgdrop_zoo
-from sgdrop_zoo.sgdrop import STEP_STAT_NAMES
-from sgdrop_zoo import recipe_data
+from sgdrop_zoo.checkpoint import RecipeCheckpoint
 from sgdrop_zoo.data import DatasetError, check_image_folders
 from sgdrop_zoo.export import save_recipe_export
-from sgdrop_zoo.loading import read_checkpoint
-from sgdrop_zoo.meters import ProgressMeter, all_reduce_meters, record_batch
 from sgdrop_zoo.pretrained import WEIGHTS_NAME
-from sgdrop_zoo.recipe_checks import (RecipeError, check_arch, check_counts, check_fits_val_split, check_gpu,
-                                      check_holdout, check_launcher, check_metrics_json, check_model_kwargs,
-                                      check_output, check_resumed, check_sgdrop_flags,
-                                      check_start_epoch, check_subset_options, check_training_numbers,
-                                      check_val_subset, load_checkpoint)
-from sgdrop_zoo.recipe_data import RecipeLoaders
 from sgdrop_zoo.run_files import (BEST_NAME, CHECKPOINT_NAME, LOG_NAME, RunFileError, append_log, atomic_write,
                                   copy_file, epoch_record, get_rng_state, hold_folder, keep_log_until, prepare_output,
-                                  read_log, restore_model_best, set_rng_state)
+                                  read_log, set_rng_state)
 from sgdrop_zoo.run_settings import RunSettings
-from sgdrop_zoo.sgdrop import DEFAULT_EMA_DECAY, DEFAULT_RHO
+from sgdrop_zoo.sgdrop import DEFAULT_EMA_DECAY, DEFAULT_RHO, STEP_STAT_NAMES
 
-PRESETS_PATH = Path(__file__).with_name('presets.json')
+# the recipe's own plumbing, beside this script
+import recipe_data
+from meters import ProgressMeter, all_reduce_meters, record_batch
+from recipe_checks import (RecipeError, check_arch, check_counts, check_fits_val_split, check_gpu, check_holdout,
+                           check_launcher, check_metrics_json, check_model_kwargs, check_output, check_resumed,
+                           check_sgdrop_flags, check_start_epoch, check_subset_options, check_training_numbers,
+                           check_val_subset, load_checkpoint)
+from presets import PRESETS_PATH, load_presets, rho_for_arch
+from recipe_data import RecipeLoaders
+
 # the errors that stop the script with their one-line message
 ONE_LINE_ERRORS = (DatasetError, RecipeError, RunFileError)
-
-
-def load_presets() -> dict[str, dict]:
-    with PRESETS_PATH.open() as f:
-        return {name: preset for name, preset in json.load(f).items() if not name.startswith('_')}
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -196,7 +191,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         # started by torchrun (or torch.distributed.launch): its processes are one run, joined through its environment
         args.dist_url = 'env://'
     if args.sgdrop_rho is None:
-        args.sgdrop_rho = rho_for_arch(args.arch, preset.get('sgdrop_rho_by_arch', []))
+        args.sgdrop_rho = rho_for_arch(args.arch, preset)
     args.settings = run_settings(args)
     return args
 
@@ -212,19 +207,11 @@ def run_settings(args: argparse.Namespace) -> RunSettings:
         holdout_per_class=args.holdout_per_class)
 
 
-def rho_for_arch(arch: str, rho_by_arch: list[list]) -> float:
-    """First rho whose architecture pattern occurs in `arch`, else the paper's default."""
-    for pattern, rho in rho_by_arch:
-        if pattern in arch:
-            return rho
-    return DEFAULT_RHO
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     held = contextlib.ExitStack()
     try:
         args = parse_args(argv)
-        checkpoint = check_inputs(args)
+        class_names, checkpoint = check_inputs(args)
         held.enter_context(hold_output(args))
     except ONE_LINE_ERRORS as e:
         # under torchrun every process finds the same problem; one line is enough
@@ -232,7 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
     with held:
-        launch(args, checkpoint)
+        launch(args, class_names, checkpoint)
 
 
 @contextlib.contextmanager
@@ -248,7 +235,39 @@ def hold_output(args: argparse.Namespace) -> Iterator[None]:
         yield
 
 
-def launch(args: argparse.Namespace, checkpoint: Optional[dict[str, Any]]) -> None:
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How the run's processes start, decided once from the arguments and torchrun's environment.
+
+    Args:
+        distributed: Whether the run spans several processes.
+        world_size: The number of its processes.
+        backend: The process group's backend.
+        procs_per_node: The processes on this node, which share its batch size and loader workers.
+    """
+    distributed: bool
+    world_size: int
+    backend: str
+    procs_per_node: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Process:
+    """This process's part of the run: its device and rank, and its share of the batch size and loader workers."""
+    device: torch.device
+    rank: int
+    world_size: int
+    distributed: bool
+    batch_size: int
+    workers: int
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process prints, logs and saves: the first."""
+        return self.rank == 0
+
+
+def launch(args: argparse.Namespace, class_names: list[str], checkpoint: Optional[RecipeCheckpoint]) -> None:
     """Train in this process, in one per GPU (--multiprocessing-distributed) or as one of torchrun's."""
     if args.seed is not None and torch.cuda.is_available():
         warnings.warn('You have chosen to seed training. This will turn on the CUDNN deterministic setting, '
@@ -256,35 +275,36 @@ def launch(args: argparse.Namespace, checkpoint: Optional[dict[str, Any]]) -> No
     if args.gpu is not None:
         warnings.warn('You have chosen a specific GPU. This will completely disable data parallelism.')
 
-    if args.dist_url == 'env://' and args.world_size == -1:
-        args.world_size = int(os.environ['WORLD_SIZE'])
-    args.distributed = args.world_size > 1 or args.multiprocessing_distributed
+    world_size = int(os.environ['WORLD_SIZE']) if args.dist_url == 'env://' and args.world_size == -1 \
+        else args.world_size
+    distributed = world_size > 1 or args.multiprocessing_distributed
     ngpus_per_node = torch.cuda.device_count() if torch.cuda.is_available() else 1
-    if args.dist_backend is None:
-        args.dist_backend = 'nccl' if torch.cuda.is_available() else 'gloo'
+    backend = args.dist_backend or ('nccl' if torch.cuda.is_available() else 'gloo')
 
     if args.multiprocessing_distributed:
-        # world_size is the number of nodes here; it becomes the total number of processes
-        args.world_size = ngpus_per_node * args.world_size
+        # --world-size is the number of nodes here; the run has one process per GPU of each
+        setup = Launch(True, ngpus_per_node * world_size, backend, ngpus_per_node)
         # each spawned process reads the --resume checkpoint again: handed over, its tensors would all go through
         # shared memory
         del checkpoint
         try:
-            mp.spawn(run_worker, nprocs=ngpus_per_node, args=(ngpus_per_node, args))
+            mp.spawn(run_worker, nprocs=ngpus_per_node, args=(setup, args, class_names))
         except mp.ProcessExitedException as e:  # the process has said why
             sys.exit(e.exit_code)
     else:
-        if args.distributed and torch.cuda.is_available() and args.gpu is None and 'LOCAL_RANK' in os.environ:
-            args.gpu = int(os.environ['LOCAL_RANK'])  # torchrun: one process per GPU
-        run_worker(args.gpu, ngpus_per_node, args, checkpoint)
+        gpu = args.gpu
+        if distributed and torch.cuda.is_available() and gpu is None and 'LOCAL_RANK' in os.environ:
+            gpu = int(os.environ['LOCAL_RANK'])  # torchrun: one process per GPU
+        procs_per_node = int(os.environ.get('LOCAL_WORLD_SIZE', '1')) if distributed else 1
+        run_worker(gpu, Launch(distributed, world_size, backend, procs_per_node), args, class_names, checkpoint)
 
 
-def run_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespace,
-               checkpoint: Optional[dict[str, Any]] = None) -> None:
+def run_worker(gpu: Optional[int], setup: Launch, args: argparse.Namespace, class_names: list[str],
+               checkpoint: Optional[RecipeCheckpoint] = None) -> None:
     """`main_worker`, stopped in one line by an image that cannot be decoded (the checks before training read only
     the headers) or a write the system refused; the checkpoint of the last finished epoch stays as it was."""
     try:
-        main_worker(gpu, ngpus_per_node, args, checkpoint)
+        main_worker(gpu, setup, args, class_names, checkpoint)
     except ONE_LINE_ERRORS as e:
         last = Path(args.output) / CHECKPOINT_NAME
         resume = f' (continue the run with --resume {last})' if last.exists() else ''
@@ -292,13 +312,12 @@ def run_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespace
         sys.exit(2)
 
 
-def check_inputs(args: argparse.Namespace) -> Optional[dict[str, Any]]:
+def check_inputs(args: argparse.Namespace) -> tuple[list[str], Optional[RecipeCheckpoint]]:
     """Stop with one clear line for every problem that can be seen before training starts.
 
-    Sets `args.class_names` from the dataset (or the fake dataset of `--dummy`).
-
     Returns:
-        The `--resume` checkpoint, read and checked; None without `--resume`.
+        The dataset's classes (those of the fake dataset of `--dummy`), and the `--resume` checkpoint, read and
+        checked (None without `--resume`).
     """
     check_arch(args.arch, args.pretrained)
     check_launcher(args.dist_url, args.world_size, args.rank, args.multiprocessing_distributed)
@@ -315,39 +334,38 @@ def check_inputs(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     check_output(Path(args.output), args.resume, args.evaluate, args.overwrite, args.pretrained, args.dummy)
     check_metrics_json(args.metrics_json, args.evaluate)
     check_subset_options(args.train_subset, args.train_subset_per_class, args.log_area_ratio)
-    check_model_kwargs(args.arch, args.model_kwargs, lambda: create_model(
-        argparse.Namespace(**{**vars(args), 'pretrained': False}), num_classes=2), args.image_size)
+    check_model_kwargs(args.arch, args.model_kwargs, lambda: create_model(args, num_classes=2), args.image_size)
 
     if args.dummy:
-        args.class_names = [str(i) for i in range(1000)]
+        class_names = [str(i) for i in range(1000)]
     else:
-        args.class_names = check_image_folders(Path(args.data), args.workers)
+        class_names = check_image_folders(Path(args.data), args.workers)
     if args.holdout_per_class:
-        check_holdout(Path(args.data), args.class_names, args.holdout_per_class, args.train_subset_per_class,
+        check_holdout(Path(args.data), class_names, args.holdout_per_class, args.train_subset_per_class,
                       args.dummy)
     check_val_subset(args.val_subset, args.log_area_ratio)
     if args.log_area_ratio or args.val_subset:
-        num_val = recipe_data.num_val_images(Path(args.data), args.class_names, args.dummy, args.holdout_per_class)
+        num_val = recipe_data.num_val_images(Path(args.data), class_names, args.dummy, args.holdout_per_class)
         check_fits_val_split(args.val_subset, args.log_area_ratio, num_val)
 
     if not args.resume:
-        return None
+        return class_names, None
     log_path = Path(args.output) / LOG_NAME
     if log_path.exists() and not args.evaluate:
         read_log(log_path)
     checkpoint = load_checkpoint(args.resume)
-    check_resumed(checkpoint, args.resume, args.arch, args.model_kwargs, args.class_names, args.data)
-    saved = RunSettings.from_checkpoint(checkpoint, args.resume)
+    check_resumed(checkpoint, args.resume, args.arch, args.model_kwargs, class_names, args.data)
+    saved = checkpoint.settings
     if not args.evaluate:
         check_same_run(args.resume, saved, args.settings)
-        check_no_rewind(Path(args.resume), checkpoint['epoch'], Path(args.output))
+        check_no_rewind(Path(args.resume), checkpoint.epoch, Path(args.output))
     elif args.holdout_per_class != saved.holdout_per_class and args.holdout_per_class:
         # the dev split is carved from the training folder: one of another size holds images the run trained on
         raise RecipeError(f'--evaluate --holdout-per-class {args.holdout_per_class}: {args.resume} was trained with '
                           f'--holdout-per-class {saved.holdout_per_class}, so this dev split holds images it trained '
                           f'on; pass --holdout-per-class {saved.holdout_per_class or 0} '
                           f'({"its own dev split" if saved.holdout_per_class else "val/"})')
-    return checkpoint
+    return class_names, checkpoint
 
 
 def check_no_rewind(resume: Path, epoch: int, output: Path) -> None:
@@ -356,7 +374,7 @@ def check_no_rewind(resume: Path, epoch: int, output: Path) -> None:
     last = output / CHECKPOINT_NAME
     if resume.resolve() == last.resolve() or resume.resolve().parent != output.resolve() or not last.is_file():
         return
-    last_epoch = load_checkpoint(str(last))['epoch']
+    last_epoch = load_checkpoint(str(last)).epoch
     if epoch < last_epoch:
         raise RecipeError(f'--resume {resume} holds epoch {epoch}, and {last} of the same run epoch {last_epoch}, '
                           f'which training on from it would replace; resume from {last}, or copy {resume.name} into '
@@ -373,25 +391,26 @@ def check_same_run(resume: str, saved: RunSettings, settings: RunSettings) -> No
                           f'it, or start a new run in another --output')
 
 
-def create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
+def create_model(args: argparse.Namespace, num_classes: int, pretrained: bool = False) -> nn.Module:
     """The timm model `args.arch` with the regularizer of `args`; plain timm names get SGDrop added."""
     options = args.settings.sgdrop_cfg.model_args()
     if args.arch.startswith('sgdrop_'):
-        return timm.create_model(args.arch, pretrained=args.pretrained, num_classes=num_classes, **options,
+        return timm.create_model(args.arch, pretrained=pretrained, num_classes=num_classes, **options,
                                  **args.model_kwargs)
-    model = timm.create_model(args.arch, pretrained=args.pretrained, num_classes=num_classes, **args.model_kwargs)
+    model = timm.create_model(args.arch, pretrained=pretrained, num_classes=num_classes, **args.model_kwargs)
     return sgdrop_zoo.add_sgdrop(model, **options)
 
 
-def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespace,
-                checkpoint: Optional[dict[str, Any]] = None) -> None:
+def main_worker(gpu: Optional[int], setup: Launch, args: argparse.Namespace, class_names: list[str],
+                checkpoint: Optional[RecipeCheckpoint] = None) -> None:
     """Train (or, with `--evaluate`, evaluate) in this process; `checkpoint` is the `--resume` one, if already read."""
-    device = init_process(gpu, ngpus_per_node, args)
+    process = init_process(gpu, setup, args)
+    device = process.device
     output, log_path = Path(args.output), Path(args.output) / LOG_NAME
-    if args.is_main and not args.evaluate:
+    if process.is_main and not args.evaluate:
         prepare_output(output, remove_previous_run=args.overwrite and not args.resume)
 
-    model, model_without_ddp = build_model(args, device)
+    model, model_without_ddp = build_model(args, process, class_names)
     criterion = nn.CrossEntropyLoss().to(device)
     if args.optimizer == 'sgd':
         optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
@@ -406,25 +425,27 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and amp_dtype == torch.float16)
     rho_schedule = args.settings.sgdrop_cfg.rho_schedule(args.epochs)
 
-    best_acc1, best_epoch, rng_state = 0.0, None, None
+    start_epoch, best_acc1, best_epoch, rng_state = args.start_epoch, 0.0, None, None
     if args.resume:
         checkpoint = checkpoint if checkpoint is not None else load_checkpoint(args.resume)
-        best_acc1, best_epoch, rng_state = resume(checkpoint, model_without_ddp, optimizer, scheduler, scaler, args)
+        start_epoch, best_acc1, best_epoch, rng_state = resume(checkpoint, model_without_ddp, optimizer, scheduler,
+                                                               scaler, process, args)
 
     # Data loading code
-    loaders = build_loaders(args, model_without_ddp, device)
+    loaders = build_loaders(args, process, model_without_ddp)
 
     if args.evaluate:
-        evaluate(loaders, model_without_ddp, criterion, amp_autocast, device, args)
-        cleanup(args)
+        evaluate(loaders, model_without_ddp, criterion, amp_autocast, process, args,
+                 start_epoch if args.resume else None)
+        cleanup(process)
         return
 
-    if rng_state is not None and not args.distributed:
+    if rng_state is not None and not process.distributed:
         # continues exactly where the interrupted run stopped: shuffling, augmentation, dropout
         set_rng_state(rng_state)
-    if args.is_main:
-        keep_log_until(log_path, args.start_epoch)
-    for epoch in range(args.start_epoch, args.epochs):
+    if process.is_main:
+        keep_log_until(log_path, start_epoch)
+    for epoch in range(start_epoch, args.epochs):
         if hasattr(loaders.train.sampler, 'set_epoch'):
             loaders.train.sampler.set_epoch(epoch)
         if args.regularizer == 'sgdrop':
@@ -433,22 +454,22 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
         # train for one epoch
         start = time.time()
         train_metrics = train(loaders.train, model, model_without_ddp, criterion, optimizer, scaler, amp_autocast,
-                              epoch, device, args)
+                              epoch, process, args)
         epoch_time = time.time() - start
-        if args.distributed:
+        if process.distributed:
             # each process's BatchNorm statistics come from its own shard: their mean, in the attribution's EMA network
             # too, so that every process validates, and the first saves, one model
-            distribute_bn(model_without_ddp, args.world_size, reduce=True)
+            distribute_bn(model_without_ddp, process.world_size, reduce=True)
             if model_without_ddp.ema_model is not None:
-                distribute_bn(model_without_ddp.ema_model, args.world_size, reduce=True)
+                distribute_bn(model_without_ddp.ema_model, process.world_size, reduce=True)
 
         # evaluate on validation set
-        val_metrics = validate(loaders.val, model_without_ddp, criterion, amp_autocast, device, args)
+        val_metrics = validate(loaders.val, model_without_ddp, criterion, amp_autocast, process, args)
         if not math.isfinite(val_metrics['loss']):
             # a last step that diverged leaves a finite training loss behind: its weights show it here
             raise RecipeError(f'the validation loss is not finite after epoch {epoch + 1}: the weights have diverged, '
                               f'and nothing of this epoch was saved; start again with a lower --lr than {args.lr}')
-        clean_metrics = validate(loaders.train_eval, model_without_ddp, criterion, amp_autocast, device, args,
+        clean_metrics = validate(loaders.train_eval, model_without_ddp, criterion, amp_autocast, process, args,
                                  'Train (clean)') if loaders.train_eval is not None else None
         # main process only (the others hold no area loader), and without collectives: the other processes simply
         # wait for it at the first collective of the next epoch
@@ -463,139 +484,160 @@ def main_worker(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespac
         is_best = best_epoch is None or acc1 > best_acc1
         if is_best:
             best_acc1, best_epoch = acc1, epoch + 1
-        if args.is_main:
+        if process.is_main:
             # the log line goes first: a run killed before its checkpoint is written repeats this epoch on resume,
             # and resuming drops the lines of epochs the checkpoint does not hold
             append_log(log_path, epoch_record(epoch, train_metrics, val_metrics, clean_metrics, area_ratio, lr,
                                               model_without_ddp.sgdrop_rho, epoch_time, args.regularizer))
-            save_checkpoint({
-                'epoch': epoch + 1,
-                'arch': args.arch,
-                'state_dict': model_without_ddp.state_dict(),
-                'acc1': acc1,
-                'best_acc1': best_acc1,
-                'best_epoch': best_epoch,
-                'optimizer': optimizer.state_dict(),
-                'scheduler': scheduler.state_dict(),
-                'sgdrop_ema': model_without_ddp.ema_state_dict(),
-                'sgdrop_rho': model_without_ddp.sgdrop_rho,
-                'rho_schedule': {'start': args.sgdrop_rho, 'end': args.sgdrop_rho_end, 'num_epochs': args.epochs},
-                'scaler': scaler.state_dict(),
-                'rng_state': get_rng_state(),
-                'class_names': args.class_names,
-                'settings': args.settings.to_dict(),
-            }, is_best, output)
+            save_checkpoint(RecipeCheckpoint(
+                epoch=epoch + 1, acc1=acc1, best_acc1=best_acc1, best_epoch=best_epoch, class_names=class_names,
+                settings=args.settings, state_dict=model_without_ddp.state_dict(),
+                sgdrop_ema=model_without_ddp.ema_state_dict(), optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng_state=get_rng_state(),
+            ), is_best, output)
 
-    if args.is_main and (output / BEST_NAME).exists():
-        export_dir = export_for_hub(output / BEST_NAME, output, args)
+    if process.is_main and (output / BEST_NAME).exists():
+        export_dir = export_for_hub(output / BEST_NAME, output, args, class_names)
         print(f'=> best val Acc@1 {best_acc1:.3f}; checkpoints {output / CHECKPOINT_NAME} and '
               f'{output / BEST_NAME}; weights {export_dir / WEIGHTS_NAME}', flush=True)
-    cleanup(args)
+    cleanup(process)
 
 
-def init_process(gpu: Optional[int], ngpus_per_node: int, args: argparse.Namespace) -> torch.device:
-    """Join the process group when distributed; set this process's rank, batch size, workers and seed.
+def init_process(gpu: Optional[int], setup: Launch, args: argparse.Namespace) -> Process:
+    """Join the process group when distributed, and seed this process.
 
     Returns:
-        The device of this process.
+        This process's device, rank and share of the batch size and workers.
     """
-    args.gpu = gpu
     # the device first: NCCL binds a process group to the current device when it is created
     if torch.cuda.is_available():
-        device = torch.device('cuda', args.gpu if args.gpu is not None else 0)
+        device = torch.device('cuda', gpu if gpu is not None else 0)
         torch.cuda.set_device(device)
     else:
         device = torch.device('cpu')
-    if args.distributed:
-        if args.dist_url == 'env://' and args.rank == -1:
-            args.rank = int(os.environ['RANK'])
+    if setup.distributed:
+        rank = int(os.environ['RANK']) if args.dist_url == 'env://' and args.rank == -1 else args.rank
         if args.multiprocessing_distributed:
             # the global rank of this process among all processes
-            args.rank = args.rank * ngpus_per_node + gpu
-        dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
-                                world_size=args.world_size, rank=args.rank)
+            rank = rank * setup.procs_per_node + gpu
+        dist.init_process_group(backend=setup.backend, init_method=args.dist_url, world_size=setup.world_size,
+                                rank=rank)
         # the batch size and workers are totals for this node, as in the official script
-        procs_per_node = ngpus_per_node if args.multiprocessing_distributed else int(
-            os.environ.get('LOCAL_WORLD_SIZE', '1'))
-        args.batch_size = max(1, args.batch_size // procs_per_node)
-        args.workers = (args.workers + procs_per_node - 1) // procs_per_node
+        process = Process(device, rank, setup.world_size, True, max(1, args.batch_size // setup.procs_per_node),
+                          (args.workers + setup.procs_per_node - 1) // setup.procs_per_node)
     else:
-        args.rank, args.world_size = 0, 1
-    args.is_main = args.rank == 0
+        process = Process(device, 0, 1, False, args.batch_size, args.workers)
 
     if args.seed is not None:
         # the same seed on every process would give every process the same dropout masks
-        random_seed(args.seed, args.rank)
+        random_seed(args.seed, process.rank)
         cudnn.deterministic = True
         cudnn.benchmark = False
     else:
         cudnn.benchmark = True
-    return device
+    return process
 
 
-def build_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, nn.Module]:
-    """The model to train on `device` (wrapped in DDP when distributed), and the unwrapped model."""
-    if args.is_main:
+def build_model(args: argparse.Namespace, process: Process, class_names: list[str]) -> tuple[nn.Module, nn.Module]:
+    """The model to train on the process's device (wrapped in DDP when distributed), and the unwrapped model."""
+    if process.is_main:
         print(f"=> creating model '{args.arch}'{' (pretrained)' if args.pretrained else ''} "
               f"with regularizer {args.regularizer}", flush=True)
-    model = create_model(args, num_classes=len(args.class_names)).to(device)
+    model = create_model(args, len(class_names), pretrained=args.pretrained).to(process.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.compile:
         # in place, so state_dict keys and the SGDrop methods stay those of the model
         model.compile(backend=args.compile_backend)
-    if not args.distributed:
+    if not process.distributed:
         return model, model
-    device_ids = [device.index] if device.type == 'cuda' else None
+    device_ids = [process.device.index] if process.device.type == 'cuda' else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids), model
 
 
-def resume(checkpoint: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
-           scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-           args: argparse.Namespace) -> tuple[float, int, Optional[dict[str, Any]]]:
+def resume(checkpoint: RecipeCheckpoint, model: nn.Module, optimizer: torch.optim.Optimizer,
+           scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, process: Process,
+           args: argparse.Namespace) -> tuple[int, float, int, Optional[dict[str, Any]]]:
     """Load the `--resume` checkpoint into the unwrapped `model` and, unless evaluating, the training state.
 
-    Sets `args.start_epoch` to its epoch. Empties `checkpoint` once loaded, so that its tensors are freed however many
-    callers hold it.
+    Releases the checkpoint's state once loaded, so that its tensors are freed however many callers hold it.
 
     Returns:
-        The best top-1 and best epoch to continue with, and the RNG state to restore (None when evaluating).
+        The epoch to start from, the best top-1 and best epoch to continue with, and the RNG state to restore (None
+        when evaluating).
     """
-    args.start_epoch = checkpoint['epoch']
-    best_acc1 = checkpoint['best_acc1']
-    best_epoch = checkpoint['best_epoch']
-    model.load_state_dict(checkpoint['state_dict'])
-    if checkpoint.get('sgdrop_ema') is not None:  # the 'ema' and 'ema_head' sources' EMA network
-        model.load_ema_state_dict(checkpoint['sgdrop_ema'])
+    best_acc1, best_epoch = checkpoint.best_acc1, checkpoint.best_epoch
+    model.load_state_dict(checkpoint.state_dict)
+    if checkpoint.sgdrop_ema is not None:  # the 'ema' and 'ema_head' sources' EMA network
+        model.load_ema_state_dict(checkpoint.sgdrop_ema)
     rng_state = None
     if not args.evaluate:
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        scheduler.load_state_dict(checkpoint['scheduler'])
-        if checkpoint.get('scaler'):
-            scaler.load_state_dict(checkpoint['scaler'])
-        rng_state = checkpoint.get('rng_state')
-    if args.is_main:
-        print(f"=> loaded checkpoint '{args.resume}' (epoch {checkpoint['epoch']})", flush=True)
-    if args.is_main and not args.evaluate:
+        optimizer.load_state_dict(checkpoint.optimizer)
+        scheduler.load_state_dict(checkpoint.scheduler)
+        if checkpoint.scaler:  # a float16 scaler's state; a disabled scaler's is empty
+            scaler.load_state_dict(checkpoint.scaler)
+        rng_state = checkpoint.rng_state
+    if process.is_main:
+        print(f"=> loaded checkpoint '{args.resume}' (epoch {checkpoint.epoch})", flush=True)
+    if process.is_main and not args.evaluate:
         best_acc1, best_epoch = restore_model_best(checkpoint, Path(args.resume), Path(args.output) / BEST_NAME)
-    checkpoint.clear()
-    return best_acc1, best_epoch, rng_state
+    checkpoint.release_state()
+    return checkpoint.epoch, best_acc1, best_epoch, rng_state
 
 
-def build_loaders(args: argparse.Namespace, model: nn.Module, device: torch.device) -> RecipeLoaders:
-    """The loaders of the run (``sgdrop_zoo.recipe_data.build_loaders``), normalised with the model's mean and std."""
+def restore_model_best(checkpoint: RecipeCheckpoint, resume_path: Path, best_path: Path) -> tuple[float, int]:
+    """Check that `best_path` holds the resumed run's best epoch, rebuilding it when a kill left it missing or stale.
+
+    A run stopped between writing its checkpoint and copying it to model_best leaves model_best missing or one best
+    epoch behind. When the resumed checkpoint is that best epoch, the copy is made again and nothing is lost; when
+    model_best is missing and the best epoch's weights are gone, the resumed epoch stands in for it and becomes the
+    best to beat. A model_best of another epoch that the resumed checkpoint cannot replace is kept.
+
+    Args:
+        checkpoint: The resumed checkpoint, read from `resume_path`.
+        resume_path: Its file.
+        best_path: The run's model_best.
+
+    Returns:
+        The best top-1 and best epoch to continue with.
+    """
+    best_acc1, best_epoch = checkpoint.best_acc1, checkpoint.best_epoch
+    if best_path.exists():
+        held = RecipeCheckpoint.read(best_path).epoch
+        if held == best_epoch:
+            return best_acc1, best_epoch
+        if best_epoch != checkpoint.epoch:
+            # not what a kill leaves (an older checkpoint resumed, say): weights the resumed one cannot replace
+            print(f'=> {best_path} holds epoch {held}, not the best epoch {best_epoch} of {resume_path}; it is kept '
+                  f'until this run has a better epoch', flush=True)
+            return best_acc1, best_epoch
+        print(f'=> {best_path} holds epoch {held}, not the best epoch {best_epoch} (the run was stopped while '
+              f'writing it); copied again from {resume_path}, which holds that epoch', flush=True)
+    elif best_epoch == checkpoint.epoch:
+        print(f'=> {best_path} is missing (the run was stopped while writing it); copied again from {resume_path}, '
+              f'which holds its best epoch', flush=True)
+    else:
+        best_acc1, best_epoch = checkpoint.acc1, checkpoint.epoch
+        print(f"=> {best_path} is missing and the best epoch's weights are gone; rebuilt from {resume_path} (epoch "
+              f"{best_epoch}, val Acc@1 {best_acc1:.3f}), the best to beat from now on", flush=True)
+    copy_file(resume_path, best_path)
+    return best_acc1, best_epoch
+
+
+def build_loaders(args: argparse.Namespace, process: Process, model: nn.Module) -> RecipeLoaders:
+    """The loaders of the run (``recipe_data.build_loaders``), normalised with the model's mean and std."""
     data_config = resolve_model_data_config(model)
     return recipe_data.build_loaders(
         Path(args.data), args.image_size, args.train_transform, data_config['mean'], data_config['std'],
-        args.batch_size, args.workers, device, rank=args.rank, world_size=args.world_size,
-        distributed=args.distributed, shuffle_seed=args.seed or 0, dummy=args.dummy, in_memory=args.in_memory,
+        process.batch_size, process.workers, process.device, rank=process.rank, world_size=process.world_size,
+        distributed=process.distributed, shuffle_seed=args.seed or 0, dummy=args.dummy, in_memory=args.in_memory,
         train_subset=args.train_subset, train_subset_per_class=args.train_subset_per_class,
         holdout_per_class=args.holdout_per_class, train_eval_samples=args.train_eval_samples,
         val_subset=args.val_subset, area_images=args.log_area_ratio)
 
 
-def cleanup(args: argparse.Namespace) -> None:
-    if args.distributed:
+def cleanup(process: Process) -> None:
+    if process.distributed:
         dist.destroy_process_group()
 
 
@@ -607,10 +649,11 @@ def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -
 
 def train(train_loader: Any, model: nn.Module, model_without_ddp: nn.Module, criterion: nn.Module,
           optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, amp_autocast: Callable[[], Any], epoch: int,
-          device: torch.device, args: argparse.Namespace) -> dict[str, float]:
+          process: Process, args: argparse.Namespace) -> dict[str, float]:
     """Train for one epoch; returns the loss and the accuracy of the (SGDrop-masked) training logits, and the means of
     the model's per-sample SGDrop diagnostics (``sgdrop_step_stats``)."""
     batch_time, data_time, losses, top1, top5 = (AverageMeter() for _ in range(5))
+    device = process.device
     diagnostics = {name: AverageMeter() for name in STEP_STAT_NAMES}
     # the first step whose loss is not finite, kept on the device (no host read per step) and checked once an epoch
     no_step = len(train_loader)
@@ -618,7 +661,7 @@ def train(train_loader: Any, model: nn.Module, model_without_ddp: nn.Module, cri
     progress = ProgressMeter(len(train_loader), {'Time': (batch_time, '6.3f'), 'Data': (data_time, '6.3f'),
                                                  'Loss': (losses, '.4e'), 'Acc@1': (top1, '6.2f'),
                                                  'Acc@5': (top5, '6.2f')},
-                             prefix=f'Epoch: [{epoch}]', enabled=args.is_main)
+                             prefix=f'Epoch: [{epoch}]', enabled=process.is_main)
 
     # switch to train mode
     model.train()
@@ -657,7 +700,7 @@ def train(train_loader: Any, model: nn.Module, model_without_ddp: nn.Module, cri
         if i % args.print_freq == 0:
             progress.display(i + 1)
 
-    if args.distributed:
+    if process.distributed:
         all_reduce_meters((losses, top1, top5, *diagnostics.values()), device)
         dist.all_reduce(first_nonfinite_step, dist.ReduceOp.MIN)
     step = first_nonfinite_step.item()
@@ -670,7 +713,7 @@ def train(train_loader: Any, model: nn.Module, model_without_ddp: nn.Module, cri
 
 
 def validate(val_loader: Any, model: nn.Module, criterion: nn.Module, amp_autocast: Callable[[], Any],
-             device: torch.device, args: argparse.Namespace, name: str = 'Test') -> dict[str, float]:
+             process: Process, args: argparse.Namespace, name: str = 'Test') -> dict[str, float]:
     """Evaluate the unwrapped eval-mode model on this process's shard, then sum the metrics over processes.
 
     The unwrapped model is used so that processes with one batch more or less than the others never wait on a DDP
@@ -679,7 +722,7 @@ def validate(val_loader: Any, model: nn.Module, criterion: nn.Module, amp_autoca
     batch_time, losses, top1, top5 = (AverageMeter() for _ in range(4))
     progress = ProgressMeter(len(val_loader), {'Time': (batch_time, '6.3f'), 'Loss': (losses, '.4e'),
                                                'Acc@1': (top1, '6.2f'), 'Acc@5': (top5, '6.2f')},
-                             prefix=f'{name}: ', enabled=args.is_main)
+                             prefix=f'{name}: ', enabled=process.is_main)
 
     # switch to evaluate mode
     model.eval()
@@ -687,8 +730,8 @@ def validate(val_loader: Any, model: nn.Module, criterion: nn.Module, amp_autoca
     with torch.no_grad():
         end = time.time()
         for i, (images, target) in enumerate(val_loader):
-            images = to_device(images, device, args.channels_last)
-            target = target.to(device, non_blocking=True)
+            images = to_device(images, process.device, args.channels_last)
+            target = target.to(process.device, non_blocking=True)
 
             # compute output
             with amp_autocast():
@@ -705,8 +748,8 @@ def validate(val_loader: Any, model: nn.Module, criterion: nn.Module, amp_autoca
             if i % args.print_freq == 0:
                 progress.display(i + 1)
 
-    if args.distributed:
-        all_reduce_meters((losses, top1, top5), device)
+    if process.distributed:
+        all_reduce_meters((losses, top1, top5), process.device)
     progress.display_summary(['Acc@1', 'Acc@5'])
     return {'loss': float(losses.avg), 'acc1': float(top1.avg), 'acc5': float(top5.avg), 'count': int(top1.count)}
 
@@ -725,56 +768,50 @@ def validate_area_ratio(loader: Any, model: nn.Module, device: torch.device, arg
 
 
 def evaluate(loaders: RecipeLoaders, model: nn.Module, criterion: nn.Module, amp_autocast: Callable[[], Any],
-             device: torch.device, args: argparse.Namespace) -> None:
-    """`--evaluate`: validate the loaded weights (and measure their area ratio), print the metrics, and write them to
-    `--metrics-json` when given; nothing goes into `--output`."""
-    metrics = validate(loaders.val, model, criterion, amp_autocast, device, args)
-    area_ratio = validate_area_ratio(loaders.area, model, device, args) if loaders.area is not None else None
-    if not args.is_main:
+             process: Process, args: argparse.Namespace, epoch: Optional[int]) -> None:
+    """`--evaluate`: validate the loaded weights (those of `epoch`, None for no checkpoint) and measure their area
+    ratio, print the metrics, and write them to `--metrics-json` when given; nothing goes into `--output`."""
+    metrics = validate(loaders.val, model, criterion, amp_autocast, process, args)
+    area_ratio = validate_area_ratio(loaders.area, model, process.device, args) if loaders.area is not None else None
+    if not process.is_main:
         return
     print(f"=> val Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f} on {metrics['count']} images "
           f"({args.resume or 'no checkpoint'})", flush=True)
     if args.metrics_json:
         record = {**{key: metrics[key] for key in ('acc1', 'acc5', 'loss', 'count')},
                   **({'area_ratio': area_ratio} if area_ratio is not None else {}),
-                  'checkpoint': str(Path(args.resume).resolve()) if args.resume else None,
-                  # resume set start_epoch to the checkpoint's epoch
-                  'epoch': args.start_epoch if args.resume else None}
+                  'checkpoint': str(Path(args.resume).resolve()) if args.resume else None, 'epoch': epoch}
         atomic_write(Path(args.metrics_json), lambda f: f.write((json.dumps(record, indent=1) + '\n').encode()))
 
 
-def save_checkpoint(state: dict[str, Any], is_best: bool, output: Path, filename: str = CHECKPOINT_NAME) -> None:
-    """Write `state` to `output`/`filename`, and copy it to model_best.pth.tar when best.
+def save_checkpoint(checkpoint: RecipeCheckpoint, is_best: bool, output: Path) -> None:
+    """Write `checkpoint` to `output`, and copy it to model_best.pth.tar when best.
 
     Each file is written to a temporary file in the same directory and renamed over the old one, so a run killed at any
     moment leaves the previous complete checkpoint in place.
     """
-    path = output / filename
-    atomic_write(path, lambda f: torch.save(state, f))
+    path = output / CHECKPOINT_NAME
+    checkpoint.write(path)
     if is_best:
         copy_file(path, output / BEST_NAME)
 
 
-def export_for_hub(checkpoint_path: Path, output: Path, args: argparse.Namespace) -> Path:
+def export_for_hub(checkpoint_path: Path, output: Path, args: argparse.Namespace, class_names: list[str]) -> Path:
     """Export the weights of a checkpoint as `model.safetensors` + timm's `config.json`, in `output`.
 
     The model is rebuilt on the CPU from the checkpoint, so the export holds plain contiguous float32 weights whatever
     the training memory format or compile state.
     """
-    checkpoint = read_checkpoint(checkpoint_path)
-    model = create_model(argparse.Namespace(**{**vars(args), 'pretrained': False}), len(args.class_names))
-    model.load_state_dict(checkpoint['state_dict'])
+    checkpoint = RecipeCheckpoint.read(checkpoint_path)
+    model = create_model(args, len(class_names))
+    model.load_state_dict(checkpoint.state_dict)
     try:
         # model_best holds its own epoch and that epoch's top-1, the best one
-        save_recipe_export(model, output, args.settings, args.class_names, checkpoint['epoch'],
-                           checkpoint['acc1'])
+        save_recipe_export(model, output, args.settings, class_names, checkpoint.epoch, checkpoint.acc1)
     except ValueError as e:  # weights that are not finite
         raise RecipeError(str(e)) from e
-    except (OSError, SafetensorError) as e:
-        # safetensors reports a refused write as its own error, with the OS's reason in the message
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        raise RecipeError(f'cannot write the export {output / WEIGHTS_NAME} ({reason}); the checkpoints are intact: '
-                          f'free some space there, then resume the run, which exports again') from e
+    except RunFileError as e:  # a full disk
+        raise RecipeError(f'{e}, then resume the run, which exports again (the checkpoints are intact)') from e
     return output
 
 

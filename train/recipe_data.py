@@ -17,7 +17,7 @@ import torch.utils.data.distributed
 import torchvision.datasets as datasets
 import torchvision.transforms as transforms
 
-from .data import (
+from sgdrop_zoo.data import (
     DatasetError,
     InMemoryLoader,
     decode_images,

@@ -17,23 +17,18 @@ import timm
 import torch
 import torchvision.datasets as datasets
 
-from .data import MAX_IMAGE_SIZE
-from .loading import check_writable_folder, read_checkpoint
-from .run_files import CHECKPOINT_NAME, RUN_FILES
-from .run_settings import RunSettings
-from .sgdrop import MODEL_SGDROP_SETTINGS, SGDropCfg
+from sgdrop_zoo.checkpoint import RecipeCheckpoint
+from sgdrop_zoo.data import MAX_IMAGE_SIZE
+from sgdrop_zoo.loading import check_writable_folder
+from sgdrop_zoo.run_files import CHECKPOINT_NAME, RUN_FILES
+from sgdrop_zoo.sgdrop import MODEL_SGDROP_SETTINGS, SGDropCfg
 
 __all__ = [
-    'RECIPE_CHECKPOINT_KEYS', 'RecipeError', 'check_arch', 'check_counts', 'check_fits_val_split',
+    'RecipeError', 'check_arch', 'check_counts', 'check_fits_val_split',
     'check_gpu', 'check_holdout', 'check_launcher', 'check_metrics_json', 'check_model_kwargs', 'check_output',
     'check_resumed', 'check_sgdrop_flags', 'check_start_epoch', 'check_subset_options', 'check_training_numbers',
     'check_val_subset', 'load_checkpoint',
 ]
-
-# the keys of every checkpoint the recipe writes
-RECIPE_CHECKPOINT_KEYS = ('epoch', 'arch', 'state_dict', 'acc1', 'best_acc1', 'best_epoch', 'optimizer', 'scheduler',
-                          'settings')
-
 
 class RecipeError(Exception):
     """A run that cannot start or go on (bad input, diverged weights, a refused export); the message says what is
@@ -247,36 +242,26 @@ def check_fits_val_split(val_subset: int, log_area_ratio: int, num_val: int) -> 
                               f'pass at most {num_val}')
 
 
-def load_checkpoint(path: str) -> dict[str, Any]:
-    """Load a checkpoint written by the recipe, tensors on the CPU, without executing pickled code."""
+def load_checkpoint(path: str) -> RecipeCheckpoint:
+    """The --resume checkpoint, read and checked (``RecipeCheckpoint.read``)."""
     if not os.path.isfile(path):
         raise RecipeError(f'--resume {path}: no such checkpoint file; pass a checkpoint.pth.tar written by this script')
     try:
-        checkpoint = read_checkpoint(Path(path))
-    except ValueError as e:
-        raise RecipeError(f'--resume {e} Pass an intact checkpoint.pth.tar') from e
-    missing = [key for key in RECIPE_CHECKPOINT_KEYS if key not in checkpoint]
-    if missing:
-        raise RecipeError(f"--resume {path}: not a checkpoint of this script (no {', '.join(missing)}); pass the "
-                          f"checkpoint.pth.tar or model_best.pth.tar of a train/main.py run")
-    try:
-        RunSettings.from_checkpoint(checkpoint, path)
+        return RecipeCheckpoint.read(Path(path))
     except ValueError as e:
         raise RecipeError(f'--resume {e}') from e
-    return checkpoint
 
 
-def check_resumed(checkpoint: dict[str, Any], resume: str, arch: str, model_kwargs: dict[str, Any],
+def check_resumed(checkpoint: RecipeCheckpoint, resume: str, arch: str, model_kwargs: dict[str, Any],
                   class_names: list[str], data: str) -> None:
     """The --resume checkpoint must hold the model of `arch` and `model_kwargs`, trained on the classes of `data`."""
-    if checkpoint.get('arch') != arch:
-        raise RecipeError(f"--resume {resume} holds a {checkpoint.get('arch')!r} model, not {arch!r}; "
-                          f"pass -a {checkpoint.get('arch')} or a checkpoint of {arch}")
-    saved_kwargs = RunSettings.from_checkpoint(checkpoint, resume).model_kwargs
-    if saved_kwargs != model_kwargs:
-        raise RecipeError(f'--resume {resume} was built with --model-kwargs {saved_kwargs}, not '
+    saved = checkpoint.settings
+    if saved.arch != arch:
+        raise RecipeError(f'--resume {resume} holds a {saved.arch!r} model, not {arch!r}; pass -a {saved.arch} or a '
+                          f'checkpoint of {arch}')
+    if saved.model_kwargs != model_kwargs:
+        raise RecipeError(f'--resume {resume} was built with --model-kwargs {saved.model_kwargs}, not '
                           f'{model_kwargs}; pass the same --model-kwargs')
-    saved_classes = checkpoint.get('class_names')
-    if saved_classes is not None and saved_classes != class_names:
-        raise RecipeError(f'--resume {resume} was trained on {len(saved_classes)} other classes than the '
+    if checkpoint.class_names != class_names:
+        raise RecipeError(f'--resume {resume} was trained on {len(checkpoint.class_names)} other classes than the '
                           f'{len(class_names)} in {data}; resume on the same dataset')
