@@ -21,11 +21,10 @@ import torch
 from .data import MAX_IMAGE_SIZE
 from .finetune import MODES, TRAIN_TRANSFORMS, finetune
 from .hub import publish_checkpoint
-from .loading import check_writable_file
 from .plots import plot_runs
 from .model_card import render_model_card
 from .pretrained import HubError, load_hub_configs
-from .run_files import RunFileError
+from .run_files import RunFileError, check_writable_file
 from .saliency import format_table, saliency_report
 from .sgdrop import DEFAULT_RHO, num_dropped_features
 

@@ -30,10 +30,10 @@ from .export import (
     to_published_config,
     write_config,
 )
-from .loading import check_output_outside_hub_configs, check_writable_folder
 from .model_card import render_model_card
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME, HubError, check_shipped_folder, hub_download, sha256_of_file
 from .checkpoint import RecipeCheckpoint
+from .run_files import check_output_outside_hub_configs, check_writable_folder
 from .sgdrop import SGDropCfg, add_sgdrop
 
 __all__ = [

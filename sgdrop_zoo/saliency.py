@@ -30,14 +30,12 @@ from .data import MAX_IMAGE_SIZE, DatasetError, check_image_folders, fixed_order
 from .loading import (
     check_input_channels,
     check_label_names,
-    check_output_folder,
-    check_output_is_not_source,
     in_memory_loader,
     load_model,
     load_split,
     split_encoder_head,
 )
-from .run_files import atomic_write
+from .run_files import atomic_write, check_output_folder, check_output_is_not_source
 
 __all__ = [
     'attribution_area_ratio', 'grad_cam_maps', 'mean_area_ratio', 'neuron_coverage', 'saliency_grid', 'saliency_report',
