@@ -31,6 +31,7 @@ from .pretrained import (
     WEIGHTS_NAME,
     check_shipped_folder,
     hub_download,
+    retired_tag,
 )
 
 __all__ = [
@@ -85,7 +86,7 @@ def _create_model(name: str, pretrained: bool) -> nn.Module:
         architecture = name.split('.')[0]
         tags = timm.list_pretrained(f'{architecture}.*') if timm.is_model(architecture) else []
         hint = f' Its pretrained tags: {", ".join(tags)}.' if tags else ''
-        reason = str(e).splitlines()[0].rstrip('.') if str(e) else type(e).__name__
+        reason = retired_tag(name) or (str(e).splitlines()[0].rstrip('.') if str(e) else type(e).__name__)
         raise ValueError(f'cannot load {name}: {reason}.{hint}') from e
 
 

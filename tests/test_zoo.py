@@ -15,7 +15,7 @@ import timm
 import torch
 
 from sgdrop_zoo.hub import publish_checkpoint
-from sgdrop_zoo.pretrained import WEIGHTS_NAME, hub_configs_dir, load_hub_configs, sha256_of_file
+from sgdrop_zoo.pretrained import WEIGHTS_NAME, hub_configs_dir, load_hub_configs, retired_tag, sha256_of_file
 from sgdrop_zoo.sgdrop import PAPER_NAME
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -290,3 +290,19 @@ def test_shipped_folder_publishes_unchanged(record, tmp_path):
     assert result.record['architecture'] == record['architecture']
     published = json.loads((tmp_path / 'dry' / 'config.json').read_text())
     assert published == json.loads((folder / 'config.json').read_text())
+
+
+def test_a_retired_tag_says_what_replaced_it_and_which_commit_holds_it(capsys):
+    from sgdrop_zoo.cli import main
+    from sgdrop_zoo.loading import load_model
+    with pytest.raises(ValueError) as refused:
+        load_model('sgdrop_vgg11.imagenette_64')
+    assert str(refused.value).startswith(
+        'cannot load sgdrop_vgg11.imagenette_64: the tag was retired, replaced by `sgdrop_vgg11.imagenette_128` and '
+        'its `_vanilla` twin; its files are in commit 8fa3644 of the repository (git checkout 8fa3644 -- '
+        'hub_configs/sgdrop_vgg11.imagenette_64.json hub_configs/sgdrop_vgg11.imagenette_64).')
+    assert main(['info', 'sgdrop_convnext_atto.imagenette_128']) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and 'the tag was retired' in lines[0] and 'commit 339bddd' in lines[0]
+    # a shipped tag and a name that never was one are not retired
+    assert retired_tag('sgdrop_vgg11.imagenette_128') is None and retired_tag('sgdrop_vgg11.nothing') is None
