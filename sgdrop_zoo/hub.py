@@ -111,8 +111,9 @@ def _check_weights(folder: Path, config: dict[str, Any]) -> None:
     if not timm.is_model(architecture):
         raise HubError(f'config.json names architecture {architecture!r}, which is not registered: upgrade timm or '
                        f'sgdrop-zoo.')
+    arguments = {'num_classes': config['num_classes'], **config.get('model_args', {})}
     with torch.device('meta'):
-        model = timm.create_model(architecture, **config.get('model_args', {}))
+        model = timm.create_model(architecture, **arguments)
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as e:

@@ -228,6 +228,20 @@ def test_plain_timm_loads_the_folders_with_identical_logits(tmp_path):
             assert torch.equal(torch.load(tmp_path / f'{name}.pt'), model(images)), name
 
 
+def test_transformers_loads_the_folders_as_timm_models_with_identical_logits():
+    from transformers import AutoModelForImageClassification
+    images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    for record in RECORDS:
+        folder = hub_configs_dir() / record['local_dir']
+        # float32 as timm loads it (transformers would keep the file's float16); no kernels from the Hub
+        model = AutoModelForImageClassification.from_pretrained(folder, dtype=torch.float32, use_kernels=False)
+        assert type(model).__name__ == 'TimmWrapperForImageClassification'
+        assert [model.config.id2label[i] for i in range(record['num_classes'])] == record['label_names']
+        plain = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+        with torch.no_grad():
+            assert torch.equal(model.eval()(pixel_values=images).logits, plain(images)), record['local_dir']
+
+
 @pytest.mark.parametrize('record', RECORDS, ids=NAMES)
 def test_tag_applies_and_records_its_architecture_arguments(record):
     """A tag builds its checkpoint's architecture (e.g. vgg11's narrow head), and a model fine-tuned from it records
