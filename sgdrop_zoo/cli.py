@@ -21,11 +21,10 @@ import torch
 from .data import MAX_IMAGE_SIZE
 from .finetune import MODES, TRAIN_TRANSFORMS, finetune
 from .hub import publish_checkpoint
-from .loading import check_writable_file
 from .plots import plot_runs
 from .model_card import render_model_card
-from .pretrained import HubError, load_hub_configs
-from .run_files import RunFileError
+from .pretrained import HubError, load_hub_configs, retired_tag
+from .run_files import RunFileError, check_writable_file
 from .saliency import format_table, saliency_report
 from .sgdrop import DEFAULT_RHO, num_dropped_features
 
@@ -40,7 +39,9 @@ def list_models_command(args: argparse.Namespace) -> int:
 
 def info_command(args: argparse.Namespace) -> int:
     if args.model not in timm.list_models('sgdrop_*') + timm.list_pretrained('sgdrop_*'):
-        raise ValueError(f'unknown model {args.model!r}; `sgdrop-zoo models` lists them, with their pretrained tags.')
+        retired = retired_tag(args.model)
+        raise ValueError(f'{args.model}: {retired}.' if retired else f'unknown model {args.model!r}; `sgdrop-zoo '
+                         f'models` lists them, with their pretrained tags.')
     if args.image_size is not None and not 1 <= args.image_size <= MAX_IMAGE_SIZE:
         raise ValueError(f"--image-size must be from 1 to {MAX_IMAGE_SIZE} px, or left out for the model's, got "
                          f'{args.image_size}.')

@@ -79,6 +79,7 @@ def save_export(model: nn.Module, folder: Path, class_names: list[str], image_si
     try:
         with tempfile.TemporaryDirectory(dir=folder, prefix='.export.', suffix=PARTIAL_WRITE_SUFFIX) as tmp:
             save_for_hf(model, tmp, model_config=model_config, data_config=data_config, safe_serialization=True)
+            write_config(_without_num_classes_argument(read_config(Path(tmp) / CONFIG_NAME)), Path(tmp))
             for name in (WEIGHTS_NAME, CONFIG_NAME):
                 (Path(tmp) / name).chmod(0o644)  # safetensors writes the weights private
                 os.replace(Path(tmp) / name, Path(folder) / name)
@@ -87,6 +88,13 @@ def save_export(model: nn.Module, folder: Path, class_names: list[str], image_si
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         raise RunFileError(f'cannot write the export {Path(folder) / WEIGHTS_NAME} ({reason}); nothing of it was '
                            f'written: free some space there') from e
+
+
+def _without_num_classes_argument(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` without ``num_classes`` among its ``model_args``: timm records it there and as the config's own
+    ``num_classes``, which both timm and transformers' timm wrapper read; transformers would pass it twice."""
+    config.get('model_args', {}).pop('num_classes', None)
+    return config
 
 
 def measured_split(training: dict[str, Any]) -> str:
@@ -170,7 +178,7 @@ def to_published_config(config: dict[str, Any], label_descriptions: Optional[dic
     Raises:
         ValueError: The config records no SGDrop settings.
     """
-    config = json.loads(json.dumps(config))  # deep copy
+    config = _without_num_classes_argument(json.loads(json.dumps(config)))  # a deep copy
     # a published folder already names its SGDrop architecture; the recipe's export names it as its architecture
     sgdrop_architecture = (config.get('sgdrop') or {}).get('architecture') or config['architecture']
     settings = sgdrop_settings(config)

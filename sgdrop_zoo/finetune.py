@@ -32,8 +32,6 @@ from .export import save_export
 from .loading import (
     check_input_channels,
     check_label_names,
-    check_output_folder,
-    check_output_is_not_source,
     in_memory_loader,
     input_size,
     load_model,
@@ -41,7 +39,7 @@ from .loading import (
     split_encoder_head,
 )
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME
-from .run_files import LOG_NAME, append_log, hold_folder
+from .run_files import LOG_NAME, append_log, check_output_folder, check_output_is_not_source, hold_folder
 from .sgdrop import SGDropCfg, add_sgdrop, is_sgdrop_model
 
 __all__ = ['MODES', 'TRAIN_TRANSFORMS', 'evaluate', 'finetune']

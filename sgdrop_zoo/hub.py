@@ -30,10 +30,10 @@ from .export import (
     to_published_config,
     write_config,
 )
-from .loading import check_output_outside_hub_configs, check_writable_folder
 from .model_card import render_model_card
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME, HubError, check_shipped_folder, hub_download, sha256_of_file
 from .checkpoint import RecipeCheckpoint
+from .run_files import check_output_outside_hub_configs, check_writable_folder
 from .sgdrop import SGDropCfg, add_sgdrop
 
 __all__ = [
@@ -111,8 +111,9 @@ def _check_weights(folder: Path, config: dict[str, Any]) -> None:
     if not timm.is_model(architecture):
         raise HubError(f'config.json names architecture {architecture!r}, which is not registered: upgrade timm or '
                        f'sgdrop-zoo.')
+    arguments = {'num_classes': config['num_classes'], **config.get('model_args', {})}
     with torch.device('meta'):
-        model = timm.create_model(architecture, **config.get('model_args', {}))
+        model = timm.create_model(architecture, **arguments)
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as e:

@@ -30,16 +30,13 @@ from .pretrained import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     check_shipped_folder,
-    hub_configs_dir,
     hub_download,
-    packaged_hub_configs_dir,
-    tag_folder,
+    retired_tag,
 )
 
 __all__ = [
-    'check_input_channels', 'check_label_names', 'check_output_folder', 'check_output_is_not_source',
-    'check_output_outside_hub_configs', 'check_writable_file', 'check_writable_folder', 'in_memory_loader',
-    'input_size', 'load_model', 'load_split', 'split_encoder_head',
+    'check_input_channels', 'check_label_names', 'in_memory_loader', 'input_size', 'load_model', 'load_split',
+    'split_encoder_head',
 ]
 
 
@@ -89,7 +86,7 @@ def _create_model(name: str, pretrained: bool) -> nn.Module:
         architecture = name.split('.')[0]
         tags = timm.list_pretrained(f'{architecture}.*') if timm.is_model(architecture) else []
         hint = f' Its pretrained tags: {", ".join(tags)}.' if tags else ''
-        reason = str(e).splitlines()[0].rstrip('.') if str(e) else type(e).__name__
+        reason = retired_tag(name) or (str(e).splitlines()[0].rstrip('.') if str(e) else type(e).__name__)
         raise ValueError(f'cannot load {name}: {reason}.{hint}') from e
 
 
@@ -177,77 +174,6 @@ def in_memory_loader(images: torch.Tensor, targets: torch.Tensor, model: nn.Modu
     return InMemoryLoader(images.to(device), targets.to(device), batch_size, shuffle=shuffle, mean=data_config['mean'],
                           std=data_config['std'], rank=0, world_size=1, device=device, seed=seed,
                           crop_flip_size=crop_flip_size)
-
-
-def _check_creatable(output: Path, kind: str) -> None:
-    """Raise ValueError unless this process can write ``output``, or create it in its nearest existing folder."""
-    existing = output
-    while not existing.exists():
-        existing = existing.parent
-    if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
-        raise ValueError(f'--output {output}: {existing} is not writable; pass a {kind} you can write to.')
-
-
-def check_writable_folder(output: Path) -> None:
-    """Raise ValueError unless ``output`` is a folder, or can be created as one, that this process can write to."""
-    if output.exists() and not output.is_dir():
-        raise ValueError(f'--output {output} is a file; pass a folder.')
-    _check_creatable(output, 'folder')
-
-
-def check_writable_file(output: Path, overwrite: bool) -> None:
-    """Raise ValueError unless ``output`` can be created as a file this process can write to, or is one and
-    ``overwrite`` lets it be replaced."""
-    if output.is_dir():
-        raise ValueError(f'--output {output} is a folder; pass a file name.')
-    if output.exists() and not overwrite:
-        raise ValueError(f'--output {output} exists; pass --overwrite to replace it, or another file name.')
-    _check_creatable(output, 'file')
-
-
-def check_output_folder(output: Path, files: tuple[str, ...], overwrite: bool) -> None:
-    """Check, before any work, that ``output`` can take a command's ``files`` without losing an earlier result.
-
-    Raises:
-        ValueError: ``output`` is a file or not writable, or it holds some of ``files`` and ``overwrite`` is False.
-    """
-    check_writable_folder(output)
-    previous = [name for name in files if (output / name).exists()]
-    if previous and not overwrite:
-        raise ValueError(f'--output {output} already holds {", ".join(previous)} of an earlier run; choose another '
-                         f'folder, or pass --overwrite to replace them.')
-
-
-def check_output_outside_hub_configs(output: Path) -> None:
-    """Refuse to write into the zoo's ``hub_configs/``: its folders are shipped checkpoints, pinned by sha256."""
-    real_output = output.resolve()
-    for folder in (packaged_hub_configs_dir().resolve(), hub_configs_dir().resolve()):
-        if real_output == folder or folder in real_output.parents:
-            raise ValueError(f"--output {output} is inside {folder}, the zoo's hub_configs/ folder of shipped "
-                             f'checkpoints; choose a folder outside it.')
-
-
-def _source_folder(model_name: str) -> Optional[Path]:
-    """The local folder ``load_model`` reads ``model_name`` from, or None (a random init or an ``hf-hub:`` id)."""
-    if model_name.startswith('hf-hub:'):
-        return None
-    source = Path(model_name.removeprefix('local-dir:'))
-    if source.exists():
-        return source if source.is_dir() else source.parent
-    return tag_folder(model_name)
-
-
-def check_output_is_not_source(model_name: str, output: Path) -> None:
-    """Refuse to write into the folder a model is read from, or into ``hub_configs/``: files would be replaced.
-
-    Folders are compared as real paths, so that no spelling of the source (a tag, ``local-dir:``, a relative path,
-    a symlink) gets past.
-    """
-    check_output_outside_hub_configs(output)
-    source_dir = _source_folder(model_name)
-    if source_dir is not None and output.resolve() == source_dir.resolve():
-        raise ValueError(f'--output {output} is the folder of the model {model_name} is read from; choose another '
-                         f'folder, so that its files are not replaced.')
 
 
 def _short(names: list[str], limit: int = 10) -> str:

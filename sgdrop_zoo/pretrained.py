@@ -40,7 +40,8 @@ __all__ = [
     'CONFIG_NAME', 'HUB_CONFIGS_ENV', 'WEIGHTS_NAME', 'HubConfigWarning', 'HubError',
     'build_model_with_checked_weights', 'check_model_args', 'check_shipped_folder', 'checked_record_weights',
     'checkpoint_description', 'download_checked_weights', 'hub_configs_dir', 'hub_download', 'load_hub_configs',
-    'local_weights', 'packaged_hub_configs_dir', 'pretrained_cfgs', 'record_notes', 'sha256_of_file', 'tag_folder',
+    'local_weights', 'packaged_hub_configs_dir', 'pretrained_cfgs', 'record_notes', 'retired_tag', 'sha256_of_file',
+    'tag_folder',
 ]
 
 HUB_CONFIGS_ENV = 'SGDROP_ZOO_HUB_CONFIGS'
@@ -191,6 +192,19 @@ def tag_folder(name: str) -> Optional[Path]:
     record = _records().get(name)
     weights = local_weights(record) if record is not None else None
     return weights.parent if weights is not None else None
+
+
+def retired_tag(name: str) -> Optional[str]:
+    """What became of the zoo tag ``name`` if it was retired: the row of the retired-tags table of the packaged
+    ``hub_configs/README.md`` (the one place that lists them), in words; None for a tag that was never retired."""
+    readme = packaged_hub_configs_dir() / 'README.md'
+    for line in readme.read_text(encoding='utf-8').splitlines() if readme.is_file() else ():
+        cells = [cell.strip() for cell in line.strip().strip('|').split('|')]
+        if len(cells) == 3 and cells[0].split(' ')[0] == f'`{name}`':
+            commit = cells[2]
+            return (f'the tag was retired, replaced by {cells[1]}; its files are in commit {commit} of the '
+                    f'repository (git checkout {commit} -- hub_configs/{name}.json hub_configs/{name})')
+    return None
 
 
 def checkpoint_description(sgdrop: dict[str, Any], dataset: str, top1: Optional[float], split: str) -> str:

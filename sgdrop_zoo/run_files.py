@@ -6,6 +6,10 @@ Checkpoints are written to a temporary file of the same folder and renamed over 
 (``keep_log_until``); what a killed write left behind is removed when the run starts again
 (``remove_partial_writes``), and only that. A write the system refuses stops the run with one line. A checkpoint
 holds the random state too (``get_rng_state``), so that a resumed run continues the interrupted one exactly.
+
+The rules of every command's output, checked before any work (``check_output_folder`` and the others): it can be
+written, it holds no earlier result unless told to replace it, and it is neither ``hub_configs/`` nor the folder the
+command reads its model from.
 """
 import contextlib
 import fcntl
@@ -20,12 +24,14 @@ from typing import IO, Any, Optional
 
 import torch
 
-from .pretrained import CONFIG_NAME, WEIGHTS_NAME
+from .pretrained import CONFIG_NAME, WEIGHTS_NAME, hub_configs_dir, packaged_hub_configs_dir, tag_folder
 
 __all__ = [
     'BEST_NAME', 'CHECKPOINT_NAME', 'LOCK_NAME', 'LOG_NAME', 'PARTIAL_WRITE_SUFFIX', 'RUN_FILES', 'RunFileError',
-    'append_log', 'atomic_write', 'copy_file', 'epoch_record', 'get_rng_state', 'hold_folder', 'keep_log_until',
-    'prepare_output', 'read_log', 'remove_partial_writes', 'set_rng_state',
+    'append_log', 'atomic_write', 'check_output_folder', 'check_output_is_not_source',
+    'check_output_outside_hub_configs', 'check_writable_file', 'check_writable_folder', 'copy_file', 'epoch_record',
+    'get_rng_state', 'hold_folder', 'keep_log_until', 'prepare_output', 'read_log', 'remove_partial_writes',
+    'set_rng_state',
 ]
 
 # the suffix of the temporary files and folders of an unfinished write (a run killed while writing one leaves it):
@@ -247,3 +253,74 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if torch.cuda.is_available() and 'cuda' in state:
         for index, cuda_state in enumerate(state['cuda'][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state, index)
+
+
+def _check_creatable(output: Path, kind: str) -> None:
+    """Raise ValueError unless this process can write ``output``, or create it in its nearest existing folder."""
+    existing = output
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
+        raise ValueError(f'--output {output}: {existing} is not writable; pass a {kind} you can write to.')
+
+
+def check_writable_folder(output: Path) -> None:
+    """Raise ValueError unless ``output`` is a folder, or can be created as one, that this process can write to."""
+    if output.exists() and not output.is_dir():
+        raise ValueError(f'--output {output} is a file; pass a folder.')
+    _check_creatable(output, 'folder')
+
+
+def check_writable_file(output: Path, overwrite: bool) -> None:
+    """Raise ValueError unless ``output`` can be created as a file this process can write to, or is one and
+    ``overwrite`` lets it be replaced."""
+    if output.is_dir():
+        raise ValueError(f'--output {output} is a folder; pass a file name.')
+    if output.exists() and not overwrite:
+        raise ValueError(f'--output {output} exists; pass --overwrite to replace it, or another file name.')
+    _check_creatable(output, 'file')
+
+
+def check_output_folder(output: Path, files: tuple[str, ...], overwrite: bool) -> None:
+    """Check, before any work, that ``output`` can take a command's ``files`` without losing an earlier result.
+
+    Raises:
+        ValueError: ``output`` is a file or not writable, or it holds some of ``files`` and ``overwrite`` is False.
+    """
+    check_writable_folder(output)
+    previous = [name for name in files if (output / name).exists()]
+    if previous and not overwrite:
+        raise ValueError(f'--output {output} already holds {", ".join(previous)} of an earlier run; choose another '
+                         f'folder, or pass --overwrite to replace them.')
+
+
+def check_output_outside_hub_configs(output: Path) -> None:
+    """Refuse to write into the zoo's ``hub_configs/``: its folders are shipped checkpoints, pinned by sha256."""
+    real_output = output.resolve()
+    for folder in (packaged_hub_configs_dir().resolve(), hub_configs_dir().resolve()):
+        if real_output == folder or folder in real_output.parents:
+            raise ValueError(f"--output {output} is inside {folder}, the zoo's hub_configs/ folder of shipped "
+                             f'checkpoints; choose a folder outside it.')
+
+
+def _source_folder(model_name: str) -> Optional[Path]:
+    """The local folder ``load_model`` reads ``model_name`` from, or None (a random init or an ``hf-hub:`` id)."""
+    if model_name.startswith('hf-hub:'):
+        return None
+    source = Path(model_name.removeprefix('local-dir:'))
+    if source.exists():
+        return source if source.is_dir() else source.parent
+    return tag_folder(model_name)
+
+
+def check_output_is_not_source(model_name: str, output: Path) -> None:
+    """Refuse to write into the folder a model is read from, or into ``hub_configs/``: files would be replaced.
+
+    Folders are compared as real paths, so that no spelling of the source (a tag, ``local-dir:``, a relative path,
+    a symlink) gets past.
+    """
+    check_output_outside_hub_configs(output)
+    source_dir = _source_folder(model_name)
+    if source_dir is not None and output.resolve() == source_dir.resolve():
+        raise ValueError(f'--output {output} is the folder of the model {model_name} is read from; choose another '
+                         f'folder, so that its files are not replaced.')

@@ -13,6 +13,7 @@ the area of maps that are positive everywhere.
     saliency_report(['runs/vanilla', 'runs/sgdrop'], 'data/imagenette', 'runs/saliency')   # `sgdrop-zoo saliency`
 """
 import json
+import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -30,22 +31,26 @@ from .data import MAX_IMAGE_SIZE, DatasetError, check_image_folders, fixed_order
 from .loading import (
     check_input_channels,
     check_label_names,
-    check_output_folder,
-    check_output_is_not_source,
     in_memory_loader,
     load_model,
     load_split,
     split_encoder_head,
 )
-from .run_files import atomic_write
+from .run_files import atomic_write, check_output_folder, check_output_is_not_source
 
 __all__ = [
-    'attribution_area_ratio', 'grad_cam_maps', 'mean_area_ratio', 'neuron_coverage', 'saliency_grid', 'saliency_report',
+    'attribution_area_ratio', 'grad_cam_maps', 'grid_figure', 'mean_area_ratio', 'neuron_coverage', 'saliency_grid',
+    'saliency_report',
 ]
 
 AREA_THRESHOLD = 0.5
 GRID_CELL_PX = 160  # side of one picture of the grid, in pixels
 GRID_DPI = 100
+GRID_FONT_PT = 7
+GRID_HEADER_LINES = 3  # a model's name takes at most this many lines above its column
+GRID_TITLE_LINES = 2  # and a picture's title this many
+# above the first row: the models' names and the first row's titles, lines of 7 pt (9.7 px at 100 dpi) and spacing
+GRID_HEADER_PX = 72
 OUTPUT_FILES = ('saliency.json', 'saliency_grid.png')  # what a report writes into its output folder
 
 
@@ -177,29 +182,51 @@ def saliency_grid(images: torch.Tensor, maps: dict[str, torch.Tensor], predictio
         predictions: Model name -> predicted classes (N,).
         targets: True classes (N,).
         class_names: Names of the classes.
-        path: Where the PNG goes; it is ``GRID_CELL_PX`` pixels per picture.
+        path: Where the PNG goes; it is ``GRID_CELL_PX`` pixels per picture, below a header of the models' names.
     """
+    figure = grid_figure(images, maps, predictions, targets, class_names)
+    path = Path(path)
+    atomic_write(path, lambda f: figure.savefig(f, dpi=GRID_DPI, format='png'))
+    return path
+
+
+def _fitted(text: str, max_lines: int) -> str:
+    """``text`` wrapped into at most ``max_lines`` lines that fit one column of the grid at ``GRID_FONT_PT``."""
+    # a character of the grid's font, in bold, is at most about 0.7 of its size wide
+    width = int(GRID_CELL_PX / (GRID_FONT_PT * GRID_DPI / 72 * 0.7))
+    lines = textwrap.wrap(text, width, break_on_hyphens=False)
+    if len(lines) > max_lines:  # what does not fit is cut, and says so
+        lines = [*lines[:max_lines - 1], lines[max_lines - 1][:width - 3] + '...']
+    return '\n'.join(lines)
+
+
+def grid_figure(images: torch.Tensor, maps: dict[str, torch.Tensor], predictions: dict[str, torch.Tensor],
+                targets: torch.Tensor, class_names: Sequence[str]) -> Figure:
+    """The figure of ``saliency_grid``: each model's name heads its column, each title fits its column."""
     rows, cols = len(images), 1 + len(maps)
-    cell = GRID_CELL_PX / GRID_DPI
-    figure = Figure(figsize=(cols * cell, rows * cell), dpi=GRID_DPI)
+    header_px = GRID_HEADER_PX
+    height_px = rows * GRID_CELL_PX + header_px
+    figure = Figure(figsize=(cols * GRID_CELL_PX / GRID_DPI, height_px / GRID_DPI), dpi=GRID_DPI)
     axes = figure.subplots(rows, cols, squeeze=False)
+    for col, name in enumerate(maps, start=1):
+        figure.text((col + 0.5) / cols, 1 - 2 / height_px, _fitted(name, GRID_HEADER_LINES), ha='center', va='top',
+                    fontsize=GRID_FONT_PT, fontweight='bold')
     for row in range(rows):
         picture = images[row].permute(1, 2, 0).numpy().astype(np.float32) / 255
         axes[row, 0].imshow(picture)
-        axes[row, 0].set_title(f'true: {class_names[targets[row]]}', fontsize=7)
+        axes[row, 0].set_title(_fitted(f'true: {class_names[targets[row]]}', GRID_TITLE_LINES), fontsize=GRID_FONT_PT)
         for col, (name, model_maps) in enumerate(maps.items(), start=1):
             peak = float(model_maps[row].max())
             mask = (model_maps[row] / peak).numpy() if peak > 0 else np.zeros(picture.shape[:2], np.float32)
             axes[row, col].imshow(show_cam_on_image(picture, mask, use_rgb=True))
             predicted = class_names[predictions[name][row]]
-            axes[row, col].set_title(f'{name}\npred: {predicted}', fontsize=7,
+            axes[row, col].set_title(_fitted(f'pred: {predicted}', GRID_TITLE_LINES), fontsize=GRID_FONT_PT,
                                      color='black' if predictions[name][row] == targets[row] else '#D55E00')
     for axis in axes.flat:
         axis.axis('off')
-    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.05, hspace=0.35)
-    path = Path(path)
-    atomic_write(path, lambda f: figure.savefig(f, dpi=GRID_DPI, format='png'))
-    return path
+    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - header_px / height_px, wspace=0.05,
+                           hspace=0.3)
+    return figure
 
 
 def saliency_report(

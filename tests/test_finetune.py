@@ -19,9 +19,9 @@ from sgdrop_zoo import cli
 from sgdrop_zoo.data import DatasetError
 from sgdrop_zoo.finetune import finetune
 from sgdrop_zoo.checkpoint import RecipeCheckpoint
-from sgdrop_zoo.loading import check_output_is_not_source, load_model, split_encoder_head
+from sgdrop_zoo.loading import load_model, split_encoder_head
 from sgdrop_zoo.pretrained import HUB_CONFIGS_ENV, hub_configs_dir, packaged_hub_configs_dir
-from sgdrop_zoo.run_files import RunFileError
+from sgdrop_zoo.run_files import RunFileError, check_output_is_not_source
 from sgdrop_zoo.run_settings import RunSettings
 from sgdrop_zoo.sgdrop import SGDropCfg
 

@@ -371,7 +371,9 @@ def config_as_of_the_reference(config: dict) -> dict:
                       if k not in ('description', 'paper_name', 'origin_url')}
     training = {k: v for k, v in config['training'].items() if k != 'holdout_per_class'}
     sgdrop = {k: v for k, v in config['sgdrop'].items() if k not in SETTINGS_SINCE_REFERENCE}
-    model_args = {k: v for k, v in config['model_args'].items() if k not in SETTINGS_SINCE_REFERENCE}
+    # num_classes: the config's own field, no longer also an architecture argument
+    model_args = {k: v for k, v in config['model_args'].items()
+                  if k not in SETTINGS_SINCE_REFERENCE and k != 'num_classes'}
     return dict(config, pretrained_cfg=pretrained_cfg, training=training, sgdrop=sgdrop, model_args=model_args)
 
 

@@ -20,6 +20,7 @@ from sgdrop_zoo.saliency import (
     attribution_area_ratio,
     check_grad_cam_support,
     grad_cam_maps,
+    grid_figure,
     neuron_coverage,
     saliency_report,
 )
@@ -111,7 +112,8 @@ def test_saliency_report_json_table_and_grid(small_data: Path, tmp_path: Path):
         assert metrics['images'] == 6 and 0 <= metrics['area_ratio'] <= 1 and 0 <= metrics['acc1'] <= 100
         assert 0 <= metrics['coverage_global'] <= 1 and 0 <= metrics['coverage_last_conv'] <= 1
     with Image.open(tmp_path / 'out' / 'saliency_grid.png') as grid:
-        assert grid.size == (3 * GRID_CELL_PX, 3 * GRID_CELL_PX)  # input + 2 models, 3 rows
+        # input + 2 models, 3 rows, below the header of the models' names
+        assert grid.size == (3 * 160, 3 * 160 + 72)
 
 
 def test_saliency_report_fixed_subset_and_labels(small_data: Path, tmp_path: Path):
@@ -262,3 +264,24 @@ def test_a_full_disk_stops_the_report_in_one_line_and_writes_no_part_of_it(capsy
         f'error: cannot write {output / "saliency_grid.png"} (No space left on device); the files written before it '
         f'are intact: free some space there, or fix the folder\n')
     assert list(output.iterdir()) == []
+
+
+def test_every_title_of_the_grid_fits_its_column():
+    # a zoo tag as the model's label and a long class description: each text stays inside its column, the models'
+    # names above the first row's titles
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    maps = {'sgdrop_resnet10t.imagenette_128 on EuroSAT': torch.rand(2, 32, 32), 'vanilla twin': torch.rand(2, 32, 32)}
+    predictions = {name: torch.tensor([0, 1]) for name in maps}
+    names = ['gas pump gasoline pump petrol pump island dispenser', 'HerbaceousVegetation']
+    figure = grid_figure(images, maps, predictions, torch.tensor([0, 0]), names)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    renderer = FigureCanvasAgg(figure).get_renderer()  # the renderer savefig uses for a PNG
+    texts = [text for text in figure.texts] + [axis.title for axis in figure.axes]
+    assert len(texts) == 2 + 2 * 3 and all(text.get_text() for text in texts)
+    first_row_top = max(axis.title.get_window_extent(renderer).y1 for axis in figure.axes[:3])
+    for text in texts:
+        box = text.get_window_extent(renderer)
+        column = int((box.x0 + box.x1) / 2 // GRID_CELL_PX)
+        assert column * GRID_CELL_PX <= box.x0 and box.x1 <= (column + 1) * GRID_CELL_PX, text.get_text()
+        assert box.y1 <= figure.bbox.height, text.get_text()
+    assert all(text.get_window_extent(renderer).y0 >= first_row_top for text in figure.texts)

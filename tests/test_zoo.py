@@ -15,7 +15,7 @@ import timm
 import torch
 
 from sgdrop_zoo.hub import publish_checkpoint
-from sgdrop_zoo.pretrained import WEIGHTS_NAME, hub_configs_dir, load_hub_configs, sha256_of_file
+from sgdrop_zoo.pretrained import WEIGHTS_NAME, hub_configs_dir, load_hub_configs, retired_tag, sha256_of_file
 from sgdrop_zoo.sgdrop import PAPER_NAME
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -228,6 +228,20 @@ def test_plain_timm_loads_the_folders_with_identical_logits(tmp_path):
             assert torch.equal(torch.load(tmp_path / f'{name}.pt'), model(images)), name
 
 
+def test_transformers_loads_the_folders_as_timm_models_with_identical_logits():
+    from transformers import AutoModelForImageClassification
+    images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    for record in RECORDS:
+        folder = hub_configs_dir() / record['local_dir']
+        # float32 as timm loads it (transformers would keep the file's float16); no kernels from the Hub
+        model = AutoModelForImageClassification.from_pretrained(folder, dtype=torch.float32, use_kernels=False)
+        assert type(model).__name__ == 'TimmWrapperForImageClassification'
+        assert [model.config.id2label[i] for i in range(record['num_classes'])] == record['label_names']
+        plain = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+        with torch.no_grad():
+            assert torch.equal(model.eval()(pixel_values=images).logits, plain(images)), record['local_dir']
+
+
 @pytest.mark.parametrize('record', RECORDS, ids=NAMES)
 def test_tag_applies_and_records_its_architecture_arguments(record):
     """A tag builds its checkpoint's architecture (e.g. vgg11's narrow head), and a model fine-tuned from it records
@@ -290,3 +304,19 @@ def test_shipped_folder_publishes_unchanged(record, tmp_path):
     assert result.record['architecture'] == record['architecture']
     published = json.loads((tmp_path / 'dry' / 'config.json').read_text())
     assert published == json.loads((folder / 'config.json').read_text())
+
+
+def test_a_retired_tag_says_what_replaced_it_and_which_commit_holds_it(capsys):
+    from sgdrop_zoo.cli import main
+    from sgdrop_zoo.loading import load_model
+    with pytest.raises(ValueError) as refused:
+        load_model('sgdrop_vgg11.imagenette_64')
+    assert str(refused.value).startswith(
+        'cannot load sgdrop_vgg11.imagenette_64: the tag was retired, replaced by `sgdrop_vgg11.imagenette_128` and '
+        'its `_vanilla` twin; its files are in commit 8fa3644 of the repository (git checkout 8fa3644 -- '
+        'hub_configs/sgdrop_vgg11.imagenette_64.json hub_configs/sgdrop_vgg11.imagenette_64).')
+    assert main(['info', 'sgdrop_convnext_atto.imagenette_128']) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and 'the tag was retired' in lines[0] and 'commit 339bddd' in lines[0]
+    # a shipped tag and a name that never was one are not retired
+    assert retired_tag('sgdrop_vgg11.imagenette_128') is None and retired_tag('sgdrop_vgg11.nothing') is None

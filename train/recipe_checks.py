@@ -19,8 +19,7 @@ import torchvision.datasets as datasets
 
 from sgdrop_zoo.checkpoint import RecipeCheckpoint
 from sgdrop_zoo.data import MAX_IMAGE_SIZE
-from sgdrop_zoo.loading import check_writable_folder
-from sgdrop_zoo.run_files import CHECKPOINT_NAME, RUN_FILES
+from sgdrop_zoo.run_files import CHECKPOINT_NAME, RUN_FILES, check_writable_folder
 from sgdrop_zoo.sgdrop import MODEL_SGDROP_SETTINGS, SGDropCfg
 
 __all__ = [
