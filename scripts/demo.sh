@@ -25,7 +25,7 @@ $zoo finetune --model "$model" --data "$data_root/imagenette" --evaluate --val-s
     --output "$out/imagenette_check" > /dev/null
 echo "== 2/3 fine-tune it with SGDrop (rho 0.01) on 1,000 EuroSAT images at 96 px, validated on 500"
 # 96 px: a latent map of 3x3 positions (the zoo's networks divide the side by 32), so that the Grad-CAM maps show
-# where the evidence is; EuroSAT's own 64 px gives 2x2, the checkpoint's 128 px costs 1.8 times as much
+# where the evidence is; EuroSAT's own 64 px gives 2x2, the checkpoint's 128 px has 1.8 times the pixels
 $zoo finetune --model "$model" --data "$data_root/eurosat" --mode full --sgdrop-rho 0.01 --epochs 5 \
     --image-size 96 --train-subset-per-class 100 --val-subset-per-class 50 --output "$out/eurosat" > /dev/null
 echo "== 3/3 Grad-CAM saliency of the fine-tuned model on EuroSAT"
