@@ -212,8 +212,9 @@ PROTOCOLS: dict[str, dict] = {
                        "train top-1 on 500 fixed training images. 2 CPU threads.",
         **ZOO128_FAMILIES,
         # each family's SGDrop method is the one its pilot chose; a family enters when its pilot is done, and a method
-        # pilot's choice joins the family's earlier methods (benchmarks/README.md, "Method pilot", final study)
-        'methods': {'sgdrop_resnet10t': ['vanilla', 'sgdrop'],
+        # pilot's choice joins the family's earlier methods (benchmarks/README.md, "Method pilot", final study) before
+        # its first run; a family ships the last chosen method whose final study has run
+        'methods': {'sgdrop_resnet10t': ['vanilla', 'sgdrop', 'sgdrop_ema_head'],
                     'sgdrop_convnext_atto': ['vanilla', 'sgdrop', 'sgdrop_channel_mean_rho0.01_ema_head'],
                     'sgdrop_vgg11': ['vanilla', 'sgdrop_curriculum']},
         'ship': ['sgdrop_resnet10t', 'sgdrop_convnext_atto', 'sgdrop_vgg11'],
