@@ -204,8 +204,7 @@ def grid_figure(images: torch.Tensor, maps: dict[str, torch.Tensor], predictions
                 targets: torch.Tensor, class_names: Sequence[str]) -> Figure:
     """The figure of ``saliency_grid``: each model's name heads its column, each title fits its column."""
     rows, cols = len(images), 1 + len(maps)
-    header_px = GRID_HEADER_PX
-    height_px = rows * GRID_CELL_PX + header_px
+    height_px = rows * GRID_CELL_PX + GRID_HEADER_PX
     figure = Figure(figsize=(cols * GRID_CELL_PX / GRID_DPI, height_px / GRID_DPI), dpi=GRID_DPI)
     axes = figure.subplots(rows, cols, squeeze=False)
     for col, name in enumerate(maps, start=1):
@@ -224,7 +223,7 @@ def grid_figure(images: torch.Tensor, maps: dict[str, torch.Tensor], predictions
                                      color='black' if predictions[name][row] == targets[row] else '#D55E00')
     for axis in axes.flat:
         axis.axis('off')
-    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - header_px / height_px, wspace=0.05,
+    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - GRID_HEADER_PX / height_px, wspace=0.05,
                            hspace=0.3)
     return figure
 
