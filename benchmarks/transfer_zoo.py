@@ -28,7 +28,7 @@ from sgdrop_zoo.finetune import finetune  # noqa: E402
 from sgdrop_zoo.pretrained import load_hub_configs  # noqa: E402
 from sgdrop_zoo.run_files import read_log  # noqa: E402
 
-from reproduce import check_data_root, mean_std  # noqa: E402, benchmarks/reproduce.py, beside this script
+from study import check_data_root, mean_std  # noqa: E402, benchmarks/study.py, beside this script
 
 PROBE_SEEDS = [0, 1, 2]
 PROBE_EPOCHS = 10
