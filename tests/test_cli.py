@@ -7,6 +7,7 @@ import pytest
 
 from sgdrop_zoo import cli
 from sgdrop_zoo.cli import main
+from sgdrop_zoo.errors import OptionError
 
 
 def test_models_lists_the_registered_families(capsys):
@@ -116,3 +117,15 @@ def test_plot_onto_a_read_only_or_folder_output_fails_in_one_line(capsys, monkey
     assert (tmp_path / 'curves.png').read_bytes() == b'mine' and (tmp_path / 'CARD.md').read_text() == 'mine'
     assert main(['plot', str(log), '--output', str(tmp_path / 'curves.png'), '--overwrite']) == 0
     assert (tmp_path / 'curves.png').stat().st_size > 1000
+
+
+def test_an_option_error_names_parameters_in_the_api_and_flags_on_the_command_line():
+    error = OptionError('{output} {path} exists; pass {overwrite} to replace it, or choose another {dry_run_dir}.',
+                        ('overwrite',), path='runs/{x}')
+    # a value is printed as it is, braces included: it is never part of the template
+    assert str(error) == 'output runs/{x} exists; pass overwrite=True to replace it, or choose another dry_run_dir.'
+    assert error.for_command_line() == ('--output runs/{x} exists; pass --overwrite to replace it, or choose another '
+                                        '--dry-run-dir.')
+    assert error.for_command_line({'dry_run_dir': '--output'}) == ('--output runs/{x} exists; pass --overwrite to '
+                                                                   'replace it, or choose another --output.')
+    assert isinstance(error, ValueError)

@@ -255,7 +255,7 @@ def test_never_replaces_an_earlier_run_unless_told(small_data: Path, source_dir:
     run = tmp_path / 'run'
     files = _hand_made_run(run)
     with pytest.raises(ValueError, match=r'already holds model\.safetensors, config\.json, log\.jsonl of an earlier '
-                                         r'run; choose another folder, or pass --overwrite'):
+                                         r'run; choose another folder, or pass overwrite=True to replace them\.$'):
         finetune(str(source_dir), small_data, run, **RUN)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == files
     metrics = finetune(str(source_dir), small_data, run, overwrite=True, **RUN)
@@ -276,13 +276,16 @@ def test_a_folder_in_use_by_another_fine_tune_is_refused(small_data: Path, sourc
 
 
 @pytest.mark.parametrize('flags, message', [
-    (['--image-size', '0'], 'image_size must be from 1 to 4096 px'),
-    (['--image-size', '-8'], 'image_size must be from 1 to 4096 px'),
-    (['--image-size', '100000'], 'image_size must be from 1 to 4096 px'),
-    (['--lr', '-1'], 'lr must be positive, e.g. 0.001 for linear-probe, got -1.0.'),
+    # the library's errors name the flags on the command line (--image-size, not image_size)
+    (['--image-size', '0'], "--image-size must be from 1 to 4096 px, or None for the model's, got 0."),
+    (['--image-size', '-8'], "--image-size must be from 1 to 4096 px, or None for the model's, got -8."),
+    (['--image-size', '100000'], "--image-size must be from 1 to 4096 px, or None for the model's, got 100000."),
+    (['--lr', '-1'], '--lr must be positive, e.g. 0.001 for linear-probe, got -1.0.'),
     (['--sgdrop-rho', '2'], 'sgdrop_rho must be in [0, 1)'),
-    (['--workers', '-1'], 'workers must be 0 or more'),
-    (['--batch-size', '0'], 'batch_size must be at least 1'),
+    (['--workers', '-1'], '--workers must be 0 or more, got -1.'),
+    (['--batch-size', '0'], '--batch-size must be at least 1, got 0.'),
+    (['--train-subset-per-class', '-2'], '--train-subset-per-class must be 0 (all images) or a number of images per '
+                                         'class, got -2.'),
 ])
 def test_bad_settings_stop_in_one_line_before_any_work(capsys: pytest.CaptureFixture, small_data: Path,
                                                        source_dir: Path, tmp_path: Path, flags: list, message: str):
