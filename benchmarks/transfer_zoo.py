@@ -14,6 +14,7 @@ Writes one JSON per probe and ``table.md`` (mean ± std over the probe seeds, SG
 probes whose JSON exists, and stops if one of them probed other weights (a checkpoint shipped again) or other data.
 """
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -24,6 +25,9 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from torchvision import datasets  # noqa: E402
+
+from sgdrop_zoo.data import DatasetError, check_image_folders  # noqa: E402
 from sgdrop_zoo.finetune import finetune  # noqa: E402
 from sgdrop_zoo.pretrained import load_hub_configs  # noqa: E402
 from sgdrop_zoo.run_files import read_log  # noqa: E402
@@ -50,6 +54,25 @@ def shipped_pairs(records: list[dict[str, Any]], tag: str) -> list[tuple[str, st
         raise SystemExit(f'error: hub_configs/ holds no SGDrop checkpoint of tag {tag!r} with a shipped vanilla twin; '
                          f'ship them first with python benchmarks/ship_zoo.py')
     return pairs
+
+
+def check_probe_data(data: Path) -> None:
+    """Refuse, before any probe, a dataset with fewer images in a class than the probes' fixed subsets take.
+
+    Raises:
+        SystemExit: In one line, naming the split and the class.
+    """
+    try:
+        class_names = check_image_folders(data, workers=0)
+    except DatasetError as e:
+        raise SystemExit(f'error: {e}') from None
+    for split, per_class in (('train', TRAIN_PER_CLASS), ('val', VAL_PER_CLASS)):
+        sizes = collections.Counter(datasets.ImageFolder(data / split).targets)
+        smallest = min(range(len(class_names)), key=lambda c: (sizes[c], c))
+        if sizes[smallest] < per_class:
+            raise SystemExit(f'error: {data / split}/{class_names[smallest]} holds {sizes[smallest]} images; the '
+                             f'probes take a fixed subset of {TRAIN_PER_CLASS} training and {VAL_PER_CLASS} '
+                             f'validation images per class: probe a dataset with at least that many')
 
 
 def probe_name(name: str, seed: int) -> str:
@@ -99,6 +122,7 @@ def main() -> None:
     parser.add_argument('--tag', required=True, help='pretrained tag of the shipped pairs, e.g. imagenette_128')
     args = parser.parse_args()
     check_data_root(args.data)
+    check_probe_data(Path(args.data))
     data = os.path.relpath(Path(args.data).resolve(), REPO)
     output = REPO / 'benchmarks' / 'results' / f'transfer_{args.tag}'
     work_dir = REPO / 'runs' / 'transfer' / args.tag

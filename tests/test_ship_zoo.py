@@ -401,6 +401,17 @@ def test_a_finished_probe_is_reused_only_for_the_shipped_weights_and_data(tmp_pa
                                       'to probe again')
 
 
+def test_the_probes_refuse_a_dataset_smaller_than_their_subsets_before_writing_anything(small_data: Path):
+    before = sorted(study.RESULTS.iterdir())
+    result = subprocess.run([sys.executable, 'benchmarks/transfer_zoo.py', '--data', str(small_data), '--tag',
+                             'imagenette_128_never_shipped'], cwd=study.REPO, capture_output=True, text=True)
+    assert (result.returncode, result.stdout) == (1, '')
+    assert result.stderr == (f'error: {small_data / "train" / "airplane"} holds 4 images; the probes take a fixed '
+                             'subset of 100 training and 100 validation images per class: probe a dataset with at '
+                             'least that many\n')
+    assert sorted(study.RESULTS.iterdir()) == before
+
+
 def test_every_committed_probe_measured_the_weights_shipped_now_or_a_retired_checkpoint():
     from sgdrop_zoo.pretrained import load_hub_configs
     sha256 = {f"{r['architecture']}.{r['tag']}": r['sha256'] for r in load_hub_configs()}
