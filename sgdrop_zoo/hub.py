@@ -34,7 +34,7 @@ from .export import (
 from .model_card import render_model_card
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME, HubError, check_shipped_folder, hub_download, sha256_of_file
 from .checkpoint import RecipeCheckpoint
-from .run_files import check_output_outside_hub_configs, check_writable_folder
+from .run_files import check_output_outside_hub_configs, check_writable_folder, write_error
 from .sgdrop import SGDropCfg, add_sgdrop
 
 __all__ = [
@@ -294,8 +294,7 @@ def publish_checkpoint(
                 os.replace(tmp, dry_run_dir)
                 Path(tmp).mkdir()  # TemporaryDirectory removes its path on exit
         except OSError as e:  # a full disk
-            raise HubError(f'cannot write {dry_run_dir} ({e.strerror or e}); nothing of it was written: free some '
-                           f'space there') from e
+            raise write_error(dry_run_dir, e, 'nothing of it was written') from e
         return PublishResult(repo_id, str(dry_run_dir), None, record)
 
     token = _resolve_token(token_from_env)

@@ -32,7 +32,7 @@ __all__ = [
     'append_log', 'atomic_write', 'check_output_folder', 'check_output_is_not_source',
     'check_output_outside_hub_configs', 'check_writable_file', 'check_writable_folder', 'copy_file', 'epoch_record',
     'get_rng_state', 'hold_folder', 'keep_log_until', 'prepare_output', 'read_log', 'remove_partial_writes',
-    'set_rng_state',
+    'set_rng_state', 'write_error',
 ]
 
 # the suffix of the temporary files and folders of an unfinished write (a run killed while writing one leaves it):
@@ -89,10 +89,12 @@ def hold_folder(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def write_error(path: Path, error: OSError) -> RunFileError:
-    """The one-line error of a write that the system refused (a full disk, a lost mount); no file was changed."""
-    return RunFileError(f'cannot write {path} ({error.strerror or error}); the files written before it are intact: '
-                        f'free some space there, or fix the folder')
+def write_error(path: Path, error: Exception, kept: str = 'the files written before it are intact') -> RunFileError:
+    """The one-line error of a write that the system refused (a full disk, a lost mount), saying what is as it was
+    (``kept``): the one writer of the message for every command that writes files."""
+    # safetensors reports a refused write as its own error, with the system's reason in its message
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+    return RunFileError(f'cannot write {path} ({reason}); {kept}: free some space there, or fix the folder')
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:

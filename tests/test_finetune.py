@@ -382,7 +382,7 @@ def test_a_full_disk_during_the_export_stops_in_one_line(capsys: pytest.CaptureF
                      '--epochs', '1', '--image-size', '32', '--workers', '0']) == 2
     # after the training's progress bar, one line
     assert capsys.readouterr().err.splitlines()[-1] == (
-        f'error: cannot write the export {output / "model.safetensors"} (Error while serializing: I/O error: No space '
-        f'left on device (os error 28)); nothing of it was written: free some space there')
+        f'error: cannot write {output / "model.safetensors"} (Error while serializing: I/O error: No space left on '
+        f'device (os error 28)); nothing of the export was written: free some space there, or fix the folder')
     assert not (output / 'model.safetensors').exists() and not (output / 'config.json').exists()
     assert not list(output.glob('.export.*'))

@@ -772,5 +772,5 @@ def test_a_full_disk_during_a_dry_run_stops_in_one_line_and_leaves_nothing(expor
     dry = tmp_path / 'out' / 'dry'
     assert main(['publish', str(export_dir), '--repo-id', f'{ORG}/x', '--dry-run', '--output', str(dry)]) == 2
     assert capsys.readouterr().err == (f'error: cannot write {dry} (No space left on device); nothing of it was '
-                                       f'written: free some space there\n')
+                                       f'written: free some space there, or fix the folder\n')
     assert list((tmp_path / 'out').iterdir()) == []

@@ -1140,10 +1140,10 @@ def test_a_full_disk_during_the_export_stops_in_one_line(monkeypatch: pytest.Mon
     class_names = torch.load(one_epoch_run / 'checkpoint.pth.tar', map_location='cpu', weights_only=True)['class_names']
     with pytest.raises(recipe.RecipeError) as refused:
         recipe.export_for_hub(one_epoch_run / 'model_best.pth.tar', tmp_path, args, class_names)
-    assert str(refused.value) == (f'cannot write the export {tmp_path / "model.safetensors"} (Error while '
-                                  f'serializing: I/O error: No space left on device (os error 28)); nothing of it was '
-                                  f'written: free some space there, then resume the run, which exports again (the '
-                                  f'checkpoints are intact)')
+    assert str(refused.value) == (f'cannot write {tmp_path / "model.safetensors"} (Error while serializing: I/O '
+                                  f'error: No space left on device (os error 28)); nothing of the export was written: '
+                                  f'free some space there, or fix the folder, then resume the run, which exports '
+                                  f'again (the checkpoints are intact)')
     assert list(tmp_path.iterdir()) == []
 
 
