@@ -318,7 +318,8 @@ def test_a_pair_without_its_vanilla_run_ships_nothing(tmp_path: Path, monkeypatc
     _data_root(tmp_path)
     results = tmp_path / 'results'
     results.mkdir()
-    (results / 'sgdrop_resnet10t__sgdrop__seed2.json').write_text(json.dumps(run('sgdrop', 2, 63.0)))
+    method = study.PROTOCOLS['zoo128']['ship_method']['sgdrop_resnet10t']
+    (results / f'sgdrop_resnet10t__{method}__seed2.json').write_text(json.dumps(run(method, 2, 63.0)))
     for name in study.overhead_commands('zoo128'):
         (results / name).write_text(json.dumps({'command': 'python benchmarks/overhead.py', 'results': {}}))
     before = sorted(p.name for p in (study.REPO / 'hub_configs').iterdir())
@@ -337,7 +338,7 @@ def test_a_pair_ships_whole_or_not_at_all(tmp_path: Path, monkeypatch):
     data = _data_root(tmp_path)
     results = tmp_path / 'results'
     results.mkdir()
-    for method in ('sgdrop', 'vanilla'):
+    for method in (study.PROTOCOLS['zoo128']['ship_method']['sgdrop_resnet10t'], 'vanilla'):
         (results / f'sgdrop_resnet10t__{method}__seed0.json').write_text(json.dumps(run(method, 0, 60.0)))
     for name in study.overhead_commands('zoo128'):
         (results / name).write_text(json.dumps({'command': 'python benchmarks/overhead.py', 'results': {}}))
@@ -355,9 +356,10 @@ def test_a_pair_ships_whole_or_not_at_all(tmp_path: Path, monkeypatch):
     before = {p.name: p.stat().st_mtime_ns for p in (study.REPO / 'hub_configs').iterdir()}
     monkeypatch.setattr(sys, 'argv', ['ship_zoo.py', '--data', str(data), '--protocol', 'zoo128', '--results-dir',
                                       str(results), '--archs', 'sgdrop_resnet10t'])
-    with pytest.raises(SystemExit, match='^error: sgdrop_resnet10t.imagenette_128_vanilla: its checkpoint is missing$'):
+    name = f"sgdrop_resnet10t.{study.PROTOCOLS['zoo128']['pair_tag']['sgdrop_resnet10t']}"
+    with pytest.raises(SystemExit, match=f'^error: {name}_vanilla: its checkpoint is missing$'):
         ship_zoo.main()
-    assert prepared == [('sgdrop_resnet10t.imagenette_128', 'sgdrop_resnet10t.imagenette_128_vanilla')]
+    assert prepared == [(name, f'{name}_vanilla')]
     # nothing of the pair was written, and no prepared folder was left behind
     assert {p.name: p.stat().st_mtime_ns for p in (study.REPO / 'hub_configs').iterdir()} == before
 
