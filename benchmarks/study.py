@@ -90,6 +90,15 @@ ZOO128_FAMILIES = {
 PILOT128_ARGS = ['--preset', 'lowdata', '--image-size', '128', '--train-subset-per-class', '150',
                  '--holdout-per-class', '100', '--in-memory', '--channels-last', '--train-eval-samples', '500',
                  '--log-area-ratio', '100', '-j', '2', '-p', '1000']
+# what else the 128 px pilots share: one seed, every epoch validated on the dev split, and no paper figure to compare
+PILOT128_RUNS = {
+    'seeds': [0],
+    'args': PILOT128_ARGS,
+    'curve_val_subset': 0,
+    'paper_dataset': 'Imagenette at 224 px with VGG16 / ResNet50 / ConvNeXt-T (Table 3); other architectures and a dev '
+                     'split, so no figure compares directly',
+    'paper': {},
+}
 
 # Protocols: the recipe's low-data preset (from scratch, Adam 1e-4, resize only, constant lr, batch 64) at a size
 # that fits the hardware. `paper` holds the paper's Table 3 / Section 4.3 top-1 for the closest setting.
@@ -153,12 +162,7 @@ PROTOCOLS: dict[str, dict] = {
         'methods': {'sgdrop_resnet10t': ['vanilla', 'sgdrop'],
                     'sgdrop_convnext_atto': ['vanilla', 'sgdrop', 'sgdrop_product'],
                     'sgdrop_vgg11': ['vanilla', 'sgdrop', 'sgdrop_curriculum']},
-        'seeds': [0],
-        'args': PILOT128_ARGS,
-        'curve_val_subset': 0,
-        'paper_dataset': 'Imagenette at 224 px with VGG16 / ResNet50 / ConvNeXt-T (Table 3); other architectures '
-                         'and a dev split, so no figure compares directly',
-        'paper': {},
+        **PILOT128_RUNS,
     },
     'pilot128v2': {
         'description': "Method pilot of the 128 px zoo, on the dev split of the pilot128 protocol (the same 150 "
@@ -179,12 +183,7 @@ PROTOCOLS: dict[str, dict] = {
                     'sgdrop_convnext_atto': ['sgdrop_channel_mean_rho0.01', 'sgdrop_channel_mean_rho0.1',
                                              'sgdrop_product_rho0.01'],
                     'sgdrop_vgg11': []},
-        'seeds': [0],
-        'args': PILOT128_ARGS,
-        'curve_val_subset': 0,
-        'paper_dataset': 'Imagenette at 224 px with VGG16 / ResNet50 / ConvNeXt-T (Table 3); other architectures '
-                         'and a dev split, so no figure compares directly',
-        'paper': {},
+        **PILOT128_RUNS,
     },
     'zoo128': {
         'description': "The 128 px zoo, the final study of each family's protocol as its dev-split pilot chose it "
