@@ -74,7 +74,7 @@ def publish_command(args: argparse.Namespace) -> int:
     if args.output is not None and not args.dry_run:
         raise ValueError('--output is the folder of a dry run: pass --dry-run with it, or leave --output out to '
                          'upload.')
-    dry_run_dir = (args.output or args.repo_id.split('/')[-1]) if args.dry_run else None
+    dry_run_dir = (args.output if args.output is not None else args.repo_id.split('/')[-1]) if args.dry_run else None
     result = publish_checkpoint(
         args.checkpoint, args.repo_id, revision=args.revision, private=args.private,
         token_from_env=args.token_from_env, dry_run_dir=dry_run_dir, dataset=args.dataset, tag=args.tag,

@@ -171,7 +171,7 @@ def finetune(
     if batch_size < 1:
         raise OptionError('{batch_size} must be at least 1, got {value}.', value=batch_size)
     if image_size is not None and not 1 <= image_size <= MAX_IMAGE_SIZE:
-        raise OptionError("{image_size} must be from 1 to {most} px, or None for the model's, got {value}.",
+        raise OptionError("{image_size} must be from 1 to {most} px, or unset for the model's, got {value}.",
                           most=MAX_IMAGE_SIZE, value=image_size)
     if lr is not None and not lr > 0:
         raise OptionError('{lr} must be positive, e.g. {default} for {mode_name}, got {value}.',

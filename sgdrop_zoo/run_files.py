@@ -263,6 +263,9 @@ def _check_creatable(output: Path, kind: str, parameter: str) -> None:
     existing = output
     while not existing.exists():
         existing = existing.parent
+    if existing != output and not existing.is_dir():
+        raise OptionError('{' + parameter + '} {path}: {existing} is a file, so nothing can be created in it; pass '
+                          'a {kind} in a folder.', path=output, existing=existing, kind=kind)
     if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
         raise OptionError('{' + parameter + '} {path}: {existing} is not writable; pass a {kind} you can write to.',
                           path=output, existing=existing, kind=kind)

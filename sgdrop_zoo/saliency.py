@@ -267,13 +267,15 @@ def saliency_report(
     if split in ('', '..') or Path(split).name != split or '\\' in split:
         raise OptionError('{split} must be the name of a folder of the dataset root, such as val or train, got '
                           '{value!r}.', value=split)
+    if isinstance(model_names, str):  # a lone name would be read as a sequence of one-letter names
+        raise OptionError('{model_names} must be a list of model names, got the string {value!r}.', value=model_names)
     if labels is not None and len(labels) != len(model_names):
         raise OptionError('{count} {labels} for {models} {model_names}: give one label per model.', count=len(labels),
                           models=len(model_names))
     if num_images is not None and num_images < 1:
         raise OptionError('{num_images} must be at least 1, got {value}.', value=num_images)
     if image_size is not None and not 1 <= image_size <= MAX_IMAGE_SIZE:
-        raise OptionError("{image_size} must be from 1 to {most} px, or None for the first model's, got {value}.",
+        raise OptionError("{image_size} must be from 1 to {most} px, or unset for the first model's, got {value}.",
                           most=MAX_IMAGE_SIZE, value=image_size)
     for name, value, least in (('batch_size', batch_size, 1), ('grid_images', grid_images, 1), ('workers', workers, 0)):
         if value < least:
@@ -287,7 +289,6 @@ def saliency_report(
         splits = sorted(p.name for p in data.iterdir() if p.is_dir())
         raise OptionError('{data_path} has no {value!r} split; pass {split} as one of {splits}.', data_path=data,
                           value=split, splits=splits)
-    output.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = dict(command=command, data=str(data), split=split, area_threshold=AREA_THRESHOLD,
                                    models={})
     grid_maps, grid_predictions, shown, first_model_descriptions = {}, {}, None, None
@@ -329,6 +330,8 @@ def saliency_report(
     # the grid's titles in words ('tench', not 'n01440764') where the first model's config.json describes its labels
     descriptions = first_model_descriptions or {}
     titles = [descriptions.get(name, name).split(',')[0] for name in class_names]
+    # created only now, so that a report stopped by a model or the data leaves no folder behind
+    output.mkdir(parents=True, exist_ok=True)
     saliency_grid(shown, grid_maps, grid_predictions, targets[:grid_images], titles, output / 'saliency_grid.png')
     atomic_write(output / 'saliency.json', lambda f: f.write((json.dumps(results, indent=2) + '\n').encode()))
     return results

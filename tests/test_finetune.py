@@ -277,9 +277,9 @@ def test_a_folder_in_use_by_another_fine_tune_is_refused(small_data: Path, sourc
 
 @pytest.mark.parametrize('flags, message', [
     # the library's errors name the flags on the command line (--image-size, not image_size)
-    (['--image-size', '0'], "--image-size must be from 1 to 4096 px, or None for the model's, got 0."),
-    (['--image-size', '-8'], "--image-size must be from 1 to 4096 px, or None for the model's, got -8."),
-    (['--image-size', '100000'], "--image-size must be from 1 to 4096 px, or None for the model's, got 100000."),
+    (['--image-size', '0'], "--image-size must be from 1 to 4096 px, or unset for the model's, got 0."),
+    (['--image-size', '-8'], "--image-size must be from 1 to 4096 px, or unset for the model's, got -8."),
+    (['--image-size', '100000'], "--image-size must be from 1 to 4096 px, or unset for the model's, got 100000."),
     (['--lr', '-1'], '--lr must be positive, e.g. 0.001 for linear-probe, got -1.0.'),
     (['--sgdrop-rho', '2'], 'sgdrop_rho must be in [0, 1)'),
     (['--workers', '-1'], '--workers must be 0 or more, got -1.'),

@@ -201,6 +201,20 @@ def test_saliency_rejects_an_unknown_split_and_its_source_folder(small_data: Pat
         saliency_report([str(folder)], small_data, folder, image_size=32)
 
 
+def test_a_report_stopped_by_its_models_or_data_leaves_no_folder(small_data: Path, tmp_path: Path):
+    folder = tmp_path / 'model'
+    save_for_hf(timm.create_model('sgdrop_vgg_tiny', num_classes=3), folder,
+                model_config=dict(label_names=list(SMALL_CLASSES)), safe_serialization=True)
+    with pytest.raises(ValueError, match='is neither a file, a folder nor a timm model name'):
+        saliency_report([str(tmp_path / 'nowhere')], small_data, tmp_path / 'a', image_size=32)
+    with pytest.raises(OptionError, match='pass at most 6'):
+        saliency_report([str(folder)], small_data, tmp_path / 'b', image_size=32, num_images=7)
+    # one name, not a list of them, would be read letter by letter
+    with pytest.raises(OptionError, match=f"^model_names must be a list of model names, got the string '{folder}'"):
+        saliency_report(str(folder), small_data, tmp_path / 'c', image_size=32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['model']
+
+
 def test_saliency_never_replaces_an_earlier_report_unless_told(small_data: Path, tmp_path: Path):
     folder = tmp_path / 'model'
     save_for_hf(timm.create_model('sgdrop_vgg_tiny', num_classes=3), folder,

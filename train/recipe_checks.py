@@ -142,8 +142,11 @@ def check_output(output: Path, resume: str, evaluate: bool, overwrite: bool, pre
                           f"{resume}; resume into its own folder (--output {Path(resume).parent}) or into "
                           f"a new one")
     if previous and not (resume or overwrite):
-        raise RecipeError(f"--output {output} holds another run ({', '.join(previous)}); continue it with --resume "
-                          f"{output / CHECKPOINT_NAME}, choose a new --output, or pass --overwrite to replace it")
+        # a folder without a checkpoint (a run killed in its first epoch) has nothing to resume
+        resumable = (f'continue it with --resume {output / CHECKPOINT_NAME}, '
+                     if (output / CHECKPOINT_NAME).is_file() else '')
+        raise RecipeError(f"--output {output} holds another run ({', '.join(previous)}); {resumable}choose a new "
+                          f"--output, or pass --overwrite to replace it")
 
 
 def check_metrics_json(path: Optional[str], evaluate: bool) -> None:
