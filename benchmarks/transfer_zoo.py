@@ -14,7 +14,6 @@ Writes one JSON per probe and ``table.md`` (mean ± std over the probe seeds, SG
 probes whose JSON exists, and stops if one of them probed other weights (a checkpoint shipped again) or other data.
 """
 import argparse
-import collections
 import json
 import os
 import statistics
@@ -25,9 +24,7 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from torchvision import datasets  # noqa: E402
-
-from sgdrop_zoo.data import DatasetError, check_image_folders  # noqa: E402
+from sgdrop_zoo.data import DatasetError, check_image_folders, smallest_class  # noqa: E402
 from sgdrop_zoo.finetune import finetune  # noqa: E402
 from sgdrop_zoo.pretrained import load_hub_configs  # noqa: E402
 from sgdrop_zoo.run_files import read_log  # noqa: E402
@@ -63,16 +60,15 @@ def check_probe_data(data: Path) -> None:
         SystemExit: In one line, naming the split and the class.
     """
     try:
-        class_names = check_image_folders(data, workers=0)
+        check_image_folders(data, workers=0)
     except DatasetError as e:
         raise SystemExit(f'error: {e}') from None
     for split, per_class in (('train', TRAIN_PER_CLASS), ('val', VAL_PER_CLASS)):
-        sizes = collections.Counter(datasets.ImageFolder(data / split).targets)
-        smallest = min(range(len(class_names)), key=lambda c: (sizes[c], c))
-        if sizes[smallest] < per_class:
-            raise SystemExit(f'error: {data / split}/{class_names[smallest]} holds {sizes[smallest]} images; the '
-                             f'probes take a fixed subset of {TRAIN_PER_CLASS} training and {VAL_PER_CLASS} '
-                             f'validation images per class: probe a dataset with at least that many')
+        name, count = smallest_class(data / split)
+        if count < per_class:
+            raise SystemExit(f'error: {data / split}/{name} holds {count} images; the probes take a fixed subset of '
+                             f'{TRAIN_PER_CLASS} training and {VAL_PER_CLASS} validation images per class: probe a '
+                             f'dataset with at least that many')
 
 
 def probe_name(name: str, seed: int) -> str:

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import MAX_IMAGE_SIZE, InMemoryLoader, check_image_folders, shuffled_order
+from .data import MAX_IMAGE_SIZE, InMemoryLoader, check_image_folders, shuffled_order, smallest_class
 from .errors import OptionError
 from .export import save_export
 from .loading import (
@@ -188,6 +188,13 @@ def finetune(
     check_output_is_not_source(model_name, output)
     check_output_folder(output, ('metrics.json',) if evaluate_only else OUTPUT_FILES, overwrite)
     class_names = check_image_folders(data, workers)
+    for split, per_class, parameter in (('train', train_subset_per_class, 'train_subset_per_class'),
+                                        ('val', val_subset_per_class, 'val_subset_per_class')):
+        name, count = smallest_class(data / split)
+        if per_class > count:
+            raise OptionError('{' + parameter + '} {value}: class {name} of {folder} holds only {count} images; pass '
+                              'at most {count}, or 0 for all.', value=per_class, name=name, folder=data / split,
+                              count=count)
     torch.manual_seed(seed)
     model = load_model(model_name)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
