@@ -285,6 +285,13 @@ def train_one(protocol: str, config: dict, data: str, arch: str, method: str, se
             print(f'=> {name}: re-trained, the same run as {os.path.relpath(result_path, REPO)}', flush=True)
             return result
         rerun_path = results_dir / RERUNS / f'{name}.json'
+        # an earlier re-training, with yet other kernels, that a shipped or retired record may name
+        earlier = curve_difference(result['curve'], json.loads(rerun_path.read_text())['curve']) \
+            if rerun_path.exists() else None
+        if earlier:
+            raise SystemExit(f'error: {name}: {os.path.relpath(rerun_path, REPO)} holds an earlier re-training of '
+                             f"this run, which this one is not ({earlier.replace('committed result', 'earlier one')}); "
+                             f'it is kept: move it aside to record this one')
         rerun_path.parent.mkdir(exist_ok=True)
         rerun_path.write_text(json.dumps(dict(result, rerun_of=os.path.relpath(result_path, REPO)), indent=1) + '\n')
         print(f"=> {name}: re-trained with {result['cpu_capability']} CPU kernels, the committed run with "

@@ -240,6 +240,40 @@ def test_a_result_records_the_commit_its_run_started_with(tmp_path: Path, monkey
     assert result['git_commit'] == 'abc123' and result['curve'] == committed['curve']
 
 
+def test_a_rerun_never_replaces_an_earlier_rerun_of_the_same_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    committed = json.loads((BENCHMARKS / 'results' / 'reproduce_cpu' / 'sgdrop_cifar_cnn__sgdrop__seed0.json')
+                           .read_text())
+    committed.pop('cpu_capability', None)  # unrecorded: a re-training that differs is a new run, not an error
+    trained = [dict(committed['curve'][0], train_loss=1.0), *committed['curve'][1:]]
+
+    def train(command: list[str], **kwargs) -> None:
+        output = Path(command[command.index('--output') + 1])
+        output.mkdir(parents=True, exist_ok=True)
+        (output / 'log.jsonl').write_text(''.join(json.dumps(line) + '\n' for line in trained))
+
+    monkeypatch.setattr(reproduce, 'subprocess', SimpleNamespace(run=train))  # the recipe does not run
+    monkeypatch.setattr(reproduce, 'git_commit', lambda: 'abc123')
+    config = dict(study.PROTOCOLS['cpu'], curve_val_subset=0)
+    results = tmp_path / 'results'
+    (results / study.RERUNS).mkdir(parents=True)
+    (results / 'sgdrop_cifar_cnn__sgdrop__seed0.json').write_text(json.dumps(committed))
+    earlier = results / study.RERUNS / 'sgdrop_cifar_cnn__sgdrop__seed0.json'
+    earlier.write_text(json.dumps(dict(committed, curve=[dict(committed['curve'][0], train_loss=2.0),
+                                                         *committed['curve'][1:]])))
+    before = earlier.read_text()
+    with pytest.raises(SystemExit, match=r'^error: sgdrop_cifar_cnn__sgdrop__seed0: .*reruns/sgdrop_cifar_cnn__sgdrop__'
+                                         r'seed0.json holds an earlier re-training of this run, which this one is not '
+                                         r"\(the re-trained run's epoch 1 gives train_loss 1.0, the earlier one 2.0\); "
+                                         'it is kept: move it aside to record this one$'):
+        reproduce.train_one('cpu', config, 'DATA', 'sgdrop_cifar_cnn', 'sgdrop', 0, tmp_path / 'runs', results, True)
+    assert earlier.read_text() == before
+    # the same re-training again is recorded over itself
+    earlier.write_text(json.dumps(dict(committed, curve=trained)))
+    result = reproduce.train_one('cpu', config, 'DATA', 'sgdrop_cifar_cnn', 'sgdrop', 0, tmp_path / 'runs', results,
+                                 True)
+    assert json.loads(earlier.read_text())['curve'] == result['curve'] == trained
+
+
 def test_a_rerun_is_the_committed_run_to_the_bit_or_a_new_run_on_other_cpu_kernels():
     curve = [{'epoch': 1, 'train_loss': 2.3012345678, 'val_acc1': 20.1},
              {'epoch': 2, 'train_loss': 2.1012345678, 'val_acc1': 30.2}]
