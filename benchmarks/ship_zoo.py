@@ -52,7 +52,7 @@ from sgdrop_zoo.model_card import render_model_card
 from sgdrop_zoo.pretrained import CONFIG_NAME, WEIGHTS_NAME, checkpoint_description, record_notes, sha256_of_file
 from sgdrop_zoo.run_files import read_log
 
-from reproduce import (  # benchmarks/reproduce.py, beside this script
+from study import (  # benchmarks/study.py, beside this script
     PROTOCOLS,
     RERUNS,
     check_data_root,

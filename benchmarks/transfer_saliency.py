@@ -29,7 +29,7 @@ from sgdrop_zoo.plots import plot_runs  # noqa: E402
 from sgdrop_zoo.run_files import read_log  # noqa: E402
 from sgdrop_zoo.saliency import format_table, saliency_report  # noqa: E402
 
-from reproduce import runs_folder  # noqa: E402, benchmarks/reproduce.py, beside this script
+from study import runs_folder  # noqa: E402, benchmarks/study.py, beside this script
 
 # Paper, VGG16: transfer RESISC45 -> RSICD (section 4.4); area ratio and coverage on ImageNet (section 4.2).
 PAPER = {

@@ -24,11 +24,12 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sgdrop_zoo.data import DatasetError, check_image_folders, smallest_class  # noqa: E402
 from sgdrop_zoo.finetune import finetune  # noqa: E402
 from sgdrop_zoo.pretrained import load_hub_configs  # noqa: E402
 from sgdrop_zoo.run_files import read_log  # noqa: E402
 
-from reproduce import check_data_root, mean_std  # noqa: E402, benchmarks/reproduce.py, beside this script
+from study import check_data_root, mean_std  # noqa: E402, benchmarks/study.py, beside this script
 
 PROBE_SEEDS = [0, 1, 2]
 PROBE_EPOCHS = 10
@@ -50,6 +51,24 @@ def shipped_pairs(records: list[dict[str, Any]], tag: str) -> list[tuple[str, st
         raise SystemExit(f'error: hub_configs/ holds no SGDrop checkpoint of tag {tag!r} with a shipped vanilla twin; '
                          f'ship them first with python benchmarks/ship_zoo.py')
     return pairs
+
+
+def check_probe_data(data: Path) -> None:
+    """Refuse, before any probe, a dataset with fewer images in a class than the probes' fixed subsets take.
+
+    Raises:
+        SystemExit: In one line, naming the split and the class.
+    """
+    try:
+        check_image_folders(data, workers=0)
+    except DatasetError as e:
+        raise SystemExit(f'error: {e}') from None
+    for split, per_class in (('train', TRAIN_PER_CLASS), ('val', VAL_PER_CLASS)):
+        name, count = smallest_class(data / split)
+        if count < per_class:
+            raise SystemExit(f'error: {data / split}/{name} holds {count} images; the probes take a fixed subset of '
+                             f'{TRAIN_PER_CLASS} training and {VAL_PER_CLASS} validation images per class: probe a '
+                             f'dataset with at least that many')
 
 
 def probe_name(name: str, seed: int) -> str:
@@ -99,6 +118,7 @@ def main() -> None:
     parser.add_argument('--tag', required=True, help='pretrained tag of the shipped pairs, e.g. imagenette_128')
     args = parser.parse_args()
     check_data_root(args.data)
+    check_probe_data(Path(args.data))
     data = os.path.relpath(Path(args.data).resolve(), REPO)
     output = REPO / 'benchmarks' / 'results' / f'transfer_{args.tag}'
     work_dir = REPO / 'runs' / 'transfer' / args.tag

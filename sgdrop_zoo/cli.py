@@ -19,6 +19,7 @@ import timm
 import torch
 
 from .data import MAX_IMAGE_SIZE
+from .errors import OptionError
 from .finetune import MODES, TRAIN_TRANSFORMS, finetune
 from .hub import publish_checkpoint
 from .plots import plot_runs
@@ -28,6 +29,8 @@ from .run_files import RunFileError, check_writable_file
 from .saliency import format_table, saliency_report
 from .sgdrop import DEFAULT_RHO, num_dropped_features
 
+# the flag of each API parameter that the library's errors name and that is not ``--<name with hyphens>``
+FLAGS = {'dry_run_dir': '--output', 'labels': '--label', 'model_name': '--model', 'model_names': '--model'}
 
 
 def list_models_command(args: argparse.Namespace) -> int:
@@ -68,7 +71,10 @@ def info_command(args: argparse.Namespace) -> int:
 
 
 def publish_command(args: argparse.Namespace) -> int:
-    dry_run_dir = (args.output or args.repo_id.split('/')[-1]) if args.dry_run else None
+    if args.output is not None and not args.dry_run:
+        raise ValueError('--output is the folder of a dry run: pass --dry-run with it, or leave --output out to '
+                         'upload.')
+    dry_run_dir = (args.output if args.output is not None else args.repo_id.split('/')[-1]) if args.dry_run else None
     result = publish_checkpoint(
         args.checkpoint, args.repo_id, revision=args.revision, private=args.private,
         token_from_env=args.token_from_env, dry_run_dir=dry_run_dir, dataset=args.dataset, tag=args.tag,
@@ -214,6 +220,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return args.func(args)
     # bad input, which the package reports in one line; anything else is a bug, whose traceback is needed
+    except OptionError as error:
+        print(f'error: {error.for_command_line(FLAGS)}', file=sys.stderr)
+        return 2
     except (ValueError, HubError, RunFileError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 2

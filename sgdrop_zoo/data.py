@@ -26,7 +26,8 @@ from timm.data.transforms import MaybePILToTensor
 __all__ = [
     'EVAL_CROP', 'MAX_IMAGE_SIZE', 'DatasetError', 'InMemoryLoader', 'check_image_folders', 'check_links',
     'decode_images', 'eval_shard', 'eval_transform', 'fixed_order', 'image_header_error', 'load_rgb',
-    'per_class_subset', 'random_resized_crop_flip', 'shuffled_order', 'stored_train_resize', 'with_transform',
+    'per_class_subset', 'random_resized_crop_flip', 'shuffled_order', 'smallest_class', 'stored_train_resize',
+    'with_transform',
 ]
 
 # the largest image side the recipe, fine-tuning and saliency take: larger sides are typos (the zoo's checkpoints take
@@ -181,6 +182,15 @@ def fixed_order(num_images: int) -> list[int]:
     split, the validation subsets and the shipped checkpoints' check images are all taken from it, so that runs with
     different seeds, and the tools, see the same images."""
     return torch.randperm(num_images, generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def smallest_class(split_dir: Path) -> tuple[str, int]:
+    """The class folder of an ImageFolder split with the fewest images (the first by name of a tie), and how many it
+    holds: the most images per class that a class-balanced subset of the split can take."""
+    folder = datasets.ImageFolder(os.fspath(split_dir))
+    sizes = collections.Counter(folder.targets)
+    smallest = min(range(len(folder.classes)), key=lambda c: (sizes[c], c))
+    return folder.classes[smallest], sizes[smallest]
 
 
 def per_class_subset(order: Sequence[int], targets: Sequence[int], per_class: int, class_names: Sequence[str]

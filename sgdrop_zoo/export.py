@@ -24,7 +24,7 @@ from timm.models import save_for_hf
 
 from .data import EVAL_CROP
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME, check_model_args, checkpoint_description
-from .run_files import PARTIAL_WRITE_SUFFIX, RunFileError
+from .run_files import PARTIAL_WRITE_SUFFIX, write_error
 from .run_settings import RunSettings
 from .sgdrop import MODEL_SGDROP_SETTINGS, SGDropCfg, add_sgdrop
 
@@ -84,10 +84,7 @@ def save_export(model: nn.Module, folder: Path, class_names: list[str], image_si
                 (Path(tmp) / name).chmod(0o644)  # safetensors writes the weights private
                 os.replace(Path(tmp) / name, Path(folder) / name)
     except (OSError, SafetensorError) as e:
-        # safetensors reports a refused write as its own error, with the system's reason in its message
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        raise RunFileError(f'cannot write the export {Path(folder) / WEIGHTS_NAME} ({reason}); nothing of it was '
-                           f'written: free some space there') from e
+        raise write_error(Path(folder) / WEIGHTS_NAME, e, 'nothing of the export was written') from e
 
 
 def _without_num_classes_argument(config: dict[str, Any]) -> dict[str, Any]:

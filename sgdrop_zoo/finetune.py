@@ -27,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import MAX_IMAGE_SIZE, InMemoryLoader, check_image_folders, shuffled_order
+from .data import MAX_IMAGE_SIZE, InMemoryLoader, check_image_folders, shuffled_order, smallest_class
+from .errors import OptionError
 from .export import save_export
 from .loading import (
     check_input_channels,
@@ -161,29 +162,39 @@ def finetune(
         The metrics written to ``metrics.json``.
     """
     if mode not in MODES:
-        raise ValueError(f'mode must be one of {", ".join(MODES)}, got {mode!r}.')
+        raise OptionError('{mode} must be one of {modes}, got {value!r}.', modes=', '.join(MODES), value=mode)
     if train_transform not in TRAIN_TRANSFORMS:
-        raise ValueError(f'train_transform must be one of {", ".join(TRAIN_TRANSFORMS)}, got {train_transform!r}.')
+        raise OptionError('{train_transform} must be one of {transforms}, got {value!r}.',
+                          transforms=', '.join(TRAIN_TRANSFORMS), value=train_transform)
     if epochs < 1:
-        raise ValueError(f'epochs must be at least 1, got {epochs}.')
+        raise OptionError('{epochs} must be at least 1, got {value}.', value=epochs)
     if batch_size < 1:
-        raise ValueError(f'batch_size must be at least 1, got {batch_size}.')
+        raise OptionError('{batch_size} must be at least 1, got {value}.', value=batch_size)
     if image_size is not None and not 1 <= image_size <= MAX_IMAGE_SIZE:
-        raise ValueError(f"image_size must be from 1 to {MAX_IMAGE_SIZE} px, or None for the model's, got "
-                         f"{image_size}.")
+        raise OptionError("{image_size} must be from 1 to {most} px, or unset for the model's, got {value}.",
+                          most=MAX_IMAGE_SIZE, value=image_size)
     if lr is not None and not lr > 0:
-        raise ValueError(f'lr must be positive, e.g. {DEFAULT_LR[mode]} for {mode}, got {lr}.')
+        raise OptionError('{lr} must be positive, e.g. {default} for {mode_name}, got {value}.',
+                          default=DEFAULT_LR[mode], mode_name=mode, value=lr)
     for name, value in (('train_subset_per_class', train_subset_per_class),
                         ('val_subset_per_class', val_subset_per_class)):
         if value < 0:
-            raise ValueError(f'{name} must be 0 (all images) or a number of images per class, got {value}.')
+            raise OptionError('{' + name + '} must be 0 (all images) or a number of images per class, got {value}.',
+                              value=value)
     if workers < 0:
-        raise ValueError(f'workers must be 0 or more, got {workers}.')
+        raise OptionError('{workers} must be 0 or more, got {value}.', value=workers)
     SGDropCfg(sgdrop_rho=sgdrop_rho)  # checked before any work
     data, output = Path(data), Path(output)
     check_output_is_not_source(model_name, output)
     check_output_folder(output, ('metrics.json',) if evaluate_only else OUTPUT_FILES, overwrite)
     class_names = check_image_folders(data, workers)
+    for split, per_class, parameter in (('train', train_subset_per_class, 'train_subset_per_class'),
+                                        ('val', val_subset_per_class, 'val_subset_per_class')):
+        name, count = smallest_class(data / split)
+        if per_class > count:
+            raise OptionError('{' + parameter + '} {value}: class {name} of {folder} holds only {count} images; pass '
+                              'at most {count}, or 0 for all.', value=per_class, name=name, folder=data / split,
+                              count=count)
     torch.manual_seed(seed)
     model = load_model(model_name)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')

@@ -22,6 +22,7 @@ from huggingface_hub.utils import get_token
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from .errors import OptionError
 from .export import (
     measured_split,
     read_config,
@@ -33,7 +34,7 @@ from .export import (
 from .model_card import render_model_card
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME, HubError, check_shipped_folder, hub_download, sha256_of_file
 from .checkpoint import RecipeCheckpoint
-from .run_files import check_output_outside_hub_configs, check_writable_folder
+from .run_files import check_output_outside_hub_configs, check_writable_folder, write_error
 from .sgdrop import SGDropCfg, add_sgdrop
 
 __all__ = [
@@ -197,7 +198,8 @@ def prepare_hub_folder(
     training = config.get('training') or {}
     dataset = dataset or (Path(training['data']).name if training.get('data') else None)
     if not dataset:
-        raise HubError(f'{source}: the config does not say which dataset trained it: pass --dataset NAME.')
+        raise OptionError('{source}: the config does not say which dataset trained it: pass its name as {dataset}.',
+                          source=source)
     name = repo_id.split('/')[-1]
     tag = tag or (name.rsplit('.', 1)[-1] if '.' in name else dataset.lower())
     write_config(config, folder)
@@ -212,7 +214,7 @@ def _resolve_token(token_from_env: bool) -> str:
     if not token:
         where = 'HF_TOKEN is not set' if token_from_env else 'no HF_TOKEN and no `hf auth login` token'
         raise HubError(f'Uploading needs a Hugging Face token with write access: {where}. Set HF_TOKEN or run '
-                       f'`hf auth login`, or pass --dry-run to write the folder locally.')
+                       f'`hf auth login`, or write the folder locally with a dry run.')
     return token
 
 
@@ -224,11 +226,12 @@ def _upload(api: HfApi, folder: Path, repo_id: str, revision: Optional[str], pri
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         if api.file_exists(repo_id, WEIGHTS_NAME, revision=revision):
-            raise HubError(f'{target} already holds a {WEIGHTS_NAME}: published weights are never replaced '
-                           f'(hub_configs/ pins their sha256). Choose another --repo-id or a new --revision.')
+            raise OptionError('{target} already holds a {weights}: published weights are never replaced (hub_configs/ '
+                              'pins their sha256). Choose another {repo_id} or a new {revision}.', target=target,
+                              weights=WEIGHTS_NAME)
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
                                    commit_message='Add SGDrop checkpoint')
-    except HubError:
+    except (HubError, OptionError):
         raise
     # HTTP errors, the transport errors of huggingface_hub's HTTP client (no OSError since it left requests for
     # httpx) and failed LFS uploads, which it wraps in RuntimeError
@@ -273,16 +276,14 @@ def publish_checkpoint(
     """
     if repo_id.count('/') != 1 or not all(part and part.strip('.') for part in repo_id.split('/')):
         # '.' and '..' are path steps, not names: ../.. would write the dry run two folders up
-        raise HubError(f'--repo-id must be ORG/NAME, got {repo_id!r}.')
+        raise OptionError('{repo_id} must be ORG/NAME, got {value!r}.', value=repo_id)
     if dry_run_dir is not None:
         dry_run_dir = Path(dry_run_dir)
         if dry_run_dir.exists():
-            raise HubError(f'{dry_run_dir} already exists: choose a new folder for the dry run.')
-        try:
-            check_output_outside_hub_configs(dry_run_dir)
-            check_writable_folder(dry_run_dir)
-        except ValueError as e:
-            raise HubError(str(e)) from e
+            raise OptionError('{dry_run_dir} {path} already exists; choose a new folder for the dry run.',
+                              path=dry_run_dir)
+        check_output_outside_hub_configs(dry_run_dir, 'dry_run_dir')
+        check_writable_folder(dry_run_dir, 'dry_run_dir')
         dry_run_dir.parent.mkdir(parents=True, exist_ok=True)
         # built next to its destination and renamed into place, so a failure leaves no partial folder
         try:
@@ -293,8 +294,7 @@ def publish_checkpoint(
                 os.replace(tmp, dry_run_dir)
                 Path(tmp).mkdir()  # TemporaryDirectory removes its path on exit
         except OSError as e:  # a full disk
-            raise HubError(f'cannot write {dry_run_dir} ({e.strerror or e}); nothing of it was written: free some '
-                           f'space there') from e
+            raise write_error(dry_run_dir, e, 'nothing of it was written') from e
         return PublishResult(repo_id, str(dry_run_dir), None, record)
 
     token = _resolve_token(token_from_env)

@@ -24,6 +24,7 @@ from typing import IO, Any, Optional
 
 import torch
 
+from .errors import OptionError
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME, hub_configs_dir, packaged_hub_configs_dir, tag_folder
 
 __all__ = [
@@ -31,7 +32,7 @@ __all__ = [
     'append_log', 'atomic_write', 'check_output_folder', 'check_output_is_not_source',
     'check_output_outside_hub_configs', 'check_writable_file', 'check_writable_folder', 'copy_file', 'epoch_record',
     'get_rng_state', 'hold_folder', 'keep_log_until', 'prepare_output', 'read_log', 'remove_partial_writes',
-    'set_rng_state',
+    'set_rng_state', 'write_error',
 ]
 
 # the suffix of the temporary files and folders of an unfinished write (a run killed while writing one leaves it):
@@ -88,10 +89,12 @@ def hold_folder(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def write_error(path: Path, error: OSError) -> RunFileError:
-    """The one-line error of a write that the system refused (a full disk, a lost mount); no file was changed."""
-    return RunFileError(f'cannot write {path} ({error.strerror or error}); the files written before it are intact: '
-                        f'free some space there, or fix the folder')
+def write_error(path: Path, error: Exception, kept: str = 'the files written before it are intact') -> RunFileError:
+    """The one-line error of a write that the system refused (a full disk, a lost mount), saying what is as it was
+    (``kept``): the one writer of the message for every command that writes files."""
+    # safetensors reports a refused write as its own error, with the system's reason in its message
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+    return RunFileError(f'cannot write {path} ({reason}); {kept}: free some space there, or fix the folder')
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
@@ -255,52 +258,59 @@ def set_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(cuda_state, index)
 
 
-def _check_creatable(output: Path, kind: str) -> None:
-    """Raise ValueError unless this process can write ``output``, or create it in its nearest existing folder."""
+def _check_creatable(output: Path, kind: str, parameter: str) -> None:
+    """Raise OptionError unless this process can write ``output``, or create it in its nearest existing folder."""
     existing = output
     while not existing.exists():
         existing = existing.parent
+    if existing != output and not existing.is_dir():
+        raise OptionError('{' + parameter + '} {path}: {existing} is a file, so nothing can be created in it; pass '
+                          'a {kind} in a folder.', path=output, existing=existing, kind=kind)
     if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
-        raise ValueError(f'--output {output}: {existing} is not writable; pass a {kind} you can write to.')
+        raise OptionError('{' + parameter + '} {path}: {existing} is not writable; pass a {kind} you can write to.',
+                          path=output, existing=existing, kind=kind)
 
 
-def check_writable_folder(output: Path) -> None:
-    """Raise ValueError unless ``output`` is a folder, or can be created as one, that this process can write to."""
+def check_writable_folder(output: Path, parameter: str = 'output') -> None:
+    """Raise OptionError unless ``output`` is a folder, or can be created as one, that this process can write to;
+    its message names the ``parameter`` that set ``output``."""
     if output.exists() and not output.is_dir():
-        raise ValueError(f'--output {output} is a file; pass a folder.')
-    _check_creatable(output, 'folder')
+        raise OptionError('{' + parameter + '} {path} is a file; pass a folder.', path=output)
+    _check_creatable(output, 'folder', parameter)
 
 
 def check_writable_file(output: Path, overwrite: bool) -> None:
-    """Raise ValueError unless ``output`` can be created as a file this process can write to, or is one and
+    """Raise OptionError unless ``output`` can be created as a file this process can write to, or is one and
     ``overwrite`` lets it be replaced."""
     if output.is_dir():
-        raise ValueError(f'--output {output} is a folder; pass a file name.')
+        raise OptionError('{output} {path} is a folder; pass a file name.', path=output)
     if output.exists() and not overwrite:
-        raise ValueError(f'--output {output} exists; pass --overwrite to replace it, or another file name.')
-    _check_creatable(output, 'file')
+        raise OptionError('{output} {path} exists; pass {overwrite} to replace it, or another file name.',
+                          ('overwrite',), path=output)
+    _check_creatable(output, 'file', 'output')
 
 
 def check_output_folder(output: Path, files: tuple[str, ...], overwrite: bool) -> None:
     """Check, before any work, that ``output`` can take a command's ``files`` without losing an earlier result.
 
     Raises:
-        ValueError: ``output`` is a file or not writable, or it holds some of ``files`` and ``overwrite`` is False.
+        OptionError: ``output`` is a file or not writable, or it holds some of ``files`` and ``overwrite`` is False.
     """
     check_writable_folder(output)
     previous = [name for name in files if (output / name).exists()]
     if previous and not overwrite:
-        raise ValueError(f'--output {output} already holds {", ".join(previous)} of an earlier run; choose another '
-                         f'folder, or pass --overwrite to replace them.')
+        raise OptionError('{output} {path} already holds {previous} of an earlier run; choose another folder, or pass '
+                          '{overwrite} to replace them.', ('overwrite',), path=output, previous=', '.join(previous))
 
 
-def check_output_outside_hub_configs(output: Path) -> None:
-    """Refuse to write into the zoo's ``hub_configs/``: its folders are shipped checkpoints, pinned by sha256."""
+def check_output_outside_hub_configs(output: Path, parameter: str = 'output') -> None:
+    """Refuse to write into the zoo's ``hub_configs/``, naming the ``parameter`` that set ``output``: its folders
+    are shipped checkpoints, pinned by sha256."""
     real_output = output.resolve()
     for folder in (packaged_hub_configs_dir().resolve(), hub_configs_dir().resolve()):
         if real_output == folder or folder in real_output.parents:
-            raise ValueError(f"--output {output} is inside {folder}, the zoo's hub_configs/ folder of shipped "
-                             f'checkpoints; choose a folder outside it.')
+            raise OptionError('{' + parameter + "} {path} is inside {folder}, the zoo's hub_configs/ folder of shipped "
+                              'checkpoints; choose a folder outside it.', path=output, folder=folder)
 
 
 def _source_folder(model_name: str) -> Optional[Path]:
@@ -322,5 +332,5 @@ def check_output_is_not_source(model_name: str, output: Path) -> None:
     check_output_outside_hub_configs(output)
     source_dir = _source_folder(model_name)
     if source_dir is not None and output.resolve() == source_dir.resolve():
-        raise ValueError(f'--output {output} is the folder of the model {model_name} is read from; choose another '
-                         f'folder, so that its files are not replaced.')
+        raise OptionError('{output} {path} is the folder of the model {model_name} is read from; choose another '
+                          'folder, so that its files are not replaced.', path=output, model_name=model_name)

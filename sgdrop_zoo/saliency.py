@@ -27,7 +27,8 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from .data import MAX_IMAGE_SIZE, DatasetError, check_image_folders, fixed_order
+from .data import MAX_IMAGE_SIZE, check_image_folders, fixed_order
+from .errors import OptionError
 from .loading import (
     check_input_channels,
     check_label_names,
@@ -264,18 +265,21 @@ def saliency_report(
     """
     # a split is a folder of the dataset root: '../..', '/etc' or 'val/x' would measure whatever lies there
     if split in ('', '..') or Path(split).name != split or '\\' in split:
-        raise ValueError(f'split must be the name of a folder of the dataset root, such as val or train, got '
-                         f'{split!r}.')
+        raise OptionError('{split} must be the name of a folder of the dataset root, such as val or train, got '
+                          '{value!r}.', value=split)
+    if isinstance(model_names, str):  # a lone name would be read as a sequence of one-letter names
+        raise OptionError('{model_names} must be a list of model names, got the string {value!r}.', value=model_names)
     if labels is not None and len(labels) != len(model_names):
-        raise ValueError(f'{len(labels)} labels for {len(model_names)} models: give one label per model.')
+        raise OptionError('{count} {labels} for {models} {model_names}: give one label per model.', count=len(labels),
+                          models=len(model_names))
     if num_images is not None and num_images < 1:
-        raise ValueError(f'num_images must be at least 1, got {num_images}.')
+        raise OptionError('{num_images} must be at least 1, got {value}.', value=num_images)
     if image_size is not None and not 1 <= image_size <= MAX_IMAGE_SIZE:
-        raise ValueError(f"image_size must be from 1 to {MAX_IMAGE_SIZE} px, or None for the first model's, got "
-                         f"{image_size}.")
+        raise OptionError("{image_size} must be from 1 to {most} px, or unset for the first model's, got {value}.",
+                          most=MAX_IMAGE_SIZE, value=image_size)
     for name, value, least in (('batch_size', batch_size, 1), ('grid_images', grid_images, 1), ('workers', workers, 0)):
         if value < least:
-            raise ValueError(f'{name} must be at least {least}, got {value}.')
+            raise OptionError('{' + name + '} must be at least {least}, got {value}.', least=least, value=value)
     data, output = Path(data), Path(output)
     for source in model_names:
         check_output_is_not_source(source, output)
@@ -283,8 +287,8 @@ def saliency_report(
     class_names = check_image_folders(data, workers)
     if not (data / split).is_dir():
         splits = sorted(p.name for p in data.iterdir() if p.is_dir())
-        raise DatasetError(f'{data} has no {split!r} split; pass --split as one of {splits}.')
-    output.mkdir(parents=True, exist_ok=True)
+        raise OptionError('{data_path} has no {value!r} split; pass {split} as one of {splits}.', data_path=data,
+                          value=split, splits=splits)
     results: dict[str, Any] = dict(command=command, data=str(data), split=split, area_threshold=AREA_THRESHOLD,
                                    models={})
     grid_maps, grid_predictions, shown, first_model_descriptions = {}, {}, None, None
@@ -298,8 +302,8 @@ def saliency_report(
         images, targets = load_split(data, split, class_names, size, False, 'resize', workers)
         if num_images is not None:
             if num_images > len(targets):
-                raise DatasetError(f'num_images {num_images} is more than the {len(targets)} images of '
-                                   f'{data / split}; pass at most {len(targets)}.')
+                raise OptionError('{num_images} {value} is more than the {count} images of {folder}; pass at most '
+                                  '{count}.', value=num_images, count=len(targets), folder=data / split)
             subset = torch.tensor(fixed_order(len(targets))[:num_images])
             images, targets = images[subset], targets[subset]
         loader = in_memory_loader(images, targets, model, batch_size, False, torch.device('cpu'))
@@ -321,10 +325,13 @@ def saliency_report(
         if shown is None:
             shown = images[:grid_images]
         elif shown.shape != images[:grid_images].shape:
-            raise DatasetError(f'{name} uses {size} px images, unlike the models before it: pass --image-size.')
+            raise OptionError('{name} uses {size} px images, unlike the models before it: pass {image_size}.',
+                              name=name, size=size)
     # the grid's titles in words ('tench', not 'n01440764') where the first model's config.json describes its labels
     descriptions = first_model_descriptions or {}
     titles = [descriptions.get(name, name).split(',')[0] for name in class_names]
+    # created only now, so that a report stopped by a model or the data leaves no folder behind
+    output.mkdir(parents=True, exist_ok=True)
     saliency_grid(shown, grid_maps, grid_predictions, targets[:grid_images], titles, output / 'saliency_grid.png')
     atomic_write(output / 'saliency.json', lambda f: f.write((json.dumps(results, indent=2) + '\n').encode()))
     return results

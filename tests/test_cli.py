@@ -7,6 +7,7 @@ import pytest
 
 from sgdrop_zoo import cli
 from sgdrop_zoo.cli import main
+from sgdrop_zoo.errors import OptionError
 
 
 def test_models_lists_the_registered_families(capsys):
@@ -116,3 +117,28 @@ def test_plot_onto_a_read_only_or_folder_output_fails_in_one_line(capsys, monkey
     assert (tmp_path / 'curves.png').read_bytes() == b'mine' and (tmp_path / 'CARD.md').read_text() == 'mine'
     assert main(['plot', str(log), '--output', str(tmp_path / 'curves.png'), '--overwrite']) == 0
     assert (tmp_path / 'curves.png').stat().st_size > 1000
+
+
+def test_an_option_error_names_parameters_in_the_api_and_flags_on_the_command_line():
+    error = OptionError('{output} {path} exists; pass {overwrite} to replace it, or choose another {dry_run_dir}.',
+                        ('overwrite',), path='runs/{x}')
+    # a value is printed as it is, braces included: it is never part of the template
+    assert str(error) == 'output runs/{x} exists; pass overwrite=True to replace it, or choose another dry_run_dir.'
+    assert error.for_command_line() == ('--output runs/{x} exists; pass --overwrite to replace it, or choose another '
+                                        '--dry-run-dir.')
+    assert error.for_command_line({'dry_run_dir': '--output'}) == ('--output runs/{x} exists; pass --overwrite to '
+                                                                   'replace it, or choose another --output.')
+    assert isinstance(error, ValueError)
+
+
+def test_an_output_below_a_file_is_refused_in_one_line_by_every_command(capsys, tmp_path: Path):
+    (tmp_path / 'notes').write_text('mine\n')
+    log = tmp_path / 'log.jsonl'
+    log.write_text(json.dumps(dict(epoch=1, val_acc1=50.0)) + '\n')
+    for command, kind in ((['plot', str(log)], 'file'), (['model-card'], 'file'),
+                          (['publish', str(tmp_path), '--repo-id', 'org/x', '--dry-run'], 'folder')):
+        output = tmp_path / 'notes' / 'out'
+        assert main([*command, '--output', str(output)]) == 2
+        assert capsys.readouterr().err == (f'error: --output {output}: {tmp_path / "notes"} is a file, so nothing can '
+                                           f'be created in it; pass a {kind} in a folder.\n')
+    assert (tmp_path / 'notes').read_text() == 'mine\n'

@@ -17,6 +17,7 @@ import sgdrop_zoo  # noqa: F401  (registers sgdrop_vgg_tiny, which the local-dir
 import sgdrop_zoo.finetune as finetune_module
 from sgdrop_zoo import cli
 from sgdrop_zoo.data import DatasetError
+from sgdrop_zoo.errors import OptionError
 from sgdrop_zoo.finetune import finetune
 from sgdrop_zoo.checkpoint import RecipeCheckpoint
 from sgdrop_zoo.loading import load_model, split_encoder_head
@@ -156,7 +157,8 @@ def test_never_writes_into_the_folder_it_reads_from(small_data: Path, source_dir
 def test_subsets_per_class_are_fixed_and_balanced(small_data: Path, source_dir: Path, tmp_path: Path):
     metrics = finetune(str(source_dir), small_data, tmp_path, val_subset_per_class=1, train_subset_per_class=2, **RUN)
     assert metrics['val_count'] == len(SMALL_CLASSES)
-    with pytest.raises(DatasetError, match='3 images per class asked for, but class airplane has only 2'):
+    with pytest.raises(OptionError, match='^val_subset_per_class 3: class airplane of .* holds only 2 images; pass at '
+                                          'most 2'):
         finetune(str(source_dir), small_data, tmp_path / 'b', val_subset_per_class=3, **RUN)
     with pytest.raises(ValueError, match='train_subset_per_class must be 0'):
         finetune(str(source_dir), small_data, tmp_path / 'c', train_subset_per_class=-1, **RUN)
@@ -255,7 +257,7 @@ def test_never_replaces_an_earlier_run_unless_told(small_data: Path, source_dir:
     run = tmp_path / 'run'
     files = _hand_made_run(run)
     with pytest.raises(ValueError, match=r'already holds model\.safetensors, config\.json, log\.jsonl of an earlier '
-                                         r'run; choose another folder, or pass --overwrite'):
+                                         r'run; choose another folder, or pass overwrite=True to replace them\.$'):
         finetune(str(source_dir), small_data, run, **RUN)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == files
     metrics = finetune(str(source_dir), small_data, run, overwrite=True, **RUN)
@@ -276,13 +278,18 @@ def test_a_folder_in_use_by_another_fine_tune_is_refused(small_data: Path, sourc
 
 
 @pytest.mark.parametrize('flags, message', [
-    (['--image-size', '0'], 'image_size must be from 1 to 4096 px'),
-    (['--image-size', '-8'], 'image_size must be from 1 to 4096 px'),
-    (['--image-size', '100000'], 'image_size must be from 1 to 4096 px'),
-    (['--lr', '-1'], 'lr must be positive, e.g. 0.001 for linear-probe, got -1.0.'),
+    # the library's errors name the flags on the command line (--image-size, not image_size)
+    (['--image-size', '0'], "--image-size must be from 1 to 4096 px, or unset for the model's, got 0."),
+    (['--image-size', '-8'], "--image-size must be from 1 to 4096 px, or unset for the model's, got -8."),
+    (['--image-size', '100000'], "--image-size must be from 1 to 4096 px, or unset for the model's, got 100000."),
+    (['--lr', '-1'], '--lr must be positive, e.g. 0.001 for linear-probe, got -1.0.'),
     (['--sgdrop-rho', '2'], 'sgdrop_rho must be in [0, 1)'),
-    (['--workers', '-1'], 'workers must be 0 or more'),
-    (['--batch-size', '0'], 'batch_size must be at least 1'),
+    (['--workers', '-1'], '--workers must be 0 or more, got -1.'),
+    (['--batch-size', '0'], '--batch-size must be at least 1, got 0.'),
+    (['--train-subset-per-class', '-2'], '--train-subset-per-class must be 0 (all images) or a number of images per '
+                                         'class, got -2.'),
+    (['--val-subset-per-class', '3'], '--val-subset-per-class 3: class airplane of VAL holds only 2 images; pass at '
+                                      'most 2, or 0 for all.'),
 ])
 def test_bad_settings_stop_in_one_line_before_any_work(capsys: pytest.CaptureFixture, small_data: Path,
                                                        source_dir: Path, tmp_path: Path, flags: list, message: str):
@@ -290,6 +297,7 @@ def test_bad_settings_stop_in_one_line_before_any_work(capsys: pytest.CaptureFix
     assert cli.main(['finetune', '--model', str(source_dir), '--data', str(small_data), '--output', str(output),
                      *flags]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
+    message = message.replace('VAL', str(small_data / 'val'))
     assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], lines
     assert not output.exists()
 
@@ -379,7 +387,7 @@ def test_a_full_disk_during_the_export_stops_in_one_line(capsys: pytest.CaptureF
                      '--epochs', '1', '--image-size', '32', '--workers', '0']) == 2
     # after the training's progress bar, one line
     assert capsys.readouterr().err.splitlines()[-1] == (
-        f'error: cannot write the export {output / "model.safetensors"} (Error while serializing: I/O error: No space '
-        f'left on device (os error 28)); nothing of it was written: free some space there')
+        f'error: cannot write {output / "model.safetensors"} (Error while serializing: I/O error: No space left on '
+        f'device (os error 28)); nothing of the export was written: free some space there, or fix the folder')
     assert not (output / 'model.safetensors').exists() and not (output / 'config.json').exists()
     assert not list(output.glob('.export.*'))

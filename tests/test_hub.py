@@ -31,6 +31,7 @@ from timm.models import save_for_hf
 import sgdrop_zoo.pretrained
 from sgdrop_zoo import is_sgdrop_model
 from sgdrop_zoo.cli import main
+from sgdrop_zoo.errors import OptionError
 from sgdrop_zoo.export import save_export
 from sgdrop_zoo.hub import load_sgdrop_model, publish_checkpoint
 from sgdrop_zoo.loading import load_model
@@ -509,10 +510,10 @@ def test_publish_rejects_bad_input_and_writes_nothing(export_dir, tmp_path):
     (broken / 'model.safetensors').unlink()
     with pytest.raises(HubError, match='no model.safetensors'):
         publish_checkpoint(broken, f'{ORG}/x', dry_run_dir=out / 'dry')
-    with pytest.raises(HubError, match='already exists'):
+    with pytest.raises(OptionError, match=r'^dry_run_dir .* already exists; choose a new folder for the dry run\.$'):
         publish_checkpoint(export_dir, f'{ORG}/x', dry_run_dir=out)
     for repo_id in ('no-org', '../..', f'{ORG}/.', './x'):
-        with pytest.raises(HubError, match=f"--repo-id must be ORG/NAME, got '{re.escape(repo_id)}'"):
+        with pytest.raises(OptionError, match=f"^repo_id must be ORG/NAME, got '{re.escape(repo_id)}'"):
             publish_checkpoint(export_dir, repo_id, dry_run_dir=out / 'dry')
     assert list(out.iterdir()) == []
 
@@ -733,13 +734,29 @@ def test_publish_dry_run_onto_a_read_only_folder_fails_in_one_line(export_dir, t
     assert list(read_only.iterdir()) == []
 
 
+def test_publishs_command_line_names_its_flags_where_the_api_names_its_parameters(export_dir, tmp_path, capsys):
+    # the same refusals as the API's above, worded with the flags that set them
+    assert main(['publish', str(export_dir), '--repo-id', '../..', '--dry-run', '--output', str(tmp_path / 'a')]) == 2
+    assert capsys.readouterr().err == "error: --repo-id must be ORG/NAME, got '../..'.\n"
+    (tmp_path / 'taken').mkdir()
+    assert main(['publish', str(export_dir), '--repo-id', f'{ORG}/x', '--dry-run', '--output',
+                 str(tmp_path / 'taken')]) == 2
+    assert capsys.readouterr().err == (f'error: --output {tmp_path / "taken"} already exists; choose a new folder for '
+                                       f'the dry run.\n')
+    # --output names the dry run's folder: without --dry-run it would be ignored and the checkpoint uploaded
+    assert main(['publish', str(export_dir), '--repo-id', f'{ORG}/x', '--output', str(tmp_path / 'b')]) == 2
+    assert capsys.readouterr().err == ('error: --output is the folder of a dry run: pass --dry-run with it, or leave '
+                                       '--output out to upload.\n')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['taken']
+
+
 def test_publish_dry_run_never_writes_into_hub_configs(export_dir, tmp_path, monkeypatch):
     configs = tmp_path / 'hub_configs'
     configs.mkdir()
     monkeypatch.setenv('SGDROP_ZOO_HUB_CONFIGS', str(configs))
     for folder in (configs, packaged_hub_configs_dir()):
         before = sorted(folder.iterdir())
-        with pytest.raises(HubError, match=r"^--output .* is inside .*, the zoo's hub_configs/ folder"):
+        with pytest.raises(OptionError, match=r"^dry_run_dir .* is inside .*, the zoo's hub_configs/ folder"):
             publish_checkpoint(export_dir, f'{ORG}/x', dry_run_dir=folder / 'sgdrop_x.dry')
         assert sorted(folder.iterdir()) == before
 
@@ -755,5 +772,5 @@ def test_a_full_disk_during_a_dry_run_stops_in_one_line_and_leaves_nothing(expor
     dry = tmp_path / 'out' / 'dry'
     assert main(['publish', str(export_dir), '--repo-id', f'{ORG}/x', '--dry-run', '--output', str(dry)]) == 2
     assert capsys.readouterr().err == (f'error: cannot write {dry} (No space left on device); nothing of it was '
-                                       f'written: free some space there\n')
+                                       f'written: free some space there, or fix the folder\n')
     assert list((tmp_path / 'out').iterdir()) == []

@@ -906,6 +906,23 @@ def test_a_new_run_never_replaces_another_run(capsys: pytest.CaptureFixture, dat
     assert {p.name: p.read_bytes() for p in (tmp_path / 'run').iterdir() if p.is_file()} == before
 
 
+def test_a_run_killed_before_its_first_checkpoint_is_not_offered_as_a_resume(capsys: pytest.CaptureFixture,
+                                                                             data_dir: Path, tmp_path: Path):
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'run' / 'log.jsonl').write_text('')
+    message = run_bad_input(capsys, str(data_dir), '--epochs', '1', '--output', str(tmp_path / 'run'))
+    assert message == (f"error: --output {tmp_path / 'run'} holds another run (log.jsonl); choose a new --output, or "
+                       'pass --overwrite to replace it')
+
+
+def test_an_output_below_a_file_is_refused_in_one_line(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):
+    (tmp_path / 'notes').write_text('mine\n')
+    message = run_bad_input(capsys, str(data_dir), '--epochs', '1', '--output', str(tmp_path / 'notes' / 'run'))
+    assert message == (f"error: --output {tmp_path / 'notes' / 'run'}: {tmp_path / 'notes'} is a file, so nothing can "
+                       'be created in it; pass a folder in a folder.')
+    assert (tmp_path / 'notes').read_text() == 'mine\n'
+
+
 def test_a_folder_in_use_by_another_run_is_refused(capsys: pytest.CaptureFixture, data_dir: Path, tmp_path: Path):
     run = tmp_path / 'run'
     with folder_held_by_another_process(run) as pid:
@@ -1140,10 +1157,10 @@ def test_a_full_disk_during_the_export_stops_in_one_line(monkeypatch: pytest.Mon
     class_names = torch.load(one_epoch_run / 'checkpoint.pth.tar', map_location='cpu', weights_only=True)['class_names']
     with pytest.raises(recipe.RecipeError) as refused:
         recipe.export_for_hub(one_epoch_run / 'model_best.pth.tar', tmp_path, args, class_names)
-    assert str(refused.value) == (f'cannot write the export {tmp_path / "model.safetensors"} (Error while '
-                                  f'serializing: I/O error: No space left on device (os error 28)); nothing of it was '
-                                  f'written: free some space there, then resume the run, which exports again (the '
-                                  f'checkpoints are intact)')
+    assert str(refused.value) == (f'cannot write {tmp_path / "model.safetensors"} (Error while serializing: I/O '
+                                  f'error: No space left on device (os error 28)); nothing of the export was written: '
+                                  f'free some space there, or fix the folder, then resume the run, which exports '
+                                  f'again (the checkpoints are intact)')
     assert list(tmp_path.iterdir()) == []
 
 

@@ -13,6 +13,7 @@ from timm.models import save_for_hf
 import sgdrop_zoo  # noqa: F401  (registers sgdrop_vgg_tiny)
 from sgdrop_zoo.cli import main as cli_main
 from sgdrop_zoo.data import DatasetError
+from sgdrop_zoo.errors import OptionError
 from sgdrop_zoo.plots import plot_runs
 from sgdrop_zoo.run_files import RunFileError
 from sgdrop_zoo.saliency import (
@@ -129,7 +130,7 @@ def test_saliency_report_fixed_subset_and_labels(small_data: Path, tmp_path: Pat
     assert first == second and first['images'] == 4 and first['source'] == str(folder)
     # the subset is fixed: a second call measures the same images
     assert saliency_report([str(folder)], small_data, tmp_path / 'b', **kwargs)['models'][str(folder)] == first
-    with pytest.raises(DatasetError, match='pass at most 6'):
+    with pytest.raises(OptionError, match=r'^num_images 7 is more than the 6 images of .*; pass at most 6\.$'):
         saliency_report([str(folder)], small_data, tmp_path / 'c', **{**kwargs, 'num_images': 7})
     with pytest.raises(ValueError, match='one label per model'):
         saliency_report([str(folder)], small_data, tmp_path / 'c', labels=['a', 'b'], **kwargs)
@@ -194,10 +195,24 @@ def test_saliency_rejects_an_unknown_split_and_its_source_folder(small_data: Pat
     folder = tmp_path / 'model'
     save_for_hf(timm.create_model('sgdrop_vgg_tiny', num_classes=3), folder,
                 model_config=dict(label_names=list(SMALL_CLASSES)), safe_serialization=True)
-    with pytest.raises(DatasetError, match="has no 'foo' split; pass --split as one of \\['train', 'val'\\]"):
+    with pytest.raises(OptionError, match="has no 'foo' split; pass split as one of \\['train', 'val'\\]"):
         saliency_report([str(folder)], small_data, tmp_path / 'out', split='foo', image_size=32)
     with pytest.raises(ValueError, match='is the folder of the model'):
         saliency_report([str(folder)], small_data, folder, image_size=32)
+
+
+def test_a_report_stopped_by_its_models_or_data_leaves_no_folder(small_data: Path, tmp_path: Path):
+    folder = tmp_path / 'model'
+    save_for_hf(timm.create_model('sgdrop_vgg_tiny', num_classes=3), folder,
+                model_config=dict(label_names=list(SMALL_CLASSES)), safe_serialization=True)
+    with pytest.raises(ValueError, match='is neither a file, a folder nor a timm model name'):
+        saliency_report([str(tmp_path / 'nowhere')], small_data, tmp_path / 'a', image_size=32)
+    with pytest.raises(OptionError, match='pass at most 6'):
+        saliency_report([str(folder)], small_data, tmp_path / 'b', image_size=32, num_images=7)
+    # one name, not a list of them, would be read letter by letter
+    with pytest.raises(OptionError, match=f"^model_names must be a list of model names, got the string '{folder}'"):
+        saliency_report(str(folder), small_data, tmp_path / 'c', image_size=32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['model']
 
 
 def test_saliency_never_replaces_an_earlier_report_unless_told(small_data: Path, tmp_path: Path):
@@ -209,7 +224,7 @@ def test_saliency_never_replaces_an_earlier_report_unless_told(small_data: Path,
     (output / 'saliency.json').write_text('{"earlier": true}\n')
     kwargs = dict(image_size=32, grid_images=2, workers=0)
     with pytest.raises(ValueError, match=r'already holds saliency\.json of an earlier run; choose another folder, or '
-                                         r'pass --overwrite'):
+                                         r'pass overwrite=True to replace them\.$'):
         saliency_report([str(folder)], small_data, output, **kwargs)
     assert (output / 'saliency.json').read_text() == '{"earlier": true}\n'
     results = saliency_report([str(folder)], small_data, output, overwrite=True, **kwargs)
@@ -239,7 +254,7 @@ def test_split_must_be_a_folder_of_the_dataset_root(capsys: pytest.CaptureFixtur
     output = tmp_path / 'out'
     assert cli_main(['saliency', '--model', str(folder), '--data', str(root), '--output', str(output), '--split',
                      split, '--image-size', '32', '--workers', '0']) == 2
-    assert capsys.readouterr().err == (f'error: split must be the name of a folder of the dataset root, such as val '
+    assert capsys.readouterr().err == (f'error: --split must be the name of a folder of the dataset root, such as val '
                                        f'or train, got {split!r}.\n')
     assert not output.exists()
 

@@ -16,6 +16,7 @@ DATA = Path('../shared/data/imagenette')
 sys.path.insert(0, str(BENCHMARKS))
 import overhead  # noqa: E402, benchmarks/overhead.py
 import reproduce  # noqa: E402, benchmarks/reproduce.py
+import study  # noqa: E402, benchmarks/study.py
 import ship_zoo  # noqa: E402, benchmarks/ship_zoo.py
 import transfer_zoo  # noqa: E402, benchmarks/transfer_zoo.py
 
@@ -63,16 +64,16 @@ def test_the_pilot_rule_takes_the_best_last_epoch_dev_top1_and_the_paper_default
 
 
 def test_each_family_of_the_final_study_trains_and_ships_what_its_committed_pilots_chose():
-    pilot = [json.loads(p.read_text()) for p in (reproduce.RESULTS / 'reproduce_pilot128').glob('*__*__seed*.json')]
-    method_pilot = reproduce.pilot_runs('pilot128v2', reproduce.results_folder('pilot128v2'))
-    final = reproduce.PROTOCOLS['zoo128']
-    final_runs = reproduce.read_results(reproduce.results_folder('zoo128'))
+    pilot = [json.loads(p.read_text()) for p in (study.RESULTS / 'reproduce_pilot128').glob('*__*__seed*.json')]
+    method_pilot = reproduce.pilot_runs('pilot128v2', study.results_folder('pilot128v2'))
+    final = study.PROTOCOLS['zoo128']
+    final_runs = study.read_results(study.results_folder('zoo128'))
     assert sorted(final['ship']) == sorted(final['methods']) == sorted(final['ship_method'])
     for arch in final['ship']:
-        chosen = [reproduce.pilot_choice(pilot, arch, reproduce.PROTOCOLS['pilot128']['methods'][arch])]
+        chosen = [reproduce.pilot_choice(pilot, arch, study.PROTOCOLS['pilot128']['methods'][arch])]
         try:
             chosen.append(reproduce.method_pilot_choice(method_pilot, arch,
-                                                        reproduce.PROTOCOLS['pilot128v2']['candidate_order'][arch]))
+                                                        study.PROTOCOLS['pilot128v2']['candidate_order'][arch]))
         except SystemExit:  # the family's method pilot has not chosen yet
             pass
         # the final study runs every chosen method; the family ships the last one whose study has run
@@ -89,12 +90,12 @@ def test_each_sgdrop_method_is_timed_by_the_overhead_of_the_weights_that_compute
     expected = {'vanilla': None, 'dropout': None, 'sgdrop_online': 'sgdrop_online_overhead',
                 **{method: 'sgdrop_ema_overhead' for method in ema},
                 **{f'{method}_ema_head': 'sgdrop_ema_head_overhead' for method in ema}}
-    assert {method: reproduce.step_overhead_figure(method) for method in reproduce.METHODS} == expected
+    assert {method: study.step_overhead_figure(method) for method in study.METHODS} == expected
     # an ema_head method is its method with the one flag changed
-    assert reproduce.METHODS['sgdrop_curriculum_ema_head'] == ['--regularizer', 'sgdrop', '--sgdrop-rho', '0.0',
+    assert study.METHODS['sgdrop_curriculum_ema_head'] == ['--regularizer', 'sgdrop', '--sgdrop-rho', '0.0',
                                                                '--sgdrop-rho-end', 'RHO_END', '--sgdrop-attribution',
                                                                'ema_head']
-    assert reproduce.METHODS['sgdrop_rho0.1_ema_head'] == ['--regularizer', 'sgdrop', '--sgdrop-attribution',
+    assert study.METHODS['sgdrop_rho0.1_ema_head'] == ['--regularizer', 'sgdrop', '--sgdrop-attribution',
                                                            'ema_head', '--sgdrop-rho', '0.1']
 
 
@@ -153,7 +154,7 @@ def test_each_shipped_record_names_the_command_that_exports_it_under_its_own_tag
         assert command[:2] == ['python', 'benchmarks/ship_zoo.py']
         # the protocol fixes the tag and the results read
         options = dict(zip(command[2::2], command[3::2]))
-        protocol = reproduce.PROTOCOLS[options['--protocol']]
+        protocol = study.PROTOCOLS[options['--protocol']]
         names = ship_zoo.checkpoint_names(record['architecture'], protocol)
         assert f'{record["architecture"]}.{record["tag"]}' in names, record['tag']
         assert options['--archs'] == record['architecture']
@@ -177,28 +178,28 @@ def test_study_metrics_by_hand():
 
 
 def test_each_protocol_measures_its_overhead_at_its_image_size_one_file_per_model_kwargs():
-    assert reproduce.overhead_commands('zoo128') == {
+    assert study.overhead_commands('zoo128') == {
         'overhead.json': ['--models', 'sgdrop_resnet10t', 'sgdrop_convnext_atto', '--image-size', '128',
                           '--batch-size', '64', '--channels-last', '--warmup', '3', '--steps', '10'],
         'overhead_vgg11.json': ['--models', 'sgdrop_vgg11', '--model-kwargs', 'mlp_ratio=0.03125', '--image-size',
                                 '128', '--batch-size', '64', '--channels-last', '--warmup', '3', '--steps', '10'],
     }
     # the files the 64 px zoo's table and records were made from
-    for name in reproduce.overhead_commands('zoo'):
-        assert (reproduce.RESULTS / 'zoo_cpu' / name).is_file()
+    for name in study.overhead_commands('zoo'):
+        assert (study.RESULTS / 'zoo_cpu' / name).is_file()
 
 
 def test_a_missing_overhead_result_names_the_command_that_makes_it(tmp_path: Path):
     (tmp_path / 'overhead.json').write_text(json.dumps({'command': 'python benchmarks/overhead.py', 'results': {
         'sgdrop_resnet10t': {'sgdrop_ema_overhead': 0.3}}}))
     with pytest.raises(SystemExit) as missing:
-        reproduce.read_overhead('zoo128', tmp_path)
-    assert str(missing.value) == (f'error: {os.path.relpath(tmp_path / "overhead_vgg11.json", reproduce.REPO)} is '
+        study.read_overhead('zoo128', tmp_path)
+    assert str(missing.value) == (f'error: {os.path.relpath(tmp_path / "overhead_vgg11.json", study.REPO)} is '
                                   'missing; measure it with python benchmarks/reproduce.py zoo128 --overhead')
     vgg_report = {'command': 'python benchmarks/overhead.py --models v', 'results': {
         'sgdrop_vgg11': {'sgdrop_ema_overhead': 0.6}}}
     (tmp_path / 'overhead_vgg11.json').write_text(json.dumps(vgg_report))
-    assert reproduce.read_overhead('zoo128', tmp_path) == {
+    assert study.read_overhead('zoo128', tmp_path) == {
         'sgdrop_resnet10t': {'sgdrop_ema_overhead': 0.3, 'command': 'python benchmarks/overhead.py'},
         'sgdrop_vgg11': {'sgdrop_ema_overhead': 0.6, 'command': 'python benchmarks/overhead.py --models v'}}
 
@@ -232,11 +233,45 @@ def test_a_result_records_the_commit_its_run_started_with(tmp_path: Path, monkey
         head['commit'] = 'def456'  # work committed while the run trains
 
     monkeypatch.setattr(reproduce, 'subprocess', SimpleNamespace(run=train))  # the recipe does not run
-    config = dict(reproduce.PROTOCOLS['cpu'], curve_val_subset=0)
+    config = dict(study.PROTOCOLS['cpu'], curve_val_subset=0)
     (tmp_path / 'results').mkdir()
     result = reproduce.train_one('cpu', config, 'DATA', 'sgdrop_cifar_cnn', 'sgdrop', 0, tmp_path / 'runs',
                                  tmp_path / 'results')
     assert result['git_commit'] == 'abc123' and result['curve'] == committed['curve']
+
+
+def test_a_rerun_never_replaces_an_earlier_rerun_of_the_same_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    committed = json.loads((BENCHMARKS / 'results' / 'reproduce_cpu' / 'sgdrop_cifar_cnn__sgdrop__seed0.json')
+                           .read_text())
+    committed.pop('cpu_capability', None)  # unrecorded: a re-training that differs is a new run, not an error
+    trained = [dict(committed['curve'][0], train_loss=1.0), *committed['curve'][1:]]
+
+    def train(command: list[str], **kwargs) -> None:
+        output = Path(command[command.index('--output') + 1])
+        output.mkdir(parents=True, exist_ok=True)
+        (output / 'log.jsonl').write_text(''.join(json.dumps(line) + '\n' for line in trained))
+
+    monkeypatch.setattr(reproduce, 'subprocess', SimpleNamespace(run=train))  # the recipe does not run
+    monkeypatch.setattr(reproduce, 'git_commit', lambda: 'abc123')
+    config = dict(study.PROTOCOLS['cpu'], curve_val_subset=0)
+    results = tmp_path / 'results'
+    (results / study.RERUNS).mkdir(parents=True)
+    (results / 'sgdrop_cifar_cnn__sgdrop__seed0.json').write_text(json.dumps(committed))
+    earlier = results / study.RERUNS / 'sgdrop_cifar_cnn__sgdrop__seed0.json'
+    earlier.write_text(json.dumps(dict(committed, curve=[dict(committed['curve'][0], train_loss=2.0),
+                                                         *committed['curve'][1:]])))
+    before = earlier.read_text()
+    with pytest.raises(SystemExit, match=r'^error: sgdrop_cifar_cnn__sgdrop__seed0: .*reruns/sgdrop_cifar_cnn__sgdrop__'
+                                         r'seed0.json holds an earlier re-training of this run, which this one is not '
+                                         r"\(the re-trained run's epoch 1 gives train_loss 1.0, the earlier one 2.0\); "
+                                         'it is kept: move it aside to record this one$'):
+        reproduce.train_one('cpu', config, 'DATA', 'sgdrop_cifar_cnn', 'sgdrop', 0, tmp_path / 'runs', results, True)
+    assert earlier.read_text() == before
+    # the same re-training again is recorded over itself
+    earlier.write_text(json.dumps(dict(committed, curve=trained)))
+    result = reproduce.train_one('cpu', config, 'DATA', 'sgdrop_cifar_cnn', 'sgdrop', 0, tmp_path / 'runs', results,
+                                 True)
+    assert json.loads(earlier.read_text())['curve'] == result['curve'] == trained
 
 
 def test_a_rerun_is_the_committed_run_to_the_bit_or_a_new_run_on_other_cpu_kernels():
@@ -273,32 +308,32 @@ def test_a_rerun_is_the_committed_run_to_the_bit_or_a_new_run_on_other_cpu_kerne
 def test_the_run_folder_log_tells_whether_its_weights_are_the_study_run_or_its_rerun(tmp_path: Path):
     from sgdrop_zoo.run_files import append_log
     name = 'sgdrop_resnet10t__sgdrop__seed0'
-    study = run('sgdrop', 0, 61.0, protocol='zoo128')
-    study['curve'] = [dict(epoch=1, train_loss=2.2214962768554690, val_acc1=19.8)]
-    rerun = dict(study, final_val_acc1=60.5, rerun_of=f'results/{name}.json',
+    study_run = run('sgdrop', 0, 61.0, protocol='zoo128')
+    study_run['curve'] = [dict(epoch=1, train_loss=2.2214962768554690, val_acc1=19.8)]
+    rerun = dict(study_run, final_val_acc1=60.5, rerun_of=f'results/{name}.json',
                  curve=[dict(epoch=1, train_loss=2.2214983409245810, val_acc1=19.8)])
     runs_dir, results = tmp_path / 'runs', tmp_path / 'results'
     folder = runs_dir / name
     folder.mkdir(parents=True)
-    append_log(folder / 'log.jsonl', dict(study['curve'][0], img_per_s=10.0))  # timings are not compared
-    assert ship_zoo.result_of_folder(study, runs_dir, results, DATA) == (study, results / f'{name}.json')
+    append_log(folder / 'log.jsonl', dict(study_run['curve'][0], img_per_s=10.0))  # timings are not compared
+    assert ship_zoo.result_of_folder(study_run, runs_dir, results, DATA) == (study_run, results / f'{name}.json')
     # the folder of a re-training with other kernels: only its rerun result describes it
     (folder / 'log.jsonl').unlink()
     append_log(folder / 'log.jsonl', rerun['curve'][0])
     with pytest.raises(SystemExit) as refused:
-        ship_zoo.result_of_folder(study, runs_dir, results, DATA)
+        ship_zoo.result_of_folder(study_run, runs_dir, results, DATA)
     # the command trains into the folders the study was read from, which are not reproduce.py's defaults here
     assert str(refused.value) == (
-        f'error: {folder} holds another run than {os.path.relpath(results / f"{name}.json", reproduce.REPO)}; move '
+        f'error: {folder} holds another run than {os.path.relpath(results / f"{name}.json", study.REPO)}; move '
         'the folder aside, then train it again with python benchmarks/reproduce.py zoo128 --data '
         '../shared/data/imagenette --archs sgdrop_resnet10t --methods sgdrop --seeds 0 --rerun --runs-dir '
         f'{os.path.relpath(runs_dir)} --results-dir {os.path.relpath(results)}')
-    (results / reproduce.RERUNS).mkdir(parents=True)
-    (results / reproduce.RERUNS / f'{name}.json').write_text(json.dumps(rerun))
-    assert ship_zoo.result_of_folder(study, runs_dir, results, DATA) == (
-        rerun, results / reproduce.RERUNS / f'{name}.json')
+    (results / study.RERUNS).mkdir(parents=True)
+    (results / study.RERUNS / f'{name}.json').write_text(json.dumps(rerun))
+    assert ship_zoo.result_of_folder(study_run, runs_dir, results, DATA) == (
+        rerun, results / study.RERUNS / f'{name}.json')
     # the study's own folders need no flags
-    assert ship_zoo.rerun_command(study, DATA, reproduce.runs_folder('zoo128'), reproduce.results_folder('zoo128')) == (
+    assert ship_zoo.rerun_command(study_run, DATA, study.runs_folder('zoo128'), study.results_folder('zoo128')) == (
         'python benchmarks/reproduce.py zoo128 --data ../shared/data/imagenette --archs sgdrop_resnet10t --methods '
         'sgdrop --seeds 0 --rerun')
     # its record carries the rerun's own figures and names the study's run; every seed stays the study's
@@ -317,10 +352,11 @@ def test_a_pair_without_its_vanilla_run_ships_nothing(tmp_path: Path, monkeypatc
     _data_root(tmp_path)
     results = tmp_path / 'results'
     results.mkdir()
-    (results / 'sgdrop_resnet10t__sgdrop__seed2.json').write_text(json.dumps(run('sgdrop', 2, 63.0)))
-    for name in reproduce.overhead_commands('zoo128'):
+    method = study.PROTOCOLS['zoo128']['ship_method']['sgdrop_resnet10t']
+    (results / f'sgdrop_resnet10t__{method}__seed2.json').write_text(json.dumps(run(method, 2, 63.0)))
+    for name in study.overhead_commands('zoo128'):
         (results / name).write_text(json.dumps({'command': 'python benchmarks/overhead.py', 'results': {}}))
-    before = sorted(p.name for p in (reproduce.REPO / 'hub_configs').iterdir())
+    before = sorted(p.name for p in (study.REPO / 'hub_configs').iterdir())
     monkeypatch.setattr(sys, 'argv', ['ship_zoo.py', '--data', str(tmp_path / 'data'), '--protocol', 'zoo128',
                                       '--results-dir', str(results), '--archs', 'sgdrop_resnet10t'])
     with pytest.raises(SystemExit) as missing:
@@ -329,16 +365,16 @@ def test_a_pair_without_its_vanilla_run_ships_nothing(tmp_path: Path, monkeypatc
         'error: no vanilla run of sgdrop_resnet10t with seed 2, the twin of the checkpoint to ship; run it with python '
         f'benchmarks/reproduce.py zoo128 --data {tmp_path / "data"} --archs sgdrop_resnet10t --methods vanilla '
         '--seeds 2')
-    assert sorted(p.name for p in (reproduce.REPO / 'hub_configs').iterdir()) == before
+    assert sorted(p.name for p in (study.REPO / 'hub_configs').iterdir()) == before
 
 
 def test_a_pair_ships_whole_or_not_at_all(tmp_path: Path, monkeypatch):
     data = _data_root(tmp_path)
     results = tmp_path / 'results'
     results.mkdir()
-    for method in ('sgdrop', 'vanilla'):
+    for method in (study.PROTOCOLS['zoo128']['ship_method']['sgdrop_resnet10t'], 'vanilla'):
         (results / f'sgdrop_resnet10t__{method}__seed0.json').write_text(json.dumps(run(method, 0, 60.0)))
-    for name in reproduce.overhead_commands('zoo128'):
+    for name in study.overhead_commands('zoo128'):
         (results / name).write_text(json.dumps({'command': 'python benchmarks/overhead.py', 'results': {}}))
     prepared = []
 
@@ -351,14 +387,15 @@ def test_a_pair_ships_whole_or_not_at_all(tmp_path: Path, monkeypatch):
         return {}
 
     monkeypatch.setattr(ship_zoo, 'prepare_checkpoint', prepare)
-    before = {p.name: p.stat().st_mtime_ns for p in (reproduce.REPO / 'hub_configs').iterdir()}
+    before = {p.name: p.stat().st_mtime_ns for p in (study.REPO / 'hub_configs').iterdir()}
     monkeypatch.setattr(sys, 'argv', ['ship_zoo.py', '--data', str(data), '--protocol', 'zoo128', '--results-dir',
                                       str(results), '--archs', 'sgdrop_resnet10t'])
-    with pytest.raises(SystemExit, match='^error: sgdrop_resnet10t.imagenette_128_vanilla: its checkpoint is missing$'):
+    name = f"sgdrop_resnet10t.{study.PROTOCOLS['zoo128']['pair_tag']['sgdrop_resnet10t']}"
+    with pytest.raises(SystemExit, match=f'^error: {name}_vanilla: its checkpoint is missing$'):
         ship_zoo.main()
-    assert prepared == [('sgdrop_resnet10t.imagenette_128', 'sgdrop_resnet10t.imagenette_128_vanilla')]
+    assert prepared == [(name, f'{name}_vanilla')]
     # nothing of the pair was written, and no prepared folder was left behind
-    assert {p.name: p.stat().st_mtime_ns for p in (reproduce.REPO / 'hub_configs').iterdir()} == before
+    assert {p.name: p.stat().st_mtime_ns for p in (study.REPO / 'hub_configs').iterdir()} == before
 
 
 def test_a_folder_holding_files_ship_zoo_did_not_write_is_not_replaced(tmp_path: Path):
@@ -400,11 +437,22 @@ def test_a_finished_probe_is_reused_only_for_the_shipped_weights_and_data(tmp_pa
                                       'to probe again')
 
 
+def test_the_probes_refuse_a_dataset_smaller_than_their_subsets_before_writing_anything(small_data: Path):
+    before = sorted(study.RESULTS.iterdir())
+    result = subprocess.run([sys.executable, 'benchmarks/transfer_zoo.py', '--data', str(small_data), '--tag',
+                             'imagenette_128_never_shipped'], cwd=study.REPO, capture_output=True, text=True)
+    assert (result.returncode, result.stdout) == (1, '')
+    assert result.stderr == (f'error: {small_data / "train" / "airplane"} holds 4 images; the probes take a fixed '
+                             'subset of 100 training and 100 validation images per class: probe a dataset with at '
+                             'least that many\n')
+    assert sorted(study.RESULTS.iterdir()) == before
+
+
 def test_every_committed_probe_measured_the_weights_shipped_now_or_a_retired_checkpoint():
     from sgdrop_zoo.pretrained import load_hub_configs
     sha256 = {f"{r['architecture']}.{r['tag']}": r['sha256'] for r in load_hub_configs()}
-    retired = (reproduce.REPO / 'hub_configs' / 'README.md').read_text(encoding='utf-8')
-    probes = sorted(reproduce.RESULTS.glob('transfer_imagenette_128*/*__probe_seed*.json'))
+    retired = (study.REPO / 'hub_configs' / 'README.md').read_text(encoding='utf-8')
+    probes = sorted(study.RESULTS.glob('transfer_imagenette_128*/*__probe_seed*.json'))
     assert {path.parent.name for path in probes} == {'transfer_imagenette_128', 'transfer_imagenette_128_channel_mean'}
     for path in probes:
         probe = json.loads(path.read_text())
@@ -432,9 +480,9 @@ def test_the_overhead_benchmarks_vanilla_holds_no_ema_and_each_source_its_own():
 def test_a_truncated_result_and_an_unknown_architecture_are_named(tmp_path: Path):
     (tmp_path / 'sgdrop_resnet10t__sgdrop__seed0.json').write_text('{"arch": ')
     with pytest.raises(SystemExit, match=r'sgdrop_resnet10t__sgdrop__seed0.json is not a run result \(Expecting'):
-        reproduce.read_results(tmp_path)
+        study.read_results(tmp_path)
     result = subprocess.run([sys.executable, 'benchmarks/reproduce.py', 'zoo128', '--archs', 'sgdrop_resnet10',
-                             '--table-only', '--results-dir', str(tmp_path / 'empty')], cwd=reproduce.REPO,
+                             '--table-only', '--results-dir', str(tmp_path / 'empty')], cwd=study.REPO,
                             capture_output=True, text=True)
     assert result.returncode == 2 and not (tmp_path / 'empty').exists()
     assert result.stderr.strip().splitlines()[-1] == (

@@ -19,6 +19,7 @@ import torchvision.datasets as datasets
 
 from sgdrop_zoo.checkpoint import RecipeCheckpoint
 from sgdrop_zoo.data import MAX_IMAGE_SIZE
+from sgdrop_zoo.errors import OptionError
 from sgdrop_zoo.run_files import CHECKPOINT_NAME, RUN_FILES, check_writable_folder
 from sgdrop_zoo.sgdrop import MODEL_SGDROP_SETTINGS, SGDropCfg
 
@@ -132,8 +133,8 @@ def check_output(output: Path, resume: str, evaluate: bool, overwrite: bool, pre
         return
     try:
         check_writable_folder(output)
-    except ValueError as e:
-        raise RecipeError(str(e)) from e
+    except OptionError as e:
+        raise RecipeError(e.for_command_line()) from e
     previous = [name for name in RUN_FILES if (output / name).exists()]
     resumed_folder = Path(resume).resolve().parent if resume else None
     if previous and resumed_folder is not None and resumed_folder != output.resolve():
@@ -141,8 +142,11 @@ def check_output(output: Path, resume: str, evaluate: bool, overwrite: bool, pre
                           f"{resume}; resume into its own folder (--output {Path(resume).parent}) or into "
                           f"a new one")
     if previous and not (resume or overwrite):
-        raise RecipeError(f"--output {output} holds another run ({', '.join(previous)}); continue it with --resume "
-                          f"{output / CHECKPOINT_NAME}, choose a new --output, or pass --overwrite to replace it")
+        # a folder without a checkpoint (a run killed in its first epoch) has nothing to resume
+        resumable = (f'continue it with --resume {output / CHECKPOINT_NAME}, '
+                     if (output / CHECKPOINT_NAME).is_file() else '')
+        raise RecipeError(f"--output {output} holds another run ({', '.join(previous)}); {resumable}choose a new "
+                          f"--output, or pass --overwrite to replace it")
 
 
 def check_metrics_json(path: Optional[str], evaluate: bool) -> None:
