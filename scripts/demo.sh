@@ -3,7 +3,7 @@
 # on Imagenette, fine-tune it with SGDrop on a small EuroSAT subset (transfer learning) and draw its Grad-CAM saliency.
 #   bash scripts/demo.sh                                 # data from ../shared/data
 #   bash scripts/demo.sh --data-root DIR                 # a folder holding imagenette/ and eurosat/
-#   MODEL=sgdrop_convnext_atto.imagenette_128 bash scripts/demo.sh   # another checkpoint of the zoo
+#   MODEL=sgdrop_vgg11.imagenette_128 bash scripts/demo.sh            # another checkpoint of the zoo
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data_root=../shared/data
@@ -11,7 +11,7 @@ if [ "${1:-}" = "--data-root" ]; then
     data_root=${2:?--data-root needs a directory}
     shift 2
 fi
-model=${MODEL:-sgdrop_resnet10t.imagenette_128}
+model=${MODEL:-sgdrop_resnet10t.imagenette_128_ema_head}
 out=runs/demo
 bash scripts/setup.sh
 zoo=.venv/bin/sgdrop-zoo

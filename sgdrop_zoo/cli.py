@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=list_models_command)
     info = commands.add_parser('info', help='latent feature map and SGDrop mask size of a model')
     info.add_argument('model', help='registered model name or pretrained tag, e.g. sgdrop_resnet50 or '
-                                    'sgdrop_resnet10t.imagenette_128')
+                                    'sgdrop_resnet10t.imagenette_128_ema_head')
     info.add_argument('--image-size', type=int, default=None,
                       help=f"input side, 1 to {MAX_IMAGE_SIZE} (default: the model's)")
     info.add_argument('--sgdrop-rho', type=float, default=None,

@@ -116,7 +116,7 @@ def _check_record(record: Any, path: Path) -> dict[str, Any]:
     local_dir = record.get('local_dir')
     if local_dir and (Path(local_dir).is_absolute() or Path(local_dir).parts != (local_dir,) or local_dir == '..'):
         raise ValueError(f'{path}: local_dir {local_dir!r} must name a folder of hub_configs/ itself, as its tag '
-                         f'does (e.g. "sgdrop_resnet10t.imagenette_128").')
+                         f'does (e.g. "sgdrop_resnet10t.imagenette_128_ema_head").')
     if len(record['label_names']) != record['num_classes']:
         raise ValueError(f'{path}: {len(record["label_names"])} label_names for num_classes={record["num_classes"]}.')
     if len(record['sha256']) != 64:

@@ -60,11 +60,11 @@ def test_info_says_when_the_image_is_too_small_for_the_model(capsys):
 def test_info_accepts_the_pretrained_tags_that_models_lists(capsys):
     assert main(['models']) == 0
     listed = capsys.readouterr().out
-    assert 'sgdrop_resnet10t.imagenette_128' in listed
-    assert main(['info', 'sgdrop_resnet10t.imagenette_128']) == 0
+    assert 'sgdrop_resnet10t.imagenette_128_ema_head' in listed
+    assert main(['info', 'sgdrop_resnet10t.imagenette_128_ema_head']) == 0
     out = capsys.readouterr().out
     # the tag's own input size (its hub_configs record), not the architecture's default 224 px: 128 / 32 = 4
-    assert 'model:            sgdrop_resnet10t.imagenette_128 (SGDropResNet)' in out
+    assert 'model:            sgdrop_resnet10t.imagenette_128_ema_head (SGDropResNet)' in out
     assert 'input:            3x128x128' in out and 'latent map:       512x4x4 = 8192 features' in out
     # a curriculum's tag: the rho its training ended at (0 to 0.025), and every setting it was trained with
     assert main(['info', 'sgdrop_vgg11.imagenette_128']) == 0

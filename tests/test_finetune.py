@@ -321,7 +321,7 @@ def test_an_output_that_is_a_file_or_unwritable_stops_in_one_line(capsys: pytest
 
 def _shipped_copy(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[str, Path]:
     """A copy of the shipped hub_configs/ folder of one tag, made the zoo's with SGDROP_ZOO_HUB_CONFIGS."""
-    tag = 'sgdrop_resnet10t.imagenette_128'
+    tag = 'sgdrop_resnet10t.imagenette_128_ema_head'
     configs = tmp_path / 'hub_configs'
     configs.mkdir()
     shutil.copytree(hub_configs_dir() / tag, configs / tag)
@@ -348,10 +348,10 @@ def test_never_writes_into_the_shipped_folder_of_a_tag(capsys: pytest.CaptureFix
 
 def test_never_writes_into_the_packaged_hub_configs(tmp_path: Path):
     packaged = packaged_hub_configs_dir()
-    tag_folder = packaged / 'sgdrop_resnet10t.imagenette_128'
+    tag_folder = packaged / 'sgdrop_resnet10t.imagenette_128_ema_head'
     (tmp_path / 'link').symlink_to(tag_folder)
     for output in (tag_folder, packaged, packaged / 'new-run', tmp_path / 'link', packaged / '..' / packaged.name):
-        for model in ('sgdrop_resnet10t.imagenette_128', ARCH, f'local-dir:{tag_folder}'):
+        for model in ('sgdrop_resnet10t.imagenette_128_ema_head', ARCH, f'local-dir:{tag_folder}'):
             with pytest.raises(ValueError, match=r"is inside .*, the zoo's hub_configs/ folder"):
                 check_output_is_not_source(model, output)
 

@@ -624,8 +624,8 @@ def test_a_config_cannot_substitute_another_files_weights(tmp_path, monkeypatch)
     # the shipped SGDrop folder with a model_args key that would make timm load its vanilla twin's weights
     shipped = packaged_hub_configs_dir()
     folder = tmp_path / 'h'
-    shutil.copytree(shipped / 'sgdrop_resnet10t.imagenette_128', folder)
-    twin = shipped / 'sgdrop_resnet10t.imagenette_128_vanilla' / 'model.safetensors'
+    shutil.copytree(shipped / 'sgdrop_resnet10t.imagenette_128_ema_head', folder)
+    twin = shipped / 'sgdrop_resnet10t.imagenette_128_ema_head_vanilla' / 'model.safetensors'
     config = json.loads((folder / 'config.json').read_text())
     _fail_on_network(monkeypatch)
     for key, value in (('checkpoint_path', str(twin)), ('pretrained', False), ('pretrained_cfg_overlay', {})):
@@ -640,7 +640,7 @@ def test_a_config_cannot_substitute_another_files_weights(tmp_path, monkeypatch)
                                        r'\(.*wings'):
         load_sgdrop_model(f'local-dir:{folder}')
     # the same rule for a record and for a recipe checkpoint's settings
-    record = json.loads((shipped / 'sgdrop_resnet10t.imagenette_128.json').read_text())
+    record = json.loads((shipped / 'sgdrop_resnet10t.imagenette_128_ema_head.json').read_text())
     record['model_args'] = {'checkpoint_path': str(twin)}
     (tmp_path / 'records').mkdir()
     (tmp_path / 'records' / 'r.json').write_text(json.dumps(record))

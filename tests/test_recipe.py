@@ -836,8 +836,8 @@ def run_bad_input(capsys: pytest.CaptureFixture, *args: str) -> str:
     (['--seed', '-1'], '--seed -1: pass a number in [0, 2**32)'),
     (['--image-size', '100000'], '--image-size 100000: larger than 4096 px'),
     (['-a', 'sgdrop_resnet10t.nope'], '--arch sgdrop_resnet10t.nope: no such pretrained tag; the tags of '
-                                      'sgdrop_resnet10t are sgdrop_resnet10t.imagenette_128, '
-                                      'sgdrop_resnet10t.imagenette_128_vanilla'),
+                                      'sgdrop_resnet10t are sgdrop_resnet10t.imagenette_128_ema_head, '
+                                      'sgdrop_resnet10t.imagenette_128_ema_head_vanilla'),
     (['--pretrained'], '--pretrained: sgdrop_vgg_tiny has no pretrained weights; leave --pretrained out'),
     (['--model-kwargs', 'in_chans=1'], '--model-kwargs in_chans=1: the recipe reads every image as RGB, 3 channels'),
     (['--holdout-per-class', '-1'], '--holdout-per-class -1 is negative'),

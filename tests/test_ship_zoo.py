@@ -453,7 +453,8 @@ def test_every_committed_probe_measured_the_weights_shipped_now_or_a_retired_che
     sha256 = {f"{r['architecture']}.{r['tag']}": r['sha256'] for r in load_hub_configs()}
     retired = (study.REPO / 'hub_configs' / 'README.md').read_text(encoding='utf-8')
     probes = sorted(study.RESULTS.glob('transfer_imagenette_128*/*__probe_seed*.json'))
-    assert {path.parent.name for path in probes} == {'transfer_imagenette_128', 'transfer_imagenette_128_channel_mean'}
+    assert {path.parent.name for path in probes} == {'transfer_imagenette_128', 'transfer_imagenette_128_channel_mean',
+                                                     'transfer_imagenette_128_ema_head'}
     for path in probes:
         probe = json.loads(path.read_text())
         if probe['checkpoint'] in sha256:
