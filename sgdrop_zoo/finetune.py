@@ -190,6 +190,8 @@ def finetune(
     class_names = check_image_folders(data, workers)
     for split, per_class, parameter in (('train', train_subset_per_class, 'train_subset_per_class'),
                                         ('val', val_subset_per_class, 'val_subset_per_class')):
+        if not per_class:  # the whole split: no folder listing to read
+            continue
         name, count = smallest_class(data / split)
         if per_class > count:
             raise OptionError('{' + parameter + '} {value}: class {name} of {folder} holds only {count} images; pass '
