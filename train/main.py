@@ -374,7 +374,12 @@ def check_no_rewind(resume: Path, epoch: int, output: Path) -> None:
     last = output / CHECKPOINT_NAME
     if resume.resolve() == last.resolve() or resume.resolve().parent != output.resolve() or not last.is_file():
         return
-    last_epoch = load_checkpoint(str(last)).epoch
+    try:
+        last_epoch = RecipeCheckpoint.read_epoch(last)
+    except ValueError as e:
+        raise RecipeError(f"--resume {resume}: the run's last checkpoint cannot be read, so whether training on would "
+                          f'replace later epochs cannot be told; move it aside, or copy {resume.name} into a new '
+                          f'--output ({e})') from e
     if epoch < last_epoch:
         raise RecipeError(f'--resume {resume} holds epoch {epoch}, and {last} of the same run epoch {last_epoch}, '
                           f'which training on from it would replace; resume from {last}, or copy {resume.name} into '
@@ -603,7 +608,7 @@ def restore_model_best(checkpoint: RecipeCheckpoint, resume_path: Path, best_pat
     """
     best_acc1, best_epoch = checkpoint.best_acc1, checkpoint.best_epoch
     if best_path.exists():
-        held = RecipeCheckpoint.read(best_path).epoch
+        held = RecipeCheckpoint.read_epoch(best_path)
         if held == best_epoch:
             return best_acc1, best_epoch
         if best_epoch != checkpoint.epoch:
