@@ -42,7 +42,7 @@ import sgdrop_zoo
 from sgdrop_zoo.checkpoint import RecipeCheckpoint
 from sgdrop_zoo.data import DatasetError, check_image_folders
 from sgdrop_zoo.export import save_recipe_export
-from sgdrop_zoo.pretrained import WEIGHTS_NAME
+from sgdrop_zoo.hub_files import WEIGHTS_NAME
 from sgdrop_zoo.run_files import (BEST_NAME, CHECKPOINT_NAME, LOG_NAME, RunFileError, append_log, atomic_write,
                                   copy_file, epoch_record, get_rng_state, hold_folder, keep_log_until, prepare_output,
                                   read_log, set_rng_state)
