@@ -341,8 +341,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], Optional[RecipeCh
     else:
         class_names = check_image_folders(Path(args.data), args.workers)
     if args.holdout_per_class:
-        check_holdout(Path(args.data), class_names, args.holdout_per_class, args.train_subset_per_class,
-                      args.dummy)
+        check_holdout(Path(args.data), args.holdout_per_class, args.train_subset_per_class, args.dummy)
     check_val_subset(args.val_subset, args.log_area_ratio)
     if args.log_area_ratio or args.val_subset:
         num_val = recipe_data.num_val_images(Path(args.data), class_names, args.dummy, args.holdout_per_class)
