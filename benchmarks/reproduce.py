@@ -240,6 +240,16 @@ def train_one(protocol: str, config: dict, data: str, arch: str, method: str, se
         return None
     if rerun and not result_path.exists():
         raise SystemExit(f'error: --rerun: {os.path.relpath(result_path, REPO)} is missing; train it without --rerun')
+    rerun_path = results_dir / RERUNS / f'{name}.json'
+    if rerun and rerun_path.exists():
+        # a run is bit-identical only with the same CPU kernels: with kernels neither earlier run used (both
+        # recorded), this one would be a third run, which the check after training would refuse, its training lost
+        kernels = {json.loads(path.read_text()).get('cpu_capability') for path in (result_path, rerun_path)}
+        capability = torch.backends.cpu.get_cpu_capability()
+        if None not in kernels and capability not in kernels:
+            raise SystemExit(f'error: {name}: {os.path.relpath(rerun_path, REPO)} holds an earlier re-training of this '
+                             f"run, and this machine's {capability} CPU kernels are neither its nor the committed "
+                             f"run's, so this one would be another run; it is kept: move it aside to record this one")
     output = runs_dir / name
     model_kwargs = [f'{key}={value}' for key, value in config.get('model_kwargs', {}).get(arch, {}).items()]
     base = [sys.executable, 'train/main.py', data, '-a', arch, *(['--model-kwargs', *model_kwargs] if model_kwargs
@@ -284,7 +294,6 @@ def train_one(protocol: str, config: dict, data: str, arch: str, method: str, se
         if check_rerun(name, result, committed):
             print(f'=> {name}: re-trained, the same run as {os.path.relpath(result_path, REPO)}', flush=True)
             return result
-        rerun_path = results_dir / RERUNS / f'{name}.json'
         # an earlier re-training, with yet other kernels, that a shipped or retired record may name
         earlier = curve_difference(result['curve'], json.loads(rerun_path.read_text())['curve']) \
             if rerun_path.exists() else None

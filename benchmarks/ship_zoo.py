@@ -49,7 +49,8 @@ from sgdrop_zoo.data import fixed_order
 from sgdrop_zoo.export import read_config, to_published_config, write_config
 from sgdrop_zoo.hub import hub_config_record, prepare_hub_folder
 from sgdrop_zoo.model_card import render_model_card
-from sgdrop_zoo.pretrained import CONFIG_NAME, WEIGHTS_NAME, checkpoint_description, record_notes, sha256_of_file
+from sgdrop_zoo.hub_files import CONFIG_NAME, WEIGHTS_NAME, sha256_of_file
+from sgdrop_zoo.pretrained import checkpoint_description, record_notes
 from sgdrop_zoo.run_files import read_log
 
 from study import (  # benchmarks/study.py, beside this script

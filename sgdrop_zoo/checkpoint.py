@@ -29,16 +29,18 @@ def _is_legacy_torch_save(path: Path) -> bool:
                for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1))
 
 
-def _read_torch_save(path: Path) -> dict[str, Any]:
-    """Read a dict written by ``torch.save``, tensors on the CPU, without executing pickled code.
+def _read_torch_save(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """Read a dict written by ``torch.save``, tensors on the CPU, without executing pickled code; with ``mmap``, a
+    file in torch's zip format has its tensors mapped rather than read.
 
     Raises:
         ValueError: The file is truncated, corrupt, not written by ``torch.save``, holds objects other than tensors
             and plain data, or holds no dict; in one line.
     """
     try:
-        # weights_only: a checkpoint is data, and unpickling anything else would run its code
-        stored = torch.load(path, map_location='cpu', weights_only=True)
+        # weights_only: a checkpoint is data, and unpickling anything else would run its code; torch maps only its
+        # zip format
+        stored = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # noqa: BLE001, a truncated zip, foreign classes, a file that is no checkpoint at all
         # torch's own messages run to many lines, and some end with advice to load with weights_only=False, which
         # would run the file's code
@@ -109,6 +111,19 @@ class RecipeCheckpoint:
                              f'checkpoint.pth.tar or model_best.pth.tar of a run.')
         return cls(**{**{name: stored[name] for name in names},
                       'settings': RunSettings.from_dict(stored['settings'], path)})
+
+    @classmethod
+    def read_epoch(cls, path: Path) -> int:
+        """The number of epochs a checkpoint that ``write`` wrote has finished, its tensors left unread.
+
+        Raises:
+            ValueError: The file is unreadable or not such a checkpoint; in one line naming ``path``.
+        """
+        stored = _read_torch_save(path, mmap=True)
+        if not isinstance(stored.get('epoch'), int):
+            raise ValueError(f'{path}: not a checkpoint of train/main.py (no epoch); pass the checkpoint.pth.tar or '
+                             f'model_best.pth.tar of a run.')
+        return stored['epoch']
 
     def build_model(self, path: Path) -> nn.Module:
         """The timm model of the checkpoint holding its weights, without SGDrop's training settings.

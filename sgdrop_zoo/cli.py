@@ -24,7 +24,8 @@ from .finetune import MODES, TRAIN_TRANSFORMS, finetune
 from .hub import publish_checkpoint
 from .plots import plot_runs
 from .model_card import render_model_card
-from .pretrained import HubError, load_hub_configs, retired_tag
+from .hub_files import HubError
+from .pretrained import load_hub_configs, retired_tag
 from .run_files import RunFileError, check_writable_file
 from .saliency import format_table, saliency_report
 from .sgdrop import DEFAULT_RHO, num_dropped_features

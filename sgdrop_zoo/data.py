@@ -198,10 +198,11 @@ def per_class_subset(order: Sequence[int], targets: Sequence[int], per_class: in
     """A class-balanced subset: the first ``per_class`` indices of each class in ``order``, kept in ``order``.
 
     Raises:
-        DatasetError: A class has fewer than ``per_class`` images, named by its ``class_names`` entry.
+        DatasetError: A class has fewer than ``per_class`` images in ``order``, named by its ``class_names`` entry.
     """
-    sizes = collections.Counter(targets)
-    smallest = min(sizes, key=lambda c: (sizes[c], c))
+    # the images of order only: those held out before (a dev split) cannot be taken
+    sizes = collections.Counter(targets[index] for index in order)
+    smallest = min(range(len(class_names)), key=lambda c: (sizes[c], c))
     if sizes[smallest] < per_class:
         raise DatasetError(f'{per_class} images per class asked for, but class {class_names[smallest]} has only '
                            f'{sizes[smallest]}; ask for at most {sizes[smallest]}.')

@@ -23,7 +23,8 @@ from timm.data import resolve_model_data_config
 from timm.models import save_for_hf
 
 from .data import EVAL_CROP
-from .pretrained import CONFIG_NAME, WEIGHTS_NAME, check_model_args, checkpoint_description
+from .hub_files import CONFIG_NAME, WEIGHTS_NAME
+from .pretrained import check_model_args, checkpoint_description
 from .run_files import PARTIAL_WRITE_SUFFIX, write_error
 from .run_settings import RunSettings
 from .sgdrop import MODEL_SGDROP_SETTINGS, SGDropCfg, add_sgdrop

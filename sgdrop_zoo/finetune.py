@@ -39,7 +39,7 @@ from .loading import (
     load_split,
     split_encoder_head,
 )
-from .pretrained import CONFIG_NAME, WEIGHTS_NAME
+from .hub_files import CONFIG_NAME, WEIGHTS_NAME
 from .run_files import LOG_NAME, append_log, check_output_folder, check_output_is_not_source, hold_folder
 from .sgdrop import SGDropCfg, add_sgdrop, is_sgdrop_model
 

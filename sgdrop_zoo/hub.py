@@ -32,7 +32,8 @@ from .export import (
     write_config,
 )
 from .model_card import render_model_card
-from .pretrained import CONFIG_NAME, WEIGHTS_NAME, HubError, check_shipped_folder, hub_download, sha256_of_file
+from .hub_files import CONFIG_NAME, WEIGHTS_NAME, HubError, hub_download, sha256_of_file
+from .pretrained import check_shipped_folder
 from .checkpoint import RecipeCheckpoint
 from .run_files import check_output_outside_hub_configs, check_writable_folder, write_error
 from .sgdrop import SGDropCfg, add_sgdrop

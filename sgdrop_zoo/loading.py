@@ -26,13 +26,8 @@ from .data import (
     with_transform,
 )
 from .export import read_config
-from .pretrained import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    check_shipped_folder,
-    hub_download,
-    retired_tag,
-)
+from .hub_files import CONFIG_NAME, WEIGHTS_NAME, hub_download
+from .pretrained import check_shipped_folder, retired_tag
 
 __all__ = [
     'check_input_channels', 'check_label_names', 'in_memory_loader', 'input_size', 'load_model', 'load_split',

@@ -9,8 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional, Union
 
+from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.figure import Figure
 
+from .errors import OptionError
 from .run_files import read_log
 
 __all__ = ['OKABE_ITO', 'plot_runs', 'read_curves']
@@ -33,22 +35,28 @@ def read_curves(path: Union[str, Path]) -> list[dict]:
     return records
 
 
-def plot_runs(logs: Sequence[Union[str, Path]], path: Union[str, Path], labels: Optional[Sequence[str]] = None,
+def plot_runs(logs: Sequence[Union[str, Path]], output: Union[str, Path], labels: Optional[Sequence[str]] = None,
               width_px: int = 1200, height_px: int = 450, dpi: int = 100) -> Path:
-    """Draw the runs' curves to ``path`` (PNG, SVG or PDF by its suffix), ``width_px`` x ``height_px`` pixels.
+    """Draw the runs' curves to ``output``, ``width_px`` x ``height_px`` pixels, in the format its suffix names (PNG,
+    SVG, PDF or another that matplotlib writes).
 
     Args:
         logs: ``log.jsonl`` files or run folders.
-        path: Output file.
+        output: The image file.
         labels: Legend names; default: each log's folder name.
         width_px: Figure width.
         height_px: Figure height.
         dpi: Pixels per inch of the saved figure.
     """
     if labels is not None and len(labels) != len(logs):
-        raise ValueError(f'{len(labels)} labels for {len(logs)} logs: give one label per log.')
+        raise OptionError('{count} {labels} for {runs} logs: give one per log.', count=len(labels), runs=len(logs))
     if len(logs) > len(OKABE_ITO):
         raise ValueError(f'at most {len(OKABE_ITO)} runs per figure, got {len(logs)}.')
+    # matplotlib names the format it cannot write only after drawing, and writes a suffix-less name as PNG
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if Path(output).suffix.lower().lstrip('.') not in formats:
+        raise OptionError('{output} {path}: name a file ending in one of {suffixes}.', path=output,
+                          suffixes=', '.join(f'.{name}' for name in sorted(formats)))
     runs = [read_curves(log) for log in logs]
     labels = labels or [Path(log).parent.name if Path(log).is_file() else Path(log).name for log in logs]
     panels = [(key, title) for key, title in PANELS if any(key in r for run in runs for r in run)]
@@ -63,7 +71,7 @@ def plot_runs(logs: Sequence[Union[str, Path]], path: Union[str, Path], labels: 
         axis.set_ylabel(title)
         axis.grid(alpha=0.3)
         axis.legend()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=dpi)
-    return path
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=dpi)
+    return output

@@ -25,7 +25,8 @@ from typing import IO, Any, Optional
 import torch
 
 from .errors import OptionError
-from .pretrained import CONFIG_NAME, WEIGHTS_NAME, hub_configs_dir, packaged_hub_configs_dir, tag_folder
+from .hub_files import CONFIG_NAME, WEIGHTS_NAME
+from .pretrained import hub_configs_dir, packaged_hub_configs_dir, tag_folder
 
 __all__ = [
     'BEST_NAME', 'CHECKPOINT_NAME', 'LOCK_NAME', 'LOG_NAME', 'PARTIAL_WRITE_SUFFIX', 'RUN_FILES', 'RunFileError',

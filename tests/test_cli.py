@@ -117,6 +117,13 @@ def test_plot_onto_a_read_only_or_folder_output_fails_in_one_line(capsys, monkey
     assert (tmp_path / 'curves.png').read_bytes() == b'mine' and (tmp_path / 'CARD.md').read_text() == 'mine'
     assert main(['plot', str(log), '--output', str(tmp_path / 'curves.png'), '--overwrite']) == 0
     assert (tmp_path / 'curves.png').stat().st_size > 1000
+    capsys.readouterr()
+    # the command line names the flags of the settings the API names by parameter
+    assert main(['plot', str(log), '--output', str(tmp_path / 'a.png'), '--label', 'a', '--label', 'b']) == 2
+    assert capsys.readouterr().err == 'error: 2 --label for 1 logs: give one per log.\n'
+    assert main(['plot', str(log), '--output', str(tmp_path / 'a.xyz')]) == 2
+    assert capsys.readouterr().err.startswith(f'error: --output {tmp_path / "a.xyz"}: name a file ending in one of ')
+    assert not (tmp_path / 'a.png').exists() and not (tmp_path / 'a.xyz').exists()
 
 
 def test_an_option_error_names_parameters_in_the_api_and_flags_on_the_command_line():

@@ -1,10 +1,11 @@
-"""The evaluation sharding rule, shared by the ImageFolder and the in-memory data paths, and the in-memory loader."""
+"""The evaluation sharding rule, shared by the ImageFolder and the in-memory data paths, the in-memory loader, and
+class-balanced subsets."""
 import pytest
 import torch
 import torch.utils.data
 
 from recipe_data import make_loader  # train/recipe_data.py
-from sgdrop_zoo.data import InMemoryLoader
+from sgdrop_zoo.data import DatasetError, InMemoryLoader, per_class_subset
 
 
 @pytest.mark.parametrize('world_size', [1, 2, 3])
@@ -46,3 +47,17 @@ def test_the_in_memory_loader_never_makes_the_host_wait_for_a_copy(monkeypatch: 
     assert [tuple(x.shape) for x, _ in loader] == [(2, 3, 8, 8), (2, 3, 8, 8)]
     # per batch: the images, the crops' parameters and the labels
     assert copies == [True] * 6
+
+
+def test_a_per_class_subset_takes_each_class_first_images_in_order_among_those_not_held_out():
+    targets = [0, 1, 0, 1, 0, 1, 2, 2, 2]
+    order = [8, 0, 1, 2, 3, 4, 5, 6, 7]
+    # by hand: class 0 in order is 0, 2, 4; class 1 is 1, 3, 5; class 2 is 8, 6, 7
+    assert per_class_subset(order, targets, 2, ['a', 'b', 'c']) == [8, 0, 1, 2, 3, 6]
+    # images held out before (order without them) cannot be taken, though the folder holds them
+    without_held_out = [index for index in order if index not in {2, 4}]
+    with pytest.raises(DatasetError, match=r'^2 images per class asked for, but class a has only 1; ask for at most 1'):
+        per_class_subset(without_held_out, targets, 2, ['a', 'b', 'c'])
+    # a class with no image in order at all is the smallest
+    with pytest.raises(DatasetError, match='but class c has only 0'):
+        per_class_subset([0, 1, 2, 3], targets, 1, ['a', 'b', 'c'])

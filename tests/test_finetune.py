@@ -194,6 +194,10 @@ def test_a_file_that_is_no_checkpoint_fails_in_one_line(tmp_path: Path, kind: st
                        f'model_best.pth.tar of a run.')
     # torch's advice to unpickle with weights_only=False would run the file's code: never passed on
     assert 'weights_only' not in message
+    # the epoch alone, read with the tensors mapped rather than loaded, is refused in the same words
+    with pytest.raises(ValueError) as error:
+        RecipeCheckpoint.read_epoch(path)
+    assert str(error.value) == message
 
 
 def _written(checkpoint: RecipeCheckpoint, path: Path) -> Path:

@@ -1,4 +1,5 @@
-"""Publishing and loading through the Hugging Face Hub (sgdrop_zoo/hub.py, pretrained.py, model_card.py).
+"""Publishing and loading through the Hugging Face Hub (sgdrop_zoo/hub.py, hub_files.py, pretrained.py,
+model_card.py).
 
 Downloads go to a real third-party server, olah, started on 127.0.0.1 in offline mode over a local git mirror.
 Uploads go to tests/hub_test_server.py, a documented test double of the Hub's upload routes that commits into that
@@ -38,14 +39,8 @@ from sgdrop_zoo.loading import load_model
 from sgdrop_zoo.model_card import render_model_card
 from sgdrop_zoo.run_settings import RunSettings
 from sgdrop_zoo.sgdrop import SGDropCfg
-from sgdrop_zoo.pretrained import (
-    HubError,
-    hub_configs_dir,
-    load_hub_configs,
-    packaged_hub_configs_dir,
-    record_notes,
-    sha256_of_file,
-)
+from sgdrop_zoo.hub_files import HubError, sha256_of_file
+from sgdrop_zoo.pretrained import hub_configs_dir, load_hub_configs, packaged_hub_configs_dir, record_notes
 
 from conftest import recipe_checkpoint
 from hub_test_server import HubTestServer
@@ -387,7 +382,7 @@ def test_download_faults_are_clear_and_leave_no_bad_file(published, olah, mirror
     code = f"""
         import json, pathlib, timm, sgdrop_zoo
         from sgdrop_zoo.hub import load_sgdrop_model
-        from sgdrop_zoo.pretrained import HubError
+        from sgdrop_zoo.hub_files import HubError
         errors = {{}}
         for name in ("sgdrop_convnext_tiny.badsha", "sgdrop_convnext_tiny.norepo"):
             try:
@@ -448,7 +443,7 @@ def test_network_error_mid_download_is_retried_then_reported(published, olah, tm
         threading.Thread(target=server.serve_forever, daemon=True).start()
         os.environ["HF_ENDPOINT"] = "http://127.0.0.1:%d" % server.server_address[1]
         import timm, sgdrop_zoo
-        from sgdrop_zoo.pretrained import HubError
+        from sgdrop_zoo.hub_files import HubError
         try:
             timm.create_model("sgdrop_convnext_tiny.pets", pretrained=True, **{TINY_ARGS!r})
             print(json.dumps(dict(error=None)))
@@ -596,7 +591,7 @@ def _fail_on_network(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError(f'network access: {args} {kwargs}')
 
-    for module in (huggingface_hub, huggingface_hub.file_download, timm.models._hub, sgdrop_zoo.pretrained):
+    for module in (huggingface_hub, huggingface_hub.file_download, timm.models._hub, sgdrop_zoo.hub_files):
         monkeypatch.setattr(module, 'hf_hub_download', refuse)
     monkeypatch.setattr(timm.models._builder, 'load_state_dict_from_url', refuse)
     monkeypatch.setattr(socket.socket, 'connect', refuse)
@@ -660,7 +655,7 @@ def test_offline_a_missing_repo_and_a_missing_file_each_say_so(published, olah, 
     code = f"""
         import json, timm, sgdrop_zoo
         from sgdrop_zoo.hub import load_sgdrop_model
-        from sgdrop_zoo.pretrained import HubError
+        from sgdrop_zoo.hub_files import HubError
         errors = {{}}
         for name in ("convnext-tiny.pets", "no-such-repo", "config-only"):
             try:

@@ -1088,6 +1088,14 @@ def test_resume_from_an_older_checkpoint_of_its_own_folder_is_refused(capsys: py
         f"run epoch 2, which training on from it would replace; resume from {run / 'checkpoint.pth.tar'}, or copy "
         f'model_best.pth.tar into a new --output to train on from it there')
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    # a last checkpoint that cannot be read cannot be judged: refused, naming it
+    (run / 'checkpoint.pth.tar').write_text('not a checkpoint')
+    assert run_bad_input(capsys, str(data_dir), '--epochs', '3', '--resume', str(run / 'model_best.pth.tar'),
+                         '--output', str(run)) == (
+        f"error: --resume {run / 'model_best.pth.tar'}: the run's last checkpoint cannot be read, so whether training "
+        f"on would replace later epochs cannot be told; move it aside, or copy model_best.pth.tar into a new --output "
+        f"({run / 'checkpoint.pth.tar'}: not a readable checkpoint (truncated, or not written by torch.save); pass an "
+        f"intact checkpoint.pth.tar or model_best.pth.tar of a run.)")
 
 
 def test_resume_never_writes_into_another_run(capsys: pytest.CaptureFixture, data_dir: Path, one_epoch_run: Path,

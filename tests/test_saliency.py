@@ -188,7 +188,14 @@ def test_plot_runs_draws_accuracy_and_area(tmp_path: Path):
     (tmp_path / 'no_top1.jsonl').write_text('{"epoch": 1}\n')
     with pytest.raises(ValueError, match='not a training log'):
         plot_runs([tmp_path / 'no_top1.jsonl'], tmp_path / 'bad.png')
-    assert not (tmp_path / 'bad.png').exists()
+    # settings matplotlib would judge only after drawing, or not at all (a name without a suffix is written as PNG)
+    with pytest.raises(OptionError, match=r'^2 labels for 1 logs: give one per log\.$'):
+        plot_runs(logs[:1], tmp_path / 'bad.png', labels=['a', 'b'])
+    for name in ('bad.xyz', 'bad'):
+        with pytest.raises(OptionError, match=f'^output {tmp_path / name}: name a file ending in one of .avif, .eps, '):
+            plot_runs(logs, tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['bad.jsonl', 'curves.png', 'no_top1.jsonl', 'sgdrop',
+                                                          'vanilla']
 
 
 def test_saliency_rejects_an_unknown_split_and_its_source_folder(small_data: Path, tmp_path: Path):

@@ -272,6 +272,16 @@ def test_a_rerun_never_replaces_an_earlier_rerun_of_the_same_run(tmp_path: Path,
     result = reproduce.train_one('cpu', config, 'DATA', 'sgdrop_cifar_cnn', 'sgdrop', 0, tmp_path / 'runs', results,
                                  True)
     assert json.loads(earlier.read_text())['curve'] == result['curve'] == trained
+    # with CPU kernels that neither the committed run nor the earlier re-training used, refused before training
+    (results / 'sgdrop_cifar_cnn__sgdrop__seed0.json').write_text(json.dumps(dict(committed, cpu_capability='AVX2')))
+    earlier.write_text(json.dumps(dict(committed, curve=trained, cpu_capability='ANOTHER')))
+    monkeypatch.setattr(reproduce.torch.backends.cpu, 'get_cpu_capability', lambda: 'THIS')
+    before = earlier.read_text()
+    with pytest.raises(SystemExit, match=r"^error: sgdrop_cifar_cnn__sgdrop__seed0: .*reruns/sgdrop_cifar_cnn__sgdrop__"
+                                         r"seed0.json holds an earlier re-training of this run, and this machine's "
+                                         r"THIS CPU kernels are neither its nor the committed run's"):
+        reproduce.train_one('cpu', config, 'DATA', 'sgdrop_cifar_cnn', 'sgdrop', 0, tmp_path / 'runs2', results, True)
+    assert earlier.read_text() == before and not (tmp_path / 'runs2').exists()
 
 
 def test_a_rerun_is_the_committed_run_to_the_bit_or_a_new_run_on_other_cpu_kernels():

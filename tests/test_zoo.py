@@ -15,7 +15,8 @@ import timm
 import torch
 
 from sgdrop_zoo.hub import publish_checkpoint
-from sgdrop_zoo.pretrained import WEIGHTS_NAME, hub_configs_dir, load_hub_configs, retired_tag, sha256_of_file
+from sgdrop_zoo.hub_files import WEIGHTS_NAME, sha256_of_file
+from sgdrop_zoo.pretrained import hub_configs_dir, load_hub_configs, retired_tag
 from sgdrop_zoo.sgdrop import PAPER_NAME
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -272,7 +273,7 @@ def test_changed_or_missing_weights_are_refused(tmp_path):
         import os, timm, sgdrop_zoo
         from sgdrop_zoo.hub import load_sgdrop_model, publish_checkpoint
         from sgdrop_zoo.loading import load_model
-        from sgdrop_zoo.pretrained import HubError
+        from sgdrop_zoo.hub_files import HubError
         folder = {str(weights.parent)!r}
         for load in (lambda: timm.create_model({NAMES[0]!r}, pretrained=True), lambda: load_model(folder),
                      lambda: load_sgdrop_model('local-dir:' + folder),

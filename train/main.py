@@ -42,7 +42,7 @@ import sgdrop_zoo
 from sgdrop_zoo.checkpoint import RecipeCheckpoint
 from sgdrop_zoo.data import DatasetError, check_image_folders
 from sgdrop_zoo.export import save_recipe_export
-from sgdrop_zoo.pretrained import WEIGHTS_NAME
+from sgdrop_zoo.hub_files import WEIGHTS_NAME
 from sgdrop_zoo.run_files import (BEST_NAME, CHECKPOINT_NAME, LOG_NAME, RunFileError, append_log, atomic_write,
                                   copy_file, epoch_record, get_rng_state, hold_folder, keep_log_until, prepare_output,
                                   read_log, set_rng_state)
@@ -341,8 +341,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], Optional[RecipeCh
     else:
         class_names = check_image_folders(Path(args.data), args.workers)
     if args.holdout_per_class:
-        check_holdout(Path(args.data), class_names, args.holdout_per_class, args.train_subset_per_class,
-                      args.dummy)
+        check_holdout(Path(args.data), args.holdout_per_class, args.train_subset_per_class, args.dummy)
     check_val_subset(args.val_subset, args.log_area_ratio)
     if args.log_area_ratio or args.val_subset:
         num_val = recipe_data.num_val_images(Path(args.data), class_names, args.dummy, args.holdout_per_class)
@@ -374,7 +373,12 @@ def check_no_rewind(resume: Path, epoch: int, output: Path) -> None:
     last = output / CHECKPOINT_NAME
     if resume.resolve() == last.resolve() or resume.resolve().parent != output.resolve() or not last.is_file():
         return
-    last_epoch = load_checkpoint(str(last)).epoch
+    try:
+        last_epoch = RecipeCheckpoint.read_epoch(last)
+    except ValueError as e:
+        raise RecipeError(f"--resume {resume}: the run's last checkpoint cannot be read, so whether training on would "
+                          f'replace later epochs cannot be told; move it aside, or copy {resume.name} into a new '
+                          f'--output ({e})') from e
     if epoch < last_epoch:
         raise RecipeError(f'--resume {resume} holds epoch {epoch}, and {last} of the same run epoch {last_epoch}, '
                           f'which training on from it would replace; resume from {last}, or copy {resume.name} into '
@@ -603,7 +607,7 @@ def restore_model_best(checkpoint: RecipeCheckpoint, resume_path: Path, best_pat
     """
     best_acc1, best_epoch = checkpoint.best_acc1, checkpoint.best_epoch
     if best_path.exists():
-        held = RecipeCheckpoint.read(best_path).epoch
+        held = RecipeCheckpoint.read_epoch(best_path)
         if held == best_epoch:
             return best_acc1, best_epoch
         if best_epoch != checkpoint.epoch:

@@ -4,7 +4,6 @@ Each check takes the values of the options it checks and raises ``RecipeError`` 
 says what is wrong and what to pass instead. ``train/main.py`` runs them in order in ``check_inputs``; the checks of a
 ``--resume`` checkpoint also refuse one of another model, dataset or run.
 """
-import collections
 import contextlib
 import difflib
 import math
@@ -15,10 +14,9 @@ from typing import Any, Optional
 
 import timm
 import torch
-import torchvision.datasets as datasets
 
 from sgdrop_zoo.checkpoint import RecipeCheckpoint
-from sgdrop_zoo.data import MAX_IMAGE_SIZE
+from sgdrop_zoo.data import MAX_IMAGE_SIZE, smallest_class
 from sgdrop_zoo.errors import OptionError
 from sgdrop_zoo.run_files import CHECKPOINT_NAME, RUN_FILES, check_writable_folder
 from sgdrop_zoo.sgdrop import MODEL_SGDROP_SETTINGS, SGDropCfg
@@ -208,23 +206,19 @@ def check_model_kwargs(arch: str, model_kwargs: dict[str, Any], build: Callable[
                           f'pass values of the types its arguments take') from e
 
 
-def check_holdout(data: Path, class_names: list[str], holdout_per_class: int, train_subset_per_class: int,
-                  dummy: bool) -> None:
+def check_holdout(data: Path, holdout_per_class: int, train_subset_per_class: int, dummy: bool) -> None:
     """Every class must hold its --holdout-per-class images besides its --train-subset-per-class ones."""
     if dummy:
         raise RecipeError('--holdout-per-class holds out images of the training folder, and --dummy has none; '
                           'leave one of them out')
-    class_to_idx = {name: i for i, name in enumerate(class_names)}
-    sizes = collections.Counter(target for _, target in datasets.folder.make_dataset(
-        os.path.join(data, 'train'), class_to_idx, datasets.folder.IMG_EXTENSIONS))
     needed = holdout_per_class + train_subset_per_class
-    smallest = min(range(len(class_names)), key=lambda c: (sizes[c], c))
-    if sizes[smallest] < needed + (0 if train_subset_per_class else 1):
+    smallest, size = smallest_class(Path(data) / 'train')
+    if size < needed + (0 if train_subset_per_class else 1):
         train_part = f' + --train-subset-per-class {train_subset_per_class}' if train_subset_per_class \
             else ' and at least one to train on'
         raise RecipeError(f'--holdout-per-class {holdout_per_class}{train_part} needs {needed or 1} training '
-                          f'images of each class, but class {class_names[smallest]} has only {sizes[smallest]}; '
-                          f'pass a smaller --holdout-per-class')
+                          f'images of each class, but class {smallest} has only {size}; pass a smaller '
+                          f'--holdout-per-class')
 
 
 def check_val_subset(val_subset: int, log_area_ratio: int) -> None:
