@@ -199,7 +199,7 @@ PROTOCOLS: dict[str, dict] = {
         # its first run; a family ships the last chosen method whose final study has run
         'methods': {'sgdrop_resnet10t': ['vanilla', 'sgdrop', 'sgdrop_ema_head'],
                     'sgdrop_convnext_atto': ['vanilla', 'sgdrop', 'sgdrop_channel_mean_rho0.01_ema_head'],
-                    'sgdrop_vgg11': ['vanilla', 'sgdrop_curriculum']},
+                    'sgdrop_vgg11': ['vanilla', 'sgdrop_curriculum', 'sgdrop_curriculum_ema_head']},
         'ship': ['sgdrop_resnet10t', 'sgdrop_convnext_atto', 'sgdrop_vgg11'],
         'ship_method': {'sgdrop_resnet10t': 'sgdrop_ema_head',
                         'sgdrop_convnext_atto': 'sgdrop_channel_mean_rho0.01_ema_head',
