@@ -142,6 +142,10 @@ def test_the_method_pilot_rule_by_hand():
                                       'sgdrop_convnext_atto', order)
 
 
+def test_the_step_overhead_cell_is_signed_once():
+    assert [reproduce.overhead_cell(share) for share in (0.334, 0.0029, -0.0079, None)] == ['+33%', '+0%', '-1%', '-']
+
+
 def test_checkpoint_names_of_a_pair():
     protocol = dict(tag='imagenette_128', pair_tag={'sgdrop_convnext_atto': 'imagenette_128_channel_mean'})
     assert ship_zoo.checkpoint_names('sgdrop_vgg11', protocol) == (
