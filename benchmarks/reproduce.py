@@ -323,6 +323,12 @@ def logit_drop_cell(group: list[dict]) -> str:
     return cell
 
 
+def overhead_cell(share: float | None) -> str:
+    """The table's step-overhead cell: the extra share of a training step, signed ('-1%': the timing's noise made
+    SGDrop's step faster); '-' where nothing was measured."""
+    return '-' if share is None else f'{100 * share:+.0f}%'
+
+
 def write_table(protocol: str, config: dict, results_dir: Path) -> str:
     runs = read_results(results_dir)
     lines = [
@@ -381,8 +387,7 @@ def write_table(protocol: str, config: dict, results_dir: Path) -> str:
                 if all('val_area_ratio' in r['curve'][-1] for r in group) else '-',
                 f'{params / 1e6:.2f}M',
                 f"{statistics.mean(r['img_per_s'] for r in group):.0f}",
-                f'+{100 * overhead[arch][step_overhead_figure(method)]:.0f}%'
-                if step_overhead_figure(method) in overhead.get(arch, {}) else '-',
+                overhead_cell(overhead.get(arch, {}).get(step_overhead_figure(method))),
                 f'{paper:.2f}' if paper is not None else '-',
             ]) + ' |')
     if 'candidate_order' in config:

@@ -23,7 +23,9 @@ result in the results' ``reruns/`` subfolder: the folder's log tells which resul
 carries that result's figures (its ``rerun_of`` names the study's run) beside every seed of the study.
 
 Seeds that finish after a checkpoint shipped change its record, not its weights, while the median seed stays the
-same; ``--keep-weights`` then re-evaluates the shipped folder and rewrites its record and card without the run folders:
+same; ``--keep-weights`` then re-evaluates the shipped folder and rewrites its record and card without the run folders.
+It takes any run's weights from the checkpoint whose record names the run, under its own tag or a new one (a new
+method's pair whose twin is a run already shipped); the runs no checkpoint holds come from their run folders:
 
     python benchmarks/ship_zoo.py --data ../shared/data/imagenette --protocol zoo128 --archs sgdrop_vgg11 --keep-weights
 """
@@ -134,27 +136,31 @@ def export_run(name: str, source: Path, folder: Path) -> dict[str, Any]:
     return record
 
 
-def reuse_shipped(name: str, seed: int, shipped: Path, folder: Path) -> tuple[dict[str, Any], Path]:
-    """Copy the weights already shipped as ``name`` into ``folder``, with their config.json in the current schema.
+def shipped_holder(run: dict[str, Any], results_dir: Path) -> Optional[str]:
+    """The name of the checkpoint in ``hub_configs/`` whose weights are ``run``'s: its record's ``results`` is the
+    run's result JSON in ``results_dir`` or that of its re-training; None when no checkpoint holds them."""
+    name = run_name(run['arch'], run['method'], run['seed'])
+    results = {results_dir / f'{name}.json', results_dir / RERUNS / f'{name}.json'}
+    return next((path.stem for path in sorted((REPO / 'hub_configs').glob('*.json'))
+                 if REPO / json.loads(path.read_text())['metrics']['results'] in results), None)
 
-    For a study that gained seeds after shipping, once its run folders are gone: the median seed must still be the
-    shipped one, and the shipped weights must still have the record's sha256.
+
+def reuse_shipped(name: str, holder: str, folder: Path) -> tuple[dict[str, Any], Path]:
+    """Copy the weights shipped as ``holder`` into ``folder`` for the checkpoint ``name`` (the same checkpoint, or the
+    same run under a new tag), with their config.json in the current schema.
 
     Returns:
         The record of the rewritten config.json, as ``prepare_hub_folder`` returns it, and the result JSON of the
-        shipped weights that the old record names.
+        shipped weights that the holder's record names.
+
+    Raises:
+        SystemExit: The shipped weights no longer have their record's sha256.
     """
-    record_path = shipped.parent / f'{name}.json'
-    if not record_path.is_file() or not (shipped / WEIGHTS_NAME).is_file():
-        raise SystemExit(f'error: --keep-weights: nothing is shipped as {name} ({record_path} and {shipped}/); ship it '
-                         f'from its run folder, without --keep-weights')
-    record = json.loads(record_path.read_text())
-    if record['metrics']['seed'] != seed:
-        raise SystemExit(f'error: {name}: the median seed is now {seed}, the shipped weights are seed '
-                         f'{record["metrics"]["seed"]}\'s; ship it from its run folder (without --keep-weights)')
+    shipped = REPO / 'hub_configs' / holder
+    record = json.loads((shipped.parent / f'{holder}.json').read_text())
     if sha256_of_file(shipped / WEIGHTS_NAME) != record['sha256']:
         raise SystemExit(f"error: {name}: {shipped / WEIGHTS_NAME} does not have its record's sha256; restore it "
-                         f'(git checkout) or ship from the run folder')
+                         f'(git checkout) or ship from the run folder, without --keep-weights')
     shutil.copyfile(shipped / WEIGHTS_NAME, folder / WEIGHTS_NAME)
     config = to_published_config(read_config(shipped / CONFIG_NAME))
     write_config(config, folder)
@@ -284,21 +290,26 @@ def check_replaceable(folder: Path) -> None:
 def prepare_checkpoint(name: str, run: dict[str, Any], runs: list[dict[str, Any]], data: Path, runs_dir: Path,
                        results_dir: Path, overhead: dict[str, Any], twin: str, keep_weights: bool,
                        tmp: Path) -> dict[str, Any]:
-    """Export (or, with ``keep_weights``, re-record) one checkpoint of the study into the folder ``tmp``: the
-    Hub-repo files of ``hub_configs/<name>/``; its record, which names its ``twin`` (the other checkpoint of the pair).
-    Nothing in ``hub_configs/`` changes (``place_checkpoint``)."""
+    """Export one checkpoint of the study into the folder ``tmp`` (with ``keep_weights``, copy its run's weights from
+    the checkpoint in ``hub_configs/`` that holds them, where one does): the Hub-repo files of
+    ``hub_configs/<name>/``; its record, which names its ``twin`` (the other checkpoint of the pair). Nothing in
+    ``hub_configs/`` changes (``place_checkpoint``)."""
     arch = run['arch']
     folder = REPO / 'hub_configs' / name
     check_replaceable(folder)
-    if keep_weights:
-        record, results_path = reuse_shipped(name, run['seed'], folder, tmp)
+    holder = shipped_holder(run, results_dir) if keep_weights else None
+    if holder is not None:
+        record, results_path = reuse_shipped(name, holder, tmp)
         weights_run = json.loads(results_path.read_text())
+        print(f'=> {name}: the weights shipped as {holder}, of {os.path.relpath(results_path, REPO)}', flush=True)
     else:
         # the last epoch's weights, which the study's top-1 measures (the run's own export holds its best epoch's)
         source = runs_dir / run_name(arch, run['method'], run['seed']) / 'checkpoint.pth.tar'
         if not source.is_file():
-            raise SystemExit(f'error: {name}: {source} is missing (run folders do not outlive their session); train '
-                             f'it again with {rerun_command(run, data, runs_dir, results_dir)}')
+            held_by = shipped_holder(run, results_dir)
+            raise SystemExit(f'error: {name}: {source} is missing (run folders do not outlive their session); '
+                             + (f'pass --keep-weights to ship the same weights, which {held_by} holds' if held_by else
+                                f'train it again with {rerun_command(run, data, runs_dir, results_dir)}'))
         weights_run, results_path = result_of_folder(run, runs_dir, results_dir, data)
         record = export_run(name, source, tmp)
     config = read_config(tmp / CONFIG_NAME)
@@ -316,9 +327,11 @@ def prepare_checkpoint(name: str, run: dict[str, Any], runs: list[dict[str, Any]
             **(dict(step_overhead=overhead[arch][step_overhead_figure(run['method'])],
                     step_overhead_command=overhead[arch]['command'])
                if step_overhead_figure(run['method']) and arch in overhead else {}),
-            # the command that exported the weights; a --keep-weights run only rewrote the figures
+            # the command that exported the weights; a --keep-weights run only rewrote the figures (and copied the
+            # weights of the checkpoint that held them)
             ship_command=command,
-            **(dict(record_command=f'{command} --keep-weights') if keep_weights else {}),
+            **(dict(record_command=f'{command} --keep-weights') if holder is not None else {}),
+            **(dict(weights_shipped_as=holder) if holder not in (None, name) else {}),
             results=os.path.relpath(results_path, REPO),
         ),
         sha256=sha256_of_file(tmp / WEIGHTS_NAME),
@@ -366,8 +379,9 @@ def main() -> None:
     parser.add_argument('--archs', nargs='+', default=None,
                         help="ship only these of the protocol's architectures (default: all it ships)")
     parser.add_argument('--keep-weights', action='store_true',
-                        help='re-evaluate and re-record the weights already in hub_configs/ instead of exporting them '
-                             'from --runs-dir (after seeds were added; the median seed must be unchanged)')
+                        help="take a run's weights from the checkpoint in hub_configs/ that holds them (its record "
+                             'names the run) instead of exporting them again from --runs-dir, re-evaluating them and '
+                             'rewriting the record; runs no checkpoint holds are exported from --runs-dir')
     args = parser.parse_args()
     check_data_root(str(args.data))
     protocol = PROTOCOLS[args.protocol]

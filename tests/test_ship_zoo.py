@@ -142,6 +142,10 @@ def test_the_method_pilot_rule_by_hand():
                                       'sgdrop_convnext_atto', order)
 
 
+def test_the_step_overhead_cell_is_signed_once():
+    assert [reproduce.overhead_cell(share) for share in (0.334, 0.0029, -0.0079, None)] == ['+33%', '+0%', '-1%', '-']
+
+
 def test_checkpoint_names_of_a_pair():
     protocol = dict(tag='imagenette_128', pair_tag={'sgdrop_convnext_atto': 'imagenette_128_channel_mean'})
     assert ship_zoo.checkpoint_names('sgdrop_vgg11', protocol) == (
@@ -426,13 +430,39 @@ def test_a_folder_holding_files_ship_zoo_did_not_write_is_not_replaced(tmp_path:
                                   'of the folder, then ship again')
 
 
-def test_keep_weights_of_a_checkpoint_never_shipped_fails_in_one_line(tmp_path: Path):
-    with pytest.raises(SystemExit) as refused:
-        ship_zoo.reuse_shipped('sgdrop_resnet10t.nope', 0, tmp_path / 'sgdrop_resnet10t.nope', tmp_path / 'out')
-    name = 'sgdrop_resnet10t.nope'
-    assert str(refused.value) == (
-        f"error: --keep-weights: nothing is shipped as {name} ({tmp_path / f'{name}.json'} and {tmp_path / name}/); "
-        'ship it from its run folder, without --keep-weights')
+def test_a_run_already_shipped_is_found_by_its_result_and_its_weights_copied_under_a_new_tag(tmp_path: Path):
+    results = study.results_folder('zoo128')
+    # each shipped record names the result of its run, the study's or its re-training's
+    records = {path.stem: json.loads(path.read_text()) for path in (study.REPO / 'hub_configs').glob('*.json')}
+    for name, record in records.items():
+        metrics = record['metrics']
+        shipped_run = dict(arch=record['architecture'], method=metrics['method'], seed=metrics['seed'])
+        assert ship_zoo.shipped_holder(shipped_run, results) == name
+    assert ship_zoo.shipped_holder(dict(arch='sgdrop_resnet10t', method='vanilla', seed=7), results) is None
+    name, holder = next((n, r) for n, r in records.items() if r['metrics']['method'] == 'vanilla')
+    new_name = f"{name.split('.')[0]}.a_new_tag_vanilla"
+    (tmp_path / 'out').mkdir()
+    record, results_path = ship_zoo.reuse_shipped(new_name, name, tmp_path / 'out')
+    shipped = study.REPO / 'hub_configs' / name / 'model.safetensors'
+    assert (tmp_path / 'out' / 'model.safetensors').read_bytes() == shipped.read_bytes()
+    assert (record['tag'], record['sha256']) == ('a_new_tag_vanilla', holder['sha256'])
+    assert results_path == study.REPO / holder['metrics']['results']
+
+
+def test_a_shipped_run_whose_folder_is_gone_names_keep_weights_and_an_unshipped_one_its_rerun(tmp_path: Path):
+    results = study.results_folder('zoo128')
+    name = 'sgdrop_vgg11.imagenette_128_vanilla'
+    record = json.loads((study.REPO / 'hub_configs' / f'{name}.json').read_text())
+    shipped_run = dict(arch='sgdrop_vgg11', method='vanilla', seed=record['metrics']['seed'], protocol='zoo128')
+    data = tmp_path / 'imagenette'
+    for seed, expected in ((shipped_run['seed'], f'pass --keep-weights to ship the same weights, which {name} holds'),
+                           (7, 'train it again with python benchmarks/reproduce.py zoo128 --data')):
+        with pytest.raises(SystemExit) as refused:
+            ship_zoo.prepare_checkpoint(name, dict(shipped_run, seed=seed), [], data, tmp_path / 'runs', results, {},
+                                        'twin', False, tmp_path / 'out')
+        source = tmp_path / 'runs' / f'sgdrop_vgg11__vanilla__seed{seed}' / 'checkpoint.pth.tar'
+        assert str(refused.value).startswith(f'error: {name}: {source} is missing (run folders do not outlive their '
+                                             f'session); {expected}')
 
 
 def test_a_finished_probe_is_reused_only_for_the_shipped_weights_and_data(tmp_path: Path):
