@@ -3,7 +3,7 @@
 # on Imagenette, fine-tune it with SGDrop on a small EuroSAT subset (transfer learning) and draw its Grad-CAM saliency.
 #   bash scripts/demo.sh                                 # data from ../shared/data
 #   bash scripts/demo.sh --data-root DIR                 # a folder holding imagenette/ and eurosat/
-#   MODEL=sgdrop_vgg11.imagenette_128 bash scripts/demo.sh            # another checkpoint of the zoo
+#   MODEL=sgdrop_vgg11.imagenette_128_ema_head bash scripts/demo.sh  # another checkpoint of the zoo
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data_root=../shared/data

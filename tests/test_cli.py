@@ -67,10 +67,10 @@ def test_info_accepts_the_pretrained_tags_that_models_lists(capsys):
     assert 'model:            sgdrop_resnet10t.imagenette_128_ema_head (SGDropResNet)' in out
     assert 'input:            3x128x128' in out and 'latent map:       512x4x4 = 8192 features' in out
     # a curriculum's tag: the rho its training ended at (0 to 0.025), and every setting it was trained with
-    assert main(['info', 'sgdrop_vgg11.imagenette_128']) == 0
+    assert main(['info', 'sgdrop_vgg11.imagenette_128_ema_head']) == 0
     out = capsys.readouterr().out
     assert 'dropped / sample: 204 at sgdrop_rho=0.025' in out  # floor(0.025 * 512 * 4 * 4)
-    assert ('settings:         sgdrop_rho=0.025, sgdrop_attribution=ema, sgdrop_attribution_relu=gradient, '
+    assert ('settings:         sgdrop_rho=0.025, sgdrop_attribution=ema_head, sgdrop_attribution_relu=gradient, '
             'sgdrop_reference=zero, sgdrop_ema_decay=0.999, latent_drop_rate=0.0') in out
 
 

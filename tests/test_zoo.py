@@ -153,10 +153,10 @@ def test_each_shipped_checkpoint_names_its_paper_licenses_and_training_command(r
 
 
 def test_the_curriculum_tag_trains_on_with_the_rho_it_ended_at():
-    # sgdrop_vgg11.imagenette_128 was trained with rho growing from 0 to 0.025: fine-tuned in a plain loop, it drops
-    # floor(0.025 * 8192) = 204 of the 512 x 4 x 4 latent features of each 128 px image (not the 0 it started at)
+    # sgdrop_vgg11.imagenette_128_ema_head was trained with rho growing from 0 to 0.025: fine-tuned in a plain loop, it
+    # drops floor(0.025 * 8192) = 204 of the 512 x 4 x 4 latent features of each 128 px image (not the 0 it started at)
     torch.manual_seed(0)
-    model = timm.create_model('sgdrop_vgg11.imagenette_128', pretrained=True).train()
+    model = timm.create_model('sgdrop_vgg11.imagenette_128_ema_head', pretrained=True).train()
     images, target = torch.randn(2, 3, 128, 128), torch.tensor([0, 5])
     features = model.forward_features(images)
     assert features[0].numel() == 8192 and model.sgdrop_rho == 0.025
@@ -256,7 +256,7 @@ def test_untagged_name_keeps_timms_architecture():
     """The narrow head is the tag's, not the architecture's: plain sgdrop_vgg11 is timm's vgg11."""
     with torch.device('meta'):
         assert timm.create_model('sgdrop_vgg11').pre_logits.fc1.out_channels == 4096
-        assert timm.create_model('sgdrop_vgg11.imagenette_128').pre_logits.fc1.out_channels == 128
+        assert timm.create_model('sgdrop_vgg11.imagenette_128_ema_head').pre_logits.fc1.out_channels == 128
 
 
 def test_changed_or_missing_weights_are_refused(tmp_path):
@@ -320,4 +320,4 @@ def test_a_retired_tag_says_what_replaced_it_and_which_commit_holds_it(capsys):
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and 'the tag was retired' in lines[0] and 'commit 339bddd' in lines[0]
     # a shipped tag and a name that never was one are not retired
-    assert retired_tag('sgdrop_vgg11.imagenette_128') is None and retired_tag('sgdrop_vgg11.nothing') is None
+    assert retired_tag('sgdrop_vgg11.imagenette_128_ema_head') is None and retired_tag('sgdrop_vgg11.nothing') is None
