@@ -297,7 +297,8 @@ def prepare_checkpoint(name: str, run: dict[str, Any], runs: list[dict[str, Any]
     arch = run['arch']
     folder = REPO / 'hub_configs' / name
     check_replaceable(folder)
-    holder = shipped_holder(run, results_dir) if keep_weights else None
+    held_by = shipped_holder(run, results_dir)
+    holder = held_by if keep_weights else None
     if holder is not None:
         record, results_path = reuse_shipped(name, holder, tmp)
         weights_run = json.loads(results_path.read_text())
@@ -306,7 +307,6 @@ def prepare_checkpoint(name: str, run: dict[str, Any], runs: list[dict[str, Any]
         # the last epoch's weights, which the study's top-1 measures (the run's own export holds its best epoch's)
         source = runs_dir / run_name(arch, run['method'], run['seed']) / 'checkpoint.pth.tar'
         if not source.is_file():
-            held_by = shipped_holder(run, results_dir)
             raise SystemExit(f'error: {name}: {source} is missing (run folders do not outlive their session); '
                              + (f'pass --keep-weights to ship the same weights, which {held_by} holds' if held_by else
                                 f'train it again with {rerun_command(run, data, runs_dir, results_dir)}'))
